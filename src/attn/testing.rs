@@ -1,0 +1,375 @@
+//! Random attention problems for tests, checks and benchmarks, in the layouts real callers
+//! use: GPT-2's fused `qkv` buffer, a PEFT-layout prefix tensor, padded (strided) rows.
+
+use super::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor, TensorView};
+
+/// How the tensors of a random problem are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvLayout {
+    /// Separate contiguous `q`, `k`, `v`.
+    Separate,
+    /// One GPT-2 `qkv [B, T, 3, H, D]` buffer (needs `Tq == Tk`, `Hq == Hkv`).
+    FusedQkv,
+    /// Separate tensors whose rows are padded by a few elements (non-trivial strides).
+    Padded,
+}
+
+/// Sizes, metadata and layout of a random problem.
+#[derive(Clone, Debug)]
+pub struct ProblemSpec {
+    /// Batch size.
+    pub batch: usize,
+    /// Query rows.
+    pub tq: usize,
+    /// Sequence keys.
+    pub tk: usize,
+    /// Query heads.
+    pub heads_q: usize,
+    /// Key/value heads.
+    pub heads_kv: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Prefix length (0 allowed).
+    pub prefix_len: usize,
+    /// Number of prefixes in the table; 0 means no table at all.
+    pub num_prefixes: usize,
+    /// Causal masking.
+    pub causal: bool,
+    /// Element type.
+    pub dtype: DType,
+    /// Per-sequence prefix index.
+    pub prefix_index: Option<Vec<i32>>,
+    /// Per-sequence valid query rows.
+    pub seqlen_q: Option<Vec<i32>>,
+    /// Per-sequence valid keys.
+    pub seqlen_k: Option<Vec<i32>>,
+    /// Tensor layout.
+    pub layout: KvLayout,
+    /// Read the prefix from a PEFT `[P, L, 2, Hkv, D]` tensor at this layer of `L` (needs
+    /// `num_prefixes == 1`).
+    pub peft_layer: Option<(usize, usize)>,
+}
+
+impl ProblemSpec {
+    /// A plain spec: one prefix, no padding, separate tensors, f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        batch: usize,
+        tq: usize,
+        tk: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        prefix_len: usize,
+        causal: bool,
+    ) -> ProblemSpec {
+        ProblemSpec {
+            batch,
+            tq,
+            tk,
+            heads_q,
+            heads_kv,
+            head_dim,
+            prefix_len,
+            num_prefixes: 1,
+            causal,
+            dtype: DType::F32,
+            prefix_index: None,
+            seqlen_q: None,
+            seqlen_k: None,
+            layout: KvLayout::Separate,
+            peft_layer: None,
+        }
+    }
+}
+
+/// A random problem: owned input tensors and an output gradient, drawn from a seed.
+#[derive(Debug)]
+pub struct RandomProblem {
+    /// The spec it was drawn from.
+    pub spec: ProblemSpec,
+    q: Tensor,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    prefix: Option<Tensor>,
+    /// Output gradient `[B, Tq, Hq, D]`.
+    pub d_o: Tensor,
+}
+
+const PAD: usize = 3;
+
+impl RandomProblem {
+    /// Draws standard-normal inputs (and `dO`) for `spec`.
+    pub fn new(spec: ProblemSpec, rng: &mut Rng) -> Result<RandomProblem> {
+        let s = &spec;
+        let dt = s.dtype;
+        let mut rand = |shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::from_f32(shape, &rng.normal_vec(n, 1.0), dt)
+        };
+        let (q, k, v) = match s.layout {
+            KvLayout::FusedQkv => {
+                if s.tq != s.tk || s.heads_q != s.heads_kv {
+                    return Err(Error::Unsupported(
+                        "a fused qkv buffer needs Tq == Tk and Hq == Hkv".into(),
+                    ));
+                }
+                (
+                    rand(&[s.batch, s.tq, 3, s.heads_q, s.head_dim])?,
+                    None,
+                    None,
+                )
+            }
+            KvLayout::Separate => (
+                rand(&[s.batch, s.tq, s.heads_q, s.head_dim])?,
+                Some(rand(&[s.batch, s.tk, s.heads_kv, s.head_dim])?),
+                Some(rand(&[s.batch, s.tk, s.heads_kv, s.head_dim])?),
+            ),
+            KvLayout::Padded => (
+                rand(&[s.batch, s.tq, s.heads_q, s.head_dim + PAD])?,
+                Some(rand(&[s.batch, s.tk, s.heads_kv, s.head_dim + PAD])?),
+                Some(rand(&[s.batch, s.tk, s.heads_kv, s.head_dim + PAD])?),
+            ),
+        };
+        let prefix = match (s.num_prefixes, s.peft_layer) {
+            (0, _) => None,
+            (1, Some((layers, _))) => {
+                Some(rand(&[s.prefix_len, layers, 2, s.heads_kv, s.head_dim])?)
+            }
+            (_, Some(_)) => {
+                return Err(Error::Unsupported(
+                    "a PEFT-layout prefix holds one prefix (num_prefixes = 1)".into(),
+                ))
+            }
+            (np, None) => Some(rand(&[2, np, s.prefix_len, s.heads_kv, s.head_dim])?),
+        };
+        let d_o = rand(&[s.batch, s.tq, s.heads_q, s.head_dim])?;
+        Ok(RandomProblem {
+            spec,
+            q,
+            k,
+            v,
+            prefix,
+            d_o,
+        })
+    }
+
+    fn qkv_views(&self) -> Result<[TensorView<'_>; 3]> {
+        let d = self.spec.head_dim;
+        Ok(match self.spec.layout {
+            KvLayout::FusedQkv => {
+                let t = self.q.view();
+                [t.select(2, 0)?, t.select(2, 1)?, t.select(2, 2)?]
+            }
+            KvLayout::Separate => [
+                self.q.view(),
+                self.k.as_ref().map(|t| t.view()).ok_or_else(missing)?,
+                self.v.as_ref().map(|t| t.view()).ok_or_else(missing)?,
+            ],
+            KvLayout::Padded => {
+                fn narrow(t: &Tensor, d: usize) -> Result<TensorView<'_>> {
+                    t.view().narrow(3, 0, d)
+                }
+                [
+                    narrow(&self.q, d)?,
+                    narrow(self.k.as_ref().ok_or_else(missing)?, d)?,
+                    narrow(self.v.as_ref().ok_or_else(missing)?, d)?,
+                ]
+            }
+        })
+    }
+
+    fn prefix_views(&self) -> Result<Option<[TensorView<'_>; 2]>> {
+        let Some(p) = &self.prefix else {
+            return Ok(None);
+        };
+        let pv = p.view();
+        Ok(Some(match self.spec.peft_layer {
+            Some((_, layer)) => {
+                let l = pv.select(1, layer)?; // [P, 2, H, D]
+                [l.select(1, 0)?.unsqueeze(0)?, l.select(1, 1)?.unsqueeze(0)?]
+            }
+            None => [pv.select(0, 0)?, pv.select(0, 1)?],
+        }))
+    }
+
+    /// The forward arguments (views into this problem's tensors).
+    pub fn args(&self) -> Result<AttnFwdArgs<'_>> {
+        let [q, k, v] = self.qkv_views()?;
+        let mut a = AttnFwdArgs::new(q, k, v).causal(self.spec.causal);
+        if let Some([kp, vp]) = self.prefix_views()? {
+            a = a.prefix(kp, vp);
+        }
+        a.prefix_index = self.spec.prefix_index.as_deref();
+        a.seqlen_q = self.spec.seqlen_q.as_deref();
+        a.seqlen_k = self.spec.seqlen_k.as_deref();
+        Ok(a)
+    }
+
+    /// The backward arguments for a forward result `(o, lse)`.
+    pub fn bwd_args<'a>(
+        &'a self,
+        o: &'a Tensor,
+        lse: &'a Tensor,
+        prefix_only: bool,
+    ) -> Result<AttnBwdArgs<'a>> {
+        Ok(AttnBwdArgs {
+            fwd: self.args()?,
+            o: o.view(),
+            lse: lse.view(),
+            d_o: self.d_o.view(),
+            prefix_only,
+        })
+    }
+}
+
+fn missing() -> Error {
+    Error::Unsupported("tensor missing for this layout".into())
+}
+
+/// Forward outputs, poisoned with NaN so that an unwritten element cannot pass a check.
+#[derive(Debug)]
+pub struct FwdBuffers {
+    /// `[B, Tq, Hq, D]`
+    pub o: Tensor,
+    /// `[B, Hq, Tq]`, f32
+    pub lse: Tensor,
+}
+
+impl FwdBuffers {
+    /// NaN-filled buffers for `spec`.
+    pub fn poisoned(spec: &ProblemSpec) -> Result<FwdBuffers> {
+        let s = spec;
+        Ok(FwdBuffers {
+            o: nan(&[s.batch, s.tq, s.heads_q, s.head_dim], s.dtype)?,
+            lse: nan(&[s.batch, s.heads_q, s.tq], DType::F32)?,
+        })
+    }
+    /// Output views for a forward call.
+    pub fn out(&mut self) -> AttnFwdOut<'_> {
+        AttnFwdOut {
+            o: self.o.view_mut(),
+            lse: Some(self.lse.view_mut()),
+        }
+    }
+}
+
+/// Backward outputs, poisoned with NaN.
+#[derive(Debug)]
+pub struct GradBuffers {
+    /// `[B, Tq, Hq, D]`
+    pub dq: Tensor,
+    /// `[B, Tk, Hkv, D]`
+    pub dk: Tensor,
+    /// `[B, Tk, Hkv, D]`
+    pub dv: Tensor,
+    /// `[NP, P, Hkv, D]`, f32
+    pub dk_pre: Tensor,
+    /// `[NP, P, Hkv, D]`, f32
+    pub dv_pre: Tensor,
+}
+
+impl GradBuffers {
+    /// NaN-filled buffers for `spec`.
+    pub fn poisoned(spec: &ProblemSpec) -> Result<GradBuffers> {
+        let s = spec;
+        let kd = [s.batch, s.tk, s.heads_kv, s.head_dim];
+        let pd = [s.num_prefixes, s.prefix_len, s.heads_kv, s.head_dim];
+        Ok(GradBuffers {
+            dq: nan(&[s.batch, s.tq, s.heads_q, s.head_dim], s.dtype)?,
+            dk: nan(&kd, s.dtype)?,
+            dv: nan(&kd, s.dtype)?,
+            dk_pre: nan(&pd, DType::F32)?,
+            dv_pre: nan(&pd, DType::F32)?,
+        })
+    }
+    /// Gradient views; the prefix ones only when the problem has a prefix table.
+    pub fn grads(&mut self, has_prefix: bool, prefix_only: bool) -> AttnGrads<'_> {
+        let seq = !prefix_only;
+        AttnGrads {
+            dq: seq.then(|| self.dq.view_mut()),
+            dk: seq.then(|| self.dk.view_mut()),
+            dv: seq.then(|| self.dv.view_mut()),
+            dk_pre: has_prefix.then(|| self.dk_pre.view_mut()),
+            dv_pre: has_prefix.then(|| self.dv_pre.view_mut()),
+        }
+    }
+}
+
+fn nan(shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let n = shape.iter().product();
+    Tensor::from_f32(shape, &vec![f32::NAN; n], dtype)
+}
+
+/// Draws a random spec for property tests: sizes, GQA ratio, prefix count, padding,
+/// decode-style `Tq < Tk`, mixed and missing prefixes, layouts.
+pub fn random_spec(rng: &mut Rng, dtype: DType) -> ProblemSpec {
+    let pick = |rng: &mut Rng, xs: &[usize]| xs[rng.below(xs.len() as u64) as usize];
+    let batch = 1 + rng.below(4) as usize;
+    let heads_kv = pick(rng, &[1, 2, 3]);
+    let group = pick(rng, &[1, 2, 4]);
+    let head_dim = pick(rng, &[8, 16, 64, 128]);
+    let tk = 1 + rng.below(24) as usize;
+    let decode = rng.below(3) == 0;
+    let tq = if decode {
+        1 + rng.below(tk as u64) as usize
+    } else {
+        tk
+    };
+    let prefix_len = pick(rng, &[0, 1, 2, 5, 10]);
+    let num_prefixes = pick(rng, &[0, 1, 1, 2, 3]);
+    let causal = rng.below(4) != 0;
+    let mut s = ProblemSpec::new(
+        batch,
+        tq,
+        tk,
+        heads_kv * group,
+        heads_kv,
+        head_dim,
+        prefix_len,
+        causal,
+    );
+    s.dtype = dtype;
+    s.num_prefixes = num_prefixes;
+    if num_prefixes > 0 && rng.below(2) == 0 {
+        s.prefix_index = Some(
+            (0..batch)
+                .map(|_| rng.below(num_prefixes as u64 + 1) as i32 - 1)
+                .collect(),
+        );
+    }
+    if rng.below(2) == 0 {
+        // Right padding with seqlen_q <= seqlen_k (the training and decoding regimes).
+        let lk: Vec<i32> = (0..batch)
+            .map(|_| rng.below(tk as u64 + 1) as i32)
+            .collect();
+        let lq: Vec<i32> = lk
+            .iter()
+            .map(|&k| {
+                let cap = k.min(tq as i32);
+                if decode {
+                    rng.below(cap as u64 + 1) as i32
+                } else {
+                    cap
+                }
+            })
+            .collect();
+        s.seqlen_k = Some(lk);
+        s.seqlen_q = Some(lq);
+    }
+    s.layout = if tq == tk && group == 1 && rng.below(2) == 0 {
+        KvLayout::FusedQkv
+    } else if rng.below(3) == 0 {
+        KvLayout::Padded
+    } else {
+        KvLayout::Separate
+    };
+    if num_prefixes == 1 && rng.below(2) == 0 {
+        let layers = 1 + rng.below(3) as usize;
+        s.peft_layer = Some((layers, rng.below(layers as u64) as usize));
+    }
+    s
+}

@@ -1,0 +1,43 @@
+//! # prefix-attn
+//!
+//! Fused **prefix attention** (the attention of prefix-tuning, Li & Liang 2021): every layer
+//! of a frozen transformer attends over `[prefix K/V ; sequence K/V]`, and this crate computes
+//! that without materialising the concatenation, forward and backward.
+//!
+//! - [`tensor`]: tensor handles and strided views (read GPT-2's fused `qkv` in place).
+//! - [`attn`]: the attention contract, its argument types, the fused CPU implementation, the
+//!   f64 oracle and the naive-concat baseline.
+//! - [`device`]: the backend interface that the model and the attention API run on.
+//!
+//! ```
+//! use prefix_attn::attn::{AttnFwdArgs, AttnFwdOut};
+//! use prefix_attn::device::{backend, Device};
+//! use prefix_attn::tensor::{DType, Tensor};
+//!
+//! # fn main() -> prefix_attn::Result<()> {
+//! // GPT-2-like fused qkv [B=2, T=3, 3, H=2, D=4] and a prefix table [NP=1, P=2, H=2, D=4].
+//! let vals: Vec<f32> = (0..2 * 3 * 3 * 2 * 4).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let qkv = Tensor::from_f32(&[2, 3, 3, 2, 4], &vals, DType::F16)?;
+//! let pre: Vec<f32> = (0..2 * 2 * 4).map(|i| (i as f32 * 0.11).cos()).collect();
+//! let k_pre = Tensor::from_f32(&[1, 2, 2, 4], &pre, DType::F16)?;
+//! let v_pre = k_pre.clone();
+//! let qkv_v = qkv.view();
+//! let args = AttnFwdArgs::new(qkv_v.select(2, 0)?, qkv_v.select(2, 1)?, qkv_v.select(2, 2)?)
+//!     .prefix(k_pre.view(), v_pre.view())
+//!     .causal(true);
+//! let mut o = Tensor::zeros(&[2, 3, 2, 4], DType::F16)?;
+//! let mut lse = Tensor::zeros(&[2, 2, 3], DType::F32)?;
+//! let cpu = backend(Device::Cpu)?;
+//! cpu.attn_fwd(&args, AttnFwdOut { o: o.view_mut(), lse: Some(lse.view_mut()) })?;
+//! assert!(lse.to_f32_vec().iter().all(|x| x.is_finite()));
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod attn;
+pub mod device;
+pub mod error;
+pub mod rng;
+pub mod tensor;
+
+pub use error::{Error, Result};

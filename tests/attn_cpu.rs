@@ -1,0 +1,426 @@
+//! The CPU prefix attention against the f64 oracle, the naive-concat baseline and finite
+//! differences, on random shapes and on every edge case of the contract.
+
+mod common;
+
+use common::*;
+use prefix_attn::attn::oracle::{Dense, Precision};
+use prefix_attn::attn::testing::{
+    random_spec, FwdBuffers, GradBuffers, KvLayout, ProblemSpec, RandomProblem,
+};
+use prefix_attn::attn::{cpu, naive, AttnFwdArgs, AttnFwdOut};
+use prefix_attn::rng::Rng;
+use prefix_attn::tensor::{DType, Tensor};
+
+/// Runs fused forward + backward (full and prefix-only) on `spec` and checks everything
+/// against the oracle. Returns the buffers for further checks.
+fn run_and_check(spec: ProblemSpec, seed: u64) -> (RandomProblem, FwdBuffers, GradBuffers) {
+    let ctx = format!("seed {seed}, spec {spec:?}");
+    let mut rng = Rng::new(seed);
+    let pb = RandomProblem::new(spec, &mut rng).expect("problem");
+    let dtype = pb.spec.dtype;
+    let args = pb.args().expect("args");
+    let has_prefix = args.prefix.is_some();
+    let x = Dense::from_args(&args).expect("dense");
+    let exact = x.forward(Precision::Exact);
+
+    let mut f = FwdBuffers::poisoned(&pb.spec).unwrap();
+    cpu::forward(&args, f.out()).unwrap_or_else(|e| panic!("{ctx}: forward: {e}"));
+    check_fwd(&x, &f, &exact, dtype).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+
+    let d_o = f64s(&pb.d_o);
+    let exact_g = x.backward(&d_o, Precision::Exact);
+    let mut g = GradBuffers::poisoned(&pb.spec).unwrap();
+    let bargs = pb.bwd_args(&f.o, &f.lse, false).unwrap();
+    cpu::backward(&bargs, g.grads(has_prefix, false))
+        .unwrap_or_else(|e| panic!("{ctx}: backward: {e}"));
+    check_bwd(
+        &x,
+        &d_o,
+        &f64s(&f.o),
+        &g,
+        &exact_g,
+        dtype,
+        has_prefix,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+
+    // prefix_only gives the very same prefix gradients and writes nothing else.
+    let mut gp = GradBuffers::poisoned(&pb.spec).unwrap();
+    let bargs = pb.bwd_args(&f.o, &f.lse, true).unwrap();
+    cpu::backward(&bargs, gp.grads(has_prefix, true)).unwrap();
+    if has_prefix {
+        assert_eq!(
+            gp.dk_pre
+                .to_f32_vec()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>(),
+            g.dk_pre
+                .to_f32_vec()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>(),
+            "{ctx}: prefix_only dk_pre"
+        );
+        assert_eq!(
+            gp.dv_pre
+                .to_f32_vec()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>(),
+            g.dv_pre
+                .to_f32_vec()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>(),
+            "{ctx}: prefix_only dv_pre"
+        );
+    }
+    assert!(
+        gp.dq.to_f32_vec().iter().all(|x| x.is_nan()),
+        "{ctx}: prefix_only wrote dq"
+    );
+    (pb, f, g)
+}
+
+#[test]
+fn random_shapes_match_oracle_f32() {
+    let mut rng = Rng::new(1);
+    for seed in 0..120 {
+        run_and_check(random_spec(&mut rng, DType::F32), seed);
+    }
+}
+
+#[test]
+fn random_shapes_match_oracle_f16() {
+    let mut rng = Rng::new(2);
+    for seed in 0..80 {
+        run_and_check(random_spec(&mut rng, DType::F16), 1000 + seed);
+    }
+}
+
+#[test]
+fn random_shapes_match_oracle_bf16() {
+    let mut rng = Rng::new(3);
+    for seed in 0..80 {
+        run_and_check(random_spec(&mut rng, DType::BF16), 2000 + seed);
+    }
+}
+
+fn spec_with(f: impl FnOnce(&mut ProblemSpec)) -> ProblemSpec {
+    let mut s = ProblemSpec::new(3, 7, 7, 4, 4, 16, 3, true);
+    f(&mut s);
+    s
+}
+
+#[test]
+fn edge_cases_match_oracle() {
+    let cases: Vec<(&str, ProblemSpec)> = vec![
+        ("P=0 table", spec_with(|s| s.prefix_len = 0)),
+        ("no table", spec_with(|s| s.num_prefixes = 0)),
+        ("P=1", spec_with(|s| s.prefix_len = 1)),
+        (
+            "T=1",
+            spec_with(|s| {
+                s.tq = 1;
+                s.tk = 1;
+            }),
+        ),
+        (
+            "Tq=1 decode",
+            spec_with(|s| {
+                s.tq = 1;
+                s.tk = 9;
+            }),
+        ),
+        (
+            "Tq<Tk decode chunk",
+            spec_with(|s| {
+                s.tq = 3;
+                s.tk = 9;
+                s.seqlen_q = Some(vec![3, 1, 2]);
+                s.seqlen_k = Some(vec![9, 4, 2]);
+            }),
+        ),
+        (
+            "padding",
+            spec_with(|s| {
+                s.seqlen_q = Some(vec![7, 3, 0]);
+                s.seqlen_k = Some(vec![7, 3, 0]);
+            }),
+        ),
+        (
+            "mixed prefixes",
+            spec_with(|s| {
+                s.num_prefixes = 3;
+                s.prefix_index = Some(vec![2, -1, 2]);
+            }),
+        ),
+        (
+            "all -1",
+            spec_with(|s| {
+                s.num_prefixes = 2;
+                s.prefix_index = Some(vec![-1, -1, -1]);
+            }),
+        ),
+        (
+            "GQA 2",
+            spec_with(|s| {
+                s.heads_q = 4;
+                s.heads_kv = 2;
+            }),
+        ),
+        (
+            "GQA 4",
+            spec_with(|s| {
+                s.heads_q = 8;
+                s.heads_kv = 2;
+            }),
+        ),
+        (
+            "MQA",
+            spec_with(|s| {
+                s.heads_q = 4;
+                s.heads_kv = 1;
+            }),
+        ),
+        ("D=64", spec_with(|s| s.head_dim = 64)),
+        ("D=128", spec_with(|s| s.head_dim = 128)),
+        ("non-causal", spec_with(|s| s.causal = false)),
+        ("fused qkv", spec_with(|s| s.layout = KvLayout::FusedQkv)),
+        ("padded rows", spec_with(|s| s.layout = KvLayout::Padded)),
+        (
+            "PEFT prefix layer 2 of 3",
+            spec_with(|s| s.peft_layer = Some((3, 2))),
+        ),
+        (
+            "GPT-2 layout",
+            spec_with(|s| {
+                s.head_dim = 64;
+                s.layout = KvLayout::FusedQkv;
+                s.peft_layer = Some((4, 1));
+                s.prefix_len = 10;
+                s.seqlen_q = Some(vec![7, 5, 2]);
+                s.seqlen_k = Some(vec![7, 5, 2]);
+            }),
+        ),
+        (
+            "fully masked rows",
+            spec_with(|s| {
+                s.num_prefixes = 1;
+                s.prefix_index = Some(vec![-1, 0, -1]);
+                s.seqlen_k = Some(vec![0, 0, 2]);
+                s.seqlen_q = Some(vec![0, 0, 2]);
+                s.causal = false;
+            }),
+        ),
+    ];
+    for (i, (name, spec)) in cases.into_iter().enumerate() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut s = spec.clone();
+            s.dtype = dtype;
+            eprintln!("case {name} {dtype}");
+            run_and_check(s, 100 + i as u64);
+        }
+    }
+}
+
+/// A valid row that sees no key at all: `o = 0`, `lse = -inf`, zero gradients, no NaN.
+#[test]
+fn row_seeing_nothing_gives_zero_and_neg_inf() {
+    // Sequence 0 has no prefix and no keys but one valid query row (non-causal, Tq > Tk
+    // lengths are allowed by the contract).
+    let mut s = ProblemSpec::new(2, 2, 3, 2, 2, 8, 2, false);
+    s.prefix_index = Some(vec![-1, 0]);
+    s.seqlen_q = Some(vec![1, 2]);
+    s.seqlen_k = Some(vec![0, 3]);
+    let (_pb, f, g) = run_and_check(s, 7);
+    let o = f.o.to_f32_vec();
+    let lse = f.lse.to_f32_vec();
+    // [B=2, Tq=2, H=2, D=8]: sequence 0 is all zero; lse[0, h, i] = -inf.
+    assert!(o[..2 * 2 * 8].iter().all(|&x| x == 0.0));
+    assert!(lse[..4].iter().all(|&x| x == f32::NEG_INFINITY));
+    assert!(lse[4..].iter().all(|x| x.is_finite()));
+    for t in [&g.dq, &g.dk, &g.dv, &g.dk_pre, &g.dv_pre] {
+        assert!(t.to_f32_vec().iter().all(|x| !x.is_nan()));
+    }
+    assert!(g.dq.to_f32_vec()[..2 * 2 * 8].iter().all(|&x| x == 0.0));
+}
+
+/// The naive concat baseline agrees with the fused path.
+#[test]
+fn naive_concat_agrees_with_fused() {
+    let mut rng = Rng::new(11);
+    for seed in 0..60 {
+        let dtype = [DType::F32, DType::F16, DType::BF16][seed % 3];
+        let spec = random_spec(&mut rng, dtype);
+        let mut prng = Rng::new(seed as u64);
+        let pb = RandomProblem::new(spec, &mut prng).unwrap();
+        let args = pb.args().unwrap();
+        let has_prefix = args.prefix.is_some();
+        let x = Dense::from_args(&args).unwrap();
+        let exact = x.forward(Precision::Exact);
+
+        let mut fused = FwdBuffers::poisoned(&pb.spec).unwrap();
+        cpu::forward(&args, fused.out()).unwrap();
+        let mut nf = FwdBuffers::poisoned(&pb.spec).unwrap();
+        naive::forward(&args, nf.out()).unwrap();
+        check_fwd(&x, &nf, &exact, dtype).unwrap_or_else(|e| panic!("seed {seed}: naive {e}"));
+        // Both compute in f32 over the same key set: they agree to f32 rounding in o's type.
+        let (a, b) = (f64s(&fused.o), f64s(&nf.o));
+        let tol = match dtype {
+            DType::F32 => 1e-5,
+            DType::F16 => 2e-3,
+            _ => 1.6e-2,
+        } * (1.0 + max_abs(&a));
+        assert!(
+            max_err(&a, &b) <= tol,
+            "seed {seed}: fused vs naive o {}",
+            max_err(&a, &b)
+        );
+
+        let d_o = f64s(&pb.d_o);
+        let exact_g = x.backward(&d_o, Precision::Exact);
+        let mut g = GradBuffers::poisoned(&pb.spec).unwrap();
+        naive::backward(
+            &pb.bwd_args(&fused.o, &fused.lse, false).unwrap(),
+            g.grads(has_prefix, false),
+        )
+        .unwrap();
+        check_bwd(
+            &x,
+            &d_o,
+            &f64s(&fused.o),
+            &g,
+            &exact_g,
+            dtype,
+            has_prefix,
+            false,
+        )
+        .unwrap_or_else(|e| panic!("seed {seed}: naive backward {e}"));
+    }
+}
+
+/// Central finite differences in f64 of `L = sum(o * R)` validate the oracle's backward,
+/// which validates the fused backward above.
+#[test]
+fn oracle_gradients_match_finite_differences() {
+    let mut rng = Rng::new(5);
+    for seed in 0..6u64 {
+        let mut s = ProblemSpec::new(2, 3, 4, 4, 2, 5, 2, seed % 2 == 0);
+        s.num_prefixes = 2;
+        s.prefix_index = Some(vec![1, if seed % 3 == 0 { -1 } else { 1 }]);
+        s.seqlen_q = Some(vec![3, 2]);
+        s.seqlen_k = Some(vec![4, 3]);
+        let pb = RandomProblem::new(s, &mut rng).unwrap();
+        let x = Dense::from_args(&pb.args().unwrap()).unwrap();
+        let r = f64s(&pb.d_o);
+        let g = x.backward(&r, Precision::Exact);
+        let loss = |x: &Dense| -> f64 {
+            x.forward(Precision::Exact)
+                .o
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| a * b)
+                .sum()
+        };
+        let h = 1e-6;
+        let fields: [(&str, fn(&mut Dense) -> &mut Vec<f64>, &Vec<f64>); 5] = [
+            ("q", |x| &mut x.q, &g.dq),
+            ("k", |x| &mut x.k, &g.dk),
+            ("v", |x| &mut x.v, &g.dv),
+            ("k_pre", |x| &mut x.k_pre, &g.dk_pre),
+            ("v_pre", |x| &mut x.v_pre, &g.dv_pre),
+        ];
+        for (name, field, grad) in fields {
+            for idx in 0..field(&mut x.clone()).len() {
+                let mut xp = x.clone();
+                field(&mut xp)[idx] += h;
+                let mut xm = x.clone();
+                field(&mut xm)[idx] -= h;
+                let fd = (loss(&xp) - loss(&xm)) / (2.0 * h);
+                let err = (fd - grad[idx]).abs();
+                assert!(
+                    err <= 1e-7 * (1.0 + fd.abs()),
+                    "seed {seed} {name}[{idx}]: fd {fd} vs analytic {}",
+                    grad[idx]
+                );
+            }
+        }
+    }
+}
+
+/// Same inputs, bit-identical outputs, whatever the thread count.
+#[test]
+fn deterministic_across_runs_and_thread_counts() {
+    let mut s = ProblemSpec::new(4, 16, 16, 4, 2, 32, 5, true);
+    s.num_prefixes = 2;
+    s.prefix_index = Some(vec![0, 1, 0, 0]);
+    let mut rng = Rng::new(9);
+    let pb = RandomProblem::new(s, &mut rng).unwrap();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let args = pb.args().unwrap();
+            let mut f = FwdBuffers::poisoned(&pb.spec).unwrap();
+            cpu::forward(&args, f.out()).unwrap();
+            let mut g = GradBuffers::poisoned(&pb.spec).unwrap();
+            cpu::backward(
+                &pb.bwd_args(&f.o, &f.lse, false).unwrap(),
+                g.grads(true, false),
+            )
+            .unwrap();
+            [&f.o, &f.lse, &g.dq, &g.dk, &g.dv, &g.dk_pre, &g.dv_pre]
+                .iter()
+                .map(|t| {
+                    t.to_f32_vec()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let a = run(2);
+    assert_eq!(a, run(2));
+    assert_eq!(a, run(1));
+    assert_eq!(a, run(3));
+}
+
+/// Sanity of the oracle itself on a case small enough to do by hand: one query, one prefix
+/// key and one sequence key, D = 1.
+#[test]
+fn oracle_hand_computed_case() {
+    let q = Tensor::from_slice(&[1, 1, 1, 1], &[2.0f32]).unwrap();
+    let k = Tensor::from_slice(&[1, 1, 1, 1], &[0.5f32]).unwrap();
+    let v = Tensor::from_slice(&[1, 1, 1, 1], &[3.0f32]).unwrap();
+    let kp = Tensor::from_slice(&[1, 1, 1, 1], &[-1.0f32]).unwrap();
+    let vp = Tensor::from_slice(&[1, 1, 1, 1], &[7.0f32]).unwrap();
+    let args = AttnFwdArgs::new(q.view(), k.view(), v.view())
+        .prefix(kp.view(), vp.view())
+        .causal(true);
+    // scale = 1: scores 2*(-1) = -2 (prefix) and 2*0.5 = 1 (sequence).
+    let (s0, s1) = (-2f64, 1f64);
+    let lse = (s0.exp() + s1.exp()).ln();
+    let o = (7.0 * s0.exp() + 3.0 * s1.exp()) / (s0.exp() + s1.exp());
+    let x = Dense::from_args(&args).unwrap();
+    let out = x.forward(Precision::Exact);
+    assert!((out.lse[0] - lse).abs() < 1e-12 && (out.o[0] - o).abs() < 1e-12);
+    let mut ob = Tensor::zeros(&[1, 1, 1, 1], DType::F32).unwrap();
+    let mut lb = Tensor::zeros(&[1, 1, 1], DType::F32).unwrap();
+    cpu::forward(
+        &args,
+        AttnFwdOut {
+            o: ob.view_mut(),
+            lse: Some(lb.view_mut()),
+        },
+    )
+    .unwrap();
+    assert!((ob.to_f32_vec()[0] as f64 - o).abs() < 1e-6);
+    assert!((lb.to_f32_vec()[0] as f64 - lse).abs() < 1e-6);
+}

@@ -1,0 +1,153 @@
+//! Shared test helpers: error measures and the tolerance rule of DESIGN.md §5.
+#![allow(dead_code)]
+
+use prefix_attn::attn::oracle::{Dense, Grads, Outputs, Precision};
+use prefix_attn::attn::testing::{FwdBuffers, GradBuffers};
+use prefix_attn::tensor::{DType, Tensor};
+
+/// Max |got - want| over all elements; NaN anywhere (or a mismatch of -inf) is infinite.
+pub fn max_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let mut m = 0f64;
+    for (g, w) in got.iter().zip(want) {
+        let e = if g.is_nan() || w.is_nan() {
+            f64::INFINITY
+        } else if g.is_infinite() || w.is_infinite() {
+            if g == w {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            (g - w).abs()
+        };
+        m = m.max(e);
+    }
+    m
+}
+
+pub fn max_abs(x: &[f64]) -> f64 {
+    x.iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0, |m, v| m.max(v.abs()))
+}
+
+pub fn f64s(t: &Tensor) -> Vec<f64> {
+    t.to_f32_vec().into_iter().map(f64::from).collect()
+}
+
+/// Unit roundoff of a dtype (half an ulp at 1.0).
+pub fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        _ => 2f64.powi(-24),
+    }
+}
+
+/// The tolerance rule: the tested error must be at most twice the error of a naive
+/// implementation in the same precision, plus a small slack relative to the values'
+/// magnitude (fp32 sums in a different order differ by a few ulps of the largest term).
+/// On tiny tensors the naive implementation's max error can be luckily small, so its error
+/// counts as at least the rounding of the largest value to the output type.
+pub fn within_rule(
+    name: &str,
+    tested: f64,
+    naive: f64,
+    scale: f64,
+    dtype: DType,
+) -> Result<(), String> {
+    let slack = match dtype {
+        DType::F32 => 2e-6 * (1.0 + scale),
+        _ => 1e-6 * (1.0 + scale),
+    };
+    let naive = naive.max(unit_roundoff(dtype) * scale);
+    let bound = 2.0 * naive + slack;
+    if tested <= bound {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name}: error {tested:.3e} exceeds 2 x naive {naive:.3e} + slack {slack:.1e} (max |ref| {scale:.3e})"
+        ))
+    }
+}
+
+/// Compares forward buffers against the exact oracle with the tolerance rule.
+pub fn check_fwd(x: &Dense, out: &FwdBuffers, exact: &Outputs, dtype: DType) -> Result<(), String> {
+    let lowp = x.forward(Precision::Round(dtype));
+    let o = f64s(&out.o);
+    let lse = f64s(&out.lse);
+    within_rule(
+        "o",
+        max_err(&o, &exact.o),
+        max_err(&lowp.o, &exact.o),
+        max_abs(&exact.o),
+        dtype,
+    )?;
+    // lse is f32 in every dtype; the naive lse is rounded to f32 too.
+    within_rule(
+        "lse",
+        max_err(&lse, &exact.lse),
+        max_err(&lowp.lse, &exact.lse).max(max_abs(&exact.lse) * 1.2e-7),
+        max_abs(&exact.lse),
+        DType::F32,
+    )
+}
+
+/// Compares gradient buffers against the exact oracle with the tolerance rule.
+pub fn check_bwd(
+    x: &Dense,
+    d_o: &[f64],
+    o: &[f64],
+    g: &GradBuffers,
+    exact: &Grads,
+    dtype: DType,
+    has_prefix: bool,
+    prefix_only: bool,
+) -> Result<(), String> {
+    let lowp = x.backward(d_o, Precision::Round(dtype));
+    // The best any implementation can do from the stored (rounded) `o`: exact math from the
+    // backward's actual inputs, rounded once to the output type.
+    let from_o = x.backward_with_o(d_o, o, Precision::Exact);
+    let round = |v: &Vec<f64>, dt: DType| -> Vec<f64> {
+        v.iter().map(|&x| dt.round_f32(x as f32) as f64).collect()
+    };
+    let mut pairs: Vec<(&str, Vec<f64>, &Vec<f64>, &Vec<f64>, DType)> = vec![];
+    if !prefix_only {
+        pairs.push(("dq", f64s(&g.dq), &exact.dq, &lowp.dq, dtype));
+        pairs.push(("dk", f64s(&g.dk), &exact.dk, &lowp.dk, dtype));
+        pairs.push(("dv", f64s(&g.dv), &exact.dv, &lowp.dv, dtype));
+    }
+    if has_prefix {
+        pairs.push((
+            "dk_pre",
+            f64s(&g.dk_pre),
+            &exact.dk_pre,
+            &lowp.dk_pre,
+            dtype,
+        ));
+        pairs.push((
+            "dv_pre",
+            f64s(&g.dv_pre),
+            &exact.dv_pre,
+            &lowp.dv_pre,
+            dtype,
+        ));
+    }
+    let best = [
+        round(&from_o.dq, dtype),
+        round(&from_o.dk, dtype),
+        round(&from_o.dv, dtype),
+        round(&from_o.dk_pre, DType::F32),
+        round(&from_o.dv_pre, DType::F32),
+    ];
+    for (name, got, want, naive, dt) in pairs {
+        let best = &best[["dq", "dk", "dv", "dk_pre", "dv_pre"]
+            .iter()
+            .position(|n| *n == name)
+            .unwrap()];
+        let naive_err = max_err(naive, want).max(max_err(best, want));
+        within_rule(name, max_err(&got, want), naive_err, max_abs(want), dt)?;
+    }
+    Ok(())
+}
