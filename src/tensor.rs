@@ -229,7 +229,11 @@ impl Layout {
     }
 
     fn checked_span(&self) -> Option<usize> {
-        if self.numel() == 0 {
+        let numel = self
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))?;
+        if numel == 0 {
             return Some(self.offset);
         }
         let mut last = self.offset;

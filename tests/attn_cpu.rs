@@ -303,6 +303,8 @@ fn naive_concat_agrees_with_fused() {
     }
 }
 
+type Field = fn(&mut Dense) -> &mut Vec<f64>;
+
 /// Central finite differences in f64 of `L = sum(o * R)` validate the oracle's backward,
 /// which validates the fused backward above.
 #[test]
@@ -327,7 +329,7 @@ fn oracle_gradients_match_finite_differences() {
                 .sum()
         };
         let h = 1e-6;
-        let fields: [(&str, fn(&mut Dense) -> &mut Vec<f64>, &Vec<f64>); 5] = [
+        let fields: [(&str, Field, &Vec<f64>); 5] = [
             ("q", |x| &mut x.q, &g.dq),
             ("k", |x| &mut x.k, &g.dk),
             ("v", |x| &mut x.v, &g.dv),

@@ -1,5 +1,8 @@
 //! The named problem shapes of DESIGN.md §6, used by every benchmark and goal.
 
+use super::AttnProblem;
+use crate::tensor::{DType, Location};
+
 /// One named attention shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NamedShape {
@@ -77,6 +80,32 @@ pub fn by_name(name: &str) -> Option<NamedShape> {
 }
 
 impl NamedShape {
+    /// The attention problem of this shape (one prefix shared by the batch, no padding).
+    pub fn problem(self, dtype: DType) -> AttnProblem {
+        AttnProblem {
+            batch: self.batch,
+            tq: self.tq,
+            tk: self.tk,
+            heads_q: self.heads_q,
+            heads_kv: self.heads_kv,
+            head_dim: self.head_dim,
+            prefix_len: self.prefix_len,
+            num_prefixes: 1,
+            causal: self.causal,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+            dtype,
+            location: Location::Host,
+            prefix_of: vec![Some(0); self.batch],
+            lens_q: vec![self.tq; self.batch],
+            lens_k: vec![self.tk; self.batch],
+        }
+    }
+
+    /// Forward FLOPs counted as in DESIGN.md §6: `4 * D` per visible (query, key) pair.
+    pub fn fwd_flops(self) -> f64 {
+        4.0 * self.head_dim as f64 * self.problem(DType::F16).visible_pairs() as f64
+    }
+
     /// The version a CPU can run in benchmark time: `llm-long` and `decode` shrink to
     /// `B = 1` and at most 512 keys; the GPT-2 shapes stay as they are.
     pub fn cpu_scaled(self) -> NamedShape {
