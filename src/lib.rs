@@ -37,6 +37,9 @@
 pub mod attn;
 pub mod device;
 pub mod error;
+pub mod gpt2;
+pub mod io;
+pub mod prefix;
 pub mod rng;
 pub mod tensor;
 

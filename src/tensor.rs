@@ -789,6 +789,17 @@ impl<'a> TensorView<'a> {
         })
     }
 
+    /// All elements of a contiguous host view as one typed slice.
+    pub fn contiguous_slice<T: Element>(&self) -> Result<&'a [T]> {
+        if !self.raw.layout.is_contiguous() {
+            return Err(Error::layout(
+                "contiguous_slice",
+                format!("needs a contiguous view, got {:?}", self.raw.layout),
+            ));
+        }
+        self.host_row(self.raw.layout.offset(), self.numel())
+    }
+
     /// Reads `out.len()` contiguous host elements from element index `elem`, as f32.
     pub fn read_f32(&self, elem: usize, out: &mut [f32]) -> Result<()> {
         self.check_host("read_f32")?;
@@ -987,6 +998,30 @@ impl<'a> TensorViewMut<'a> {
         let bytes = unsafe { self.raw.row_bytes_mut(elem, vals.len()) };
         write_row_f32(self.raw.dtype, bytes, vals);
         Ok(())
+    }
+
+    /// All elements of a contiguous host view as one mutable typed slice. A contiguous view
+    /// covers exactly its own elements, so no sibling view can overlap the slice.
+    pub fn contiguous_slice_mut<T: Element>(&mut self) -> Result<&mut [T]> {
+        let v = self.as_view();
+        if !v.raw.layout.is_contiguous() {
+            return Err(Error::layout(
+                "contiguous_slice_mut",
+                format!("needs a contiguous view, got {:?}", v.raw.layout),
+            ));
+        }
+        check_dtype("contiguous_slice_mut", v.raw.dtype, T::DTYPE)?;
+        v.check_host("contiguous_slice_mut")?;
+        let (off, n) = (v.raw.layout.offset(), v.numel());
+        v.check_elem("contiguous_slice_mut", off, n)?;
+        // SAFETY: exclusive borrow; the range is the view's own elements (see above).
+        let bytes = unsafe { self.raw.row_bytes_mut(off, n) };
+        bytemuck::try_cast_slice_mut(bytes).map_err(|e| {
+            Error::layout(
+                "contiguous_slice_mut",
+                format!("cannot view the bytes as {}: {e}", T::DTYPE),
+            )
+        })
     }
 
     /// Fills every element of the view with `x`.

@@ -1,13 +1,72 @@
 //! The CPU backend: plain Rust, the reference every other backend is checked against.
+//!
+//! Dense operations take contiguous f32 host views (the model converts weights to f32 at
+//! load); matmuls go through the `gemm` crate, row-wise operations are split over rows with
+//! rayon. Attention takes any float dtype and strides (see [`crate::attn::cpu`]).
 
-use super::{Backend, Device};
+use super::{Backend, Device, MatmulOpts};
 use crate::attn::{cpu, AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Location, Tensor};
+use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
+use rayon::prelude::*;
 
 /// The CPU backend (multi-threaded through rayon).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
+
+/// Rows per parallel task for row-wise operations: large enough to amortise scheduling.
+const ROWS_PER_TASK: usize = 16;
+
+fn f32_in<'a>(arg: &str, t: &TensorView<'a>) -> Result<&'a [f32]> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::DType {
+            arg: arg.into(),
+            expected: "f32 (the cpu backend computes dense ops in f32)".into(),
+            got: t.dtype().name().into(),
+        });
+    }
+    t.contiguous_slice::<f32>().map_err(|e| {
+        Error::layout(
+            arg,
+            format!("cpu dense ops need a contiguous host view: {e}"),
+        )
+    })
+}
+
+fn f32_out<'b>(arg: &str, t: &'b mut TensorViewMut) -> Result<&'b mut [f32]> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::DType {
+            arg: arg.into(),
+            expected: "f32 (the cpu backend computes dense ops in f32)".into(),
+            got: t.dtype().name().into(),
+        });
+    }
+    t.contiguous_slice_mut::<f32>().map_err(|e| {
+        Error::layout(
+            arg,
+            format!("cpu dense ops need a contiguous host view: {e}"),
+        )
+    })
+}
+
+/// `[rows, cols]` of a 2-D view.
+fn dims2(arg: &str, dims: &[usize]) -> Result<(usize, usize)> {
+    match dims {
+        [r, c] => Ok((*r, *c)),
+        _ => Err(Error::shape(arg, "rank 2 [rows, cols]", dims)),
+    }
+}
+
+fn same_shape(arg: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(Error::shape(arg, format!("{want:?}"), got));
+    }
+    Ok(())
+}
+
+/// GPT-2's `gelu_new`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+const GELU_K: f32 = 0.797_884_6; // sqrt(2 / pi)
+const GELU_C: f32 = 0.044_715;
 
 impl Backend for CpuBackend {
     fn device(&self) -> Device {
@@ -39,5 +98,413 @@ impl Backend for CpuBackend {
     }
     fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
         cpu::backward(args, grads)
+    }
+
+    fn matmul(
+        &self,
+        a: &TensorView,
+        b: &TensorView,
+        bias: Option<&TensorView>,
+        out: &mut TensorViewMut,
+        opts: MatmulOpts,
+    ) -> Result<()> {
+        let (ar, ac) = dims2("matmul a", a.dims())?;
+        let (br, bc) = dims2("matmul b", b.dims())?;
+        let (m, k) = if opts.trans_a { (ac, ar) } else { (ar, ac) };
+        let (kb, n) = if opts.trans_b { (bc, br) } else { (br, bc) };
+        if kb != k {
+            return Err(Error::shape(
+                "matmul b",
+                format!("inner dimension {k} to match a {:?}", a.dims()),
+                b.dims(),
+            ));
+        }
+        same_shape("matmul out", out.dims(), &[m, n])?;
+        let av = f32_in("matmul a", a)?;
+        let bv = f32_in("matmul b", b)?;
+        let bias = match bias {
+            Some(t) => {
+                same_shape("matmul bias", t.dims(), &[n])?;
+                Some(f32_in("matmul bias", t)?)
+            }
+            None => None,
+        };
+        let ov = f32_out("matmul out", out)?;
+        if !opts.accumulate {
+            match bias {
+                Some(bv) => ov
+                    .chunks_exact_mut(n.max(1))
+                    .for_each(|r| r.copy_from_slice(bv)),
+                None => ov.fill(0.0),
+            }
+        } else if let Some(bv) = bias {
+            ov.chunks_exact_mut(n.max(1))
+                .for_each(|r| r.iter_mut().zip(bv).for_each(|(o, b)| *o += b));
+        }
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(());
+        }
+        // Row-major strides: element (i, j) of a [r, c] matrix is at i * c + j.
+        let (a_rs, a_cs) = if opts.trans_a {
+            (1, ac as isize)
+        } else {
+            (ac as isize, 1)
+        };
+        let (b_rs, b_cs) = if opts.trans_b {
+            (1, bc as isize)
+        } else {
+            (bc as isize, 1)
+        };
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 && m * n * k >= 64 * 64 * 64 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: the slices hold exactly the [m,k], [k,n], [m,n] matrices described by the
+        // strides (checked above); `ov` is exclusively borrowed and distinct from the inputs.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                ov.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                av.as_ptr(),
+                a_cs,
+                a_rs,
+                bv.as_ptr(),
+                b_cs,
+                b_rs,
+                1.0f32,
+                opts.alpha,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        Ok(())
+    }
+
+    fn layernorm(
+        &self,
+        x: &TensorView,
+        weight: &TensorView,
+        bias: &TensorView,
+        eps: f32,
+        out: &mut TensorViewMut,
+        mean: &mut TensorViewMut,
+        rstd: &mut TensorViewMut,
+    ) -> Result<()> {
+        let (m, c) = dims2("layernorm x", x.dims())?;
+        same_shape("layernorm weight", weight.dims(), &[c])?;
+        same_shape("layernorm bias", bias.dims(), &[c])?;
+        same_shape("layernorm out", out.dims(), &[m, c])?;
+        same_shape("layernorm mean", mean.dims(), &[m])?;
+        same_shape("layernorm rstd", rstd.dims(), &[m])?;
+        let (xv, w, b) = (
+            f32_in("layernorm x", x)?,
+            f32_in("layernorm weight", weight)?,
+            f32_in("layernorm bias", bias)?,
+        );
+        let (ov, mv, rv) = (
+            f32_out("layernorm out", out)?,
+            f32_out("layernorm mean", mean)?,
+            f32_out("layernorm rstd", rstd)?,
+        );
+        if c == 0 {
+            return Ok(());
+        }
+        ov.par_chunks_mut(c * ROWS_PER_TASK)
+            .zip(mv.par_chunks_mut(ROWS_PER_TASK))
+            .zip(rv.par_chunks_mut(ROWS_PER_TASK))
+            .enumerate()
+            .for_each(|(task, ((orows, ms), rs))| {
+                for (r, orow) in orows.chunks_exact_mut(c).enumerate() {
+                    let row = task * ROWS_PER_TASK + r;
+                    let xr = &xv[row * c..(row + 1) * c];
+                    let mu = xr.iter().sum::<f32>() / c as f32;
+                    let var = xr.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+                    let rs_ = 1.0 / (var + eps).sqrt();
+                    for j in 0..c {
+                        orow[j] = (xr[j] - mu) * rs_ * w[j] + b[j];
+                    }
+                    ms[r] = mu;
+                    rs[r] = rs_;
+                }
+            });
+        Ok(())
+    }
+
+    fn layernorm_bwd(
+        &self,
+        dy: &TensorView,
+        x: &TensorView,
+        weight: &TensorView,
+        mean: &TensorView,
+        rstd: &TensorView,
+        dx: &mut TensorViewMut,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (m, c) = dims2("layernorm_bwd x", x.dims())?;
+        same_shape("layernorm_bwd dy", dy.dims(), &[m, c])?;
+        same_shape("layernorm_bwd weight", weight.dims(), &[c])?;
+        same_shape("layernorm_bwd mean", mean.dims(), &[m])?;
+        same_shape("layernorm_bwd rstd", rstd.dims(), &[m])?;
+        same_shape("layernorm_bwd dx", dx.dims(), &[m, c])?;
+        let (dyv, xv, w, mv, rv) = (
+            f32_in("layernorm_bwd dy", dy)?,
+            f32_in("layernorm_bwd x", x)?,
+            f32_in("layernorm_bwd weight", weight)?,
+            f32_in("layernorm_bwd mean", mean)?,
+            f32_in("layernorm_bwd rstd", rstd)?,
+        );
+        let dxv = f32_out("layernorm_bwd dx", dx)?;
+        if c == 0 {
+            return Ok(());
+        }
+        dxv.par_chunks_mut(c).enumerate().for_each(|(row, dxr)| {
+            let (xr, dyr) = (&xv[row * c..(row + 1) * c], &dyv[row * c..(row + 1) * c]);
+            let (mu, rs) = (mv[row], rv[row]);
+            // With xhat = (x - mu) rstd and g = dy * w:
+            // dx = rstd (g - mean(g) - xhat mean(g xhat)).
+            let mut mg = 0f32;
+            let mut mgx = 0f32;
+            for j in 0..c {
+                let g = dyr[j] * w[j];
+                mg += g;
+                mgx += g * (xr[j] - mu) * rs;
+            }
+            mg /= c as f32;
+            mgx /= c as f32;
+            for j in 0..c {
+                let xhat = (xr[j] - mu) * rs;
+                let v = rs * (dyr[j] * w[j] - mg - xhat * mgx);
+                if accumulate {
+                    dxr[j] += v;
+                } else {
+                    dxr[j] = v;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+        same_shape("gelu out", out.dims(), x.dims())?;
+        let xv = f32_in("gelu x", x)?;
+        let ov = f32_out("gelu out", out)?;
+        ov.par_chunks_mut(4096)
+            .zip(xv.par_chunks(4096))
+            .for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = 0.5 * x * (1.0 + (GELU_K * (x + GELU_C * x * x * x)).tanh());
+                }
+            });
+        Ok(())
+    }
+
+    fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
+        same_shape("gelu_bwd dy", dy.dims(), x.dims())?;
+        same_shape("gelu_bwd dx", dx.dims(), x.dims())?;
+        let (xv, dyv) = (f32_in("gelu_bwd x", x)?, f32_in("gelu_bwd dy", dy)?);
+        let dxv = f32_out("gelu_bwd dx", dx)?;
+        dxv.par_chunks_mut(4096)
+            .zip(xv.par_chunks(4096).zip(dyv.par_chunks(4096)))
+            .for_each(|(d, (x, g))| {
+                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                    let u = GELU_K * (x + GELU_C * x * x * x);
+                    let t = u.tanh();
+                    let du = GELU_K * (1.0 + 3.0 * GELU_C * x * x);
+                    *d = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+                }
+            });
+        Ok(())
+    }
+
+    fn tanh(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+        same_shape("tanh out", out.dims(), x.dims())?;
+        let xv = f32_in("tanh x", x)?;
+        let ov = f32_out("tanh out", out)?;
+        ov.iter_mut().zip(xv).for_each(|(o, x)| *o = x.tanh());
+        Ok(())
+    }
+
+    fn tanh_bwd(&self, y: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
+        same_shape("tanh_bwd dy", dy.dims(), y.dims())?;
+        same_shape("tanh_bwd dx", dx.dims(), y.dims())?;
+        let (yv, dyv) = (f32_in("tanh_bwd y", y)?, f32_in("tanh_bwd dy", dy)?);
+        let dxv = f32_out("tanh_bwd dx", dx)?;
+        for ((d, y), g) in dxv.iter_mut().zip(yv).zip(dyv) {
+            *d = (1.0 - y * y) * g;
+        }
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut TensorViewMut, alpha: f32) -> Result<()> {
+        f32_out("scale x", x)?.iter_mut().for_each(|v| *v *= alpha);
+        Ok(())
+    }
+
+    fn add_assign(&self, out: &mut TensorViewMut, x: &TensorView) -> Result<()> {
+        same_shape("add_assign x", x.dims(), out.dims())?;
+        let xv = f32_in("add_assign x", x)?;
+        let ov = f32_out("add_assign out", out)?;
+        ov.par_chunks_mut(4096)
+            .zip(xv.par_chunks(4096))
+            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o += x));
+        Ok(())
+    }
+
+    fn sum_rows(&self, x: &TensorView, out: &mut TensorViewMut, accumulate: bool) -> Result<()> {
+        let (_, n) = dims2("sum_rows x", x.dims())?;
+        same_shape("sum_rows out", out.dims(), &[n])?;
+        let xv = f32_in("sum_rows x", x)?;
+        let ov = f32_out("sum_rows out", out)?;
+        if !accumulate {
+            ov.fill(0.0);
+        }
+        if n > 0 {
+            for row in xv.chunks_exact(n) {
+                ov.iter_mut().zip(row).for_each(|(o, x)| *o += x);
+            }
+        }
+        Ok(())
+    }
+
+    fn copy(&self, src: &TensorView, dst: &mut TensorViewMut) -> Result<()> {
+        same_shape("copy dst", dst.dims(), src.dims())?;
+        let mut buf = vec![0f32; src.numel()];
+        src.gather_f32(&mut buf)?;
+        dst.scatter_f32(&buf)
+    }
+
+    fn embed(
+        &self,
+        ids: &[i32],
+        seq_len: usize,
+        wte: &TensorView,
+        wpe: &TensorView,
+        pos_offset: usize,
+        out: &mut TensorViewMut,
+    ) -> Result<()> {
+        let (vocab, c) = dims2("wte", wte.dims())?;
+        let (npos, c2) = dims2("wpe", wpe.dims())?;
+        if c2 != c {
+            return Err(Error::shape(
+                "wpe",
+                format!("[n_positions, {c}]"),
+                wpe.dims(),
+            ));
+        }
+        same_shape("embed out", out.dims(), &[ids.len(), c])?;
+        if seq_len == 0 || ids.len() % seq_len != 0 {
+            return Err(Error::shape(
+                "ids",
+                format!("a multiple of the sequence length {seq_len}"),
+                &[ids.len()],
+            ));
+        }
+        if pos_offset + seq_len > npos {
+            return Err(Error::index(
+                "positions",
+                format!(
+                    "positions {pos_offset}..{} exceed n_positions = {npos}",
+                    pos_offset + seq_len
+                ),
+            ));
+        }
+        if let Some((i, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id < 0 || id as usize >= vocab)
+        {
+            return Err(Error::index(
+                "ids",
+                format!("token id {id} at {i} is outside the vocabulary 0..{vocab}"),
+            ));
+        }
+        let (te, pe) = (f32_in("wte", wte)?, f32_in("wpe", wpe)?);
+        let ov = f32_out("embed out", out)?;
+        for (r, row) in ov.chunks_exact_mut(c.max(1)).enumerate() {
+            let id = ids[r] as usize;
+            let pos = pos_offset + r % seq_len;
+            for j in 0..c {
+                row[j] = te[id * c + j] + pe[pos * c + j];
+            }
+        }
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &TensorView,
+        targets: &[i32],
+        losses: &mut TensorViewMut,
+        dlogits: Option<&mut TensorViewMut>,
+    ) -> Result<()> {
+        let (m, v) = dims2("logits", logits.dims())?;
+        if targets.len() != m {
+            return Err(Error::shape(
+                "targets",
+                format!("[{m}] like the logits rows"),
+                &[targets.len()],
+            ));
+        }
+        same_shape("losses", losses.dims(), &[m])?;
+        if let Some((i, t)) = targets
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t != -100 && (t < 0 || t as usize >= v))
+        {
+            return Err(Error::index(
+                "labels",
+                format!("label {t} at {i} is outside the vocabulary 0..{v} (and not -100)"),
+            ));
+        }
+        let lv = f32_in("logits", logits)?;
+        let loss = f32_out("losses", losses)?;
+        let dl = match dlogits {
+            Some(d) => {
+                same_shape("dlogits", d.dims(), &[m, v])?;
+                Some(f32_out("dlogits", d)?)
+            }
+            None => None,
+        };
+        let row_loss = |r: usize, d: Option<&mut [f32]>| -> f32 {
+            let t = targets[r];
+            let row = &lv[r * v..(r + 1) * v];
+            if t == -100 {
+                if let Some(d) = d {
+                    d.fill(0.0);
+                }
+                return 0.0;
+            }
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|x| (x - mx).exp()).sum();
+            if let Some(d) = d {
+                let inv = 1.0 / sum;
+                for (d, x) in d.iter_mut().zip(row) {
+                    *d = (x - mx).exp() * inv;
+                }
+                d[t as usize] -= 1.0;
+            }
+            mx + sum.ln() - row[t as usize]
+        };
+        match dl {
+            Some(d) if v > 0 => d
+                .par_chunks_mut(v)
+                .zip(loss.par_iter_mut())
+                .enumerate()
+                .for_each(|(r, (d, l))| *l = row_loss(r, Some(d))),
+            _ => loss
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(r, l)| *l = row_loss(r, None)),
+        }
+        Ok(())
     }
 }

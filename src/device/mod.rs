@@ -8,7 +8,7 @@ pub mod cpu;
 
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Location, Tensor};
+use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
 use std::fmt;
 use std::str::FromStr;
 
@@ -87,6 +87,131 @@ pub trait Backend: Send + Sync {
 
     /// Prefix attention backward (see [`crate::attn`] for the contract).
     fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()>;
+
+    /// `out [M, N] = op(a) · op(b) (+ bias [N]) (+ out when accumulating)`, scaled by
+    /// `opts.alpha` (the product only). `op(a)` is `a [M, K]` or, transposed, `a [K, M]`;
+    /// `op(b)` is `b [K, N]` or, transposed, `b [N, K]` (torch `Linear` weights).
+    fn matmul(
+        &self,
+        a: &TensorView,
+        b: &TensorView,
+        bias: Option<&TensorView>,
+        out: &mut TensorViewMut,
+        opts: MatmulOpts,
+    ) -> Result<()>;
+
+    /// Layer norm over the last dimension of `x [M, C]`: `out = (x - mean) * rstd * w + b`,
+    /// also storing `mean [M]` and `rstd [M]` (f32) for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm(
+        &self,
+        x: &TensorView,
+        weight: &TensorView,
+        bias: &TensorView,
+        eps: f32,
+        out: &mut TensorViewMut,
+        mean: &mut TensorViewMut,
+        rstd: &mut TensorViewMut,
+    ) -> Result<()>;
+
+    /// Input gradient of layer norm (the weights are frozen): `dx (+)= d LN(x) / dx · dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd(
+        &self,
+        dy: &TensorView,
+        x: &TensorView,
+        weight: &TensorView,
+        mean: &TensorView,
+        rstd: &TensorView,
+        dx: &mut TensorViewMut,
+        accumulate: bool,
+    ) -> Result<()>;
+
+    /// `out = gelu(x)`, tanh form (`gelu_new`).
+    fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()>;
+    /// `dx = gelu'(x) · dy`.
+    fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()>;
+    /// `out = tanh(x)`.
+    fn tanh(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()>;
+    /// `dx = (1 - y²) · dy` where `y = tanh(x)`.
+    fn tanh_bwd(&self, y: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()>;
+    /// `x *= alpha`.
+    fn scale(&self, x: &mut TensorViewMut, alpha: f32) -> Result<()>;
+    /// `out += x` (same shapes).
+    fn add_assign(&self, out: &mut TensorViewMut, x: &TensorView) -> Result<()>;
+    /// `out[n] (+)= sum over rows of x [M, N]` (bias gradients).
+    fn sum_rows(&self, x: &TensorView, out: &mut TensorViewMut, accumulate: bool) -> Result<()>;
+    /// Copies `src` into `dst` (same shapes, any strides).
+    fn copy(&self, src: &TensorView, dst: &mut TensorViewMut) -> Result<()>;
+
+    /// Token + position embedding: `out [B·T, C]` row `b·T + t` is
+    /// `wte[ids[b·T + t]] + wpe[pos_offset + t]`.
+    fn embed(
+        &self,
+        ids: &[i32],
+        seq_len: usize,
+        wte: &TensorView,
+        wpe: &TensorView,
+        pos_offset: usize,
+        out: &mut TensorViewMut,
+    ) -> Result<()>;
+
+    /// Softmax cross-entropy per row of `logits [M, V]` against `targets [M]` (`-100`:
+    /// ignored, loss 0): writes `losses [M]` (f32) and, if given, `dlogits = softmax - onehot`
+    /// for counted rows and 0 for ignored ones: the gradient of the **sum** of the losses.
+    fn cross_entropy(
+        &self,
+        logits: &TensorView,
+        targets: &[i32],
+        losses: &mut TensorViewMut,
+        dlogits: Option<&mut TensorViewMut>,
+    ) -> Result<()>;
+}
+
+/// Options of [`Backend::matmul`].
+#[derive(Clone, Copy, Debug)]
+pub struct MatmulOpts {
+    /// Use `a` transposed.
+    pub trans_a: bool,
+    /// Use `b` transposed.
+    pub trans_b: bool,
+    /// Add to `out` instead of overwriting it.
+    pub accumulate: bool,
+    /// Scale of the product.
+    pub alpha: f32,
+}
+
+impl Default for MatmulOpts {
+    fn default() -> Self {
+        MatmulOpts {
+            trans_a: false,
+            trans_b: false,
+            accumulate: false,
+            alpha: 1.0,
+        }
+    }
+}
+
+impl MatmulOpts {
+    /// `b` transposed.
+    pub fn nt() -> Self {
+        MatmulOpts {
+            trans_b: true,
+            ..Default::default()
+        }
+    }
+    /// `a` transposed.
+    pub fn tn() -> Self {
+        MatmulOpts {
+            trans_a: true,
+            ..Default::default()
+        }
+    }
+    /// Accumulate into `out`.
+    pub fn accumulate(mut self) -> Self {
+        self.accumulate = true;
+        self
+    }
 }
 
 /// The backend for `device`. Devices whose backend is not part of this build say so.

@@ -1,0 +1,163 @@
+//! GPT-2 weights from a Hugging Face `model.safetensors`.
+
+use super::config::Gpt2Config;
+use crate::device::Backend;
+use crate::error::{Error, Result};
+use crate::io::SafetensorsFile;
+use crate::tensor::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Weights of one transformer block. Conv1D weights are `[in, out]` (`y = x W + b`).
+#[derive(Debug)]
+pub struct LayerWeights {
+    /// `ln_1.weight [C]`
+    pub ln1_w: Tensor,
+    /// `ln_1.bias [C]`
+    pub ln1_b: Tensor,
+    /// `attn.c_attn.weight [C, 3C]` (output split q | k | v, each `[H, D]`)
+    pub attn_w: Tensor,
+    /// `attn.c_attn.bias [3C]`
+    pub attn_b: Tensor,
+    /// `attn.c_proj.weight [C, C]`
+    pub proj_w: Tensor,
+    /// `attn.c_proj.bias [C]`
+    pub proj_b: Tensor,
+    /// `ln_2.weight [C]`
+    pub ln2_w: Tensor,
+    /// `ln_2.bias [C]`
+    pub ln2_b: Tensor,
+    /// `mlp.c_fc.weight [C, 4C]`
+    pub fc_w: Tensor,
+    /// `mlp.c_fc.bias [4C]`
+    pub fc_b: Tensor,
+    /// `mlp.c_proj.weight [4C, C]`
+    pub fc_proj_w: Tensor,
+    /// `mlp.c_proj.bias [C]`
+    pub fc_proj_b: Tensor,
+}
+
+/// All weights, in the backend's memory and compute dtype.
+#[derive(Debug)]
+pub struct Weights {
+    /// `wte [V, C]` (also the tied LM head)
+    pub wte: Tensor,
+    /// `wpe [n_positions, C]`
+    pub wpe: Tensor,
+    /// The blocks.
+    pub layers: Vec<LayerWeights>,
+    /// `ln_f.weight [C]`
+    pub lnf_w: Tensor,
+    /// `ln_f.bias [C]`
+    pub lnf_b: Tensor,
+}
+
+/// Whether a stored name is a buffer to ignore (causal-mask buffers, the tied head).
+fn ignored(name: &str) -> bool {
+    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight"
+}
+
+impl Weights {
+    /// Loads every weight of `cfg` from `path`, converting to `dtype` on `backend`.
+    pub fn load(
+        path: &Path,
+        cfg: &Gpt2Config,
+        backend: &dyn Backend,
+        dtype: DType,
+    ) -> Result<Weights> {
+        let file = SafetensorsFile::open(path)?;
+        // Names with or without the `transformer.` prefix.
+        let mut by_name: BTreeMap<String, String> = BTreeMap::new();
+        for stored in file.names()? {
+            if ignored(&stored) {
+                continue;
+            }
+            let short = stored
+                .strip_prefix("transformer.")
+                .unwrap_or(&stored)
+                .to_string();
+            if by_name.insert(short.clone(), stored.clone()).is_some() {
+                return Err(Error::Format {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "tensor {short:?} is stored twice (with and without `transformer.`)"
+                    ),
+                });
+            }
+        }
+        let (c, v, l) = (cfg.n_embd, cfg.vocab_size, cfg.n_layer);
+        let mut used = 0usize;
+        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let stored = by_name.get(name).ok_or_else(|| Error::Format {
+                path: path.to_path_buf(),
+                msg: format!("tensor {name:?} (or \"transformer.{name}\") is missing"),
+            })?;
+            let (got, data) = file.f32(stored)?;
+            if got != shape {
+                return Err(Error::Format {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "tensor {stored:?} has shape {got:?}, config.json implies {shape:?}"
+                    ),
+                });
+            }
+            used += 1;
+            backend.upload(&Tensor::from_f32(shape, &data, dtype)?)
+        };
+        let mut layers = Vec::with_capacity(l);
+        for i in 0..l {
+            let p = |s: &str| format!("h.{i}.{s}");
+            layers.push(LayerWeights {
+                ln1_w: get(&p("ln_1.weight"), &[c])?,
+                ln1_b: get(&p("ln_1.bias"), &[c])?,
+                attn_w: get(&p("attn.c_attn.weight"), &[c, 3 * c])?,
+                attn_b: get(&p("attn.c_attn.bias"), &[3 * c])?,
+                proj_w: get(&p("attn.c_proj.weight"), &[c, c])?,
+                proj_b: get(&p("attn.c_proj.bias"), &[c])?,
+                ln2_w: get(&p("ln_2.weight"), &[c])?,
+                ln2_b: get(&p("ln_2.bias"), &[c])?,
+                fc_w: get(&p("mlp.c_fc.weight"), &[c, cfg.n_inner])?,
+                fc_b: get(&p("mlp.c_fc.bias"), &[cfg.n_inner])?,
+                fc_proj_w: get(&p("mlp.c_proj.weight"), &[cfg.n_inner, c])?,
+                fc_proj_b: get(&p("mlp.c_proj.bias"), &[c])?,
+            });
+        }
+        let w = Weights {
+            wte: get("wte.weight", &[v, c])?,
+            wpe: get("wpe.weight", &[cfg.n_positions, c])?,
+            lnf_w: get("ln_f.weight", &[c])?,
+            lnf_b: get("ln_f.bias", &[c])?,
+            layers,
+        };
+        if used != by_name.len() {
+            let expected: Vec<String> = (0..l)
+                .flat_map(|i| {
+                    [
+                        "ln_1.weight",
+                        "ln_1.bias",
+                        "attn.c_attn.weight",
+                        "attn.c_attn.bias",
+                        "attn.c_proj.weight",
+                        "attn.c_proj.bias",
+                        "ln_2.weight",
+                        "ln_2.bias",
+                        "mlp.c_fc.weight",
+                        "mlp.c_fc.bias",
+                        "mlp.c_proj.weight",
+                        "mlp.c_proj.bias",
+                    ]
+                    .map(|s| format!("h.{i}.{s}"))
+                })
+                .chain(["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"].map(String::from))
+                .collect();
+            let extra: Vec<&String> = by_name.keys().filter(|k| !expected.contains(k)).collect();
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "unexpected tensors for a {l}-layer GPT-2: {extra:?} (does config.json match the weights?)"
+                ),
+            });
+        }
+        Ok(w)
+    }
+}

@@ -1,0 +1,200 @@
+//! File helpers: reads with errors that name the file, atomic writes.
+
+use crate::error::{Error, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Reads a whole file.
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads a whole UTF-8 text file.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = read_bytes(path)?;
+    String::from_utf8(bytes).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+    })
+}
+
+/// Writes `data` to `path` atomically: a temporary file in the same folder, flushed and
+/// synced, then renamed over the target. A crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Format {
+            path: path.to_path_buf(),
+            msg: "not a file path".into(),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let tmp: PathBuf = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// A safetensors file held in memory, with conversions to f32 that name the file and tensor
+/// in every error.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl SafetensorsFile {
+    /// Reads and validates the header of a safetensors file.
+    pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        let bytes = read_bytes(path)?;
+        let f = SafetensorsFile {
+            path: path.to_path_buf(),
+            bytes,
+        };
+        f.parsed()?;
+        Ok(f)
+    }
+
+    fn parsed(&self) -> Result<safetensors::SafeTensors<'_>> {
+        safetensors::SafeTensors::deserialize(&self.bytes).map_err(|e| Error::Format {
+            path: self.path.clone(),
+            msg: format!("not a valid safetensors file: {e}"),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn names(&self) -> Result<Vec<String>> {
+        let mut n: Vec<String> = self
+            .parsed()?
+            .names()
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect();
+        n.sort();
+        Ok(n)
+    }
+
+    /// Shape of a tensor.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let st = self.parsed()?;
+        let t = st.tensor(name).map_err(|_| self.missing(name))?;
+        Ok(t.shape().to_vec())
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::Format {
+            path: self.path.clone(),
+            msg: format!("tensor {name:?} is missing"),
+        }
+    }
+
+    /// A floating-point tensor (f64, f32, f16 or bf16 on disk) as f32, with its shape.
+    pub fn f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (shape, v) = self.f64(name)?;
+        Ok((shape, v.into_iter().map(|x| x as f32).collect()))
+    }
+
+    /// A floating-point tensor as f64 (exact for every stored float type), with its shape.
+    pub fn f64(&self, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
+        use safetensors::Dtype;
+        let st = self.parsed()?;
+        let t = st.tensor(name).map_err(|_| self.missing(name))?;
+        let d = t.data();
+        let v: Vec<f64> = match t.dtype() {
+            Dtype::F64 => d
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect(),
+            Dtype::F16 => d
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            Dtype::BF16 => d
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            other => {
+                return Err(Error::Format {
+                    path: self.path.clone(),
+                    msg: format!("tensor {name:?} has dtype {other:?}, expected f32, f16 or bf16"),
+                })
+            }
+        };
+        Ok((t.shape().to_vec(), v))
+    }
+
+    /// An integer tensor (i32 or i64 on disk) as i64, with its shape.
+    pub fn i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+        use safetensors::Dtype;
+        let st = self.parsed()?;
+        let t = st.tensor(name).map_err(|_| self.missing(name))?;
+        let d = t.data();
+        let v = match t.dtype() {
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            Dtype::I32 => d
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
+            other => {
+                return Err(Error::Format {
+                    path: self.path.clone(),
+                    msg: format!("tensor {name:?} has dtype {other:?}, expected i32 or i64"),
+                })
+            }
+        };
+        Ok((t.shape().to_vec(), v))
+    }
+}
+
+/// Writes f32 tensors to a safetensors file atomically.
+pub fn write_safetensors_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytemuck::cast_slice(data),
+            )
+            .map(|v| (name.to_string(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            msg: format!("cannot serialise: {e}"),
+        })?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("cannot serialise: {e}"),
+    })?;
+    write_atomic(path, &bytes)
+}

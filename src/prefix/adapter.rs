@@ -1,0 +1,223 @@
+//! PEFT prefix-tuning adapter folders: `adapter_config.json` and
+//! `adapter_model.safetensors` holding `prompt_embeddings [P, L·2·C]` (f32): the encoder's
+//! output, since PEFT drops the MLP at save time. Folders written here load with
+//! `PeftModel.from_pretrained`, and adapters trained in Python serve here.
+
+use crate::error::{Error, Result};
+use crate::gpt2::Gpt2Config;
+use crate::io::{read_text, write_atomic, write_safetensors_f32, SafetensorsFile};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// The fields of `adapter_config.json` this crate uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterConfig {
+    /// Prefix length `P`.
+    pub num_virtual_tokens: usize,
+    /// Model width `C`.
+    pub token_dim: usize,
+    /// Model layers `L`.
+    pub num_layers: usize,
+    /// Attention heads `H`.
+    pub num_attention_heads: usize,
+    /// Whether the prefix was trained through the MLP.
+    pub prefix_projection: bool,
+    /// MLP width `E`.
+    pub encoder_hidden_size: usize,
+    /// The base model, if recorded.
+    pub base_model_name_or_path: Option<String>,
+}
+
+/// The PEFT version whose file layout this crate writes.
+pub const PEFT_VERSION: &str = "0.21.2";
+
+/// A prefix adapter: its config and the prefix `[P, L·2·C]`.
+#[derive(Clone, Debug)]
+pub struct PrefixAdapter {
+    /// The config.
+    pub config: AdapterConfig,
+    /// `prompt_embeddings`, row-major `[P, L·2·C]`.
+    pub prompt_embeddings: Vec<f32>,
+}
+
+impl AdapterConfig {
+    /// A config for `model` with a prefix of `prefix_len` trained through an MLP of `hidden`.
+    pub fn for_model(model: &Gpt2Config, prefix_len: usize, hidden: usize) -> AdapterConfig {
+        AdapterConfig {
+            num_virtual_tokens: prefix_len,
+            token_dim: model.n_embd,
+            num_layers: model.n_layer,
+            num_attention_heads: model.n_head,
+            prefix_projection: true,
+            encoder_hidden_size: hidden,
+            base_model_name_or_path: None,
+        }
+    }
+
+    /// Width of the prefix, `L·2·C`.
+    pub fn out_dim(&self) -> usize {
+        self.num_layers * 2 * self.token_dim
+    }
+
+    /// Checks that the adapter fits `model`; `path` names the adapter in the error.
+    pub fn check_model(&self, model: &Gpt2Config, path: &Path) -> Result<()> {
+        let mut bad = vec![];
+        if self.num_layers != model.n_layer {
+            bad.push(format!(
+                "num_layers {} vs n_layer {}",
+                self.num_layers, model.n_layer
+            ));
+        }
+        if self.token_dim != model.n_embd {
+            bad.push(format!(
+                "token_dim {} vs n_embd {}",
+                self.token_dim, model.n_embd
+            ));
+        }
+        if self.num_attention_heads != model.n_head {
+            bad.push(format!(
+                "num_attention_heads {} vs n_head {}",
+                self.num_attention_heads, model.n_head
+            ));
+        }
+        if self.num_virtual_tokens >= model.n_positions {
+            bad.push(format!(
+                "num_virtual_tokens {} leaves no position of n_positions {}",
+                self.num_virtual_tokens, model.n_positions
+            ));
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Format {
+                path: path.to_path_buf(),
+                msg: format!("adapter does not fit the model: {}", bad.join("; ")),
+            })
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "auto_mapping": null,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "encoder_hidden_size": self.encoder_hidden_size,
+            "inference_mode": true,
+            "num_attention_heads": self.num_attention_heads,
+            "num_layers": self.num_layers,
+            "num_transformer_submodules": 1,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "peft_type": "PREFIX_TUNING",
+            "peft_version": PEFT_VERSION,
+            "prefix_projection": self.prefix_projection,
+            "revision": null,
+            "task_type": "CAUSAL_LM",
+            "token_dim": self.token_dim,
+        })
+    }
+
+    fn from_json(v: &Value, path: &Path) -> Result<AdapterConfig> {
+        let fmt = |msg: String| Error::Format {
+            path: path.to_path_buf(),
+            msg,
+        };
+        match v.get("peft_type").and_then(Value::as_str) {
+            Some("PREFIX_TUNING") => {}
+            other => {
+                return Err(fmt(format!(
+                    "peft_type {other:?}, expected \"PREFIX_TUNING\" (only prefix-tuning adapters are supported)"
+                )))
+            }
+        }
+        let num = |k: &str| -> Result<usize> {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .ok_or_else(|| {
+                    fmt(format!(
+                        "field {k:?} is missing or not a non-negative integer"
+                    ))
+                })
+        };
+        if let Some(n) = v.get("num_transformer_submodules").and_then(Value::as_u64) {
+            if n != 1 {
+                return Err(fmt(format!(
+                    "num_transformer_submodules = {n}, expected 1 (a decoder-only model)"
+                )));
+            }
+        }
+        Ok(AdapterConfig {
+            num_virtual_tokens: num("num_virtual_tokens")?,
+            token_dim: num("token_dim")?,
+            num_layers: num("num_layers")?,
+            num_attention_heads: num("num_attention_heads")?,
+            prefix_projection: v
+                .get("prefix_projection")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            encoder_hidden_size: v
+                .get("encoder_hidden_size")
+                .and_then(Value::as_u64)
+                .map_or(0, |x| x as usize),
+            base_model_name_or_path: v
+                .get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(String::from),
+        })
+    }
+}
+
+impl PrefixAdapter {
+    /// Reads an adapter folder.
+    pub fn load(dir: &Path) -> Result<PrefixAdapter> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = read_text(&cfg_path)?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: cfg_path.clone(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let config = AdapterConfig::from_json(&v, &cfg_path)?;
+        let st_path = dir.join("adapter_model.safetensors");
+        let file = SafetensorsFile::open(&st_path)?;
+        let (shape, data) = file.f32("prompt_embeddings")?;
+        let want = [config.num_virtual_tokens, config.out_dim()];
+        if shape != want {
+            return Err(Error::Format {
+                path: st_path,
+                msg: format!(
+                    "prompt_embeddings has shape {shape:?}, adapter_config.json implies {want:?} \
+                     (num_virtual_tokens, num_layers*2*token_dim)"
+                ),
+            });
+        }
+        Ok(PrefixAdapter {
+            config,
+            prompt_embeddings: data,
+        })
+    }
+
+    /// Writes an adapter folder (created if needed); each file is written atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let want = self.config.num_virtual_tokens * self.config.out_dim();
+        if self.prompt_embeddings.len() != want {
+            return Err(Error::shape(
+                "prompt_embeddings",
+                format!("{want} values"),
+                &[self.prompt_embeddings.len()],
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        write_safetensors_f32(
+            &dir.join("adapter_model.safetensors"),
+            &[(
+                "prompt_embeddings",
+                vec![self.config.num_virtual_tokens, self.config.out_dim()],
+                &self.prompt_embeddings,
+            )],
+        )?;
+        let text = serde_json::to_string_pretty(&self.config.to_json()).unwrap_or_default();
+        write_atomic(&dir.join("adapter_config.json"), text.as_bytes())
+    }
+}

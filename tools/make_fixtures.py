@@ -1,0 +1,773 @@
+#!/usr/bin/env python3
+"""Reference fixtures for the Rust GPT-2 / prefix-tuning code.
+
+Builds two tiny random GPT-2 models with Hugging Face transformers, wraps them in a PEFT
+prefix-tuning model (prefix_projection=True, i.e. the two-layer MLP prefix encoder) and writes,
+per model, everything a Rust test needs to check itself against PyTorch:
+
+    tests/fixtures/gpt2/<name>/
+        model/config.json, model/model.safetensors (+ model/tokenizer.json for tiny-a)
+        prefix_encoder.safetensors   initial PEFT PrefixEncoder state dict (f32, PEFT names)
+        adapter/                     what peft_model.save_pretrained() writes
+        eval.jsonl                   the batch, unpadded: {"input_ids": [...], "labels": [...]}
+        expected.safetensors         f64 reference values (logits, losses, prefix, grads, greedy gen)
+        versions.json                versions, configs, seeds, tensor names, what was verified
+
+Every reference value is computed in float64 from exactly the weights that are stored (for
+tiny-b: the bf16-rounded weights). The script also checks, with asserts, that
+
+  * PEFT's logits equal a hand-built forward of the plain model with past_key_values built from
+    the prefix as [P, L, 2, H, D], explicit position_ids P..P+T-1 and mask cat(ones(P), mask);
+  * both equal an independent from-scratch GPT-2 forward written below (no transformers code);
+  * loss and gradients from PEFT equal those of the hand-built path;
+  * the saved checkpoints load back with transformers / PEFT and give the same logits.
+
+Run from the repository root (see tools/README.md for the venv):
+
+    /work/venv-hf/bin/python tools/make_fixtures.py --out tests/fixtures/gpt2
+
+Deterministic (seeded) and idempotent: the output folder of each model is deleted and rewritten.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import peft  # noqa: E402
+import safetensors  # noqa: E402
+import tokenizers  # noqa: E402
+import transformers  # noqa: E402
+from peft import PeftModel, PrefixTuningConfig, get_peft_model  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers.cache_utils import DynamicCache  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+warnings.filterwarnings("ignore")
+transformers.logging.set_verbosity_error()
+try:
+    transformers.utils.logging.disable_progress_bar()
+except AttributeError:
+    pass
+
+PINNED = {"torch": "2.15.0", "transformers": "5.24.0", "peft": "0.21.2"}
+
+MODELS = [
+    dict(
+        name="tiny-a",
+        seed=1234,
+        vocab_size=503,
+        n_positions=64,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        layer_norm_epsilon=1e-5,
+        P=5,
+        E=48,
+        storage="f32-hf",  # save_pretrained as is
+        tokenizer=True,
+        T=12,
+        lengths=[12, 9, 5],
+        gen_prompt_text="name : The Eagle | food :",
+        eos_token_id=None,  # the tokenizer's <|endoftext|> id
+    ),
+    dict(
+        name="tiny-b",
+        seed=4321,
+        vocab_size=97,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        layer_norm_epsilon=1e-5,
+        P=3,
+        E=16,
+        storage="bf16-legacy",  # bf16, no "transformer." prefix, no lm_head, + h.{i}.attn.bias
+        tokenizer=False,
+        T=10,
+        lengths=[10, 7, 4],
+        gen_prompt_len=4,
+        eos_token_id=96,
+    ),
+]
+
+PROMPT_TOKENS = 2  # labels are -100 on the first 2 tokens of each sequence
+MAX_NEW = 8
+EOT = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer (tiny-a)
+# ----------------------------------------------------------------------------------------------
+
+def make_corpus(seed):
+    """A few hundred made-up E2E-style restaurant table-to-text pairs."""
+    rng = random.Random(seed)
+    names = ["The Eagle", "The Mill", "Blue Spice", "The Punter", "Aromi", "Cotto", "Zizzi",
+             "The Golden Curry", "Green Man", "The Wrestlers", "Fitzbillies", "Loch Fyne",
+             "The Phoenix", "Strada", "The Vaults", "Alimentum", "Bibimbap House", "Giraffe"]
+    foods = ["Italian", "French", "Chinese", "Indian", "Japanese", "English", "Fast food"]
+    areas = ["city centre", "riverside"]
+    prices = ["cheap", "moderate", "high", "less than £20", "more than £30", "£20-25"]
+    ratings = ["low", "average", "high", "1 out of 5", "3 out of 5", "5 out of 5"]
+    eat_types = ["coffee shop", "pub", "restaurant"]
+    near = ["Café Rouge", "The Sorrento", "Burger King", "Avalon", "Crowne Plaza Hotel",
+            "Raja Indian Cuisine", "All Bar One", "Express by Holiday Inn"]
+    lines = []
+    for _ in range(400):
+        name = rng.choice(names)
+        food = rng.choice(foods)
+        area = rng.choice(areas)
+        price = rng.choice(prices)
+        rating = rng.choice(ratings)
+        et = rng.choice(eat_types)
+        nb = rng.choice(near)
+        fam = rng.choice(["yes", "no"])
+        kind = rng.randrange(5)
+        if kind == 0:
+            mr = f"name : {name} | food : {food}"
+            txt = f"{name} serves {food} food."
+        elif kind == 1:
+            mr = f"name : {name} | eatType : {et} | area : {area}"
+            txt = f"{name} is a {et} in the {area}."
+        elif kind == 2:
+            mr = f"name : {name} | food : {food} | priceRange : {price} | near : {nb}"
+            txt = f"Near {nb} you can find {name}, which offers {food} food at {price} prices."
+        elif kind == 3:
+            mr = f"name : {name} | customer rating : {rating} | familyFriendly : {fam}"
+            ff = "is family friendly" if fam == "yes" else "is not family friendly"
+            txt = f"{name} has a {rating} customer rating and {ff}."
+        else:
+            mr = f"name : {name} | eatType : {et} | food : {food} | area : {area} | near : {nb}"
+            txt = f"The {et} {name} serves {food} food in the {area} near {nb}."
+        lines.append(f"{mr} || {txt}")
+    return lines
+
+
+def train_tokenizer(vocab_size, seed):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = make_corpus(seed)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    assert tok.get_vocab_size() <= vocab_size, tok.get_vocab_size()
+    eot = tok.token_to_id(EOT)
+    assert eot is not None
+    # round trip on a few corpus lines
+    for line in corpus[:20]:
+        enc = tok.encode(line)
+        assert tok.decode(enc.ids) == line, (line, tok.decode(enc.ids))
+    return tok, eot, len(corpus)
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------------
+
+def build_model(spec, eos):
+    cfg = GPT2Config(
+        vocab_size=spec["vocab_size"],
+        n_positions=spec["n_positions"],
+        n_embd=spec["n_embd"],
+        n_layer=spec["n_layer"],
+        n_head=spec["n_head"],
+        layer_norm_epsilon=spec["layer_norm_epsilon"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        activation_function="gelu_new",
+        initializer_range=0.1,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(spec["seed"])
+    model = GPT2LMHeadModel(cfg)
+    g = torch.Generator().manual_seed(spec["seed"] + 1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(1.0 + 0.1 * torch.randn(mod.weight.shape, generator=g))
+                mod.bias.copy_(0.1 * torch.randn(mod.bias.shape, generator=g))
+            elif isinstance(mod, (Conv1D, torch.nn.Linear)) and getattr(mod, "bias", None) is not None:
+                mod.bias.copy_(0.05 * torch.randn(mod.bias.shape, generator=g))
+    model.eval()
+    assert model.config._attn_implementation == "eager"
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(), "lm_head not tied"
+    return model
+
+
+def init_prefix_encoder(enc, seed):
+    g = torch.Generator().manual_seed(seed)
+    stds = {
+        "embedding.weight": 0.5,
+        "transform.0.weight": 0.2,
+        "transform.0.bias": 0.1,
+        "transform.2.weight": 0.2,
+        "transform.2.bias": 0.1,
+    }
+    sd = {}
+    params = dict(enc.named_parameters())
+    assert sorted(params) == sorted(stds), sorted(params)
+    for name, std in stds.items():
+        p = params[name]
+        sd[name] = (std * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(torch.float32)
+    return sd
+
+
+def peft_config(spec):
+    return PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=spec["P"],
+        prefix_projection=True,
+        encoder_hidden_size=spec["E"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# independent from-scratch GPT-2 (f64), no transformers code
+# ----------------------------------------------------------------------------------------------
+
+def gelu_new(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def scratch_forward(sd, cfg, input_ids, attn_mask, prefix=None):
+    """sd: HF names with 'transformer.' prefix, f64. prefix: [P, L*2*C] or None.
+
+    Layout assumed for the prefix: view(P, L, 2, H, D), [:, l, 0] = keys, [:, l, 1] = values.
+    Real tokens use positions P..P+T-1; every query sees all prefix slots, and sequence key j
+    when j <= i and attn_mask[b, j] == 1.
+    """
+    B, T = input_ids.shape
+    C, H, L = cfg.n_embd, cfg.n_head, cfg.n_layer
+    D = C // H
+    eps = cfg.layer_norm_epsilon
+    P = 0 if prefix is None else prefix.shape[0]
+    pos = torch.arange(P, P + T)
+    x = sd["transformer.wte.weight"][input_ids] + sd["transformer.wpe.weight"][pos][None]
+    causal = torch.arange(T)[None, :] <= torch.arange(T)[:, None]  # [Tq, Tk]
+    allowed = causal[None] & (attn_mask[:, None, :] != 0)  # [B, Tq, Tk]
+    allowed = torch.cat([torch.ones(B, T, P, dtype=torch.bool), allowed], dim=2)  # [B, Tq, P+Tk]
+    pre = None if prefix is None else prefix.view(P, L, 2, H, D)
+
+    def ln(v, name):
+        return F.layer_norm(v, (C,), sd[name + ".weight"], sd[name + ".bias"], eps)
+
+    def conv(v, name):  # Conv1D: weight [in, out]
+        return v @ sd[name + ".weight"] + sd[name + ".bias"]
+
+    for layer in range(L):
+        p = f"transformer.h.{layer}."
+        h = ln(x, p + "ln_1")
+        qkv = conv(h, p + "attn.c_attn").view(B, T, 3, H, D)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, D]
+        if pre is not None:
+            k = torch.cat([pre[:, layer, 0][None].expand(B, P, H, D), k], dim=1)
+            v = torch.cat([pre[:, layer, 1][None].expand(B, P, H, D), v], dim=1)
+        s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
+        s = s.masked_fill(~allowed[:, None], float("-inf"))
+        a = torch.softmax(s, dim=-1)
+        o = torch.einsum("bhij,bjhd->bihd", a, v).reshape(B, T, C)
+        x = x + conv(o, p + "attn.c_proj")
+        h = ln(x, p + "ln_2")
+        x = x + conv(gelu_new(conv(h, p + "mlp.c_fc")), p + "mlp.c_proj")
+    x = ln(x, "transformer.ln_f")
+    return x @ sd["transformer.wte.weight"].T
+
+
+# ----------------------------------------------------------------------------------------------
+# hand-built prefixed forward through the plain HF model
+# ----------------------------------------------------------------------------------------------
+
+def prefix_to_cache(prefix, cfg, batch):
+    """[P, L*2*C] -> DynamicCache, prefix laid out as [P, L, 2 (key, value), H, D]."""
+    P = prefix.shape[0]
+    L, H = cfg.n_layer, cfg.n_head
+    D = cfg.n_embd // H
+    pre = prefix.view(P, L, 2, H, D)
+    cache = DynamicCache(config=cfg)
+    for layer in range(L):
+        k = pre[:, layer, 0].permute(1, 0, 2)[None].expand(batch, H, P, D)  # [B, H, P, D]
+        v = pre[:, layer, 1].permute(1, 0, 2)[None].expand(batch, H, P, D)
+        cache.update(k, v, layer)
+    return cache
+
+
+def hand_forward(model, prefix, input_ids, attn_mask):
+    B, T = input_ids.shape
+    P = prefix.shape[0]
+    cache = prefix_to_cache(prefix, model.config, B)
+    pos = torch.arange(P, P + T)[None].expand(B, T)
+    mask = torch.cat([torch.ones(B, P, dtype=attn_mask.dtype), attn_mask], dim=1)
+    return model(input_ids=input_ids, past_key_values=cache, position_ids=pos, attention_mask=mask,
+                 use_cache=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# greedy generation without KV cache
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy(forward_logits, prompt, eos, max_new):
+    ids = list(prompt)
+    new, gaps = [], []
+    for _ in range(max_new):
+        logits = forward_logits(torch.tensor([ids], dtype=torch.long))[0, -1]
+        top = torch.topk(logits, 2)
+        nxt = int(top.indices[0])
+        assert nxt == int(torch.argmax(logits))
+        new.append(nxt)
+        gaps.append(float(top.values[0] - top.values[1]))
+        ids.append(nxt)
+        if nxt == eos:
+            break
+    return new, gaps
+
+
+# ----------------------------------------------------------------------------------------------
+# per model
+# ----------------------------------------------------------------------------------------------
+
+def lm_loss(logits, labels):
+    """HF's causal-LM loss (shift by one, ignore -100, mean over the counted tokens), but in the
+    logits' own dtype: transformers' ForCausalLMLoss does logits.float(), i.e. it would round an
+    f64 model's loss (and the gradient flowing back through it) to f32."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           reduction="mean")
+
+
+def close(a, b, tol, what):
+    err = (a - b).abs().max().item()
+    scale = max(1.0, b.abs().max().item())
+    assert err <= tol * scale, f"{what}: max abs diff {err:.3e} (scale {scale:.3e})"
+    return err
+
+
+def st_names(path):
+    with safe_open(path, "pt") as f:
+        out = {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            out[k] = {"dtype": sl.get_dtype(), "shape": list(sl.get_shape())}
+        return out, f.metadata()
+
+
+def make_one(spec, root):
+    name = spec["name"]
+    out = os.path.join(root, name)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    mdir = os.path.join(out, "model")
+    adir = os.path.join(out, "adapter")
+    os.makedirs(mdir)
+    notes = []
+    info = {"name": name, "seed": spec["seed"]}
+
+    # ---- tokenizer -------------------------------------------------------------------------
+    tok = None
+    if spec["tokenizer"]:
+        tok, eos, n_lines = train_tokenizer(spec["vocab_size"], spec["seed"])
+        info["tokenizer"] = {
+            "trained_on": f"{n_lines} templated restaurant table-to-text lines (make_corpus, seed {spec['seed']})",
+            "vocab_size": tok.get_vocab_size(),
+            "eos_token": EOT,
+            "eos_token_id": eos,
+            "pre_tokenizer": "ByteLevel(add_prefix_space=False)",
+            "decoder": "ByteLevel",
+            "post_processor": "ByteLevel(trim_offsets=False)",
+        }
+    else:
+        eos = spec["eos_token_id"]
+    info["eos_token_id"] = eos
+
+    # ---- model -----------------------------------------------------------------------------
+    model = build_model(spec, eos)
+    cfg = model.config
+    V, C, L, H = cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.n_head
+    D = C // H
+    P, E = spec["P"], spec["E"]
+
+    if spec["storage"] == "f32-hf":
+        model.save_pretrained(mdir, safe_serialization=True)
+        notes.append("model/model.safetensors written by transformers save_pretrained (f32) unchanged")
+    else:
+        # round to bf16 first: every reference value below uses the rounded weights
+        model = model.to(torch.bfloat16)
+        model.save_pretrained(mdir, safe_serialization=True)  # config.json says dtype bfloat16
+        path = os.path.join(mdir, "model.safetensors")
+        sd = load_file(path)
+        new = {}
+        for k, v in sd.items():
+            if k == "lm_head.weight":
+                continue  # tied to wte
+            k2 = k[len("transformer."):] if k.startswith("transformer.") else k
+            new[k2] = v.to(torch.bfloat16).contiguous()
+        npos = cfg.n_positions
+        for i in range(L):
+            # old checkpoints (e.g. the original gpt2 safetensors) carry the causal mask buffer
+            new[f"h.{i}.attn.bias"] = torch.tril(torch.ones(npos, npos, dtype=torch.float32)).view(1, 1, npos, npos)
+        os.remove(path)
+        save_file(dict(sorted(new.items())), path, metadata={"format": "pt"})
+        model = model.to(torch.float32)
+        notes.append("model/model.safetensors rewritten: bf16, names without 'transformer.', no lm_head.weight "
+                     "(tied), plus F32 h.{i}.attn.bias [1,1,n_positions,n_positions] lower-triangular mask buffers")
+    if tok is not None:
+        tok.save(os.path.join(mdir, "tokenizer.json"))
+    model_names, model_meta = st_names(os.path.join(mdir, "model.safetensors"))
+    info["model_safetensors"] = {"metadata": model_meta, "tensors": model_names}
+    with open(os.path.join(mdir, "config.json")) as f:
+        info["model_config"] = json.load(f)
+    gen_cfg = os.path.join(mdir, "generation_config.json")
+    if os.path.exists(gen_cfg):
+        with open(gen_cfg) as f:
+            info["generation_config"] = json.load(f)
+
+    # reload check: transformers reads the stored checkpoint back to the same weights
+    reloaded = GPT2LMHeadModel.from_pretrained(mdir, attn_implementation="eager", dtype=torch.float32).eval()
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), f"reload mismatch at {k1}/{k2}"
+    notes.append("transformers from_pretrained(model/) reproduces the (rounded) weights bit-exactly")
+    del reloaded
+
+    # ---- PEFT prefix tuning (f32, as trained) -------------------------------------------------
+    pcfg = peft_config(spec)
+    pm32 = get_peft_model(copy.deepcopy(model), pcfg)
+    enc32 = pm32.prompt_encoder["default"]
+    assert type(enc32).__name__ == "PrefixEncoder"
+    enc_sd = init_prefix_encoder(enc32, spec["seed"] + 2)
+    enc32.load_state_dict(enc_sd, strict=True)
+    shapes = {k: list(v.shape) for k, v in enc_sd.items()}
+    assert shapes == {
+        "embedding.weight": [P, C], "transform.0.weight": [E, C], "transform.0.bias": [E],
+        "transform.2.weight": [L * 2 * C, E], "transform.2.bias": [L * 2 * C],
+    }, shapes
+    save_file(enc_sd, os.path.join(out, "prefix_encoder.safetensors"))
+    pm32.save_pretrained(adir)
+    readme = os.path.join(adir, "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)  # boilerplate model card; not needed by anything
+        notes.append("adapter/README.md (PEFT's boilerplate model card) removed")
+    ad_names, ad_meta = st_names(os.path.join(adir, "adapter_model.safetensors"))
+    with open(os.path.join(adir, "adapter_config.json")) as f:
+        ad_cfg = json.load(f)
+    info["adapter_safetensors"] = {"metadata": ad_meta, "tensors": ad_names}
+    info["adapter_config"] = ad_cfg
+    info["peft_config_runtime"] = {
+        k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+        for k, v in pm32.peft_config["default"].to_dict().items()
+    }
+    assert pm32.peft_config["default"].num_layers == L
+    assert pm32.peft_config["default"].num_attention_heads == H
+    assert pm32.peft_config["default"].token_dim == C
+    assert pm32.peft_config["default"].num_transformer_submodules == 1
+    ad_saved = load_file(os.path.join(adir, "adapter_model.safetensors"))
+    with torch.no_grad():
+        prefix32 = enc32(torch.arange(P)[None])[0]
+    assert torch.equal(ad_saved["prompt_embeddings"], prefix32), "adapter prompt_embeddings != encoder output"
+    notes.append("adapter prompt_embeddings == PrefixEncoder(arange(P)) in f32 (bit-exact)")
+
+    # ---- f64 reference -----------------------------------------------------------------------
+    m64 = copy.deepcopy(model).to(torch.float64).eval()
+    for p_ in m64.parameters():
+        p_.requires_grad_(False)
+    pm = get_peft_model(copy.deepcopy(m64), pcfg).eval()
+    enc = pm.prompt_encoder["default"]
+    enc.load_state_dict({k: v.to(torch.float64) for k, v in enc_sd.items()}, strict=True)
+    enc.to(torch.float64)
+    assert all(p_.dtype == torch.float64 and p_.requires_grad for p_ in enc.parameters())
+    assert all(not p_.requires_grad for p_ in pm.get_base_model().parameters())
+    base_sd = {k: v.detach() for k, v in m64.state_dict().items()}
+    if "lm_head.weight" not in base_sd:
+        base_sd["lm_head.weight"] = base_sd["transformer.wte.weight"]
+
+    # batch
+    g = torch.Generator().manual_seed(spec["seed"] + 3)
+    B, T = len(spec["lengths"]), spec["T"]
+    input_ids = torch.zeros(B, T, dtype=torch.long)
+    attn_mask = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    real_ids = [i for i in range(V) if i != eos]
+    eval_rows = []
+    for b, n in enumerate(spec["lengths"]):
+        ids = [real_ids[int(j)] for j in torch.randint(len(real_ids), (n,), generator=g)]
+        input_ids[b, :n] = torch.tensor(ids)
+        attn_mask[b, :n] = 1
+        labels[b, PROMPT_TOKENS:n] = torch.tensor(ids[PROMPT_TOKENS:])
+        eval_rows.append({"input_ids": ids, "labels": labels[b, :n].tolist()})
+
+    # PEFT forward/backward; capture the encoder output (the prefix) with a forward hook
+    captured = {}
+
+    def hook(_mod, _inp, output):
+        output.retain_grad()
+        captured["prefix"] = output
+
+    handle = enc.register_forward_hook(hook)
+    pm.zero_grad(set_to_none=True)
+    pout = pm(input_ids=input_ids, attention_mask=attn_mask)
+    loss_t = lm_loss(pout.logits, labels)
+    loss_t.backward()
+    handle.remove()
+    logits = pout.logits.detach()
+    loss = loss_t.detach()
+    pre_b = captured["prefix"]  # [B, P, L*2*C], one copy per sequence
+    assert pre_b.shape == (B, P, L * 2 * C) and pre_b.dtype == torch.float64
+    prefix = pre_b[0].detach().clone()
+    for b in range(1, B):
+        assert torch.equal(pre_b[b].detach(), prefix)
+    grad_prefix = pre_b.grad.sum(0)
+    grads = {f"grad.{k}": p_.grad.detach().clone() for k, p_ in enc.named_parameters()}
+    assert logits.dtype == torch.float64 and logits.shape == (B, T, V)
+
+    with torch.no_grad():
+        base_out = m64(input_ids=input_ids, attention_mask=attn_mask, labels=labels)
+        logits_base = base_out.logits
+        loss_base = lm_loss(logits_base, labels)
+        # HF's own loss (labels passed to the model) agrees to f32 precision
+        hf_loss = pm(input_ids=input_ids, attention_mask=attn_mask, labels=labels).loss
+    close(hf_loss.double(), loss, 2e-6, "HF (f32-upcast) loss vs f64 loss")
+    close(base_out.loss.double(), loss_base, 2e-6, "HF (f32-upcast) base loss vs f64 loss")
+    assert hf_loss.dtype == torch.float32
+    notes.append(f"loss/loss_base are HF's causal-LM loss computed in f64 (shift, ignore -100, token mean); "
+                 f"transformers' own loss upcasts logits with .float(), i.e. f32 even for an f64 model, "
+                 f"and agrees to {abs(hf_loss.item() - loss.item()):.1e}")
+
+    # check 1+2: hand-built past_key_values ([P, L, 2, H, D]), position_ids P..P+T-1
+    prefix_h = prefix.clone().requires_grad_(True)
+    hout = hand_forward(m64, prefix_h, input_ids, attn_mask)
+    hloss = lm_loss(hout.logits, labels)
+    hloss.backward()
+    e_hand = close(hout.logits.detach(), logits, 1e-12, "PEFT logits vs hand-built past_key_values")
+    close(hloss.detach(), loss, 1e-12, "PEFT loss vs hand-built")
+    close(prefix_h.grad, grad_prefix, 1e-12, "grad.prefix vs hand-built")
+    # the same hand-built forward with the default positions 0..T-1 must NOT match
+    with torch.no_grad():
+        cache = prefix_to_cache(prefix, m64.config, B)
+        wrong = m64(input_ids=input_ids, past_key_values=cache,
+                    position_ids=torch.arange(T)[None].expand(B, T),
+                    attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long), attn_mask], 1)).logits
+    assert (wrong - logits).abs().max().item() > 1e-3, "positions 0.. give the same logits?"
+    # and the other natural layout, [P, 2, L, H, D], must not match either
+    with torch.no_grad():
+        swapped = prefix.view(P, L, 2, H, D).transpose(1, 2).reshape(P, L * 2 * C)
+        alt = hand_forward(m64, swapped, input_ids, attn_mask).logits
+    assert (alt - logits).abs().max().item() > 1e-3
+    notes.append(
+        f"PEFT logits == plain model with hand-built past_key_values (prefix.view(P,L,2,H,D); "
+        f"key=[:,l,0], value=[:,l,1], each permuted to [B,H,P,D]), position_ids=arange(P,P+T), "
+        f"mask=cat(ones(P),mask): max abs diff {e_hand:.2e}; loss and grad.prefix equal too")
+    notes.append("positions 0..T-1 or a [P,2,L,H,D] layout give different logits (> 1e-3)")
+
+    # check: independent from-scratch forward (no transformers code)
+    with torch.no_grad():
+        sl = scratch_forward(base_sd, m64.config, input_ids, attn_mask, prefix)
+        sl0 = scratch_forward(base_sd, m64.config, input_ids, attn_mask, None)
+    e_s = close(sl, logits, 1e-10, "from-scratch prefixed forward vs PEFT")
+    e_s0 = close(sl0, logits_base, 1e-10, "from-scratch plain forward vs HF")
+    # HF loss by hand: shift, ignore -100, mean over counted tokens
+    lp = torch.log_softmax(logits[:, :-1], -1)
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    manual_loss = -lp[keep].gather(-1, tgt[keep][:, None]).mean()
+    close(manual_loss, loss, 1e-12, "loss = shifted, -100-ignored token mean")
+    notes.append(f"independent from-scratch f64 GPT-2 (gelu_new, Conv1D, tied head) matches: prefixed "
+                 f"{e_s:.2e}, plain {e_s0:.2e}; loss = mean over {int(keep.sum())} shifted labelled tokens")
+
+    # check: grads of the encoder params via the hand path equal PEFT's
+    enc_ref = copy.deepcopy(enc)
+    enc_ref.zero_grad(set_to_none=True)
+    pfx = enc_ref(torch.arange(P)[None])[0]
+    close(pfx.detach(), prefix, 1e-14, "encoder output recomputed (batch 1)")
+    lm_loss(hand_forward(m64, pfx, input_ids, attn_mask).logits, labels).backward()
+    for k, p_ in enc_ref.named_parameters():
+        close(p_.grad, grads[f"grad.{k}"], 1e-12, f"grad.{k} vs hand-built")
+    # check: finite difference on a couple of encoder entries
+    with torch.no_grad():
+        for k, idx in [("transform.2.bias", (0,)), ("embedding.weight", (P - 1, 1))]:
+            p_ = dict(enc_ref.named_parameters())[k]
+            h = 1e-6
+            old = p_[idx].item()
+            p_[idx] = old + h
+            lp_ = lm_loss(hand_forward(m64, enc_ref(torch.arange(P)[None])[0], input_ids, attn_mask).logits, labels)
+            p_[idx] = old - h
+            lm_ = lm_loss(hand_forward(m64, enc_ref(torch.arange(P)[None])[0], input_ids, attn_mask).logits, labels)
+            p_[idx] = old
+            fd = (lp_ - lm_).item() / (2 * h)
+            an = grads[f"grad.{k}"][idx].item()
+            assert abs(fd - an) <= 1e-6 * max(1.0, abs(an)), (k, fd, an)
+    notes.append("encoder grads equal the hand-built path's and central finite differences (2 entries)")
+
+    # PEFT adapter folder loads back and reproduces the f32 logits
+    with torch.no_grad():
+        ref32 = pm32(input_ids=input_ids, attention_mask=attn_mask).logits
+        back = PeftModel.from_pretrained(copy.deepcopy(model), adir).eval()
+        back32 = back(input_ids=input_ids, attention_mask=attn_mask).logits
+    e_back = close(back32, ref32, 1e-5, "PeftModel.from_pretrained(adapter/) logits vs original")
+    close(ref32.double(), logits, 1e-4, "f32 PEFT logits vs f64")
+    notes.append(f"PeftModel.from_pretrained(adapter/) (inference_mode: embedding := prompt_embeddings) "
+                 f"matches the f32 PEFT model: max abs diff {e_back:.2e}")
+    del back
+
+    # ---- greedy generation (full recompute each step) ----------------------------------------
+    if tok is not None:
+        prompt = tok.encode(spec["gen_prompt_text"]).ids
+        info["gen_prompt_text"] = spec["gen_prompt_text"]
+    else:
+        prompt = [real_ids[int(j)] for j in torch.randint(len(real_ids), (spec["gen_prompt_len"],), generator=g)]
+    info["gen_prompt_ids"] = prompt
+
+    def peft_logits(ids):
+        return pm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+    def base_logits(ids):
+        return m64(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+    gen_ids, gen_gaps = greedy(peft_logits, prompt, eos, MAX_NEW)
+    gen_ids_b, gen_gaps_b = greedy(base_logits, prompt, eos, MAX_NEW)
+    # the from-scratch forward agrees on every step's logits
+    with torch.no_grad():
+        seq = torch.tensor([prompt + gen_ids[:-1]])
+        sl = scratch_forward(base_sd, m64.config, seq, torch.ones_like(seq), prefix)[0, len(prompt) - 1:]
+        assert sl.argmax(-1).tolist() == gen_ids
+    assert len(prompt) + MAX_NEW + P <= cfg.n_positions
+    info["gen"] = {"max_new": MAX_NEW, "ids": gen_ids, "gaps": gen_gaps, "ids_base": gen_ids_b,
+                   "gaps_base": gen_gaps_b, "min_gap": min(gen_gaps), "min_gap_base": min(gen_gaps_b)}
+    if tok is not None:
+        info["gen"]["text"] = tok.decode(gen_ids)
+        info["gen"]["text_base"] = tok.decode(gen_ids_b)
+
+    # ---- write -------------------------------------------------------------------------------
+    i32 = lambda t: torch.as_tensor(t).to(torch.int32).contiguous()  # noqa: E731
+    f64 = lambda t: torch.as_tensor(t, dtype=torch.float64).detach().contiguous()  # noqa: E731
+    expected = {
+        "input_ids": i32(input_ids),
+        "attention_mask": i32(attn_mask),
+        "labels": i32(labels),
+        "logits": f64(logits),
+        "logits_base": f64(logits_base),
+        "loss": f64(loss).reshape(()),
+        "loss_base": f64(loss_base).reshape(()),
+        "prefix": f64(prefix),
+        "grad.prefix": f64(grad_prefix),
+        "gen.prompt_ids": i32(prompt),
+        "gen.ids": i32(gen_ids),
+        "gen.gaps": f64(gen_gaps),
+        "gen.ids_base": i32(gen_ids_b),
+        "gen.gaps_base": f64(gen_gaps_b),
+    }
+    expected.update({k: f64(v) for k, v in grads.items()})
+    save_file(dict(sorted(expected.items())), os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "eval.jsonl"), "w") as f:
+        for row in eval_rows:
+            f.write(json.dumps(row) + "\n")
+
+    info["shapes"] = {"B": B, "T": T, "lengths": spec["lengths"], "V": V, "C": C, "L": L, "H": H, "D": D,
+                      "P": P, "E": E, "prompt_tokens_ignored": PROMPT_TOKENS}
+    info["seeds"] = {
+        "model_init": f"torch.manual_seed({spec['seed']}) before GPT2LMHeadModel(config)",
+        "layernorm_and_bias_perturbation": spec["seed"] + 1,
+        "prefix_encoder_init": spec["seed"] + 2,
+        "batch_and_gen_prompt": spec["seed"] + 3,
+        "tokenizer_corpus": spec["seed"] if tok is not None else None,
+    }
+    info["weights"] = {
+        "init": "transformers GPT-2 init with initializer_range=0.1, then LayerNorm weight 1+0.1*randn, "
+                "LayerNorm bias 0.1*randn, every Conv1D/Linear bias 0.05*randn",
+        "stored_dtype": "float32" if spec["storage"] == "f32-hf" else "bfloat16",
+        "reference_from": "the stored weights, converted to float64",
+        "prefix_encoder_init": "N(0, std): embedding 0.5, transform.0/2.weight 0.2, biases 0.1; stored f32",
+    }
+    info["prefix_encoder_safetensors"] = st_names(os.path.join(out, "prefix_encoder.safetensors"))[0]
+    info["expected_safetensors"] = st_names(os.path.join(out, "expected.safetensors"))[0]
+    info["loss"] = loss.item()
+    info["loss_base"] = loss_base.item()
+    info["notes"] = notes
+    return info
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="tests/fixtures/gpt2")
+    ap.add_argument("--only", default=None, help="build just this model (tiny-a or tiny-b)")
+    args = ap.parse_args()
+
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    versions = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "tokenizers": tokenizers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+    for k, want in PINNED.items():
+        got = versions[k].split("+")[0]
+        if got != want:
+            print(f"warning: {k} {got} != pinned {want}; fixtures may differ", file=sys.stderr)
+
+    os.makedirs(args.out, exist_ok=True)
+    for spec in MODELS:
+        if args.only and spec["name"] != args.only:
+            continue
+        info = make_one(spec, args.out)
+        doc = {
+            "versions": versions,
+            "generator": "tools/make_fixtures.py",
+            "peft_past_key_values": (
+                "PeftModel.get_prompt (peft 0.21.2): out = PrefixEncoder(arange(P) expanded to [B,P]) "
+                "-> [B, P, L*2*C]; .view(B, P, L*2, H, D).permute(2, 0, 3, 1, 4) -> [L*2, B, H, P, D]; "
+                ".split(2) -> L tensors [2, B, H, P, D]; DynamicCache(that tuple): layer l key = t[0], "
+                "value = t[1]. So per sequence the prefix is [P, L, 2 (key, value), H, D]. "
+                "PeftModelForCausalLM.forward prepends ones(B, P) to attention_mask; position_ids are "
+                "left to GPT-2, which uses arange(T) + cache.get_seq_length() = P..P+T-1."
+            ),
+            "expected_notes": (
+                "logits/logits_base at padded positions (attention_mask == 0) are whatever HF computes "
+                "there (padded query rows still attend to the real keys before them); compare only "
+                "positions with attention_mask == 1. grad.prefix is d loss / d prefix summed over the "
+                "batch (each sequence uses the same prefix). gen.* come from a greedy loop that re-runs "
+                "the whole prefixed forward (use_cache=False) each step and stops after eos."
+            ),
+            **info,
+        }
+        with open(os.path.join(args.out, spec["name"], "versions.json"), "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=False, ensure_ascii=False)
+            f.write("\n")
+        for dirpath, _dirs, files in os.walk(os.path.join(args.out, spec["name"])):
+            for fn in files:
+                os.chmod(os.path.join(dirpath, fn), 0o644)  # safetensors writes 0600
+        print(f"{spec['name']}: ok, loss {info['loss']:.6f}; min gen gap {info['gen']['min_gap']:.4g} "
+              f"(base {info['gen']['min_gap_base']:.4g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
