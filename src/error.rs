@@ -78,26 +78,30 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn shape(arg: &str, expected: impl Into<String>, got: &[usize]) -> Self {
+    /// A shape error.
+    pub fn shape(arg: &str, expected: impl Into<String>, got: &[usize]) -> Self {
         Error::Shape {
             arg: arg.to_string(),
             expected: expected.into(),
             got: got.to_vec(),
         }
     }
-    pub(crate) fn layout(arg: &str, msg: impl Into<String>) -> Self {
+    /// A layout error.
+    pub fn layout(arg: &str, msg: impl Into<String>) -> Self {
         Error::Layout {
             arg: arg.to_string(),
             msg: msg.into(),
         }
     }
-    pub(crate) fn index(arg: &str, msg: impl Into<String>) -> Self {
+    /// An index or length error.
+    pub fn index(arg: &str, msg: impl Into<String>) -> Self {
         Error::Index {
             arg: arg.to_string(),
             msg: msg.into(),
         }
     }
-    pub(crate) fn device(arg: &str, msg: impl Into<String>) -> Self {
+    /// A device error.
+    pub fn device(arg: &str, msg: impl Into<String>) -> Self {
         Error::Device {
             arg: arg.to_string(),
             msg: msg.into(),

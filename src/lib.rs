@@ -42,5 +42,6 @@ pub mod io;
 pub mod prefix;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};

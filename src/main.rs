@@ -7,18 +7,25 @@ use prefix_attn::attn::testing::{
     random_spec, FwdBuffers, GradBuffers, ProblemSpec, RandomProblem,
 };
 use prefix_attn::attn::{cpu, naive};
-use prefix_attn::device::Device;
+use prefix_attn::device::{Backend, Device};
+use prefix_attn::gpt2::tokenizer::Tokenizer;
+use prefix_attn::gpt2::{generate, Activations, Gpt2, LossSum};
+use prefix_attn::prefix::PrefixAdapter;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::DType;
+use prefix_attn::tensor::Tensor;
+use prefix_attn::train::data::{batch_of, load_jsonl, DataLimits, Example};
 use prefix_attn::{Error, Result};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 /// Fused prefix attention (prefix-tuning) kernels and tools.
 ///
-/// What exists so far: the CPU prefix attention (forward and backward) with its f64 oracle
-/// and the naive-concat baseline. Training, evaluation and generation with GPT-2, and the
-/// CUDA kernels, are being built.
+/// What exists so far: evaluation and greedy generation with a GPT-2 (Hugging Face folder)
+/// and an optional PEFT prefix-tuning adapter, on the CPU; the CPU prefix attention with
+/// its f64 oracle and the naive-concat baseline. The frozen model runs in eval form: no
+/// dropout. Training and the CUDA kernels are being built.
 #[derive(Parser)]
 #[command(name = "prefix-attn", version)]
 struct Cli {
@@ -49,6 +56,100 @@ enum Cmd {
     },
     /// List the named attention shapes of the benchmarks (DESIGN.md §6) with their FLOPs.
     Shapes,
+    /// Evaluate a GPT-2 (with an optional prefix adapter) on a JSONL file and print one
+    /// JSON object: loss (token-weighted mean over every counted target), tokens, perplexity.
+    Eval {
+        /// Hugging Face model folder (config.json, model.safetensors, optional tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT prefix-tuning adapter folder (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// JSONL data: {"input_ids": [...], "labels": [...]} or {"prompt": ..., "completion": ...} per line.
+        #[arg(long)]
+        data: PathBuf,
+        /// Sequences per forward pass.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Device: cpu (auto, cuda and emu arrive with the GPU backend).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Greedy generation with a KV cache that keeps the prefix; stops at EOS.
+    Generate {
+        /// Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT prefix-tuning adapter folder.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Prompt text (needs tokenizer.json in the model folder).
+        #[arg(
+            long,
+            conflicts_with = "input_ids",
+            required_unless_present = "input_ids"
+        )]
+        prompt: Option<String>,
+        /// Prompt token ids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        input_ids: Option<Vec<u32>>,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 20)]
+        max_new_tokens: usize,
+        /// Print {"ids": [...new tokens...], "text": ...} instead of the text.
+        #[arg(long)]
+        json: bool,
+        /// Device: cpu (auto, cuda and emu arrive with the GPU backend).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+/// A backend for a `--device` value.
+fn backend_for(device: &str) -> Result<Box<dyn Backend>> {
+    if device == "auto" {
+        return Err(Error::Unsupported(
+            "--device auto: only the cpu backend exists in this build (use --device cpu)".into(),
+        ));
+    }
+    prefix_attn::device::backend(device.parse()?)
+}
+
+/// The model, its tokenizer and the adapter's prefix, loaded and checked against each other.
+struct Loaded {
+    model: Gpt2,
+    tokenizer: Option<Tokenizer>,
+    prefix: Option<Tensor>,
+    eos: Option<u32>,
+}
+
+fn load(model_dir: &Path, adapter: Option<&Path>, be: &dyn Backend) -> Result<Loaded> {
+    let model = Gpt2::load(model_dir, be)?;
+    let tokenizer = Tokenizer::load_optional(model_dir)?;
+    let prefix = match adapter {
+        Some(dir) => {
+            let ad = PrefixAdapter::load(dir)?;
+            ad.config
+                .check_model(&model.config, &dir.join("adapter_config.json"))?;
+            let dims = [ad.config.num_virtual_tokens, ad.config.out_dim()];
+            Some(be.upload(&Tensor::from_f32(
+                &dims,
+                &ad.prompt_embeddings,
+                model.dtype,
+            )?)?)
+        }
+        None => None,
+    };
+    let eos = model
+        .config
+        .eos_token_id
+        .or_else(|| tokenizer.as_ref().and_then(|t| t.token_id("<|endoftext|>")));
+    Ok(Loaded {
+        model,
+        tokenizer,
+        prefix,
+        eos,
+    })
 }
 
 fn main() -> ExitCode {
@@ -89,6 +190,126 @@ fn spec_of(s: NamedShape, dtype: DType) -> ProblemSpec {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Eval {
+            model,
+            adapter,
+            data,
+            batch_size,
+            device,
+        } => {
+            let be = backend_for(&device)?;
+            let m = load(&model, adapter.as_deref(), be.as_ref())?;
+            if batch_size == 0 {
+                return Err(Error::index("--batch-size", "must be at least 1"));
+            }
+            let p = m.prefix.as_ref().map_or(0, |t| t.dims()[0]);
+            let limits = DataLimits {
+                vocab_size: m.model.config.vocab_size,
+                max_len: m.model.config.n_positions - p,
+            };
+            let examples = load_jsonl(&data, m.tokenizer.as_ref(), m.eos, limits)?;
+            let mut total = LossSum { sum: 0.0, count: 0 };
+            for chunk in examples.chunks(batch_size) {
+                let refs: Vec<&Example> = chunk.iter().collect();
+                let batch = batch_of(&refs)?;
+                let mut acts = Activations::new(
+                    &m.model,
+                    be.as_ref(),
+                    batch.batch_size,
+                    batch.seq_len,
+                    false,
+                )?;
+                let l = m
+                    .model
+                    .forward(be.as_ref(), &batch, m.prefix.as_ref(), &mut acts, None)?;
+                total.sum += l.sum;
+                total.count += l.count;
+            }
+            if total.count == 0 {
+                return Err(Error::Format {
+                    path: data,
+                    msg: "no counted targets (every label is -100 or every example has one token)"
+                        .into(),
+                });
+            }
+            let loss = total.mean();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "loss": loss,
+                    "tokens": total.count,
+                    "perplexity": loss.exp(),
+                    "examples": examples.len(),
+                    "device": be.device().to_string(),
+                })
+            );
+            Ok(())
+        }
+        Cmd::Generate {
+            model,
+            adapter,
+            prompt,
+            input_ids,
+            max_new_tokens,
+            json,
+            device,
+        } => {
+            let be = backend_for(&device)?;
+            let m = load(&model, adapter.as_deref(), be.as_ref())?;
+            let ids = match (prompt, input_ids) {
+                (Some(text), _) => m
+                    .tokenizer
+                    .as_ref()
+                    .ok_or_else(|| Error::Format {
+                        path: model.join("tokenizer.json"),
+                        msg: "missing: --prompt needs a tokenizer (or pass --input-ids)".into(),
+                    })?
+                    .encode(&text)?,
+                (None, Some(ids)) => ids,
+                (None, None) => {
+                    return Err(Error::index("--prompt", "give --prompt or --input-ids"))
+                }
+            };
+            if let Some(&bad) = ids
+                .iter()
+                .find(|&&i| i as usize >= m.model.config.vocab_size)
+            {
+                return Err(Error::index(
+                    "--input-ids",
+                    format!(
+                        "token id {bad} is outside the vocabulary 0..{}",
+                        m.model.config.vocab_size
+                    ),
+                ));
+            }
+            let new = generate::greedy(
+                &m.model,
+                be.as_ref(),
+                m.prefix.as_ref(),
+                &ids,
+                max_new_tokens,
+                m.eos,
+            )?;
+            let text = match &m.tokenizer {
+                Some(t) => Some(t.decode(&new)?),
+                None => None,
+            };
+            if json {
+                println!("{}", serde_json::json!({ "ids": new, "text": text }));
+            } else {
+                match text {
+                    Some(t) => println!("{t}"),
+                    None => println!(
+                        "{}",
+                        new.iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                }
+            }
+            Ok(())
+        }
         Cmd::Shapes => {
             for s in shapes::SHAPES {
                 println!(

@@ -102,6 +102,8 @@ impl AdapterConfig {
             "base_model_name_or_path": self.base_model_name_or_path,
             "encoder_hidden_size": self.encoder_hidden_size,
             "inference_mode": true,
+            "init_weights": null,
+            "modules_to_save": null,
             "num_attention_heads": self.num_attention_heads,
             "num_layers": self.num_layers,
             "num_transformer_submodules": 1,
