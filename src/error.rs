@@ -55,6 +55,9 @@ pub enum Error {
     /// A requested feature or configuration is not implemented.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// Training stopped (a non-finite loss).
+    #[error("{0}")]
+    Training(String),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

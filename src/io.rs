@@ -79,6 +79,16 @@ impl SafetensorsFile {
         })
     }
 
+    /// The string metadata of the header (empty if none).
+    pub fn metadata(&self) -> Result<std::collections::HashMap<String, String>> {
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&self.bytes).map_err(|e| Error::Format {
+                path: self.path.clone(),
+                msg: format!("not a valid safetensors file: {e}"),
+            })?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -177,6 +187,15 @@ impl SafetensorsFile {
 
 /// Writes f32 tensors to a safetensors file atomically.
 pub fn write_safetensors_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<()> {
+    write_safetensors_f32_meta(path, tensors, None)
+}
+
+/// Writes f32 tensors and string metadata to a safetensors file atomically.
+pub fn write_safetensors_f32_meta(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, &[f32])],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
     let views = tensors
         .iter()
         .map(|(name, shape, data)| {
@@ -192,7 +211,7 @@ pub fn write_safetensors_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]
             path: path.to_path_buf(),
             msg: format!("cannot serialise: {e}"),
         })?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Format {
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Format {
         path: path.to_path_buf(),
         msg: format!("cannot serialise: {e}"),
     })?;

@@ -15,6 +15,8 @@ use prefix_attn::rng::Rng;
 use prefix_attn::tensor::DType;
 use prefix_attn::tensor::Tensor;
 use prefix_attn::train::data::{batch_of, load_jsonl, DataLimits, Example};
+use prefix_attn::train::optim::OptimizerKind;
+use prefix_attn::train::{train, Length, StepInfo, TrainConfig, TrainReport};
 use prefix_attn::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -75,6 +77,9 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Train a prefix (MLP-reparameterised, PEFT prefix tuning) on a frozen GPT-2. The model
+    /// runs in eval form: no dropout. Writes a PEFT adapter to --out.
+    Train(TrainArgs),
     /// Greedy generation with a KV cache that keeps the prefix; stops at EOS.
     Generate {
         /// Hugging Face model folder.
@@ -103,6 +108,146 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+}
+
+/// Arguments of `train`.
+#[derive(clap::Args, Clone)]
+struct TrainArgs {
+    /// Hugging Face model folder (frozen during training).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL training data ({"input_ids", "labels"} or {"prompt", "completion"} per line).
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder: adapter, prefix_encoder.safetensors, checkpoint, log.jsonl, loss.svg.
+    #[arg(long)]
+    out: PathBuf,
+    /// Initial prefix-encoder weights (safetensors with PEFT PrefixEncoder names).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Prefix length P (PEFT num_virtual_tokens).
+    #[arg(long, default_value_t = 10)]
+    prefix_len: usize,
+    /// Width of the reparameterisation MLP (PEFT encoder_hidden_size).
+    #[arg(long, default_value_t = 512)]
+    mid_dim: usize,
+    /// Optimiser steps (overrides --epochs).
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<usize>,
+    /// Passes over the data.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 10)]
+    batch_size: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    lr: f64,
+    /// Learning-rate schedule: constant or linear (decay to 0).
+    #[arg(long, default_value = "linear")]
+    lr_schedule: String,
+    /// Warm-up steps (linear from 0).
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// Optimiser: adamw (torch.optim.AdamW, betas 0.9/0.999, eps 1e-8) or sgd.
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
+    /// Weight decay (decoupled for AdamW, L2 for SGD). The paper uses 0.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Seed of the initialisation and the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint every N steps (and always at the end); 0: only at the end.
+    #[arg(long, default_value_t = 100)]
+    save_every: usize,
+    /// Log file (default OUT/log.jsonl): one JSON line per step.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Device: cpu (auto, cuda and emu arrive with the GPU backend).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let optimizer = match self.optimizer.as_str() {
+            "adamw" => OptimizerKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: self.weight_decay,
+            },
+            "sgd" => OptimizerKind::Sgd {
+                weight_decay: self.weight_decay,
+            },
+            o => {
+                return Err(Error::Unsupported(format!(
+                    "--optimizer {o}: expected adamw or sgd"
+                )))
+            }
+        };
+        Ok(TrainConfig {
+            model: self.model.clone(),
+            data: self.data.clone(),
+            out: self.out.clone(),
+            init: self.init.clone(),
+            prefix_len: self.prefix_len,
+            mid_dim: self.mid_dim,
+            length: match (self.steps, self.epochs) {
+                (Some(s), _) => Length::Steps(s),
+                (None, Some(e)) => Length::Epochs(e),
+                (None, None) => Length::Epochs(5),
+            },
+            batch_size: self.batch_size,
+            lr: self.lr,
+            schedule: self.lr_schedule.parse()?,
+            warmup_steps: self.warmup_steps,
+            optimizer,
+            seed: self.seed,
+            save_every: self.save_every,
+            log: self.log.clone(),
+            resume: self.resume,
+        })
+    }
+}
+
+/// Runs training with a progress bar on a terminal, plain lines otherwise.
+fn run_training(cfg: &TrainConfig, be: &dyn Backend) -> Result<TrainReport> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut on_step = |s: &StepInfo| {
+        if tty {
+            let b = bar.get_or_insert_with(|| {
+                let b = indicatif::ProgressBar::new(s.total as u64);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:30} step {pos}/{len}  {msg}  eta {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b.set_position(s.step as u64 - 1);
+                b
+            });
+            b.set_message(format!("loss {:.4}  {:.0} tok/s", s.loss, s.tokens_per_s));
+            b.set_position(s.step as u64);
+        } else if s.step == s.total || s.step % (s.total / 20).max(1) == 0 || s.step == 1 {
+            eprintln!(
+                "step {}/{}  loss {:.4}  lr {:.3e}  {:.0} tok/s",
+                s.step, s.total, s.loss, s.lr, s.tokens_per_s
+            );
+        }
+        true
+    };
+    let r = train(cfg, be, &mut on_step);
+    if let Some(b) = bar {
+        b.finish();
+    }
+    r
 }
 
 /// A backend for a `--device` value.
@@ -190,6 +335,22 @@ fn spec_of(s: NamedShape, dtype: DType) -> ProblemSpec {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Train(args) => {
+            let be = backend_for(&args.device)?;
+            let cfg = args.config()?;
+            let r = run_training(&cfg, be.as_ref())?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "steps": r.steps,
+                    "steps_run": r.steps_run,
+                    "first_loss": r.first_loss,
+                    "last_loss": r.last_loss,
+                    "out": r.out.to_string_lossy(),
+                })
+            );
+            Ok(())
+        }
         Cmd::Eval {
             model,
             adapter,

@@ -10,7 +10,8 @@ per model, everything a Rust test needs to check itself against PyTorch:
         prefix_encoder.safetensors   initial PEFT PrefixEncoder state dict (f32, PEFT names)
         adapter/                     what peft_model.save_pretrained() writes
         eval.jsonl                   the batch, unpadded: {"input_ids": [...], "labels": [...]}
-        expected.safetensors         f64 reference values (logits, losses, prefix, grads, greedy gen)
+        expected.safetensors         f64 reference values (logits, losses, prefix, grads, greedy gen,
+                                     and train.<run>.*: 3 optimiser steps with AdamW / SGD + schedules)
         versions.json                versions, configs, seeds, tensor names, what was verified
 
 Every reference value is computed in float64 from exactly the weights that are stored (for
@@ -20,7 +21,10 @@ tiny-b: the bf16-rounded weights). The script also checks, with asserts, that
     the prefix as [P, L, 2, H, D], explicit position_ids P..P+T-1 and mask cat(ones(P), mask);
   * both equal an independent from-scratch GPT-2 forward written below (no transformers code);
   * loss and gradients from PEFT equal those of the hand-built path;
-  * the saved checkpoints load back with transformers / PEFT and give the same logits.
+  * the saved checkpoints load back with transformers / PEFT and give the same logits;
+  * the torch.optim training runs (TRAIN_RUNS) equal a hand-built path (encoder written out, prefix
+    via past_key_values, AdamW / SGD / linear schedule from their formulas), their first loss is
+    `loss`, and AdamW's losses go down.
 
 Run from the repository root (see tools/README.md for the venv):
 
@@ -54,7 +58,7 @@ import safetensors  # noqa: E402
 import tokenizers  # noqa: E402
 import transformers  # noqa: E402
 from peft import PeftModel, PrefixTuningConfig, get_peft_model  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_warmup  # noqa: E402
 from transformers.cache_utils import DynamicCache  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -109,6 +113,24 @@ MODELS = [
 PROMPT_TOKENS = 2  # labels are -100 on the first 2 tokens of each sequence
 MAX_NEW = 8
 EOT = "<|endoftext|>"
+
+# Optimiser-step references (train.<run>.*): each run starts from prefix_encoder.safetensors and
+# takes TRAIN_STEPS steps on the whole eval batch. "schedule": None = constant lr, else the kwargs
+# of transformers.get_linear_schedule_with_warmup, stepped after every optimizer step.
+TRAIN_STEPS = 3
+TRAIN_RUNS = [
+    dict(name="adamw", optimizer="AdamW",
+         kwargs=dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+         schedule=None),
+    dict(name="sgd", optimizer="SGD",
+         kwargs=dict(lr=0.5),
+         schedule=dict(num_warmup_steps=1, num_training_steps=TRAIN_STEPS)),
+    dict(name="adamw_linear", optimizer="AdamW",
+         kwargs=dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+         schedule=dict(num_warmup_steps=0, num_training_steps=TRAIN_STEPS)),
+]
+ENC_PARAMS = ["embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight",
+              "transform.2.bias"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,6 +399,138 @@ def st_names(path):
             sl = f.get_slice(k)
             out[k] = {"dtype": sl.get_dtype(), "shape": list(sl.get_shape())}
         return out, f.metadata()
+
+
+# ----------------------------------------------------------------------------------------------
+# optimiser-step references
+# ----------------------------------------------------------------------------------------------
+
+def linear_lambda(k, num_warmup_steps, num_training_steps):
+    """The linear-with-warmup multiplier for LambdaLR's step counter k, written out here (not
+    transformers' code) to check the lrs that the scheduler hands the optimizer."""
+    if k < num_warmup_steps:
+        return float(k) / float(max(1, num_warmup_steps))
+    return max(0.0, float(num_training_steps - k) / float(max(1, num_training_steps - num_warmup_steps)))
+
+
+def hand_train(run, m64, enc_sd, input_ids, attn_mask, labels):
+    """The same run with no PEFT and no torch.optim: the encoder forward written out
+    (tanh(emb @ W0^T + b0) @ W2^T + b2), the prefix fed through hand-built past_key_values, and
+    AdamW / SGD written from their textbook formulas. Returns (losses, lrs, params)."""
+    w = {k: enc_sd[k].to(torch.float64).clone() for k in ENC_PARAMS}
+    kw = run["kwargs"]
+    base_lr = kw["lr"]
+    b1, b2 = kw.get("betas", (0.9, 0.999))
+    m = {k: torch.zeros_like(v) for k, v in w.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in w.items()}
+    losses, lrs = [], []
+    for k in range(TRAIN_STEPS):
+        lr = base_lr if run["schedule"] is None else base_lr * linear_lambda(k, **run["schedule"])
+        leaves = {n: t.clone().requires_grad_(True) for n, t in w.items()}
+        pfx = torch.tanh(leaves["embedding.weight"] @ leaves["transform.0.weight"].T
+                         + leaves["transform.0.bias"]) @ leaves["transform.2.weight"].T + leaves["transform.2.bias"]
+        loss = lm_loss(hand_forward(m64, pfx, input_ids, attn_mask).logits, labels)
+        grads = dict(zip(ENC_PARAMS, torch.autograd.grad(loss, [leaves[n] for n in ENC_PARAMS])))
+        losses.append(loss.item())
+        lrs.append(lr)
+        t = k + 1
+        for n in ENC_PARAMS:
+            g = grads[n]
+            if run["optimizer"] == "SGD":
+                w[n] = w[n] - lr * g
+                continue
+            w[n] = w[n] * (1.0 - lr * kw["weight_decay"])  # decoupled weight decay, before the moments
+            m[n] = b1 * m[n] + (1.0 - b1) * g
+            v2[n] = b2 * v2[n] + (1.0 - b2) * g * g
+            m_hat = m[n] / (1.0 - b1 ** t)
+            denom = torch.sqrt(v2[n]) / math.sqrt(1.0 - b2 ** t) + kw["eps"]  # eps after the bias correction
+            w[n] = w[n] - lr * m_hat / denom
+    return losses, lrs, w
+
+
+def train_references(spec, pcfg, m64, enc_sd, input_ids, attn_mask, labels, loss0):
+    """Runs TRAIN_RUNS with torch.optim on the f64 PEFT model. Returns (tensors, info, notes)."""
+    P = spec["P"]
+    tensors, info, notes = {}, {}, []
+    max_hand = 0.0
+    for run in TRAIN_RUNS:
+        name = run["name"]
+        with torch.random.fork_rng(devices=[]):  # get_peft_model draws from the global RNG
+            pm = get_peft_model(copy.deepcopy(m64), pcfg).eval()
+        enc = pm.prompt_encoder["default"]
+        enc.load_state_dict({k: v.to(torch.float64) for k, v in enc_sd.items()}, strict=True)
+        enc.to(torch.float64)
+        params = [p_ for _, p_ in enc.named_parameters()]
+        assert [k for k, _ in enc.named_parameters()] == ENC_PARAMS
+        assert all(p_.dtype == torch.float64 and p_.requires_grad for p_ in params)
+        assert all(not p_.requires_grad for p_ in pm.get_base_model().parameters())
+        assert sum(p_.requires_grad for p_ in pm.parameters()) == len(ENC_PARAMS)
+        opt = getattr(torch.optim, run["optimizer"])(params, **run["kwargs"])
+        sched = None if run["schedule"] is None else get_linear_schedule_with_warmup(opt, **run["schedule"])
+        # on CPU torch.optim picks the single-tensor (for-loop) implementation
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+        assert opt.defaults.get("foreach") is None and opt.defaults.get("fused") in (None, False)
+        assert _default_to_fused_or_foreach(params, False, False) == (False, False)
+        losses, lrs, snaps = [], [], []
+        for _ in range(TRAIN_STEPS):
+            opt.zero_grad(set_to_none=True)
+            out = pm(input_ids=input_ids, attention_mask=attn_mask)
+            loss = lm_loss(out.logits, labels)
+            assert loss.dtype == torch.float64
+            loss.backward()
+            losses.append(loss.item())
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            snaps.append([p_.detach().clone() for p_ in params])
+            opt.step()
+            if sched is not None:
+                sched.step()
+        with torch.no_grad():
+            prefix = enc(torch.arange(P)[None])[0].detach().clone()
+            saved = pm.get_prompt_embedding_to_save("default")
+            loss_after = lm_loss(pm(input_ids=input_ids, attention_mask=attn_mask).logits, labels).item()
+        assert torch.equal(saved, prefix), f"{name}: get_prompt_embedding_to_save != encoder output"
+        assert prefix.dtype == torch.float64
+
+        # sanity
+        assert losses[0] == loss0, f"{name}: first loss {losses[0]!r} != loss {loss0!r}"
+        if name == "adamw":
+            assert losses[0] > losses[1] > losses[2] > loss_after, (name, losses, loss_after)
+        if run["schedule"] is not None:
+            want = [run["kwargs"]["lr"] * linear_lambda(k, **run["schedule"]) for k in range(TRAIN_STEPS)]
+            assert lrs == want, (name, lrs, want)
+            if run["schedule"]["num_warmup_steps"] == 1:
+                # warmup 1: the first update uses lr 0, so step 1 changes nothing
+                assert lrs[0] == 0.0 and losses[1] == losses[0]
+                assert all(torch.equal(a, b) for a, b in zip(snaps[0], snaps[1]))
+        else:
+            assert lrs == [run["kwargs"]["lr"]] * TRAIN_STEPS
+        # independent path: hand-built forward + textbook optimizer formulas
+        h_losses, h_lrs, h_w = hand_train(run, m64, enc_sd, input_ids, attn_mask, labels)
+        assert h_lrs == lrs, (name, h_lrs, lrs)
+        for a, b in zip(h_losses, losses):
+            max_hand = max(max_hand, close(torch.tensor(a), torch.tensor(b), 1e-12, f"{name} hand loss"))
+        for k, p_ in enc.named_parameters():
+            max_hand = max(max_hand, close(h_w[k], p_.detach(), 1e-10, f"{name} hand {k}"))
+
+        tensors[f"train.{name}.losses"] = torch.tensor(losses, dtype=torch.float64)
+        tensors[f"train.{name}.lrs"] = torch.tensor(lrs, dtype=torch.float64)
+        tensors[f"train.{name}.prefix"] = prefix
+        for k, p_ in enc.named_parameters():
+            tensors[f"train.{name}.{k}"] = p_.detach().clone()
+        settings = {"optimizer": f"torch.optim.{run['optimizer']}", "kwargs": run["kwargs"],
+                    "resolved_defaults": {k: v for k, v in opt.defaults.items()
+                                          if isinstance(v, (int, float, str, bool, type(None), tuple))}}
+        if run["schedule"] is None:
+            settings["schedule"] = "constant"
+        else:
+            settings["schedule"] = {"fn": "transformers.get_linear_schedule_with_warmup", **run["schedule"],
+                                    "stepped": "scheduler.step() after every opt.step()"}
+        info[name] = {**settings, "steps": TRAIN_STEPS, "lrs": lrs, "losses": losses,
+                      "loss_after_last_step": loss_after}
+        del pm, opt, sched
+    notes.append(f"train.*: torch.optim runs reproduced by a hand-built path (encoder written out, prefix via "
+                 f"past_key_values, textbook AdamW/SGD): max diff {max_hand:.2e}; first losses == loss")
+    return tensors, info, notes
 
 
 def make_one(spec, root):
@@ -663,6 +817,11 @@ def make_one(spec, root):
         info["gen"]["text"] = tok.decode(gen_ids)
         info["gen"]["text_base"] = tok.decode(gen_ids_b)
 
+    # ---- optimiser-step references ------------------------------------------------------------
+    train_tensors, train_info, train_notes = train_references(spec, pcfg, m64, enc_sd, input_ids, attn_mask,
+                                                              labels, loss.item())
+    notes.extend(train_notes)
+
     # ---- write -------------------------------------------------------------------------------
     i32 = lambda t: torch.as_tensor(t).to(torch.int32).contiguous()  # noqa: E731
     f64 = lambda t: torch.as_tensor(t, dtype=torch.float64).detach().contiguous()  # noqa: E731
@@ -683,6 +842,7 @@ def make_one(spec, root):
         "gen.gaps_base": f64(gen_gaps_b),
     }
     expected.update({k: f64(v) for k, v in grads.items()})
+    expected.update({k: f64(v) for k, v in train_tensors.items()})
     save_file(dict(sorted(expected.items())), os.path.join(out, "expected.safetensors"))
     with open(os.path.join(out, "eval.jsonl"), "w") as f:
         for row in eval_rows:
@@ -708,6 +868,28 @@ def make_one(spec, root):
     info["expected_safetensors"] = st_names(os.path.join(out, "expected.safetensors"))[0]
     info["loss"] = loss.item()
     info["loss_base"] = loss_base.item()
+    info["train"] = {
+        "what": "prefix encoder only (base frozen, eval mode, no dropout), float64 (encoder and model), "
+                "starting from prefix_encoder.safetensors (f32 values, converted); every step uses the "
+                "whole eval batch (B sequences, right-padded, attention_mask, labels as in expected); "
+                "loss = HF causal-LM loss in f64 (shift, ignore -100, mean over the batch's counted tokens)",
+        "loop": "for each step: opt.zero_grad(); loss = lm_loss(peft_model(ids, mask).logits, labels); "
+                "loss.backward(); record loss and opt.param_groups[0]['lr']; opt.step(); scheduler.step()",
+        "losses": "train.<run>.losses[k] = loss of step k's batch before step k's update (losses[0] == loss)",
+        "lrs": "train.<run>.lrs[k] = lr used by step k's update = base_lr * lambda(k) (that product, in "
+               "f64: e.g. 0.01 * (2/3) = 0.006666666666666666, not 0.02/3); LambdaLR applies lambda(0) at "
+               "construction, so the first update uses lambda(0), which is 0 with a warmup (sgd: its "
+               "first step changes nothing and losses[1] == losses[0])",
+        "linear_lambda": "k < W: k / max(1, W); else max(0, (N - k) / max(1, N - W)); W = num_warmup_steps, "
+                         "N = num_training_steps",
+        "adamw_update": "t = k+1; p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
+                        "p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)  "
+                        "(torch single-tensor Adam with decoupled_weight_decay; all params, biases and "
+                        "embedding included, get weight decay)",
+        "sgd_update": "p -= lr * g",
+        "implementation": "torch.optim on CPU, foreach=None resolves to the single-tensor loop",
+        "runs": train_info,
+    }
     info["notes"] = notes
     return info
 

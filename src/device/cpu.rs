@@ -4,7 +4,7 @@
 //! load); matmuls go through the `gemm` crate, row-wise operations are split over rows with
 //! rayon. Attention takes any float dtype and strides (see [`crate::attn::cpu`]).
 
-use super::{Backend, Device, MatmulOpts};
+use super::{AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::{cpu, AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
@@ -341,6 +341,55 @@ impl Backend for CpuBackend {
         for ((d, y), g) in dxv.iter_mut().zip(yv).zip(dyv) {
             *d = (1.0 - y * y) * g;
         }
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        param: &mut TensorViewMut,
+        grad: &TensorView,
+        m: &mut TensorViewMut,
+        v: &mut TensorViewMut,
+        hp: AdamWStep,
+    ) -> Result<()> {
+        same_shape("adamw grad", grad.dims(), param.dims())?;
+        same_shape("adamw m", m.dims(), param.dims())?;
+        same_shape("adamw v", v.dims(), param.dims())?;
+        let g = f32_in("adamw grad", grad)?;
+        let (p, mv, vv) = (
+            f32_out("adamw param", param)?,
+            f32_out("adamw m", m)?,
+            f32_out("adamw v", v)?,
+        );
+        // The order of operations follows torch's single-tensor AdamW: scalars are computed in
+        // f64 (Python floats there), the tensor arithmetic in f32.
+        let step = hp.step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - hp.beta1.powi(step);
+        let bc2 = 1.0 - hp.beta2.powi(step);
+        let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+        let (one_b1, b2, one_b2) = (
+            (1.0 - hp.beta1) as f32,
+            hp.beta2 as f32,
+            (1.0 - hp.beta2) as f32,
+        );
+        let step_size = (hp.lr / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let eps = hp.eps as f32;
+        for i in 0..p.len() {
+            p[i] *= decay;
+            mv[i] += (g[i] - mv[i]) * one_b1;
+            vv[i] = vv[i] * b2 + one_b2 * g[i] * g[i];
+            let denom = vv[i].sqrt() / bc2_sqrt + eps;
+            p[i] -= step_size * mv[i] / denom;
+        }
+        Ok(())
+    }
+
+    fn axpy(&self, y: &mut TensorViewMut, alpha: f32, x: &TensorView) -> Result<()> {
+        same_shape("axpy x", x.dims(), y.dims())?;
+        let xv = f32_in("axpy x", x)?;
+        let yv = f32_out("axpy y", y)?;
+        yv.iter_mut().zip(xv).for_each(|(y, x)| *y += alpha * x);
         Ok(())
     }
 

@@ -135,6 +135,19 @@ pub trait Backend: Send + Sync {
     fn tanh(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()>;
     /// `dx = (1 - y²) · dy` where `y = tanh(x)`.
     fn tanh_bwd(&self, y: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()>;
+    /// One AdamW update exactly as `torch.optim.AdamW` (f32): decoupled weight decay
+    /// `p *= 1 - lr·wd`, moments `m = β1 m + (1-β1) g`, `v = β2 v + (1-β2) g²`, then
+    /// `p -= lr / (1-β1^t) · m / (sqrt(v) / sqrt(1-β2^t) + eps)`.
+    fn adamw(
+        &self,
+        param: &mut TensorViewMut,
+        grad: &TensorView,
+        m: &mut TensorViewMut,
+        v: &mut TensorViewMut,
+        hp: AdamWStep,
+    ) -> Result<()>;
+    /// `y += alpha · x`.
+    fn axpy(&self, y: &mut TensorViewMut, alpha: f32, x: &TensorView) -> Result<()>;
     /// `x *= alpha`.
     fn scale(&self, x: &mut TensorViewMut, alpha: f32) -> Result<()>;
     /// `out += x` (same shapes).
@@ -166,6 +179,23 @@ pub trait Backend: Send + Sync {
         losses: &mut TensorViewMut,
         dlogits: Option<&mut TensorViewMut>,
     ) -> Result<()>;
+}
+
+/// Hyper-parameters of one [`Backend::adamw`] update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added after the square root.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// 1-based step count (for the bias corrections).
+    pub step: u64,
 }
 
 /// Options of [`Backend::matmul`].

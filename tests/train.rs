@@ -1,0 +1,361 @@
+//! The trainer: optimiser steps against torch (fixtures), kill-and-resume equality, the NaN
+//! stop, output-folder protection.
+
+use prefix_attn::device::cpu::CpuBackend;
+use prefix_attn::io::SafetensorsFile;
+use prefix_attn::prefix::encoder::PARAM_NAMES;
+use prefix_attn::prefix::PrefixAdapter;
+use prefix_attn::train::optim::{OptimizerKind, Schedule};
+use prefix_attn::train::{train, Length, TrainConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn fixture(name: &str) -> PathBuf {
+    let rel = Path::new("tests/fixtures/gpt2").join(name);
+    if rel.exists() {
+        rel
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("prefix-attn-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn adamw(wd: f64) -> OptimizerKind {
+    OptimizerKind::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: wd,
+    }
+}
+
+fn base_config(model: &str, out: PathBuf) -> TrainConfig {
+    let dims = |name: &str| -> (usize, usize) {
+        let f = SafetensorsFile::open(&fixture(model).join("prefix_encoder.safetensors")).unwrap();
+        let s = f.shape(name).unwrap();
+        (s[0], s[1])
+    };
+    let (p, _) = dims("embedding.weight");
+    let (e, _) = dims("transform.0.weight");
+    TrainConfig {
+        model: fixture(model).join("model"),
+        data: fixture(model).join("eval.jsonl"),
+        out,
+        init: Some(fixture(model).join("prefix_encoder.safetensors")),
+        prefix_len: p,
+        mid_dim: e,
+        length: Length::Steps(3),
+        batch_size: 8,
+        lr: 1e-2,
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        optimizer: adamw(0.01),
+        seed: 0,
+        save_every: 0,
+        log: None,
+        resume: false,
+    }
+}
+
+fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (g, w)| m.max((g - w).abs()))
+        / scale
+}
+
+#[test]
+fn three_steps_match_torch_optim() {
+    for model in ["tiny-a", "tiny-b"] {
+        let expected = SafetensorsFile::open(&fixture(model).join("expected.safetensors")).unwrap();
+        let runs = [
+            ("adamw", adamw(0.01), Schedule::Constant, 0usize, 1e-2),
+            (
+                "sgd",
+                OptimizerKind::Sgd { weight_decay: 0.0 },
+                Schedule::Linear,
+                1,
+                0.5,
+            ),
+            ("adamw_linear", adamw(0.0), Schedule::Linear, 0, 1e-2),
+        ];
+        for (run, opt, schedule, warmup, lr) in runs {
+            let out = tmp(&format!("{model}-{run}"));
+            let mut cfg = base_config(model, out.clone());
+            cfg.optimizer = opt;
+            cfg.schedule = schedule;
+            cfg.warmup_steps = warmup;
+            cfg.lr = lr;
+            let mut lrs = vec![];
+            let r = train(&cfg, &CpuBackend, &mut |s| {
+                lrs.push(s.lr);
+                true
+            })
+            .unwrap();
+            let want = |k: &str| expected.f64(&format!("train.{run}.{k}")).unwrap().1;
+            let e = rel_err(&r.losses, &want("losses"));
+            eprintln!("{model} {run}: losses {:?} rel err {e:.2e}", r.losses);
+            assert!(
+                e < 1e-5,
+                "{model} {run}: losses {:?} vs {:?}",
+                r.losses,
+                want("losses")
+            );
+            assert!(
+                rel_err(&lrs, &want("lrs")) < 1e-15,
+                "{model} {run}: lrs {lrs:?} vs {:?}",
+                want("lrs")
+            );
+            // The adapter `train` wrote, and the encoder weights.
+            let ad = PrefixAdapter::load(&out).unwrap();
+            let pe: Vec<f64> = ad.prompt_embeddings.iter().map(|&x| x as f64).collect();
+            let e = rel_err(&pe, &want("prefix"));
+            eprintln!("{model} {run}: adapter rel err {e:.2e}");
+            assert!(e < 1e-5, "{model} {run}: adapter differs by {e}");
+            let enc = SafetensorsFile::open(&out.join("prefix_encoder.safetensors")).unwrap();
+            // Single parameters get a looser bound than the adapter: an AdamW update of an
+            // element whose gradient is near eps = 1e-8 moves with the gradient's last bits
+            // (d update / d g ~ lr / eps), and f32 gradients differ from f64 ones there.
+            for n in PARAM_NAMES {
+                let got: Vec<f64> = enc.f32(n).unwrap().1.iter().map(|&x| x as f64).collect();
+                let e = rel_err(&got, &want(n));
+                assert!(e < 1e-4, "{model} {run}: {n} differs by {e}");
+            }
+            for f in [
+                "adapter_config.json",
+                "checkpoint.safetensors",
+                "log.jsonl",
+                "loss.svg",
+            ] {
+                assert!(out.join(f).exists(), "{f} missing");
+            }
+            let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+            let steps: Vec<u64> = log
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect();
+            assert_eq!(steps, vec![1, 2, 3]);
+        }
+    }
+}
+
+fn small_batch_config(out: PathBuf) -> TrainConfig {
+    let mut cfg = base_config("tiny-a", out);
+    // Two examples per step over three: the data order (shuffles) matters.
+    cfg.batch_size = 2;
+    cfg.length = Length::Steps(7);
+    cfg.save_every = 2;
+    cfg.init = None;
+    cfg.seed = 17;
+    cfg.schedule = Schedule::Linear;
+    cfg.warmup_steps = 2;
+    cfg
+}
+
+#[test]
+fn resumed_run_ends_with_the_same_adapter() {
+    let full = tmp("full");
+    let r = train(&small_batch_config(full.clone()), &CpuBackend, &mut |_| {
+        true
+    })
+    .unwrap();
+    assert!(r.completed);
+    let want = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
+    let want_log = std::fs::read_to_string(full.join("log.jsonl")).unwrap();
+    for stop_after in [1usize, 2, 3, 5, 6] {
+        let out = tmp(&format!("resume{stop_after}"));
+        let r = train(&small_batch_config(out.clone()), &CpuBackend, &mut |s| {
+            s.step < stop_after
+        })
+        .unwrap();
+        assert!(!r.completed);
+        assert!(!out.join("adapter_model.safetensors").exists());
+        let mut cfg = small_batch_config(out.clone());
+        cfg.resume = true;
+        if stop_after < 2 {
+            // No checkpoint yet: nothing to resume.
+            assert!(train(&cfg, &CpuBackend, &mut |_| true).is_err());
+            continue;
+        }
+        let r = train(&cfg, &CpuBackend, &mut |_| true).unwrap();
+        assert!(r.completed && r.steps == 7);
+        assert_eq!(
+            std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+            want,
+            "stopped after {stop_after}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("log.jsonl")).unwrap(),
+            want_log,
+            "log after stop at {stop_after}"
+        );
+    }
+}
+
+#[test]
+fn killed_process_resumes_to_the_same_adapter() {
+    let bin = env!("CARGO_BIN_EXE_prefix-attn");
+    let args = |out: &Path| -> Vec<String> {
+        let m = fixture("tiny-a");
+        [
+            "train",
+            "--model",
+            &m.join("model").to_string_lossy(),
+            "--data",
+            &m.join("eval.jsonl").to_string_lossy(),
+            "--out",
+            &out.to_string_lossy(),
+            "--prefix-len",
+            "4",
+            "--mid-dim",
+            "16",
+            "--steps",
+            "300",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+            "--save-every",
+            "3",
+            "--seed",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let full = tmp("cli-full");
+    assert!(Command::new(bin)
+        .args(args(&full))
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let out = tmp("cli-killed");
+    let mut child = Command::new(bin)
+        .args(args(&out))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once it is past its first checkpoint, wherever it is then.
+    let t0 = Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(out.join("log.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if lines >= 5 || t0.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let killed_at = std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    let mut resume = args(&out);
+    resume.push("--resume".into());
+    let o = Command::new(bin).args(&resume).output().unwrap();
+    assert!(killed_at < 300, "the run finished before it was killed");
+    assert!(
+        o.status.success(),
+        "resume failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(full.join("adapter_model.safetensors")).unwrap(),
+        "killed after {killed_at} logged steps"
+    );
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_checkpoint() {
+    let out = tmp("nan");
+    let mut cfg = base_config("tiny-a", out.clone());
+    cfg.optimizer = OptimizerKind::Sgd { weight_decay: 0.0 };
+    cfg.lr = 1e30;
+    cfg.length = Length::Steps(10);
+    cfg.save_every = 1;
+    let e = train(&cfg, &CpuBackend, &mut |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("step 2") && e.contains("training stopped") && e.contains("step 1"),
+        "{e}"
+    );
+    let meta = SafetensorsFile::open(&out.join("checkpoint.safetensors"))
+        .unwrap()
+        .metadata()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_str(&meta["state"]).unwrap();
+    assert_eq!(st["step"], 1);
+    assert!(
+        !out.join("adapter_model.safetensors").exists(),
+        "no adapter from a diverged run"
+    );
+}
+
+#[test]
+fn output_folder_protection() {
+    let out = tmp("protect");
+    train(
+        &base_config("tiny-a", out.clone()),
+        &CpuBackend,
+        &mut |_| true,
+    )
+    .unwrap();
+    // Another run into the same folder.
+    let e = train(
+        &base_config("tiny-a", out.clone()),
+        &CpuBackend,
+        &mut |_| true,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("already holds a run") && e.contains("--resume"),
+        "{e}"
+    );
+    // A resume with other settings.
+    let mut cfg = base_config("tiny-a", out.clone());
+    cfg.resume = true;
+    cfg.lr = 0.5;
+    let e = train(&cfg, &CpuBackend, &mut |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other settings") && e.contains("lr"), "{e}");
+    // A bad --init.
+    let mut cfg = base_config("tiny-a", tmp("badinit"));
+    cfg.init = Some(fixture("tiny-b").join("prefix_encoder.safetensors"));
+    let e = train(&cfg, &CpuBackend, &mut |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("prefix_encoder.safetensors") && e.contains("shape"),
+        "{e}"
+    );
+    // An unwritable output folder.
+    let e = {
+        let mut cfg = base_config("tiny-a", PathBuf::from("/proc/prefix-attn-no-such-dir"));
+        cfg.init = None;
+        train(&cfg, &CpuBackend, &mut |_| true)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(e.contains("/proc/prefix-attn-no-such-dir"), "{e}");
+}
