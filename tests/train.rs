@@ -359,3 +359,55 @@ fn output_folder_protection() {
     };
     assert!(e.contains("/proc/prefix-attn-no-such-dir"), "{e}");
 }
+
+#[test]
+fn demo_runs_and_learns() {
+    use prefix_attn::demo::{run_demo, DemoOptions};
+    let opts = DemoOptions {
+        out: tmp("demo"),
+        steps: 40,
+        train_examples: 64,
+        eval_examples: 8,
+        seed: 1,
+    };
+    let r = run_demo(&opts, &CpuBackend, &mut |_| true).unwrap();
+    eprintln!("demo: {} -> {}", r.loss_before, r.loss_after);
+    assert!(
+        r.loss_after < 0.8 * r.loss_before,
+        "{} -> {}",
+        r.loss_before,
+        r.loss_after
+    );
+    assert_eq!(r.samples.len(), 3);
+    for f in [
+        "run/adapter_config.json",
+        "run/adapter_model.safetensors",
+        "run/loss.svg",
+        "model/tokenizer.json",
+        "train.jsonl",
+    ] {
+        assert!(opts.out.join(f).exists(), "{f} missing");
+    }
+    // The command line runs it too (and replaces an earlier demo in the same folder).
+    let o = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
+        .args(["demo", "--out", &opts.out.to_string_lossy(), "--steps", "3"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("RANDOM")
+            && stdout.contains("held-out loss")
+            && stdout.contains("prefix-attn train"),
+        "{stdout}"
+    );
+    // A folder that is not a demo is left alone.
+    let other = tmp("not-demo");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("keep.txt"), "x").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
+        .args(["demo", "--out", &other.to_string_lossy(), "--steps", "1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && other.join("keep.txt").exists());
+}
