@@ -1,7 +1,206 @@
-//! Build script. The CUDA kernels (`kernels/*.cu`) and their CPU-emulator build are added
-//! here with the kernel work; until then the crate is pure Rust and builds anywhere.
+//! Build script.
+//!
+//! 1. Compiles every CUDA kernel file with nvcc into a fatbin (sm_80 and sm_90 machine code
+//!    plus compute_80 PTX, which later GPUs JIT), embedded in the crate, and keeps the `.ptx`
+//!    in OUT_DIR for inspection. ptxas `-v` lines (registers, spills, shared memory) become
+//!    cargo warnings. nvcc is found through `NVCC`, `CUDA_HOME`/`CUDA_PATH`, then `PATH`.
+//!    Without nvcc the crate builds without GPU kernels (the CUDA device says so at run time);
+//!    `PREFIX_ATTN_REQUIRE_NVCC=1` turns that into a build error.
+//! 2. Compiles the same kernel sources with the system C++ compiler against the CPU emulator
+//!    (`kernels/emu/`) into a static library, so `cargo test` runs the kernels everywhere.
+//!    Feature `emu-sanitize` builds it with ASan + UBSan.
+//!
+//! No build step downloads anything.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Kernel files, each compiled for the GPU and for the emulator.
+const KERNELS: &[&str] = &["kernels/prefix_attn_fwd.cu"];
+/// Headers the kernels include.
+const HEADERS: &[&str] = &[
+    "kernels/common/platform.cuh",
+    "kernels/common/prims.cuh",
+    "kernels/common/params.h",
+    "kernels/emu/emu.h",
+];
+/// The emulator runtime and its self-tests.
+const EMU_SOURCES: &[&str] = &["kernels/emu/emu.cpp", "kernels/emu/selftest.cpp"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=kernels");
+    for f in KERNELS.iter().chain(HEADERS).chain(EMU_SOURCES) {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    for v in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "PREFIX_ATTN_REQUIRE_NVCC",
+    ] {
+        println!("cargo:rerun-if-env-changed={v}");
+    }
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    build_emulator();
+    build_cuda(&out);
+}
+
+fn build_emulator() {
+    let sanitize = env::var_os("CARGO_FEATURE_EMU_SANITIZE").is_some();
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .std("c++20")
+        .define("PREFIX_ATTN_EMU", None)
+        .include("kernels")
+        .flag("-fno-strict-aliasing")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .opt_level(2)
+        .warnings(true);
+    // The kernel files are CUDA C++; under the emulator they are plain C++.
+    b.flag("-x").flag("c++");
+    for f in EMU_SOURCES.iter().chain(KERNELS) {
+        b.file(f);
+    }
+    if sanitize {
+        b.flag("-fsanitize=address,undefined")
+            .flag("-fno-omit-frame-pointer")
+            .flag("-fno-sanitize-recover=undefined");
+    }
+    b.compile("prefix_attn_emu");
+    println!("cargo:rustc-link-lib=dylib=stdc++");
+    if sanitize {
+        println!("cargo:rustc-link-lib=dylib=asan");
+        println!("cargo:rustc-link-lib=dylib=ubsan");
+    }
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Some(p) = env::var_os("NVCC") {
+        return Some(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = env::var_os(var) {
+            let p = Path::new(&home).join("bin/nvcc");
+            if p.exists() {
+                return Some(p);
+            }
+        }
+    }
+    env::var_os("PATH").and_then(|paths| {
+        env::split_paths(&paths)
+            .map(|d| d.join("nvcc"))
+            .find(|p| p.exists())
+    })
+}
+
+fn build_cuda(out: &Path) {
+    let require = env::var("PREFIX_ATTN_REQUIRE_NVCC").is_ok_and(|v| v == "1");
+    let mut consts = String::new();
+    let nvcc = find_nvcc();
+    match &nvcc {
+        None => {
+            let msg =
+                "nvcc not found (NVCC, CUDA_HOME/CUDA_PATH, PATH): building without GPU kernels; \
+                       scripts/install-nvcc.sh installs one";
+            if require {
+                panic!("PREFIX_ATTN_REQUIRE_NVCC=1: {msg}");
+            }
+            println!("cargo:warning={msg}");
+        }
+        Some(nvcc) => println!(
+            "cargo:warning=compiling CUDA kernels with {}",
+            nvcc.display()
+        ),
+    }
+    for k in KERNELS {
+        let stem = Path::new(k)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("kernel");
+        let name = stem.to_uppercase();
+        let embedded = nvcc
+            .as_ref()
+            .and_then(|nvcc| match compile_kernel(nvcc, k, stem, out) {
+                Ok(fatbin) => Some(fatbin),
+                Err(e) => {
+                    if require {
+                        panic!("PREFIX_ATTN_REQUIRE_NVCC=1: {k}: {e}");
+                    }
+                    println!("cargo:warning={k}: {e}; building without it");
+                    None
+                }
+            });
+        match embedded {
+            Some(fatbin) => consts.push_str(&format!(
+                "/// Fatbin of `{k}`.\npub const {name}: Option<&[u8]> = Some(include_bytes!({:?}));\n",
+                fatbin.display().to_string()
+            )),
+            None => consts.push_str(&format!(
+                "/// Fatbin of `{k}` (not compiled in this build).\npub const {name}: Option<&[u8]> = None;\n"
+            )),
+        }
+    }
+    std::fs::write(out.join("kernels.rs"), consts).expect("write kernels.rs");
+}
+
+fn compile_kernel(nvcc: &Path, src: &str, stem: &str, out: &Path) -> Result<PathBuf, String> {
+    let fatbin = out.join(format!("{stem}.fatbin"));
+    let ptx = out.join(format!("{stem}.ptx"));
+    let common = [
+        "-std=c++17",
+        "-O3",
+        "-Ikernels",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+    ];
+    let run = |args: &[&str]| -> Result<String, String> {
+        let o = Command::new(nvcc)
+            .args(common)
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
+        let text =
+            String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
+        if o.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("nvcc failed:\n{text}"))
+        }
+    };
+    let log = run(&[
+        "-fatbin",
+        "-Xptxas",
+        "-v",
+        "-gencode",
+        "arch=compute_80,code=sm_80",
+        "-gencode",
+        "arch=compute_90,code=sm_90",
+        "-gencode",
+        "arch=compute_80,code=compute_80",
+        "-o",
+        fatbin.to_str().ok_or("non-UTF-8 OUT_DIR")?,
+        src,
+    ])?;
+    // ptxas -v: "Compiling entry function '...' for 'sm_80'", "Used N registers, ...",
+    // "N bytes stack frame, N bytes spill stores, N bytes spill loads".
+    let mut entry = String::new();
+    for line in log.lines() {
+        let l = line.trim_start_matches("ptxas info    : ").trim();
+        if let Some(rest) = l.strip_prefix("Compiling entry function") {
+            entry = rest.trim().to_string();
+        } else if l.starts_with("Used") || l.contains("spill") {
+            println!("cargo:warning=ptxas {entry}: {l}");
+        }
+    }
+    run(&[
+        "-ptx",
+        "-arch=compute_80",
+        "-o",
+        ptx.to_str().ok_or("non-UTF-8 OUT_DIR")?,
+        src,
+    ])?;
+    Ok(fatbin)
 }

@@ -55,6 +55,15 @@ pub enum Error {
     /// A requested feature or configuration is not implemented.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A kernel failed (on the emulator: a kernel error it detected; on a GPU: a launch or
+    /// execution error).
+    #[error("kernel {kernel}: {msg}")]
+    Kernel {
+        /// The kernel.
+        kernel: String,
+        /// What went wrong.
+        msg: String,
+    },
     /// Training stopped (a non-finite loss).
     #[error("{0}")]
     Training(String),

@@ -35,6 +35,7 @@
 //! ```
 
 pub mod attn;
+pub mod bench;
 pub mod demo;
 pub mod device;
 pub mod error;

@@ -7,6 +7,7 @@ use prefix_attn::attn::testing::{
     random_spec, FwdBuffers, GradBuffers, ProblemSpec, RandomProblem,
 };
 use prefix_attn::attn::{cpu, naive};
+use prefix_attn::bench::{bench_step, StepBench};
 use prefix_attn::demo::{run_demo, DemoOptions};
 use prefix_attn::device::{Backend, Device};
 use prefix_attn::gpt2::tokenizer::Tokenizer;
@@ -97,6 +98,11 @@ enum Cmd {
     /// Train a prefix (MLP-reparameterised, PEFT prefix tuning) on a frozen GPT-2. The model
     /// runs in eval form: no dropout. Writes a PEFT adapter to --out.
     Train(TrainArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Greedy generation with a KV cache that keeps the prefix; stops at EOS.
     Generate {
         /// Hugging Face model folder.
@@ -278,8 +284,50 @@ fn run_training(cfg: &TrainConfig, be: &dyn Backend) -> Result<TrainReport> {
     r
 }
 
+/// What to benchmark.
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time full training steps (forward, backward, AdamW) on a random-weight model.
+    Step {
+        /// tiny or gpt2-small.
+        #[arg(long, default_value = "tiny")]
+        shape: String,
+        /// Sequences per step (default: the shape's).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Tokens per sequence (default: the shape's).
+        #[arg(long)]
+        seq: Option<usize>,
+        /// Prefix length (default: the shape's).
+        #[arg(long)]
+        prefix_len: Option<usize>,
+        /// Encoder MLP width (default: the shape's).
+        #[arg(long)]
+        mid_dim: Option<usize>,
+        /// Untimed warm-up steps.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed steps (default: 20 for tiny, 5 for gpt2-small).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Device: cpu.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
 /// A backend for a `--device` value.
 fn backend_for(device: &str) -> Result<Box<dyn Backend>> {
+    if device == "emu" {
+        return Err(Error::Unsupported(
+            "--device emu: the emulator runs the attention kernel only so far; the command line \
+             gains it with the GPU training path (use --device cpu)"
+                .into(),
+        ));
+    }
     if device == "auto" {
         return Err(Error::Unsupported(
             "--device auto: only the cpu backend exists in this build (use --device cpu)".into(),
@@ -363,6 +411,57 @@ fn spec_of(s: NamedShape, dtype: DType) -> ProblemSpec {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Bench {
+            what:
+                BenchCmd::Step {
+                    shape,
+                    batch,
+                    seq,
+                    prefix_len,
+                    mid_dim,
+                    warmup,
+                    steps,
+                    json,
+                    device,
+                },
+        } => {
+            let be = backend_for(&device)?;
+            let mut s = StepBench::named(&shape)?;
+            s.batch = batch.unwrap_or(s.batch);
+            s.seq = seq.unwrap_or(s.seq);
+            s.prefix_len = prefix_len.unwrap_or(s.prefix_len);
+            s.mid_dim = mid_dim.unwrap_or(s.mid_dim);
+            s.warmup = warmup;
+            s.steps = steps.unwrap_or(s.steps);
+            let r = bench_step(&s, be.as_ref())?;
+            let v = serde_json::json!({
+                "impl": "prefix-attn",
+                "device": be.device().to_string(),
+                "shape": s.shape,
+                "batch": s.batch,
+                "seq": s.seq,
+                "prefix_len": s.prefix_len,
+                "mid_dim": s.mid_dim,
+                "threads": r.threads,
+                "warmup": s.warmup,
+                "steps": s.steps,
+                "median_ms": r.median_ms,
+                "min_ms": r.min_ms,
+                "max_ms": r.max_ms,
+                "tokens_per_s": r.tokens_per_s,
+                "peak_rss_mb": r.peak_rss_mb,
+                "rss_before_model_mb": r.rss_before_model_mb,
+            });
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{} (batch {} × {} tokens, P={}, MLP {}), {} threads: median {:.2} ms (min {:.2}, max {:.2}), {:.0} tokens/s, peak RSS {:.0} MB",
+                    s.shape, s.batch, s.seq, s.prefix_len, s.mid_dim, r.threads, r.median_ms, r.min_ms, r.max_ms, r.tokens_per_s, r.peak_rss_mb
+                );
+            }
+            Ok(())
+        }
         Cmd::Demo {
             out,
             steps,

@@ -704,6 +704,10 @@ macro_rules! view_accessors {
         pub fn location(&self) -> Location {
             self.raw.location
         }
+        /// Number of elements in the underlying buffer from [`Self::base_addr`].
+        pub fn buffer_len(&self) -> usize {
+            self.raw.cap
+        }
         /// Device address (or host pointer) of element 0 of the underlying buffer; element
         /// `i` of the view is at `base_addr() + layout().index(i) * dtype().size()`.
         pub fn base_addr(&self) -> u64 {

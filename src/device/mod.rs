@@ -5,6 +5,9 @@
 //! emulator) and `cuda` (the kernels on a GPU, through cudarc) implement the same trait.
 
 pub mod cpu;
+pub mod cuda;
+pub mod emu;
+pub mod kernels;
 
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
@@ -66,6 +69,9 @@ impl FromStr for Device {
 
 /// The operations the model and the attention API need from a device. Every method checks
 /// its arguments (shapes, dtypes, devices) and returns an error rather than panicking.
+/// Dense operations have default bodies that report a missing kernel, so a device can start
+/// with attention alone; the cpu device implements all of them.
+#[allow(unused_variables)]
 pub trait Backend: Send + Sync {
     /// The device this backend runs on.
     fn device(&self) -> Device;
@@ -98,7 +104,9 @@ pub trait Backend: Send + Sync {
         bias: Option<&TensorView>,
         out: &mut TensorViewMut,
         opts: MatmulOpts,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(missing_op(self.device(), "matmul"))
+    }
 
     /// Layer norm over the last dimension of `x [M, C]`: `out = (x - mean) * rstd * w + b`,
     /// also storing `mean [M]` and `rstd [M]` (f32) for the backward.
@@ -112,7 +120,9 @@ pub trait Backend: Send + Sync {
         out: &mut TensorViewMut,
         mean: &mut TensorViewMut,
         rstd: &mut TensorViewMut,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(missing_op(self.device(), "layernorm"))
+    }
 
     /// Input gradient of layer norm (the weights are frozen): `dx (+)= d LN(x) / dx · dy`.
     #[allow(clippy::too_many_arguments)]
@@ -125,16 +135,26 @@ pub trait Backend: Send + Sync {
         rstd: &TensorView,
         dx: &mut TensorViewMut,
         accumulate: bool,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(missing_op(self.device(), "layernorm_bwd"))
+    }
 
     /// `out = gelu(x)`, tanh form (`gelu_new`).
-    fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()>;
+    fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+        Err(missing_op(self.device(), "gelu"))
+    }
     /// `dx = gelu'(x) · dy`.
-    fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()>;
+    fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
+        Err(missing_op(self.device(), "gelu_bwd"))
+    }
     /// `out = tanh(x)`.
-    fn tanh(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()>;
+    fn tanh(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+        Err(missing_op(self.device(), "tanh"))
+    }
     /// `dx = (1 - y²) · dy` where `y = tanh(x)`.
-    fn tanh_bwd(&self, y: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()>;
+    fn tanh_bwd(&self, y: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
+        Err(missing_op(self.device(), "tanh_bwd"))
+    }
     /// One AdamW update exactly as `torch.optim.AdamW` (f32): decoupled weight decay
     /// `p *= 1 - lr·wd`, moments `m = β1 m + (1-β1) g`, `v = β2 v + (1-β2) g²`, then
     /// `p -= lr / (1-β1^t) · m / (sqrt(v) / sqrt(1-β2^t) + eps)`.
@@ -145,17 +165,29 @@ pub trait Backend: Send + Sync {
         m: &mut TensorViewMut,
         v: &mut TensorViewMut,
         hp: AdamWStep,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(missing_op(self.device(), "adamw"))
+    }
     /// `y += alpha · x`.
-    fn axpy(&self, y: &mut TensorViewMut, alpha: f32, x: &TensorView) -> Result<()>;
+    fn axpy(&self, y: &mut TensorViewMut, alpha: f32, x: &TensorView) -> Result<()> {
+        Err(missing_op(self.device(), "axpy"))
+    }
     /// `x *= alpha`.
-    fn scale(&self, x: &mut TensorViewMut, alpha: f32) -> Result<()>;
+    fn scale(&self, x: &mut TensorViewMut, alpha: f32) -> Result<()> {
+        Err(missing_op(self.device(), "scale"))
+    }
     /// `out += x` (same shapes).
-    fn add_assign(&self, out: &mut TensorViewMut, x: &TensorView) -> Result<()>;
+    fn add_assign(&self, out: &mut TensorViewMut, x: &TensorView) -> Result<()> {
+        Err(missing_op(self.device(), "add_assign"))
+    }
     /// `out[n] (+)= sum over rows of x [M, N]` (bias gradients).
-    fn sum_rows(&self, x: &TensorView, out: &mut TensorViewMut, accumulate: bool) -> Result<()>;
+    fn sum_rows(&self, x: &TensorView, out: &mut TensorViewMut, accumulate: bool) -> Result<()> {
+        Err(missing_op(self.device(), "sum_rows"))
+    }
     /// Copies `src` into `dst` (same shapes, any strides).
-    fn copy(&self, src: &TensorView, dst: &mut TensorViewMut) -> Result<()>;
+    fn copy(&self, src: &TensorView, dst: &mut TensorViewMut) -> Result<()> {
+        Err(missing_op(self.device(), "copy"))
+    }
 
     /// Token + position embedding: `out [B·T, C]` row `b·T + t` is
     /// `wte[ids[b·T + t]] + wpe[pos_offset + t]`.
@@ -167,7 +199,9 @@ pub trait Backend: Send + Sync {
         wpe: &TensorView,
         pos_offset: usize,
         out: &mut TensorViewMut,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(missing_op(self.device(), "embed"))
+    }
 
     /// Softmax cross-entropy per row of `logits [M, V]` against `targets [M]` (`-100`:
     /// ignored, loss 0): writes `losses [M]` (f32) and, if given, `dlogits = softmax - onehot`
@@ -178,7 +212,16 @@ pub trait Backend: Send + Sync {
         targets: &[i32],
         losses: &mut TensorViewMut,
         dlogits: Option<&mut TensorViewMut>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        Err(missing_op(self.device(), "cross_entropy"))
+    }
+}
+
+/// The error of an operation a device has no kernel for yet.
+fn missing_op(device: Device, op: &str) -> Error {
+    Error::Unsupported(format!(
+        "{device}: {op} has no kernel on this device yet (use the cpu device)"
+    ))
 }
 
 /// Hyper-parameters of one [`Backend::adamw`] update.
@@ -248,9 +291,7 @@ impl MatmulOpts {
 pub fn backend(device: Device) -> Result<Box<dyn Backend>> {
     match device {
         Device::Cpu => Ok(Box::new(cpu::CpuBackend)),
-        Device::Emu | Device::Cuda(_) => Err(Error::Unsupported(format!(
-            "device {device}: this build has the cpu backend only (the emulated and CUDA \
-             kernels are not built yet)"
-        ))),
+        Device::Emu => Ok(Box::new(emu::EmuBackend)),
+        Device::Cuda(ordinal) => Ok(Box::new(cuda::CudaBackend::new(ordinal)?)),
     }
 }

@@ -57,7 +57,78 @@ fn ignored(name: &str) -> bool {
     name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight"
 }
 
+/// Names (without `transformer.`) and shapes of every weight of `cfg`, in file order.
+pub fn expected_tensors(cfg: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
+    let (c, v, inner) = (cfg.n_embd, cfg.vocab_size, cfg.n_inner);
+    let mut out = vec![
+        ("wte.weight".to_string(), vec![v, c]),
+        ("wpe.weight".to_string(), vec![cfg.n_positions, c]),
+    ];
+    for i in 0..cfg.n_layer {
+        let p = |s: &str| format!("h.{i}.{s}");
+        out.extend([
+            (p("ln_1.weight"), vec![c]),
+            (p("ln_1.bias"), vec![c]),
+            (p("attn.c_attn.weight"), vec![c, 3 * c]),
+            (p("attn.c_attn.bias"), vec![3 * c]),
+            (p("attn.c_proj.weight"), vec![c, c]),
+            (p("attn.c_proj.bias"), vec![c]),
+            (p("ln_2.weight"), vec![c]),
+            (p("ln_2.bias"), vec![c]),
+            (p("mlp.c_fc.weight"), vec![c, inner]),
+            (p("mlp.c_fc.bias"), vec![inner]),
+            (p("mlp.c_proj.weight"), vec![inner, c]),
+            (p("mlp.c_proj.bias"), vec![c]),
+        ]);
+    }
+    out.push(("ln_f.weight".to_string(), vec![c]));
+    out.push(("ln_f.bias".to_string(), vec![c]));
+    out
+}
+
+/// Fetches one weight by short name and expected shape, as f32.
+pub type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>> + 'a;
+
 impl Weights {
+    /// Builds the weights of `cfg` from `get`, converting to `dtype` on `backend`.
+    pub fn assemble(
+        cfg: &Gpt2Config,
+        backend: &dyn Backend,
+        dtype: DType,
+        get: &mut WeightSource,
+    ) -> Result<Weights> {
+        let mut t = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let data = get(name, shape)?;
+            backend.upload(&Tensor::from_f32(shape, &data, dtype)?)
+        };
+        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("h.{i}.{s}");
+            layers.push(LayerWeights {
+                ln1_w: t(&p("ln_1.weight"), &[c])?,
+                ln1_b: t(&p("ln_1.bias"), &[c])?,
+                attn_w: t(&p("attn.c_attn.weight"), &[c, 3 * c])?,
+                attn_b: t(&p("attn.c_attn.bias"), &[3 * c])?,
+                proj_w: t(&p("attn.c_proj.weight"), &[c, c])?,
+                proj_b: t(&p("attn.c_proj.bias"), &[c])?,
+                ln2_w: t(&p("ln_2.weight"), &[c])?,
+                ln2_b: t(&p("ln_2.bias"), &[c])?,
+                fc_w: t(&p("mlp.c_fc.weight"), &[c, cfg.n_inner])?,
+                fc_b: t(&p("mlp.c_fc.bias"), &[cfg.n_inner])?,
+                fc_proj_w: t(&p("mlp.c_proj.weight"), &[cfg.n_inner, c])?,
+                fc_proj_b: t(&p("mlp.c_proj.bias"), &[c])?,
+            });
+        }
+        Ok(Weights {
+            wte: t("wte.weight", &[v, c])?,
+            wpe: t("wpe.weight", &[cfg.n_positions, c])?,
+            lnf_w: t("ln_f.weight", &[c])?,
+            lnf_b: t("ln_f.bias", &[c])?,
+            layers,
+        })
+    }
+
     /// Loads every weight of `cfg` from `path`, converting to `dtype` on `backend`.
     pub fn load(
         path: &Path,
@@ -85,9 +156,21 @@ impl Weights {
                 });
             }
         }
-        let (c, v, l) = (cfg.n_embd, cfg.vocab_size, cfg.n_layer);
-        let mut used = 0usize;
-        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        let expected = expected_tensors(cfg);
+        let extra: Vec<&String> = by_name
+            .keys()
+            .filter(|k| !expected.iter().any(|(n, _)| n == *k))
+            .collect();
+        if !extra.is_empty() {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "unexpected tensors for a {}-layer GPT-2: {extra:?} (does config.json match the weights?)",
+                    cfg.n_layer
+                ),
+            });
+        }
+        Weights::assemble(cfg, backend, dtype, &mut |name, shape| {
             let stored = by_name.get(name).ok_or_else(|| Error::Format {
                 path: path.to_path_buf(),
                 msg: format!("tensor {name:?} (or \"transformer.{name}\") is missing"),
@@ -101,63 +184,7 @@ impl Weights {
                     ),
                 });
             }
-            used += 1;
-            backend.upload(&Tensor::from_f32(shape, &data, dtype)?)
-        };
-        let mut layers = Vec::with_capacity(l);
-        for i in 0..l {
-            let p = |s: &str| format!("h.{i}.{s}");
-            layers.push(LayerWeights {
-                ln1_w: get(&p("ln_1.weight"), &[c])?,
-                ln1_b: get(&p("ln_1.bias"), &[c])?,
-                attn_w: get(&p("attn.c_attn.weight"), &[c, 3 * c])?,
-                attn_b: get(&p("attn.c_attn.bias"), &[3 * c])?,
-                proj_w: get(&p("attn.c_proj.weight"), &[c, c])?,
-                proj_b: get(&p("attn.c_proj.bias"), &[c])?,
-                ln2_w: get(&p("ln_2.weight"), &[c])?,
-                ln2_b: get(&p("ln_2.bias"), &[c])?,
-                fc_w: get(&p("mlp.c_fc.weight"), &[c, cfg.n_inner])?,
-                fc_b: get(&p("mlp.c_fc.bias"), &[cfg.n_inner])?,
-                fc_proj_w: get(&p("mlp.c_proj.weight"), &[cfg.n_inner, c])?,
-                fc_proj_b: get(&p("mlp.c_proj.bias"), &[c])?,
-            });
-        }
-        let w = Weights {
-            wte: get("wte.weight", &[v, c])?,
-            wpe: get("wpe.weight", &[cfg.n_positions, c])?,
-            lnf_w: get("ln_f.weight", &[c])?,
-            lnf_b: get("ln_f.bias", &[c])?,
-            layers,
-        };
-        if used != by_name.len() {
-            let expected: Vec<String> = (0..l)
-                .flat_map(|i| {
-                    [
-                        "ln_1.weight",
-                        "ln_1.bias",
-                        "attn.c_attn.weight",
-                        "attn.c_attn.bias",
-                        "attn.c_proj.weight",
-                        "attn.c_proj.bias",
-                        "ln_2.weight",
-                        "ln_2.bias",
-                        "mlp.c_fc.weight",
-                        "mlp.c_fc.bias",
-                        "mlp.c_proj.weight",
-                        "mlp.c_proj.bias",
-                    ]
-                    .map(|s| format!("h.{i}.{s}"))
-                })
-                .chain(["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"].map(String::from))
-                .collect();
-            let extra: Vec<&String> = by_name.keys().filter(|k| !expected.contains(k)).collect();
-            return Err(Error::Format {
-                path: path.to_path_buf(),
-                msg: format!(
-                    "unexpected tensors for a {l}-layer GPT-2: {extra:?} (does config.json match the weights?)"
-                ),
-            });
-        }
-        Ok(w)
+            Ok(data)
+        })
     }
 }

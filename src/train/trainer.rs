@@ -12,9 +12,9 @@ use super::plot::write_loss_svg;
 use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::gpt2::tokenizer::Tokenizer;
-use crate::gpt2::{Activations, Gpt2, Gradients};
+use crate::gpt2::{Activations, Batch, Gpt2, Gradients, LossSum};
 use crate::io::{write_safetensors_f32_meta, SafetensorsFile};
-use crate::prefix::encoder::{EncoderDims, PrefixEncoder, PARAM_NAMES};
+use crate::prefix::encoder::{EncoderActs, EncoderDims, PrefixEncoder, PARAM_NAMES};
 use crate::prefix::{AdapterConfig, PrefixAdapter};
 use crate::rng::Rng;
 use serde_json::{json, Value};
@@ -420,8 +420,7 @@ pub fn train(
             source,
         })?;
 
-    let mut eacts = enc.acts(be)?;
-    let mut egrads = PrefixEncoder::zeros(dims, be)?;
+    let mut stepper = Stepper::new(&model, enc, opt, be)?;
     let start_step = state.step;
     let t0 = Instant::now();
     let mut tokens_seen = 0usize;
@@ -429,9 +428,8 @@ pub fn train(
         let idx = state.order.next(n, cfg.batch_size);
         let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
         let batch = batch_of(&refs)?;
-        enc.forward(be, &mut eacts)?;
-        let mut acts = Activations::new(&model, be, batch.batch_size, batch.seq_len, true)?;
-        let loss = model.forward(be, &batch, Some(&eacts.prefix), &mut acts, None)?;
+        let lr = cfg.schedule.lr(cfg.lr, state.step, total, cfg.warmup_steps);
+        let loss = stepper.step(be, &batch, lr)?;
         let mean = loss.mean();
         if !mean.is_finite() {
             return Err(Error::Training(format!(
@@ -440,20 +438,6 @@ pub fn train(
                 if ckpt.exists() { load_step(&ckpt).unwrap_or(0) } else { 0 },
                 cfg.out.display()
             )));
-        }
-        let lr = cfg.schedule.lr(cfg.lr, state.step, total, cfg.warmup_steps);
-        if loss.count > 0 {
-            let mut grads =
-                Gradients::new(&model, be, batch.batch_size, batch.seq_len, cfg.prefix_len)?;
-            model.backward(be, &batch, &eacts.prefix, &acts, &mut grads)?;
-            enc.backward(
-                be,
-                &mut eacts,
-                &grads.d_prefix,
-                1.0 / loss.count as f32,
-                &mut egrads,
-            )?;
-            opt.update(be, &mut enc.params, &egrads.params, lr)?;
         }
         state.step += 1;
         state.losses.push(mean);
@@ -466,7 +450,7 @@ pub fn train(
                 source,
             })?;
         if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < total {
-            save_checkpoint(&ckpt, &identity, &state, &enc, &opt, be)?;
+            save_checkpoint(&ckpt, &identity, &state, &stepper.enc, &stepper.opt, be)?;
         }
         let go_on = on_step(&StepInfo {
             step: state.step,
@@ -488,16 +472,15 @@ pub fn train(
             });
         }
     }
-    save_checkpoint(&ckpt, &identity, &state, &enc, &opt, be)?;
+    save_checkpoint(&ckpt, &identity, &state, &stepper.enc, &stepper.opt, be)?;
     // The adapter holds the encoder's output, as PEFT saves it.
-    enc.forward(be, &mut eacts)?;
-    let prefix = be.download(&eacts.prefix)?.to_f32_vec();
+    let prefix = stepper.prefix(be)?;
     PrefixAdapter {
         config: AdapterConfig::for_model(&c, cfg.prefix_len, cfg.mid_dim),
         prompt_embeddings: prefix,
     }
     .save(&cfg.out)?;
-    enc.save(&cfg.out.join(ENCODER), be)?;
+    stepper.enc.save(&cfg.out.join(ENCODER), be)?;
     write_loss_svg(
         &cfg.out.join(LOSS_SVG),
         &state.losses,
@@ -512,6 +495,80 @@ pub fn train(
         out: cfg.out.clone(),
         completed: true,
     })
+}
+
+/// One training step's machinery: the encoder, its optimiser, and buffers reused while the
+/// batch shape stays the same.
+pub struct Stepper<'m> {
+    model: &'m Gpt2,
+    /// The prefix encoder being trained.
+    pub enc: PrefixEncoder,
+    /// Its optimiser.
+    pub opt: Optimizer,
+    eacts: EncoderActs,
+    egrads: PrefixEncoder,
+    bufs: Option<((usize, usize), Activations, Gradients)>,
+}
+
+impl<'m> Stepper<'m> {
+    /// Buffers for training `enc` with `opt` on `model`.
+    pub fn new(
+        model: &'m Gpt2,
+        enc: PrefixEncoder,
+        opt: Optimizer,
+        be: &dyn Backend,
+    ) -> Result<Stepper<'m>> {
+        let eacts = enc.acts(be)?;
+        let egrads = PrefixEncoder::zeros(enc.dims, be)?;
+        Ok(Stepper {
+            model,
+            enc,
+            opt,
+            eacts,
+            egrads,
+            bufs: None,
+        })
+    }
+
+    /// One step: the prefix (once, for the whole batch), the batch's summed loss, and, when
+    /// that loss is finite and counts tokens, the backward and an update at `lr`. Returns the
+    /// loss before the update.
+    pub fn step(&mut self, be: &dyn Backend, batch: &Batch, lr: f64) -> Result<LossSum> {
+        let shape = (batch.batch_size, batch.seq_len);
+        if self.bufs.as_ref().map(|b| b.0) != Some(shape) {
+            self.bufs = None; // free the old buffers before allocating new ones
+            let acts = Activations::new(self.model, be, shape.0, shape.1, true)?;
+            let grads = Gradients::new(self.model, be, shape.0, shape.1, self.enc.dims.prefix_len)?;
+            self.bufs = Some((shape, acts, grads));
+        }
+        let Some((_, acts, grads)) = self.bufs.as_mut() else {
+            return Err(Error::index("batch", "no buffers"));
+        };
+        self.enc.forward(be, &mut self.eacts)?;
+        let loss = self
+            .model
+            .forward(be, batch, Some(&self.eacts.prefix), acts, None)?;
+        if loss.mean().is_finite() && loss.count > 0 {
+            self.model
+                .backward(be, batch, &self.eacts.prefix, acts, grads)?;
+            self.enc.backward(
+                be,
+                &mut self.eacts,
+                &grads.d_prefix,
+                1.0 / loss.count as f32,
+                &mut self.egrads,
+            )?;
+            self.opt
+                .update(be, &mut self.enc.params, &self.egrads.params, lr)?;
+        }
+        Ok(loss)
+    }
+
+    /// The current prefix `[P, L·2·C]` on the host.
+    pub fn prefix(&mut self, be: &dyn Backend) -> Result<Vec<f32>> {
+        self.enc.forward(be, &mut self.eacts)?;
+        Ok(be.download(&self.eacts.prefix)?.to_f32_vec())
+    }
 }
 
 fn load_step(ckpt: &Path) -> Result<usize> {

@@ -1,0 +1,33 @@
+// Parameter struct of the prefix-attention forward kernel, passed by value. Mirrored by
+// `#[repr(C)] struct FwdParams` in src/device/kernels.rs; a test checks that the size and every
+// field offset agree (pa_fwd_params_layout below reports them from this side).
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct PrefixAttnFwdParams {
+    // Addresses (device pointers on the GPU, host pointers under the emulator).
+    uint64_t q, k, v, k_pre, v_pre, o, lse;
+    // int32 [B] each; the wrapper always supplies all three (defaults filled in).
+    uint64_t prefix_index, seqlen_q, seqlen_k;
+    // Element strides of the outer dimensions (the head dimension is contiguous).
+    int64_t q_batch_stride, q_row_stride, q_head_stride;
+    int64_t k_batch_stride, k_row_stride, k_head_stride;
+    int64_t v_batch_stride, v_row_stride, v_head_stride;
+    int64_t kp_prefix_stride, kp_row_stride, kp_head_stride;
+    int64_t vp_prefix_stride, vp_row_stride, vp_head_stride;
+    int64_t o_batch_stride, o_row_stride, o_head_stride;
+    int64_t lse_batch_stride, lse_head_stride;  // lse rows are contiguous
+    int32_t batch, tq, tk, heads_q, heads_kv, head_dim, prefix_len, num_prefixes;
+    int32_t causal;  // 0 or 1
+    int32_t dtype;   // 0 = f16, 1 = bf16
+    float scale;       // softmax scale
+    float scale_log2;  // scale * log2(e): scores are exponentiated in base 2
+} PrefixAttnFwdParams;
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,160 @@
+//! The `emu` device: the CUDA kernels compiled for the host and run by the CPU emulator
+//! (`kernels/emu/`), a test instrument that makes the kernels testable without a GPU. It runs
+//! the very same launches as the `cuda` device (same parameter structs and geometry, from
+//! [`super::kernels`]). Tensors live in host memory. Operations that have no CUDA kernel yet
+//! return [`Error::Unsupported`] rather than falling back to another implementation.
+
+use super::kernels::{plan_fwd, FwdParams};
+use super::{Backend, Device};
+use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Location, Tensor};
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::sync::Mutex;
+
+extern "C" {
+    fn pa_emu_prefix_attn_fwd(
+        p: *const FwdParams,
+        gx: u32,
+        gy: u32,
+        gz: u32,
+        threads: u32,
+        smem: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn pa_fwd_params_layout(out: *mut usize, n: usize) -> usize;
+    fn pa_emu_selftest(name: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
+    fn pa_emu_selftest_names() -> *const c_char;
+    fn pa_emu_planted_oob(write_out_of_bounds: c_int) -> c_int;
+}
+
+/// The emulator runs one launch at a time: kernels' `__shared__` arrays are static storage.
+static EMU_LOCK: Mutex<()> = Mutex::new(());
+
+fn run_emu(kernel: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+    let _guard = EMU_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let mut err = vec![0u8; 4096];
+    let rc = f(err.as_mut_ptr() as *mut c_char, err.len());
+    if rc == 0 {
+        return Ok(());
+    }
+    let msg = CStr::from_bytes_until_nul(&err)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown emulator error".into());
+    Err(Error::Kernel {
+        kernel: kernel.into(),
+        msg,
+    })
+}
+
+/// Size and field offsets of the kernels' `PrefixAttnFwdParams` as the C++ compiler lays it
+/// out (compare with [`super::kernels::fwd_params_rust_layout`]).
+pub fn fwd_params_layout() -> Vec<usize> {
+    let mut v = vec![0usize; 64];
+    // SAFETY: the C side writes at most `n` values.
+    let n = unsafe { pa_fwd_params_layout(v.as_mut_ptr(), v.len()) };
+    v.truncate(n.min(64));
+    v
+}
+
+/// Names of the emulator's self-tests (one per emulated primitive and behaviour).
+pub fn selftest_names() -> Vec<String> {
+    // SAFETY: returns a static NUL-terminated string.
+    let s = unsafe { CStr::from_ptr(pa_emu_selftest_names()) };
+    s.to_string_lossy()
+        .split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+/// Runs one emulator self-test.
+pub fn selftest(name: &str) -> Result<()> {
+    let c = CString::new(name).map_err(|_| Error::index("selftest", "name with a NUL byte"))?;
+    // SAFETY: valid C string and error buffer.
+    run_emu(name, |err, len| unsafe {
+        pa_emu_selftest(c.as_ptr(), err, len)
+    })
+}
+
+/// Runs the planted out-of-bounds kernel (it writes one element past a shared array when
+/// `write_out_of_bounds`); the sanitizer mode must catch it.
+pub fn planted_oob(write_out_of_bounds: bool) -> Result<()> {
+    run_emu("planted_oob", |_, _| {
+        // SAFETY: no pointers cross the boundary.
+        unsafe { pa_emu_planted_oob(write_out_of_bounds as c_int) }
+    })
+}
+
+/// The forward kernel on the emulator.
+pub fn attn_fwd(args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
+    let mut plan = plan_fwd(args, &out)?;
+    if plan.problem.location != Location::Host {
+        return Err(Error::device(
+            "q",
+            format!(
+                "the emu device needs host tensors, these are on {}",
+                plan.problem.location
+            ),
+        ));
+    }
+    if plan.is_empty() {
+        return Ok(());
+    }
+    let b = plan.problem.batch;
+    let base = plan.meta.as_ptr() as u64;
+    plan.params.prefix_index = base;
+    plan.params.seqlen_q = base + 4 * b as u64;
+    plan.params.seqlen_k = base + 8 * b as u64;
+    let (gx, gy, gz) = plan.grid;
+    // `out` is borrowed for the duration: the kernel writes through the addresses in `params`.
+    let _keep = out;
+    run_emu(plan.entry, |err, len| {
+        // SAFETY: every address in `params` was derived from a checked view that outlives the
+        // call (args and out), and `meta` lives in `plan`; the kernel reads and writes only
+        // within the shapes and strides the plan validated.
+        unsafe {
+            pa_emu_prefix_attn_fwd(
+                &plan.params,
+                gx,
+                gy,
+                gz,
+                plan.threads,
+                plan.smem_bytes,
+                err,
+                len,
+            )
+        }
+    })
+}
+
+/// The `emu` device.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EmuBackend;
+
+impl Backend for EmuBackend {
+    fn device(&self) -> Device {
+        Device::Emu
+    }
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Tensor::zeros(shape, dtype)
+    }
+    fn upload(&self, host: &Tensor) -> Result<Tensor> {
+        Ok(host.clone())
+    }
+    fn download(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
+        attn_fwd(args, out)
+    }
+    fn attn_bwd(&self, _: &AttnBwdArgs, _: AttnGrads) -> Result<()> {
+        Err(Error::Unsupported(
+            "emu: the attention backward kernel is not built yet".into(),
+        ))
+    }
+}

@@ -1,0 +1,187 @@
+//! GPU tests: the kernels on a real CUDA device against the f64 oracle. This binary has its own
+//! harness so that a person running `cargo test` without a GPU *sees* that these tests were
+//! skipped; `PREFIX_ATTN_REQUIRE_GPU=1` turns a skip into a failure.
+
+mod common;
+
+use common::*;
+use cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
+use prefix_attn::attn::oracle::{Dense, Precision};
+use prefix_attn::attn::testing::{random_spec, FwdBuffers, KvLayout, ProblemSpec, RandomProblem};
+use prefix_attn::attn::{AttnFwdArgs, AttnFwdOut};
+use prefix_attn::device::cuda::{device_count, CudaBackend};
+use prefix_attn::rng::Rng;
+use prefix_attn::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
+use std::sync::Arc;
+
+/// A host view's whole buffer copied to the device, and the same view there.
+struct DeviceCopy {
+    buf: CudaSlice<u8>,
+}
+
+fn to_device(stream: &Arc<cudarc::driver::CudaStream>, v: &TensorView) -> DeviceCopy {
+    let bytes = v.buffer_len() * v.dtype().size();
+    // SAFETY: a host view's buffer holds buffer_len() elements from base_addr().
+    let host = unsafe { std::slice::from_raw_parts(v.base_addr() as usize as *const u8, bytes) };
+    DeviceCopy {
+        buf: stream.clone_htod(host).unwrap(),
+    }
+}
+
+fn dev_view<'a>(
+    stream: &Arc<cudarc::driver::CudaStream>,
+    d: &'a DeviceCopy,
+    like: &TensorView,
+) -> TensorView<'a> {
+    let (ptr, _) = d.buf.device_ptr(stream);
+    // SAFETY: the device buffer is a byte copy of the host buffer and outlives the view.
+    unsafe {
+        TensorView::from_raw_parts(
+            ptr,
+            like.buffer_len(),
+            Location::Cuda(0),
+            like.dtype(),
+            like.layout(),
+        )
+        .unwrap()
+    }
+}
+
+fn run_case(
+    be: &CudaBackend,
+    stream: &Arc<cudarc::driver::CudaStream>,
+    spec: ProblemSpec,
+    seed: u64,
+) -> Result<(), String> {
+    let pb = RandomProblem::new(spec, &mut Rng::new(seed)).map_err(|e| e.to_string())?;
+    let args = pb.args().map_err(|e| e.to_string())?;
+    let x = Dense::from_args(&args).map_err(|e| e.to_string())?;
+    let exact = x.forward(Precision::Exact);
+    let copies: Vec<DeviceCopy> = [args.q, args.k, args.v]
+        .iter()
+        .map(|v| to_device(stream, v))
+        .collect();
+    let pre: Vec<DeviceCopy> = args
+        .prefix
+        .iter()
+        .flat_map(|p| [to_device(stream, &p.k), to_device(stream, &p.v)])
+        .collect();
+    let mut dargs = AttnFwdArgs {
+        q: dev_view(stream, &copies[0], &args.q),
+        k: dev_view(stream, &copies[1], &args.k),
+        v: dev_view(stream, &copies[2], &args.v),
+        ..args
+    };
+    if let Some(p) = &args.prefix {
+        dargs.prefix = Some(prefix_attn::attn::PrefixKv {
+            k: dev_view(stream, &pre[0], &p.k),
+            v: dev_view(stream, &pre[1], &p.v),
+        });
+    }
+    let mut host = FwdBuffers::poisoned(&pb.spec).map_err(|e| e.to_string())?;
+    let o_dev = to_device(stream, &host.o.view());
+    let l_dev = to_device(stream, &host.lse.view());
+    let (op, _) = o_dev.buf.device_ptr(stream);
+    let (lp, _) = l_dev.buf.device_ptr(stream);
+    // SAFETY: fresh device buffers of exactly these tensors' sizes, not aliased.
+    let (o_view, l_view) = unsafe {
+        (
+            TensorViewMut::from_raw_parts(
+                op,
+                host.o.numel(),
+                Location::Cuda(0),
+                host.o.dtype(),
+                host.o.view().layout(),
+            )
+            .unwrap(),
+            TensorViewMut::from_raw_parts(
+                lp,
+                host.lse.numel(),
+                Location::Cuda(0),
+                DType::F32,
+                host.lse.view().layout(),
+            )
+            .unwrap(),
+        )
+    };
+    be.attn_fwd(
+        &dargs,
+        AttnFwdOut {
+            o: o_view,
+            lse: Some(l_view),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let ob: Vec<u8> = stream.clone_dtoh(&o_dev.buf).unwrap();
+    let lb: Vec<u8> = stream.clone_dtoh(&l_dev.buf).unwrap();
+    copy_bytes(&mut host.o, &ob);
+    copy_bytes(&mut host.lse, &lb);
+    check_fwd(&x, &host, &exact, pb.spec.dtype)
+}
+
+fn copy_bytes(t: &mut Tensor, bytes: &[u8]) {
+    let n = t.numel();
+    let dt = t.dtype();
+    let vals: Vec<f32> = match dt {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    };
+    assert_eq!(vals.len(), n);
+    t.view_mut().scatter_f32(&vals).unwrap();
+}
+
+fn main() {
+    let require = std::env::var("PREFIX_ATTN_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let n = device_count();
+    if n == 0 {
+        println!("GPU tests: SKIPPED (no CUDA device or driver on this machine)");
+        if require {
+            println!("PREFIX_ATTN_REQUIRE_GPU=1: failing because no GPU is present");
+            println!("0 passed, 1 failed");
+            std::process::exit(1);
+        }
+        println!("0 passed, 0 failed, 1 skipped");
+        return;
+    }
+    let be = CudaBackend::new(0).expect("cuda:0");
+    let ctx = CudaContext::new(0).expect("context");
+    let stream = ctx.default_stream();
+    let mut specs: Vec<(String, ProblemSpec)> = vec![];
+    let mut rng = Rng::new(77);
+    for i in 0..40 {
+        let dtype = if i % 2 == 0 { DType::F16 } else { DType::BF16 };
+        let mut s = random_spec(&mut rng, dtype);
+        s.head_dim = if rng.below(2) == 0 { 64 } else { 128 };
+        specs.push((format!("random {i}"), s));
+    }
+    let mut g = ProblemSpec::new(8, 128, 128, 12, 12, 64, 10, true);
+    g.dtype = DType::F16;
+    g.layout = KvLayout::FusedQkv;
+    g.peft_layer = Some((12, 5));
+    specs.push(("gpt2-train layout".into(), g));
+    let (mut passed, mut failed) = (0, 0);
+    for (i, (name, spec)) in specs.into_iter().enumerate() {
+        match run_case(&be, &stream, spec, 1000 + i as u64) {
+            Ok(()) => passed += 1,
+            Err(e) => {
+                failed += 1;
+                println!("FAILED {name}: {e}");
+            }
+        }
+    }
+    println!("GPU forward kernel vs f64 oracle on cuda:0");
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

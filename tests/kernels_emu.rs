@@ -1,0 +1,279 @@
+//! The CUDA kernels on the CPU emulator: the emulator's self-tests, the parameter-struct
+//! layout against its C mirror, and the forward kernel against the f64 oracle on random shapes
+//! and every edge case, with the tolerance rule of DESIGN.md §5. The same file runs in the
+//! sanitizer mode (`--features emu-sanitize`, see .ci/run).
+
+mod common;
+
+use common::*;
+use prefix_attn::attn::oracle::{Dense, Precision};
+use prefix_attn::attn::testing::{random_spec, FwdBuffers, KvLayout, ProblemSpec, RandomProblem};
+use prefix_attn::attn::AttnFwdOut;
+use prefix_attn::device::{emu, kernels};
+use prefix_attn::rng::Rng;
+use prefix_attn::tensor::{DType, Tensor};
+
+#[test]
+fn emulator_self_tests_pass() {
+    let names = emu::selftest_names();
+    assert!(
+        names.len() >= 10,
+        "expected a self-test per primitive, got {names:?}"
+    );
+    for n in &names {
+        emu::selftest(n).unwrap_or_else(|e| panic!("self-test {n}: {e}"));
+    }
+}
+
+#[test]
+fn params_struct_matches_its_c_mirror() {
+    assert_eq!(emu::fwd_params_layout(), kernels::fwd_params_rust_layout());
+}
+
+/// Runs the emulated forward on `spec` and checks it against the oracle; returns the outputs.
+fn run_and_check(spec: ProblemSpec, seed: u64) -> FwdBuffers {
+    let ctx = format!("seed {seed}, spec {spec:?}");
+    let pb = RandomProblem::new(spec, &mut Rng::new(seed)).unwrap();
+    let args = pb.args().unwrap();
+    let x = Dense::from_args(&args).unwrap();
+    let exact = x.forward(Precision::Exact);
+    let mut f = FwdBuffers::poisoned(&pb.spec).unwrap();
+    emu::attn_fwd(&args, f.out()).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    check_fwd(&x, &f, &exact, pb.spec.dtype).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    f
+}
+
+fn kernel_spec(rng: &mut Rng, dtype: DType) -> ProblemSpec {
+    let mut s = random_spec(rng, dtype);
+    s.head_dim = if rng.below(2) == 0 { 64 } else { 128 };
+    s
+}
+
+#[test]
+fn forward_matches_oracle_on_random_shapes() {
+    let mut rng = Rng::new(21);
+    for seed in 0..24 {
+        let dtype = if seed % 2 == 0 {
+            DType::F16
+        } else {
+            DType::BF16
+        };
+        let spec = kernel_spec(&mut rng, dtype);
+        run_and_check(spec, seed);
+    }
+}
+
+#[test]
+fn forward_edge_cases() {
+    let base = || {
+        let mut s = ProblemSpec::new(2, 9, 9, 2, 2, 64, 3, true);
+        s.dtype = DType::F16;
+        s
+    };
+    let with = |f: &dyn Fn(&mut ProblemSpec)| {
+        let mut s = base();
+        f(&mut s);
+        s
+    };
+    let cases: Vec<(&str, ProblemSpec)> = vec![
+        ("P=0 table", with(&|s| s.prefix_len = 0)),
+        ("no table", with(&|s| s.num_prefixes = 0)),
+        ("P=1", with(&|s| s.prefix_len = 1)),
+        (
+            "P=70 (two prefix tiles, not a multiple)",
+            with(&|s| s.prefix_len = 70),
+        ),
+        (
+            "T=1",
+            with(&|s| {
+                s.tq = 1;
+                s.tk = 1;
+            }),
+        ),
+        (
+            "decode Tq=1",
+            with(&|s| {
+                s.tq = 1;
+                s.tk = 77;
+            }),
+        ),
+        (
+            "Tq=70 > one tile",
+            with(&|s| {
+                s.tq = 70;
+                s.tk = 70;
+            }),
+        ),
+        (
+            "padding",
+            with(&|s| {
+                s.seqlen_q = Some(vec![5, 0]);
+                s.seqlen_k = Some(vec![5, 0]);
+            }),
+        ),
+        (
+            "mixed prefixes",
+            with(&|s| {
+                s.num_prefixes = 3;
+                s.prefix_index = Some(vec![2, -1]);
+            }),
+        ),
+        (
+            "GQA 4",
+            with(&|s| {
+                s.heads_q = 8;
+                s.heads_kv = 2;
+            }),
+        ),
+        (
+            "MQA",
+            with(&|s| {
+                s.heads_q = 4;
+                s.heads_kv = 1;
+            }),
+        ),
+        ("D=128", with(&|s| s.head_dim = 128)),
+        (
+            "D=128 bf16 long",
+            with(&|s| {
+                s.head_dim = 128;
+                s.dtype = DType::BF16;
+                s.tq = 40;
+                s.tk = 100;
+                s.prefix_len = 33;
+            }),
+        ),
+        ("non-causal", with(&|s| s.causal = false)),
+        (
+            "GPT-2 qkv and PEFT prefix",
+            with(&|s| {
+                s.layout = KvLayout::FusedQkv;
+                s.peft_layer = Some((3, 1));
+                s.prefix_len = 10;
+            }),
+        ),
+        ("padded rows", with(&|s| s.layout = KvLayout::Padded)),
+        (
+            "rows seeing nothing",
+            with(&|s| {
+                s.prefix_index = Some(vec![-1, 0]);
+                s.seqlen_k = Some(vec![0, 9]);
+                s.seqlen_q = Some(vec![3, 9]);
+                s.causal = false;
+            }),
+        ),
+    ];
+    for (i, (name, spec)) in cases.into_iter().enumerate() {
+        eprintln!("case {name}");
+        run_and_check(spec, 500 + i as u64);
+    }
+}
+
+#[test]
+fn forward_is_deterministic() {
+    let mut s = ProblemSpec::new(2, 33, 33, 2, 1, 64, 5, true);
+    s.dtype = DType::BF16;
+    let a = run_and_check(s.clone(), 3);
+    let b = run_and_check(s, 3);
+    let bits = |t: &Tensor| {
+        t.to_f32_vec()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&a.o), bits(&b.o));
+    assert_eq!(bits(&a.lse), bits(&b.lse));
+}
+
+#[test]
+fn forward_agrees_with_the_cpu_path() {
+    // Same inputs, two implementations: the kernel and the CPU reference, both checked
+    // against the oracle above; here their outputs are also close to each other.
+    let mut s = ProblemSpec::new(3, 20, 20, 4, 2, 64, 7, true);
+    s.dtype = DType::F16;
+    s.num_prefixes = 2;
+    s.prefix_index = Some(vec![1, 0, -1]);
+    let pb = RandomProblem::new(s, &mut Rng::new(8)).unwrap();
+    let args = pb.args().unwrap();
+    let mut k = FwdBuffers::poisoned(&pb.spec).unwrap();
+    emu::attn_fwd(&args, k.out()).unwrap();
+    let mut c = FwdBuffers::poisoned(&pb.spec).unwrap();
+    prefix_attn::attn::cpu::forward(&args, c.out()).unwrap();
+    let (a, b) = (f64s(&k.o), f64s(&c.o));
+    assert!(max_err(&a, &b) < 4e-3, "kernel vs cpu: {}", max_err(&a, &b));
+}
+
+#[test]
+fn kernel_wrapper_rejects_what_the_kernel_cannot_read() {
+    let mut s = ProblemSpec::new(1, 4, 4, 1, 1, 64, 2, true);
+    s.dtype = DType::F16;
+    let pb = RandomProblem::new(s.clone(), &mut Rng::new(1)).unwrap();
+    let args = pb.args().unwrap();
+    // A head dim the kernels are not built for.
+    let mut s32 = s.clone();
+    s32.head_dim = 32;
+    let p32 = RandomProblem::new(s32.clone(), &mut Rng::new(1)).unwrap();
+    let mut f = FwdBuffers::poisoned(&s32).unwrap();
+    let e = emu::attn_fwd(&p32.args().unwrap(), f.out())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("head dim 32"), "{e}");
+    // f32 inputs.
+    let mut sf = s.clone();
+    sf.dtype = DType::F32;
+    let pf = RandomProblem::new(sf.clone(), &mut Rng::new(1)).unwrap();
+    let mut f = FwdBuffers::poisoned(&sf).unwrap();
+    let e = emu::attn_fwd(&pf.args().unwrap(), f.out())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("f16 or bf16"), "{e}");
+    // A view that starts 2 bytes into a row: not 16-byte aligned.
+    let big = Tensor::zeros(&[1, 4, 1, 72], DType::F16).unwrap();
+    let q = big.view().narrow(3, 1, 64).unwrap();
+    let mut a = args;
+    a.q = q;
+    let mut f = FwdBuffers::poisoned(&s).unwrap();
+    let e = emu::attn_fwd(&a, f.out()).unwrap_err().to_string();
+    assert!(e.contains("16-byte"), "{e}");
+    // An output of the wrong shape.
+    let mut o = Tensor::zeros(&[1, 4, 1, 32], DType::F16).unwrap();
+    let e = emu::attn_fwd(
+        &args,
+        AttnFwdOut {
+            o: o.view_mut(),
+            lse: None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("o:"), "{e}");
+}
+
+/// In the sanitizer mode, a planted out-of-bounds write in a tiny emulated kernel is caught:
+/// this test runs itself in a child process that performs the write and must die with an
+/// AddressSanitizer report.
+#[cfg(feature = "emu-sanitize")]
+#[test]
+fn sanitizer_catches_a_planted_out_of_bounds_write() {
+    if std::env::var_os("PREFIX_ATTN_PLANT_OOB").is_some() {
+        let _ = emu::planted_oob(true);
+        return;
+    }
+    emu::planted_oob(false).expect("in-bounds run is clean");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sanitizer_catches_a_planted_out_of_bounds_write",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("PREFIX_ATTN_PLANT_OOB", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the planted write went unnoticed");
+    assert!(
+        stderr.contains("AddressSanitizer"),
+        "no ASan report: {stderr}"
+    );
+}
