@@ -185,7 +185,6 @@ struct PendingCopy {
 
 struct Thread {
     Ctx ctx;
-    St st = St::Ready;
     // Parity of the warp collectives this lane has completed: which half of the warp's
     // double-buffered scratch its next collective uses.
     uint8_t phase = 0;
@@ -237,6 +236,7 @@ struct Launch {
     unsigned n = 0;  // threads per block
     bool reverse = false;
     std::vector<Thread> th;
+    std::vector<St> st;  // each thread's state, kept apart from Thread so scans stay in cache
     std::vector<Warp> warps;
     Ctx sched;  // the OS thread's own context (the scheduler)
     bool sched_stack_known = false;
@@ -296,7 +296,7 @@ std::string loc_str(const std::source_location& l) {
     return s;
 }
 
-bool same_loc(const std::source_location& a, const std::source_location& b) {
+inline bool same_loc(const std::source_location& a, const std::source_location& b) {
     return a.line() == b.line() && a.column() == b.column() &&
            (a.file_name() == b.file_name() || std::strcmp(a.file_name(), b.file_name()) == 0);
 }
@@ -378,7 +378,7 @@ unsigned next_ready(const Launch& L) {
     if (L.ready == 0) return kNone;
     for (unsigned k = 1; k <= L.n; ++k) {
         const unsigned t = L.reverse ? (L.cur + L.n - k) % L.n : (L.cur + k) % L.n;
-        if (L.th[t].st == St::Ready) return t;
+        if (L.st[t] == St::Ready) return t;
     }
     return kNone;
 }
@@ -424,7 +424,7 @@ void yield_blocked(Launch& L) {
 std::string describe(const Launch& L, unsigned t) {
     const Thread& th = L.th[t];
     std::string s;
-    switch (th.st) {
+    switch (L.st[t]) {
         case St::Exited: return "exited";
         case St::Ready: return t == L.cur ? "running" : "ready";
         case St::AtBarrier: return "at __syncthreads() " + loc_str(th.loc);
@@ -465,22 +465,23 @@ std::string thread_states(const Launch& L) {
 // of them must be at the same __syncthreads() (CUDA allows it in conditional code only when the
 // condition is uniform across the block).
 // ---------------------------------------------------------------------------------------------
-void release_barrier(Launch& L) {
-    const Thread* first = nullptr;
+// `site`: the __syncthreads() of the thread that completes the barrier; null when a thread's
+// exit completes it.
+void release_barrier(Launch& L, const std::source_location* site) {
     for (unsigned t = 0; t < L.n; ++t) {
-        const Thread& th = L.th[t];
-        if (th.st != St::AtBarrier) continue;
-        if (first == nullptr) {
-            first = &th;
-        } else if (!same_loc(first->loc, th.loc)) {
+        if (L.st[t] != St::AtBarrier) continue;
+        if (site == nullptr) site = &L.th[t].loc;
+        if (!same_loc(*site, L.th[t].loc)) {
+            // Every live thread is at the barrier now: undo the releases for the report.
+            for (unsigned u = 0; u < t; ++u)
+                if (L.st[u] == St::Ready) L.st[u] = St::AtBarrier;
             std::string m = "divergent __syncthreads(): the threads that have not exited wait at "
                             "different __syncthreads() calls:" + thread_states(L);
             if (L.err.empty()) L.err = block_name(L) + ": " + m;
             abort_launch(L);
         }
+        L.st[t] = St::Ready;
     }
-    for (unsigned t = 0; t < L.n; ++t)
-        if (L.th[t].st == St::AtBarrier) L.th[t].st = St::Ready;
     L.ready += L.bar_arrived;
     L.bar_arrived = 0;
     ++L.stats.block_barriers;
@@ -556,7 +557,7 @@ void release_warp(Launch& L, Warp& w, unsigned p) {
     compute_collective(L, w, ph);
     const unsigned base = static_cast<unsigned>(&w - L.warps.data()) * 32;
     for (unsigned l = 0; l < 32; ++l)
-        if (ph.arrived_mask >> l & 1u) L.th[base + l].st = St::Ready;
+        if (ph.arrived_mask >> l & 1u) L.st[base + l] = St::Ready;
     L.ready += ph.arrived;
     ph.arrived = 0;
     ph.arrived_mask = 0;
@@ -570,7 +571,7 @@ Slot& finish_collective(Launch& L) {
     Warp& w = L.warps[L.cur / 32];
     const unsigned p = me.phase;
     WarpPhase& ph = w.ph[p];
-    me.st = St::AtWarp;
+    L.st[L.cur] = St::AtWarp;
     --L.ready;
     ++ph.arrived;
     ph.arrived_mask |= 1u << lane_of(L.cur);
@@ -627,7 +628,7 @@ void compute_mma(Launch& L, WarpPhase& ph) {
         const uint16_t bits = static_cast<uint16_t>(reg >> (16 * hi));
         return bf16 ? bf16_bits_to_float(bits) : half_bits_to_float(bits);
     };
-    float A[16][16], B[16][8];
+    float A[16][16], B[16][8], D[16][8];
     for (int lane = 0; lane < 32; ++lane) {
         const Slot& s = ph.slot[lane];
         const int g = lane >> 2, t = lane & 3;
@@ -638,18 +639,28 @@ void compute_mma(Launch& L, WarpPhase& ph) {
             A[g + 8][2 * t + 8 + h] = cvt(s.a[3], h);
             B[2 * t + h][g] = cvt(s.b[0], h);
             B[2 * t + 8 + h][g] = cvt(s.b[1], h);
+            D[g][2 * t + h] = s.c[h];
+            D[g + 8][2 * t + h] = s.c[2 + h];
         }
+    }
+    // D[m][n] = C[m][n] + A[m][0]*B[0][n] + A[m][1]*B[1][n] + ... in this order, one rounding per
+    // addition. Each product of two f16/bf16 values is exact in fp32, so a fused multiply-add
+    // (if the compiler contracts) gives the same result. The loop over n vectorises.
+    for (int m = 0; m < 16; ++m) {
+        float acc[8];
+        for (int n = 0; n < 8; ++n) acc[n] = D[m][n];
+        for (int k = 0; k < 16; ++k) {
+            const float a = A[m][k];
+            for (int n = 0; n < 8; ++n) acc[n] += a * B[k][n];
+        }
+        for (int n = 0; n < 8; ++n) D[m][n] = acc[n];
     }
     for (int lane = 0; lane < 32; ++lane) {
         Slot& s = ph.slot[lane];
         const int g = lane >> 2, t = lane & 3;
-        for (int i = 0; i < 4; ++i) {
-            const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-            // Each product of two f16/bf16 values is exact in fp32, so a fused multiply-add
-            // (if the compiler contracts) gives the same sum.
-            float acc = s.c[i];
-            for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
-            s.out[i] = std::bit_cast<uint32_t>(acc);
+        for (int h = 0; h < 2; ++h) {
+            s.out[h] = std::bit_cast<uint32_t>(D[g][2 * t + h]);
+            s.out[2 + h] = std::bit_cast<uint32_t>(D[g + 8][2 * t + h]);
         }
     }
 }
@@ -714,7 +725,7 @@ void compute_collective(Launch& L, Warp& w, WarpPhase& ph) {
 [[noreturn]] void thread_exit(Launch& L) {
     Thread& me = L.th[L.cur];
     Warp& w = L.warps[L.cur / 32];
-    me.st = St::Exited;
+    L.st[L.cur] = St::Exited;
     me.copies.clear();  // pending cp.async copies are dropped
     --L.ready;
     --L.live;
@@ -722,7 +733,7 @@ void compute_collective(Launch& L, Warp& w, WarpPhase& ph) {
     w.alive_mask &= ~(1u << lane_of(L.cur));
     for (unsigned p = 0; p < 2; ++p)
         if (w.ph[p].arrived != 0 && w.ph[p].arrived == w.alive) release_warp(L, w, p);
-    if (L.bar_arrived != 0 && L.bar_arrived == L.live) release_barrier(L);
+    if (L.bar_arrived != 0 && L.bar_arrived == L.live) release_barrier(L, nullptr);
     const unsigned next = next_ready(L);
     if (next == kNone)
         switch_ctx(L, me.ctx, L.sched, true);
@@ -824,7 +835,7 @@ void init_block(Launch& L) {
     if (L.smem_bytes != 0) std::memset(L.smem, 0xff, L.smem_bytes);
     for (unsigned t = 0; t < L.n; ++t) {
         Thread& th = L.th[t];
-        th.st = St::Ready;
+        L.st[t] = St::Ready;
         th.phase = 0;
         th.copies.clear();
         th.open_group = 0;
@@ -916,6 +927,7 @@ int launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function
     L.body = &kernel_body;
     L.fpctl = current_fpctl();
     L.th.resize(L.n);
+    L.st.assign(L.n, St::Ready);
     L.warps.resize((L.n + 31) / 32);
     for (unsigned t = 0; t < L.n; ++t) {
         L.th[t].tid = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
@@ -1038,12 +1050,12 @@ namespace detail {
 void syncthreads(const std::source_location& loc) {
     Launch& L = running("__syncthreads");
     Thread& me = L.th[L.cur];
-    me.st = St::AtBarrier;
+    L.st[L.cur] = St::AtBarrier;
     me.loc = loc;
     --L.ready;
     ++L.bar_arrived;
     if (L.bar_arrived == L.live)
-        release_barrier(L);  // the last thread to arrive runs on
+        release_barrier(L, &loc);  // the last thread to arrive runs on
     else
         yield_blocked(L);
 }

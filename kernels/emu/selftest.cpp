@@ -10,6 +10,7 @@
 #include "../common/prims.cuh"
 #include "emu.h"
 
+#include <atomic>
 #include <chrono>
 #include <cinttypes>
 #include <cstdarg>
@@ -44,7 +45,7 @@ struct Rng {
 
 uint64_t fresh_seed() {
     if (const char* e = std::getenv("PREFIX_ATTN_EMU_SELFTEST_SEED")) return std::strtoull(e, nullptr, 0);
-    static uint64_t counter = 0;
+    static std::atomic<uint64_t> counter{0};
     const auto now = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
     return now * 0x9e3779b97f4a7c15ull + ++counter;
 }
@@ -583,7 +584,7 @@ bool test_mma_bf16(Test& t) { return test_mma(t, emu::Elem::BF16); }
 constexpr int kLdRows = 32, kLdStride = 40;  // halves per row: 80 bytes, a multiple of 16
 
 bool test_ldmatrix(Test& t) {
-    alignas(16) static uint16_t tile[kLdRows * kLdStride];
+    alignas(16) uint16_t tile[kLdRows * kLdStride];
     for (auto& x : tile) x = static_cast<uint16_t>(t.rng.u32() | 1u);
     struct Case {
         int num;
@@ -635,7 +636,7 @@ bool test_ldmatrix(Test& t) {
 // attention) through ldmatrix.x2, are both the B fragment. Checked against the naive product.
 bool test_ldmatrix_mma(Test& t) {
     constexpr int sa = 24, sbt = 8, sbn = 16;  // row strides in halves (48, 16, 32 bytes)
-    alignas(16) static uint16_t As[16 * sa], Bkn[16 * sbt], Bnk[8 * sbn];
+    alignas(16) uint16_t As[16 * sa], Bkn[16 * sbt], Bnk[8 * sbn];
     MmaTile m;
     random_tile(t.rng, m, emu::Elem::F16);
     for (int i = 0; i < 16; ++i)
@@ -685,9 +686,9 @@ bool test_ldmatrix_mma(Test& t) {
 }
 
 bool test_ldmatrix_misaligned(Test& t) {
-    alignas(16) static uint16_t tile[8 * 16];
+    alignas(16) uint16_t tile[8 * 16];
     for (auto& x : tile) x = 0x3c00;
-    auto body = [] {
+    auto body = [&tile] {
         const unsigned l = threadIdx.x;
         const uint16_t* p = &tile[(l % 8) * 16 + (l == 5 ? 1 : 0)];  // lane 5 is 2 bytes off
         uint32_t r[4];
@@ -708,7 +709,7 @@ bool all_bytes(const void* p, unsigned char v, size_t n) {
 
 bool test_cp_async(Test& t) {
     constexpr unsigned n = 32, chunks = 5;  // per thread: 16-byte chunks 0..4
-    alignas(16) static float src[n * chunks * 4];
+    alignas(16) float src[n * chunks * 4];
     for (auto& x : src) x = t.rng.nonzero(10.0f);
     // Flags each thread records (1 = as expected), checked on the host.
     enum {
@@ -766,9 +767,9 @@ bool test_cp_async(Test& t) {
 }
 
 bool test_cp_async_misaligned(Test& t) {
-    alignas(16) static float src[8];
+    alignas(16) float src[8];
     for (auto& x : src) x = 1.0f;
-    auto dst_body = [] {
+    auto dst_body = [&src] {
         PA_DYNAMIC_SMEM(unsigned char, smem);
         pa::cp_async_16(smem + 16 * threadIdx.x + (threadIdx.x == 3 ? 8 : 0), src, true);
         pa::cp_async_commit();
@@ -776,7 +777,7 @@ bool test_cp_async_misaligned(Test& t) {
     };
     if (!run_expect_error(t, dim3(1), dim3(32), 1024, dst_body, {"cp.async", "destination", "not 16-byte aligned", "thread 3"}))
         return false;
-    auto src_body = [] {
+    auto src_body = [&src] {
         PA_DYNAMIC_SMEM(unsigned char, smem);
         pa::cp_async_16(smem + 16 * threadIdx.x, reinterpret_cast<const unsigned char*>(src) + 4, true);
     };
@@ -1079,14 +1080,11 @@ float g_planted_sink[64];  // where the planted kernel leaves its (unused) resul
 }
 
 extern "C" int pa_emu_planted_oob(int write_out_of_bounds) {
-    static volatile int mode;  // volatile: the compiler must not see the index at build time
-    mode = write_out_of_bounds;
     char err[1024];
     return emu::launch(
         dim3(1), dim3(64), 64 * sizeof(float),
-        [] {
+        [m = write_out_of_bounds] {
             __shared__ float arr[64];
-            const int m = mode;
             const unsigned i = threadIdx.x;
             const unsigned idx = i + (m != 0 && i == 63 ? 1u : 0u);
             auto* dyn = static_cast<float*>(emu::dynamic_smem());
