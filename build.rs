@@ -55,6 +55,8 @@ fn build_emulator() {
         .define("PREFIX_ATTN_EMU", None)
         .include("kernels")
         .flag("-fno-strict-aliasing")
+        // Kernel frames larger than a page must not jump a fiber stack's guard page.
+        .flag_if_supported("-fstack-clash-protection")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unknown-pragmas")
         .opt_level(2)

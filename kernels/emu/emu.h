@@ -230,6 +230,22 @@ inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 
+// Integer and bit-reinterpretation intrinsics (CUDA Math API "Integer Intrinsics", "Type Casting
+// Intrinsics").
+inline int __popc(unsigned x) { return std::popcount(x); }
+inline int __popcll(unsigned long long x) { return std::popcount(x); }
+inline int __clz(int x) { return std::countl_zero(static_cast<unsigned>(x)); }
+inline int __ffs(int x) { return x == 0 ? 0 : std::countr_zero(static_cast<unsigned>(x)) + 1; }
+inline unsigned __brev(unsigned x) {
+    unsigned r = 0;
+    for (int i = 0; i < 32; ++i) r |= ((x >> i) & 1u) << (31 - i);
+    return r;
+}
+inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
+inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
+inline int __float_as_int(float x) { return std::bit_cast<int>(x); }
+inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
+
 // Memory-ordering helpers: everything runs on one OS thread, so they are no-ops.
 inline void __threadfence_block() {}
 inline void __threadfence() {}
@@ -284,9 +300,11 @@ namespace emu {
 
 enum class Elem { F16, BF16 };
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (PTX ISA §9.7.14.5.8,
-// "Matrix Fragments for mma.m16n8k16 with floating point type"). A warp collective: all 32
-// lanes must call it. g = lane >> 2, t = lane % 4; two 16-bit values per register, low first:
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, PTX ISA "Matrix Fragments
+// for mma.m16n8k16 with floating point type":
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#warp-level-matrix-fragment-mma-16816-float
+// A warp collective: all 32 lanes must call it. g = lane >> 2, t = lane % 4; two 16-bit values
+// per register, low half first:
 //   a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..]   a[2] = A[g][2t+8..]   a[3] = A[g+8][2t+8..]
 //   b[0] = B[2t..2t+1][g]   b[1] = B[2t+8..2t+9][g]
 //   c/d[0] = C[g][2t]  c/d[1] = C[g][2t+1]  c/d[2] = C[g+8][2t]  c/d[3] = C[g+8][2t+1]
@@ -295,16 +313,20 @@ enum class Elem { F16, BF16 };
 void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], Elem e,
                   std::source_location loc = std::source_location::current());
 
-// ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 (PTX ISA §9.7.14.5.15). A warp
-// collective. Lane l gives the 16-byte-aligned address of row l % 8 of matrix l / 8 (x1 uses
-// the addresses of lanes 0-7, x2 of lanes 0-15). r[j] of lane l is
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16, PTX ISA "Warp-level matrix load
+// instruction: ldmatrix":
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#warp-level-matrix-instructions-ldmatrix
+// A warp collective (all 32 lanes). Lane l gives the 16-byte-aligned address of row l % 8 of
+// matrix l / 8 (x1 uses the addresses of lanes 0-7, x2 of lanes 0-15). r[j] of lane l is
 //   (M_j[l>>2][2(l%4)], M_j[l>>2][2(l%4)+1])          without .trans
 //   (M_j[2(l%4)][l>>2], M_j[2(l%4)+1][l>>2])          with .trans        (low half first)
 // All lanes' rows are read when the last lane arrives (one instruction for the whole warp).
 void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr,
               std::source_location loc = std::source_location::current());
 
-// cp.async.cg.shared.global [dst], [src], 16, src_size (PTX ISA §9.7.9.25.3.1). Deferred:
+// cp.async.cg.shared.global [dst], [src], 16, src_size, PTX ISA "cp.async":
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#data-movement-and-conversion-instructions-cp-async
+// (and cp.async.commit_group / cp.async.wait_group just after it). Deferred:
 // recorded in the calling thread's open group and performed by cp_async_wait; the 16
 // destination bytes are poisoned (0xFF: NaN as f16, bf16 and f32) at issue. valid == false is
 // src_size = 0: 16 zero bytes, the source is not read. Both addresses must be 16-byte aligned.
@@ -327,7 +349,11 @@ size_t dynamic_smem_size();
 // otherwise non-zero with a human-readable, NUL-terminated message in err (truncated to
 // err_len): a divergent or deadlocked barrier (with every thread's state), a misaligned
 // ldmatrix/cp.async address, a warp collective with missing lanes, an emu::fail() call, a bad
-// launch configuration. The process is never aborted for these. Launches are serialised.
+// launch configuration. The process is never aborted for these. Launches are serialised
+// (process-wide mutex); a kernel must not launch. Each fiber has a 64 KiB stack (256 KiB under
+// ASan; PREFIX_ATTN_EMU_STACK_KIB overrides) above a guard page: an overflow kills the process
+// with a message naming the thread (build with -fstack-clash-protection so that frames larger
+// than a page cannot jump over the guard).
 int launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& kernel_body,
            char* err, size_t err_len);
 
@@ -339,6 +365,10 @@ int launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function
 // selects reverse for threads that never called this.
 void set_schedule_reverse(bool reverse);
 bool schedule_reverse();
+
+// C entry point of set_schedule_reverse for the Rust side (same per-OS-thread semantics:
+// call it on the thread that launches).
+extern "C" void pa_emu_set_schedule_reverse(int reverse);
 
 // Counters of the calling OS thread's last launch (for measurements and tests).
 struct LaunchStats {
@@ -377,11 +407,19 @@ inline T shfl_value(unsigned mask, T v, int lane_arg, int width, Shfl mode, cons
 
 // ---------------------------------------------------------------------------------------------
 // Block barrier and warp-level intrinsics, CUDA C++ Programming Guide "Synchronization
-// Functions" and "Warp Shuffle Functions" (shfl.sync, PTX ISA §9.7.8.6; vote.sync ballot,
-// §9.7.8.8; bar.warp.sync, §9.7.13.3). Masks: every live lane of the warp must be in the mask
-// (partial-warp masks are not emulated) and every live lane must call the same intrinsic at the
-// same source location; lanes that have exited drop out. A shuffle that reads an exited lane is
-// an error. Each call records its source location for error reports.
+// Functions", "Warp Vote Functions" and "Warp Shuffle Functions"; PTX ISA bar/barrier, shfl.sync,
+// vote.sync, bar.warp.sync:
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#parallel-synchronization-and-communication-instructions-bar-barrier
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#data-movement-and-conversion-instructions-shfl-sync
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#parallel-synchronization-and-communication-instructions-vote-sync
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#parallel-synchronization-and-communication-instructions-bar-warp-sync
+// __syncthreads(): completes when every thread of the block that has not exited is waiting; all
+// of them must wait at the same __syncthreads() call (source location), else the launch fails
+// ("divergent __syncthreads()"), as it does when no thread can make progress ("deadlock").
+// Warp intrinsics: every live lane of the warp must be in the mask (partial-warp masks are not
+// emulated) and every live lane must call the same intrinsic at the same source location
+// (__syncwarp: any location); lanes that have exited drop out, and a shuffle that reads an
+// exited lane is an error. Each call records its source location for error reports.
 // ---------------------------------------------------------------------------------------------
 inline void __syncthreads(std::source_location loc = std::source_location::current()) {
     emu::detail::syncthreads(loc);

@@ -113,7 +113,9 @@ struct ScheduleGuard {
 constexpr unsigned kXchgThreads = 128;
 constexpr int kXchgRounds = 6;
 
-uint32_t mix(uint32_t a, uint32_t b, uint32_t c) { return (a * 2654435761u) ^ (b + 0x9e3779b9u) ^ (c << 7 | c >> 25); }
+uint32_t mix(uint32_t a, uint32_t b, uint32_t c) {
+    return (a * 2654435761u) ^ (b + 0x9e3779b9u) ^ (c << 7 | c >> 25);
+}
 
 std::vector<uint32_t> exchange_reference(const std::vector<uint32_t>& init, unsigned blocks) {
     std::vector<uint32_t> out(init);
@@ -413,7 +415,8 @@ bool test_ballot(Test& t) {
         float s = 0;
         for (unsigned l = 0; l < (w == 0 ? 32u : 16u); ++l) s += sum_in[w * 32 + l];
         for (unsigned l = 0; l < (w == 0 ? 32u : 16u); ++l)
-            CHECK(sum_out[w * 32 + l] == s, "warp %u lane %u: butterfly sum %g, want %g", w, l, sum_out[w * 32 + l], s);
+            CHECK(sum_out[w * 32 + l] == s, "warp %u lane %u: butterfly sum %g, want %g", w, l,
+                  sum_out[w * 32 + l], s);
     }
     return true;
 }
@@ -623,7 +626,8 @@ bool test_ldmatrix(Test& t) {
         for (unsigned l = 0; l < 32; ++l)
             for (int j = 0; j < cs.num; ++j) {
                 const int q = static_cast<int>(l / 4), c = 2 * static_cast<int>(l % 4);
-                const uint32_t want = cs.trans ? pack16(M(j, c, q), M(j, c + 1, q)) : pack16(M(j, q, c), M(j, q, c + 1));
+                const uint32_t want =
+                    cs.trans ? pack16(M(j, c, q), M(j, c + 1, q)) : pack16(M(j, q, c), M(j, q, c + 1));
                 CHECK(got[l][j] == want, "ldmatrix.x%d%s lane %u register %d: got %08x, want %08x", cs.num,
                       cs.trans ? ".trans" : "", l, j, got[l][j], want);
             }
@@ -718,7 +722,8 @@ bool test_cp_async(Test& t) {
     };
     static const char* flag_names[] = {
         "destination poisoned at issue", "wait_group 2 completed group 0", "wait_group 2 left groups 1-2 pending",
-        "wait_group 1 completed group 1", "wait_group 1 left group 2 pending", "zero fill", "uncommitted copy not waited for",
+        "wait_group 1 completed group 1", "wait_group 1 left group 2 pending", "zero fill",
+        "uncommitted copy not waited for",
         "uncommitted copy arrives after commit + wait", "other threads' copies visible after the barrier",
         "poison reads as NaN"};
     std::vector<int> flags(n * kFlags, 0);
@@ -732,7 +737,8 @@ bool test_cp_async(Test& t) {
         for (unsigned c = 0; c < chunks; ++c) std::memset(dst(c), 0x11, 16);  // not the poison
         pa::cp_async_16(dst(0), from(0), true);
         f[kPoisonedAtIssue] = all_bytes(dst(0), 0xff, 16);
-        f[kPoisonIsNan] = std::isnan(dst(0)[0]) && std::isnan(__half2float(std::bit_cast<__half>(uint16_t{0xffff}))) &&
+        f[kPoisonIsNan] = std::isnan(dst(0)[0]) &&
+                          std::isnan(__half2float(std::bit_cast<__half>(uint16_t{0xffff}))) &&
                           std::isnan(__bfloat162float(std::bit_cast<__nv_bfloat16>(uint16_t{0xffff})));
         pa::cp_async_commit();
         pa::cp_async_16(dst(1), from(1), true);
@@ -775,7 +781,8 @@ bool test_cp_async_misaligned(Test& t) {
         pa::cp_async_commit();
         pa::cp_async_wait<0>();
     };
-    if (!run_expect_error(t, dim3(1), dim3(32), 1024, dst_body, {"cp.async", "destination", "not 16-byte aligned", "thread 3"}))
+    if (!run_expect_error(t, dim3(1), dim3(32), 1024, dst_body,
+                          {"cp.async", "destination", "not 16-byte aligned", "thread 3"}))
         return false;
     auto src_body = [&src] {
         PA_DYNAMIC_SMEM(unsigned char, smem);
@@ -799,19 +806,25 @@ bool test_dynamic_smem_repoison(Test& t) {
         const unsigned i = threadIdx.x, b = blockIdx.x;
         const size_t per = bytes / n;  // 15 bytes each; thread 0 also checks the tail
         bool good = reinterpret_cast<uintptr_t>(smem) % 16 == 0 && emu::dynamic_smem_size() == bytes &&
-                    all_bytes(smem + i * per, 0xff, per) && (i != 0 || all_bytes(smem + n * per, 0xff, bytes - n * per));
+                    all_bytes(smem + i * per, 0xff, per) &&
+                    (i != 0 || all_bytes(smem + n * per, 0xff, bytes - n * per));
         __syncthreads();
-        for (size_t k = i * per; k < (i + 1) * per; ++k) smem[k] = static_cast<unsigned char>(fill[b * n + i] >> (k % 4 * 8));
+        auto byte_of = [&](unsigned th, size_t k) {
+            return static_cast<unsigned char>(fill[b * n + th] >> (k % 4 * 8));
+        };
+        for (size_t k = i * per; k < (i + 1) * per; ++k) smem[k] = byte_of(i, k);
         if (i == 0)
             for (size_t k = n * per; k < bytes; ++k) smem[k] = 0x5a;
         __syncthreads();
-        good = good && smem[((i + 1) % n) * per] == static_cast<unsigned char>(fill[b * n + (i + 1) % n] >> (((i + 1) % n) * per % 4 * 8));
+        const unsigned o = (i + 1) % n;
+        good = good && smem[o * per] == byte_of(o, o * per);
         ok[b * n + i] = good ? 1 : 0;
     };
     if (!run(t, dim3(blocks), dim3(n), bytes, body)) return false;
     for (unsigned b = 0; b < blocks; ++b)
         for (unsigned i = 0; i < n; ++i)
-            CHECK(ok[b * n + i] == 1, "block %u thread %u: dynamic shared memory not aligned, sized or poisoned as expected", b, i);
+            CHECK(ok[b * n + i] == 1,
+                  "block %u thread %u: dynamic shared memory not aligned, sized or poisoned as expected", b, i);
     return true;
 }
 
@@ -873,7 +886,8 @@ bool test_fail(Test& t) {
         if (threadIdx.x == 37) emu::fail("planted failure 42");
         __syncthreads();
     };
-    if (!run_expect_error(t, dim3(2), dim3(64), 0, body, {"emu::fail: planted failure 42", "thread 37"})) return false;
+    if (!run_expect_error(t, dim3(2), dim3(64), 0, body, {"emu::fail: planted failure 42", "thread 37"}))
+        return false;
     // The emulator is fine afterwards.
     std::vector<uint32_t> data(kXchgThreads);
     for (auto& x : data) x = t.rng.u32() | 1u;
@@ -895,7 +909,8 @@ bool test_launch_config(Test& t) {
         if (threadIdx.x == 0) inner_rc = emu::launch(dim3(1), dim3(1), 0, [] {}, inner_err, sizeof inner_err);
     };
     if (!run(t, dim3(1), dim3(32), 0, outer)) return false;
-    CHECK(inner_rc != 0 && std::strstr(inner_err, "inside") != nullptr, "a nested launch was not refused: %s", inner_err);
+    CHECK(inner_rc != 0 && std::strstr(inner_err, "inside") != nullptr, "a nested launch was not refused: %s",
+          inner_err);
     // The largest block: 1024 threads, a barrier round and a warp reduction, 32x32x1.
     std::vector<unsigned> sums(1024);
     auto body = [&] {
@@ -952,8 +967,10 @@ bool test_half_types(Test& t) {
             const uint16_t sb = sgn ? 0x8000 : 0;
             CHECK(emu::float_to_half_bits(s * mid) == (even | sb), "float %a -> half %04x, want %04x", s * mid,
                   emu::float_to_half_bits(s * mid), even | sb);
-            CHECK(emu::float_to_half_bits(s * std::nextafter(mid, 0.0f)) == (h | sb), "float just below midpoint %a", mid);
-            CHECK(emu::float_to_half_bits(s * std::nextafter(mid, 1e9f)) == ((h + 1) | sb), "float just above midpoint %a", mid);
+            CHECK(emu::float_to_half_bits(s * std::nextafter(mid, 0.0f)) == (h | sb),
+                  "float just below midpoint %a", mid);
+            CHECK(emu::float_to_half_bits(s * std::nextafter(mid, 1e9f)) == ((h + 1) | sb),
+                  "float just above midpoint %a", mid);
             CHECK(std::bit_cast<uint16_t>(__float2half_rn(s * static_cast<float>(lo))) == (h | sb),
                   "__float2half of the exact value of half %04x", h);
         }
@@ -967,7 +984,8 @@ bool test_half_types(Test& t) {
     for (int k = 0; k < 200000; ++k) {  // the hardware conversion agrees with the hand-written one
         const float f = std::bit_cast<float>(t.rng.u32());
         const uint16_t hw = std::bit_cast<uint16_t>(static_cast<_Float16>(f));
-        CHECK(hw == emu::float_to_half_bits(f), "float %a: F16C %04x, emulator %04x", f, hw, emu::float_to_half_bits(f));
+        CHECK(hw == emu::float_to_half_bits(f), "float %a: F16C %04x, emulator %04x", f, hw,
+              emu::float_to_half_bits(f));
     }
 #endif
     // bfloat16: midpoints between neighbours round to even; NaN -> 0x7fff.
@@ -976,7 +994,8 @@ bool test_half_types(Test& t) {
         const uint32_t lo = static_cast<uint32_t>(b) << 16;
         const float mid = std::bit_cast<float>(lo | 0x8000u);
         const uint16_t even = (b & 1) ? static_cast<uint16_t>(b + 1) : b;
-        CHECK(__float2bfloat16(mid).__x == even, "bf16 midpoint %a -> %04x, want %04x", mid, __float2bfloat16(mid).__x, even);
+        CHECK(__float2bfloat16(mid).__x == even, "bf16 midpoint %a -> %04x, want %04x", mid,
+              __float2bfloat16(mid).__x, even);
         CHECK(__float2bfloat16_rn(std::bit_cast<float>(lo | 0x7fffu)).__x == b, "bf16 below midpoint");
         CHECK(__float2bfloat16(std::bit_cast<float>(lo | 0x8001u)).__x == b + 1, "bf16 above midpoint");
         CHECK(std::bit_cast<uint32_t>(__bfloat162float(std::bit_cast<__nv_bfloat16>(b))) == lo, "bf16 -> float");
@@ -1071,13 +1090,21 @@ extern "C" const char* pa_emu_selftest_names() {
 }
 
 // A tiny kernel with a planted out-of-bounds write, for the sanitizer mode: with
-// write_out_of_bounds = 1, thread 63 writes one element past a 64-element `__shared__` array;
-// with 2, one element past the 256-byte dynamic shared memory; with 0 everything is in bounds.
-// Under AddressSanitizer the bad write aborts the process with a report; without it the kernel
-// just runs (the write lands in whatever follows). Returns the launch's result.
+// write_out_of_bounds = 1, thread 63 writes one element past a 64-element `__shared__` array
+// (static storage with an ASan redzone after it); with 2, one element past the 256-byte dynamic
+// shared memory (a heap block); with 0 everything is in bounds. The store goes through a pointer
+// the compiler cannot see through, so UBSan's bounds and object-size checks stay silent and the
+// report is AddressSanitizer's (global- or heap-buffer-overflow), which aborts the process.
+// Without ASan the kernel just runs (the write lands in whatever follows). Returns the launch's
+// result.
 namespace {
 float g_planted_sink[64];  // where the planted kernel leaves its (unused) result
+
+float* opaque(float* p) {
+    asm volatile("" : "+r"(p));  // hides where p points from the optimiser and UBSan
+    return p;
 }
+}  // namespace
 
 extern "C" int pa_emu_planted_oob(int write_out_of_bounds) {
     char err[1024];
@@ -1086,9 +1113,10 @@ extern "C" int pa_emu_planted_oob(int write_out_of_bounds) {
         [m = write_out_of_bounds] {
             __shared__ float arr[64];
             const unsigned i = threadIdx.x;
-            const unsigned idx = i + (m != 0 && i == 63 ? 1u : 0u);
-            auto* dyn = static_cast<float*>(emu::dynamic_smem());
-            arr[m == 2 ? i : idx] = static_cast<float>(i);
+            const unsigned idx = i + (m != 0 && i == 63 ? 1u : 0u);  // 64 = one past the end
+            float* stat = opaque(arr);
+            float* dyn = opaque(static_cast<float*>(emu::dynamic_smem()));
+            stat[m == 2 ? i : idx] = static_cast<float>(i);
             dyn[m == 2 ? idx : i] = static_cast<float>(i) * 2.0f;
             __syncthreads();
             g_planted_sink[i] = arr[(i + 1) % 64] + dyn[(i + 1) % 64];

@@ -27,6 +27,15 @@ extern "C" {
     fn pa_emu_selftest(name: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
     fn pa_emu_selftest_names() -> *const c_char;
     fn pa_emu_planted_oob(write_out_of_bounds: c_int) -> c_int;
+    fn pa_emu_set_schedule_reverse(reverse: c_int);
+}
+
+/// Chooses the emulator's fiber schedule for launches from the calling thread: round robin in
+/// thread order (default) or in reverse order. A correct kernel gives the same result under
+/// both; a missing barrier or a race usually does not.
+pub fn set_schedule_reverse(reverse: bool) {
+    // SAFETY: sets a thread-local flag.
+    unsafe { pa_emu_set_schedule_reverse(reverse as c_int) }
 }
 
 /// The emulator runs one launch at a time: kernels' `__shared__` arrays are static storage.
