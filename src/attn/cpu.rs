@@ -10,6 +10,7 @@
 //! deterministic and independent of the thread count.
 
 use super::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, AttnProblem};
+use crate::device::simd;
 use crate::error::{Error, Result};
 use crate::tensor::{Location, RowWriter, TensorView, TensorViewMut};
 use rayon::prelude::*;
@@ -51,11 +52,10 @@ pub fn forward(args: &AttnFwdArgs, mut out: AttnFwdOut) -> Result<()> {
                         for (j, sj) in s.iter_mut().enumerate() {
                             *sj = pr.scale * dot(&q, kv.k_row(j));
                         }
-                        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut l = 0f32;
-                        for (j, sj) in s.iter().enumerate() {
-                            let p = (sj - m).exp();
-                            l += p;
+                        let m = simd::max(s);
+                        simd::exp_shift(s, m);
+                        let l = simd::sum(s);
+                        for (j, &p) in s.iter().enumerate() {
                             axpy(&mut acc, p, kv.v_row(j));
                         }
                         let inv = 1.0 / l;
@@ -101,6 +101,7 @@ pub fn backward(args: &AttnBwdArgs, mut grads: AttnGrads) -> Result<()> {
             let (mut q, mut d_o, mut o, mut dq) =
                 (vec![0f32; d], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
             let mut lse = [0f32];
+            let mut scores = vec![0f32; kv.rows];
             for g in 0..pr.group() {
                 let h = hkv * pr.group() + g;
                 for i in 0..pr.tq {
@@ -126,8 +127,12 @@ pub fn backward(args: &AttnBwdArgs, mut grads: AttnGrads) -> Result<()> {
                             .read_f32(args.o.layout().index(&[b, i, h, 0]), &mut o)?;
                         // D_i = rowsum(dO ∘ O): the softmax Jacobian's correction term.
                         let di = dot(&d_o, &o);
-                        for j in 0..nkeys {
-                            let p = (pr.scale * dot(&q, kv.k_row(j)) - lse).exp();
+                        let probs = &mut scores[..nkeys];
+                        for (j, p) in probs.iter_mut().enumerate() {
+                            *p = pr.scale * dot(&q, kv.k_row(j));
+                        }
+                        simd::exp_shift(probs, lse);
+                        for (j, &p) in probs.iter().enumerate() {
                             let dp = dot(&d_o, kv.v_row(j));
                             let ds = pr.scale * p * (dp - di);
                             if seq_grads {

@@ -4,7 +4,7 @@
 //! load); matmuls go through the `gemm` crate, row-wise operations are split over rows with
 //! rayon. Attention takes any float dtype and strides (see [`crate::attn::cpu`]).
 
-use super::{AdamWStep, Backend, Device, MatmulOpts};
+use super::{simd, AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::{cpu, AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
@@ -64,9 +64,8 @@ fn same_shape(arg: &str, got: &[usize], want: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// GPT-2's `gelu_new`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
-const GELU_K: f32 = 0.797_884_6; // sqrt(2 / pi)
-const GELU_C: f32 = 0.044_715;
+/// Elements per parallel task for elementwise operations.
+const ELEMS_PER_TASK: usize = 16 * 1024;
 
 impl Backend for CpuBackend {
     fn device(&self) -> Device {
@@ -297,13 +296,9 @@ impl Backend for CpuBackend {
         same_shape("gelu out", out.dims(), x.dims())?;
         let xv = f32_in("gelu x", x)?;
         let ov = f32_out("gelu out", out)?;
-        ov.par_chunks_mut(4096)
-            .zip(xv.par_chunks(4096))
-            .for_each(|(o, x)| {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = 0.5 * x * (1.0 + (GELU_K * (x + GELU_C * x * x * x)).tanh());
-                }
-            });
+        ov.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(xv.par_chunks(ELEMS_PER_TASK))
+            .for_each(|(o, x)| simd::gelu(x, o));
         Ok(())
     }
 
@@ -312,16 +307,12 @@ impl Backend for CpuBackend {
         same_shape("gelu_bwd dx", dx.dims(), x.dims())?;
         let (xv, dyv) = (f32_in("gelu_bwd x", x)?, f32_in("gelu_bwd dy", dy)?);
         let dxv = f32_out("gelu_bwd dx", dx)?;
-        dxv.par_chunks_mut(4096)
-            .zip(xv.par_chunks(4096).zip(dyv.par_chunks(4096)))
-            .for_each(|(d, (x, g))| {
-                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                    let u = GELU_K * (x + GELU_C * x * x * x);
-                    let t = u.tanh();
-                    let du = GELU_K * (1.0 + 3.0 * GELU_C * x * x);
-                    *d = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
-                }
-            });
+        dxv.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(
+                xv.par_chunks(ELEMS_PER_TASK)
+                    .zip(dyv.par_chunks(ELEMS_PER_TASK)),
+            )
+            .for_each(|(d, (x, g))| simd::gelu_bwd(x, g, d));
         Ok(())
     }
 
@@ -329,7 +320,7 @@ impl Backend for CpuBackend {
         same_shape("tanh out", out.dims(), x.dims())?;
         let xv = f32_in("tanh x", x)?;
         let ov = f32_out("tanh out", out)?;
-        ov.iter_mut().zip(xv).for_each(|(o, x)| *o = x.tanh());
+        simd::tanh_slice(xv, ov);
         Ok(())
     }
 
@@ -523,7 +514,7 @@ impl Backend for CpuBackend {
             }
             None => None,
         };
-        let row_loss = |r: usize, d: Option<&mut [f32]>| -> f32 {
+        let row_loss = |r: usize, d: Option<&mut [f32]>, scratch: &mut Vec<f32>| -> f32 {
             let t = targets[r];
             let row = &lv[r * v..(r + 1) * v];
             if t == -100 {
@@ -532,15 +523,21 @@ impl Backend for CpuBackend {
                 }
                 return 0.0;
             }
-            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row.iter().map(|x| (x - mx).exp()).sum();
-            if let Some(d) = d {
-                let inv = 1.0 / sum;
-                for (d, x) in d.iter_mut().zip(row) {
-                    *d = (x - mx).exp() * inv;
+            let mx = simd::max(row);
+            // exp(x - max) once, into the gradient row when there is one.
+            let e: &mut [f32] = match d {
+                Some(d) => d,
+                None => {
+                    scratch.resize(v, 0.0);
+                    &mut scratch[..]
                 }
-                d[t as usize] -= 1.0;
-            }
+            };
+            e.copy_from_slice(row);
+            simd::exp_shift(e, mx);
+            let sum = simd::sum(e);
+            let inv = 1.0 / sum;
+            e.iter_mut().for_each(|x| *x *= inv);
+            e[t as usize] -= 1.0;
             mx + sum.ln() - row[t as usize]
         };
         match dl {
@@ -548,11 +545,11 @@ impl Backend for CpuBackend {
                 .par_chunks_mut(v)
                 .zip(loss.par_iter_mut())
                 .enumerate()
-                .for_each(|(r, (d, l))| *l = row_loss(r, Some(d))),
+                .for_each_init(Vec::new, |s, (r, (d, l))| *l = row_loss(r, Some(d), s)),
             _ => loss
                 .par_iter_mut()
                 .enumerate()
-                .for_each(|(r, l)| *l = row_loss(r, None)),
+                .for_each_init(Vec::new, |s, (r, l)| *l = row_loss(r, None, s)),
         }
         Ok(())
     }

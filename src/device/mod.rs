@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod emu;
 pub mod kernels;
+pub mod simd;
 
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
