@@ -46,37 +46,23 @@ fn run_and_check(spec: ProblemSpec, seed: u64) -> (RandomProblem, FwdBuffers, Gr
     )
     .unwrap_or_else(|e| panic!("{ctx}: {e}"));
 
-    // prefix_only gives the very same prefix gradients and writes nothing else.
+    // prefix_only gives the same prefix gradients (to f32 rounding: its products skip the
+    // sequence columns, so gemm may block them differently) and writes nothing else.
     let mut gp = GradBuffers::poisoned(&pb.spec).unwrap();
     let bargs = pb.bwd_args(&f.o, &f.lse, true).unwrap();
     cpu::backward(&bargs, gp.grads(has_prefix, true)).unwrap();
     if has_prefix {
-        assert_eq!(
-            gp.dk_pre
-                .to_f32_vec()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect::<Vec<_>>(),
-            g.dk_pre
-                .to_f32_vec()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect::<Vec<_>>(),
-            "{ctx}: prefix_only dk_pre"
-        );
-        assert_eq!(
-            gp.dv_pre
-                .to_f32_vec()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect::<Vec<_>>(),
-            g.dv_pre
-                .to_f32_vec()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect::<Vec<_>>(),
-            "{ctx}: prefix_only dv_pre"
-        );
+        for (name, a, b) in [
+            ("dk_pre", &gp.dk_pre, &g.dk_pre),
+            ("dv_pre", &gp.dv_pre, &g.dv_pre),
+        ] {
+            let (a, b) = (f64s(a), f64s(b));
+            let e = max_err(&a, &b);
+            assert!(
+                e <= 1e-6 * (1.0 + max_abs(&b)),
+                "{ctx}: prefix_only {name} differs by {e}"
+            );
+        }
     }
     assert!(
         gp.dq.to_f32_vec().iter().all(|x| x.is_nan()),

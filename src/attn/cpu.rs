@@ -10,7 +10,7 @@
 //! deterministic and independent of the thread count.
 
 use super::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, AttnProblem};
-use crate::device::simd;
+use crate::device::simd::{self, multiversion};
 use crate::error::{Error, Result};
 use crate::tensor::{Location, RowWriter, TensorView, TensorViewMut};
 use rayon::prelude::*;
@@ -25,53 +25,65 @@ pub fn forward(args: &AttnFwdArgs, mut out: AttnFwdOut) -> Result<()> {
         Some(l) => Some(l.row_writer()?),
         None => None,
     };
-    let d = pr.head_dim;
     (0..pr.batch * pr.heads_kv)
         .into_par_iter()
-        .try_for_each(|task| -> Result<()> {
-            let (b, hkv) = (task / pr.heads_kv, task % pr.heads_kv);
-            let kv = gather_keys(args, &pr, b, hkv)?;
-            let mut q = vec![0f32; d];
-            let mut acc = vec![0f32; d];
-            let mut scores = vec![0f32; kv.rows];
-            let mut lse_row = vec![f32::NEG_INFINITY; pr.tq];
-            for g in 0..pr.group() {
-                let h = hkv * pr.group() + g;
-                lse_row.fill(f32::NEG_INFINITY);
-                for i in 0..pr.tq {
-                    acc.fill(0.0);
-                    let nkeys = if i < pr.lens_q[b] {
-                        kv.prefix_rows + pr.visible_seq_keys(b, i)
-                    } else {
-                        0
-                    };
-                    if nkeys > 0 {
-                        args.q
-                            .read_f32(args.q.layout().index(&[b, i, h, 0]), &mut q)?;
-                        let s = &mut scores[..nkeys];
-                        for (j, sj) in s.iter_mut().enumerate() {
-                            *sj = pr.scale * dot(&q, kv.k_row(j));
-                        }
-                        let m = simd::max(s);
-                        simd::exp_shift(s, m);
-                        let l = simd::sum(s);
-                        for (j, &p) in s.iter().enumerate() {
-                            axpy(&mut acc, p, kv.v_row(j));
-                        }
-                        let inv = 1.0 / l;
-                        acc.iter_mut().for_each(|x| *x *= inv);
-                        lse_row[i] = m + l.ln();
-                    }
-                    // SAFETY: row (b, i, h) belongs to this task alone.
-                    unsafe { o.write_row(o.index(&[b, i, h, 0]), &acc) };
+        .try_for_each(|task| fwd_task(args, &pr, &o, lse.as_ref(), task))
+}
+
+multiversion! {
+    /// One forward task: sequence `task / Hkv`, key/value head `task % Hkv`, all its query
+    /// heads. Per head: `S = (scale Q) Kᵀ` over the keys the sequence can see, a row-wise
+    /// softmax over each row's visible prefix of `S` (masked entries are 0), `O = P V`; the
+    /// products run through `gemm`. Compiled for AVX2+FMA where the CPU has it.
+    fn fwd_task(
+        args: &AttnFwdArgs,
+        pr: &AttnProblem,
+        o: &RowWriter,
+        lse: Option<&RowWriter>,
+        task: usize,
+    ) -> Result<()> {
+        let d = pr.head_dim;
+        let (b, hkv) = (task / pr.heads_kv, task % pr.heads_kv);
+        let kv = gather_keys(args, pr, b, hkv)?;
+        let (sq, nk) = (pr.lens_q[b], kv.rows);
+        let mut q = vec![0f32; sq * d];
+        let mut s = vec![0f32; sq * nk];
+        let mut out = vec![0f32; sq * d];
+        let mut lse_row = vec![f32::NEG_INFINITY; pr.tq];
+        let zero = vec![0f32; d];
+        for g in 0..pr.group() {
+            let h = hkv * pr.group() + g;
+            lse_row.fill(f32::NEG_INFINITY);
+            gather_rows(&args.q, b, h, sq, pr.scale, &mut q)?;
+            mm(sq, nk, d, &q, false, &kv.k, true, &mut s, false, 1.0);
+            for i in 0..sq {
+                let n = kv.prefix_rows + pr.visible_seq_keys(b, i);
+                let row = &mut s[i * nk..(i + 1) * nk];
+                row[n..].fill(0.0);
+                if n == 0 {
+                    continue;
                 }
-                if let Some(lse) = &lse {
-                    // SAFETY: lse row (b, h) belongs to this task alone.
-                    unsafe { lse.write_row(lse.index(&[b, h, 0]), &lse_row) };
-                }
+                let vis = &mut row[..n];
+                let m = simd::max(vis);
+                simd::exp_shift(vis, m);
+                let l = simd::sum(vis);
+                let inv = 1.0 / l;
+                vis.iter_mut().for_each(|x| *x *= inv);
+                lse_row[i] = m + l.ln();
             }
-            Ok(())
-        })
+            mm(sq, d, nk, &s, false, &kv.v, false, &mut out, false, 1.0);
+            for i in 0..pr.tq {
+                let row = if i < sq { &out[i * d..(i + 1) * d] } else { &zero[..] };
+                // SAFETY: row (b, i, h) belongs to this task alone.
+                unsafe { o.write_row(o.index(&[b, i, h, 0]), row) };
+            }
+            if let Some(lse) = lse {
+                // SAFETY: lse row (b, h) belongs to this task alone.
+                unsafe { lse.write_row(lse.index(&[b, h, 0]), &lse_row) };
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs the backward on host tensors.
@@ -89,87 +101,16 @@ pub fn backward(args: &AttnBwdArgs, mut grads: AttnGrads) -> Result<()> {
     );
 
     // Per task: the f32 gradient of its prefix rows, `[P, D]` for keys and for values.
-    let partials: Vec<Option<(Vec<f32>, Vec<f32>)>> = (0..pr.batch * pr.heads_kv)
+    let partials: Vec<PrefixPartial> = (0..pr.batch * pr.heads_kv)
         .into_par_iter()
-        .map(|task| -> Result<Option<(Vec<f32>, Vec<f32>)>> {
-            let (b, hkv) = (task / pr.heads_kv, task % pr.heads_kv);
-            let kv = gather_keys(fwd, &pr, b, hkv)?;
-            // Keys this task differentiates: the prefix only, or prefix and sequence.
-            let grad_rows = if seq_grads { kv.rows } else { kv.prefix_rows };
-            let mut dk = vec![0f32; grad_rows * d];
-            let mut dv = vec![0f32; grad_rows * d];
-            let (mut q, mut d_o, mut o, mut dq) =
-                (vec![0f32; d], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
-            let mut lse = [0f32];
-            let mut scores = vec![0f32; kv.rows];
-            for g in 0..pr.group() {
-                let h = hkv * pr.group() + g;
-                for i in 0..pr.tq {
-                    dq.fill(0.0);
-                    let nkeys = if i < pr.lens_q[b] {
-                        kv.prefix_rows + pr.visible_seq_keys(b, i)
-                    } else {
-                        0
-                    };
-                    let nkeys = nkeys.min(grad_rows);
-                    if nkeys > 0 {
-                        args.lse
-                            .read_f32(args.lse.layout().index(&[b, h, i]), &mut lse)?;
-                    }
-                    // A row that saw no key in the forward has lse = -inf and no gradient.
-                    if nkeys > 0 && lse[0] != f32::NEG_INFINITY {
-                        let lse = lse[0];
-                        let row = fwd.q.layout().index(&[b, i, h, 0]);
-                        fwd.q.read_f32(row, &mut q)?;
-                        args.d_o
-                            .read_f32(args.d_o.layout().index(&[b, i, h, 0]), &mut d_o)?;
-                        args.o
-                            .read_f32(args.o.layout().index(&[b, i, h, 0]), &mut o)?;
-                        // D_i = rowsum(dO ∘ O): the softmax Jacobian's correction term.
-                        let di = dot(&d_o, &o);
-                        let probs = &mut scores[..nkeys];
-                        for (j, p) in probs.iter_mut().enumerate() {
-                            *p = pr.scale * dot(&q, kv.k_row(j));
-                        }
-                        simd::exp_shift(probs, lse);
-                        for (j, &p) in probs.iter().enumerate() {
-                            let dp = dot(&d_o, kv.v_row(j));
-                            let ds = pr.scale * p * (dp - di);
-                            if seq_grads {
-                                axpy(&mut dq, ds, kv.k_row(j));
-                            }
-                            axpy(&mut dk[j * d..(j + 1) * d], ds, &q);
-                            axpy(&mut dv[j * d..(j + 1) * d], p, &d_o);
-                        }
-                    }
-                    if let Some(w) = &dq_w {
-                        // SAFETY: row (b, i, h) belongs to this task alone.
-                        unsafe { w.write_row(w.index(&[b, i, h, 0]), &dq) };
-                    }
-                }
-            }
-            if let (Some(dk_w), Some(dv_w)) = (&dk_w, &dv_w) {
-                let zero = vec![0f32; d];
-                for j in 0..pr.tk {
-                    let (kr, vr) = if j < pr.lens_k[b] {
-                        let r = kv.prefix_rows + j;
-                        (&dk[r * d..(r + 1) * d], &dv[r * d..(r + 1) * d])
-                    } else {
-                        (&zero[..], &zero[..])
-                    };
-                    // SAFETY: rows (b, j, hkv) belong to this task alone.
-                    unsafe {
-                        dk_w.write_row(dk_w.index(&[b, j, hkv, 0]), kr);
-                        dv_w.write_row(dv_w.index(&[b, j, hkv, 0]), vr);
-                    }
-                }
-            }
-            if kv.prefix_rows == 0 {
-                return Ok(None);
-            }
-            dk.truncate(kv.prefix_rows * d);
-            dv.truncate(kv.prefix_rows * d);
-            Ok(Some((dk, dv)))
+        .map(|task| {
+            bwd_task(
+                args,
+                &pr,
+                seq_grads,
+                [dq_w.as_ref(), dk_w.as_ref(), dv_w.as_ref()],
+                task,
+            )
         })
         .collect::<Result<_>>()?;
 
@@ -200,6 +141,179 @@ pub fn backward(args: &AttnBwdArgs, mut grads: AttnGrads) -> Result<()> {
     Ok(())
 }
 
+/// The f32 gradient of one task's prefix rows, `[P, D]` for keys and for values.
+type PrefixPartial = Option<(Vec<f32>, Vec<f32>)>;
+
+multiversion! {
+    /// One backward task: sequence `task / Hkv`, key/value head `task % Hkv`. Recomputes
+    /// `P = exp(S - lse)` (masked entries 0), then `dP = dO Vᵀ`, `dS = P ∘ (dP - D)` with
+    /// `D = rowsum(dO ∘ O)`, `dQ = scale dS K`, `dK += dSᵀ (scale Q)`, `dV += Pᵀ dO`, all
+    /// through `gemm`. With `prefix_only` only the prefix columns are computed. Writes the
+    /// task's dQ/dK/dV rows (when `seq_grads`) and returns its prefix-gradient partial.
+    fn bwd_task(
+        args: &AttnBwdArgs,
+        pr: &AttnProblem,
+        seq_grads: bool,
+        writers: [Option<&RowWriter>; 3],
+        task: usize,
+    ) -> Result<PrefixPartial> {
+        let fwd = &args.fwd;
+        let d = pr.head_dim;
+        let [dq_w, dk_w, dv_w] = writers;
+        let (b, hkv) = (task / pr.heads_kv, task % pr.heads_kv);
+        let kv = gather_keys(fwd, pr, b, hkv)?;
+        // Keys this task differentiates: the prefix only, or prefix and sequence.
+        let nk = if seq_grads { kv.rows } else { kv.prefix_rows };
+        let sq = pr.lens_q[b];
+        let mut dk = vec![0f32; nk * d];
+        let mut dv = vec![0f32; nk * d];
+        let (mut q, mut d_o, mut o) = (vec![0f32; sq * d], vec![0f32; sq * d], vec![0f32; sq * d]);
+        let mut dq = vec![0f32; sq * d];
+        let (mut p, mut ds) = (vec![0f32; sq * nk], vec![0f32; sq * nk]);
+        let mut lse = vec![0f32; pr.tq];
+        let mut di = vec![0f32; sq];
+        let zero = vec![0f32; d];
+        for g in 0..pr.group() {
+            let h = hkv * pr.group() + g;
+            if sq > 0 && nk > 0 {
+                gather_rows(&fwd.q, b, h, sq, pr.scale, &mut q)?;
+                gather_rows(&args.d_o, b, h, sq, 1.0, &mut d_o)?;
+                gather_rows(&args.o, b, h, sq, 1.0, &mut o)?;
+                args.lse.read_f32(args.lse.layout().index(&[b, h, 0]), &mut lse)?;
+                for i in 0..sq {
+                    // D_i = rowsum(dO ∘ O): the softmax Jacobian's correction term.
+                    di[i] = dot(&d_o[i * d..(i + 1) * d], &o[i * d..(i + 1) * d]);
+                }
+                mm(sq, nk, d, &q, false, &kv.k[..nk * d], true, &mut p, false, 1.0);
+                mm(sq, nk, d, &d_o, false, &kv.v[..nk * d], true, &mut ds, false, 1.0);
+                for i in 0..sq {
+                    let n = (kv.prefix_rows + pr.visible_seq_keys(b, i)).min(nk);
+                    let (prow, dsrow) = (&mut p[i * nk..(i + 1) * nk], &mut ds[i * nk..(i + 1) * nk]);
+                    // A row that saw no key in the forward has lse = -inf and no gradient.
+                    let n = if lse[i] == f32::NEG_INFINITY { 0 } else { n };
+                    prow[n..].fill(0.0);
+                    dsrow[n..].fill(0.0);
+                    simd::exp_shift(&mut prow[..n], lse[i]);
+                    for (s, &pj) in dsrow[..n].iter_mut().zip(prow[..n].iter()) {
+                        *s = pj * (*s - di[i]);
+                    }
+                }
+                if seq_grads {
+                    mm(sq, d, nk, &ds, false, &kv.k[..nk * d], false, &mut dq, false, pr.scale);
+                }
+                mm(nk, d, sq, &ds, true, &q, false, &mut dk, true, 1.0);
+                mm(nk, d, sq, &p, true, &d_o, false, &mut dv, true, 1.0);
+            }
+            if let Some(w) = dq_w {
+                for i in 0..pr.tq {
+                    let row = if i < sq && nk > 0 { &dq[i * d..(i + 1) * d] } else { &zero[..] };
+                    // SAFETY: row (b, i, h) belongs to this task alone.
+                    unsafe { w.write_row(w.index(&[b, i, h, 0]), row) };
+                }
+            }
+        }
+        if let (Some(dk_w), Some(dv_w)) = (dk_w, dv_w) {
+            for j in 0..pr.tk {
+                let (kr, vr) = if j < pr.lens_k[b] {
+                    let r = kv.prefix_rows + j;
+                    (&dk[r * d..(r + 1) * d], &dv[r * d..(r + 1) * d])
+                } else {
+                    (&zero[..], &zero[..])
+                };
+                // SAFETY: rows (b, j, hkv) belong to this task alone.
+                unsafe {
+                    dk_w.write_row(dk_w.index(&[b, j, hkv, 0]), kr);
+                    dv_w.write_row(dv_w.index(&[b, j, hkv, 0]), vr);
+                }
+            }
+        }
+        if kv.prefix_rows == 0 {
+            return Ok(None);
+        }
+        dk.truncate(kv.prefix_rows * d);
+        dv.truncate(kv.prefix_rows * d);
+        Ok(Some((dk, dv)))
+    }
+}
+
+/// Reads rows `0..n` of head `h` of sequence `b` of a `[B, T, H, D]` view into `out [n, D]`,
+/// multiplied by `scale`.
+fn gather_rows(
+    t: &TensorView,
+    b: usize,
+    h: usize,
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let d = out.len() / n.max(1);
+    for i in 0..n {
+        let row = &mut out[i * d..(i + 1) * d];
+        t.read_f32(t.layout().index(&[b, i, h, 0]), row)?;
+        if scale != 1.0 {
+            row.iter_mut().for_each(|x| *x *= scale);
+        }
+    }
+    Ok(())
+}
+
+/// `c [m, n] (+)= alpha · op(a) op(b)` for row-major slices: `op(a)` is `a [m, k]`, or
+/// `a [k, m]` transposed; `op(b)` is `b [k, n]`, or `b [n, k]` transposed. Single-threaded:
+/// the tasks are the parallelism.
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "mm operand sizes"
+    );
+    let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the asserts above bound every element the strides address; `c` is exclusive.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0f32,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 fn seq_writer<'a>(
     t: &'a mut Option<TensorViewMut<'_>>,
     wanted: bool,
@@ -228,18 +342,8 @@ fn require_host(pr: &AttnProblem) -> Result<()> {
 struct KvScratch {
     k: Vec<f32>,
     v: Vec<f32>,
-    d: usize,
     rows: usize,
     prefix_rows: usize,
-}
-
-impl KvScratch {
-    fn k_row(&self, j: usize) -> &[f32] {
-        &self.k[j * self.d..(j + 1) * self.d]
-    }
-    fn v_row(&self, j: usize) -> &[f32] {
-        &self.v[j * self.d..(j + 1) * self.d]
-    }
 }
 
 fn gather_keys(a: &AttnFwdArgs, pr: &AttnProblem, b: usize, hkv: usize) -> Result<KvScratch> {
@@ -249,7 +353,6 @@ fn gather_keys(a: &AttnFwdArgs, pr: &AttnProblem, b: usize, hkv: usize) -> Resul
     let mut s = KvScratch {
         k: vec![0f32; rows * d],
         v: vec![0f32; rows * d],
-        d,
         rows,
         prefix_rows,
     };
@@ -290,12 +393,4 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         tail += x * y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// `y += a * x`.
-#[inline]
-pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
 }

@@ -54,13 +54,13 @@ pub fn tanh(x: f32) -> f32 {
 /// Compiles `$body` (a block using the macro's arguments) twice: once with AVX2 and FMA
 /// enabled, picked at run time when the CPU supports them, and once for the baseline target.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident$(<$lt:lifetime>)?($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name$(<$lt>)?($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn fast($($arg: $ty),*) $body
+                unsafe fn fast$(<$lt>)?($($arg: $ty),*) $(-> $ret)? $body
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
@@ -68,11 +68,12 @@ macro_rules! multiversion {
                     return unsafe { fast($($arg),*) };
                 }
             }
-            fn portable($($arg: $ty),*) $body
+            fn portable$(<$lt>)?($($arg: $ty),*) $(-> $ret)? $body
             portable($($arg),*)
         }
     };
 }
+pub(crate) use multiversion;
 
 multiversion! {
     /// `xs[i] = exp(xs[i] - shift)`.
