@@ -551,24 +551,34 @@ pub(crate) fn check_dtype(arg: &str, got: DType, expected: DType) -> Result<()> 
 
 /// Reads `out.len()` contiguous elements of type `dtype` starting at element `elem` of `bytes`.
 fn read_row_f32(dtype: DType, bytes: &[u8], elem: usize, out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
     let n = out.len();
     let b = &bytes[elem * dtype.size()..(elem + n) * dtype.size()];
     match dtype {
-        DType::F32 => {
-            for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(b) {
+            Ok(src) => out.copy_from_slice(src),
+            Err(_) => {
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
             }
-        }
-        DType::F16 => {
-            for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+        },
+        DType::F16 => match bytemuck::try_cast_slice::<u8, f16>(b) {
+            Ok(src) => src.convert_to_f32_slice(out),
+            Err(_) => {
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
             }
-        }
-        DType::BF16 => {
-            for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
-                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+        },
+        DType::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(b) {
+            Ok(src) => src.convert_to_f32_slice(out),
+            Err(_) => {
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
             }
-        }
+        },
         DType::I32 => {
             for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
                 *o = i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32;
@@ -1068,22 +1078,32 @@ impl<'a> TensorViewMut<'a> {
 }
 
 fn write_row_f32(dtype: DType, bytes: &mut [u8], vals: &[f32]) {
+    use half::slice::HalfFloatSliceExt;
     match dtype {
-        DType::F32 => {
-            for (c, v) in bytes.chunks_exact_mut(4).zip(vals) {
-                c.copy_from_slice(&v.to_le_bytes());
+        DType::F32 => match bytemuck::try_cast_slice_mut::<u8, f32>(bytes) {
+            Ok(dst) => dst.copy_from_slice(vals),
+            Err(_) => {
+                for (c, v) in bytes.chunks_exact_mut(4).zip(vals) {
+                    c.copy_from_slice(&v.to_le_bytes());
+                }
             }
-        }
-        DType::F16 => {
-            for (c, v) in bytes.chunks_exact_mut(2).zip(vals) {
-                c.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+        },
+        DType::F16 => match bytemuck::try_cast_slice_mut::<u8, f16>(bytes) {
+            Ok(dst) => dst.convert_from_f32_slice(vals),
+            Err(_) => {
+                for (c, v) in bytes.chunks_exact_mut(2).zip(vals) {
+                    c.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+                }
             }
-        }
-        DType::BF16 => {
-            for (c, v) in bytes.chunks_exact_mut(2).zip(vals) {
-                c.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+        },
+        DType::BF16 => match bytemuck::try_cast_slice_mut::<u8, bf16>(bytes) {
+            Ok(dst) => dst.convert_from_f32_slice(vals),
+            Err(_) => {
+                for (c, v) in bytes.chunks_exact_mut(2).zip(vals) {
+                    c.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+                }
             }
-        }
+        },
         DType::I32 => {
             for (c, v) in bytes.chunks_exact_mut(4).zip(vals) {
                 c.copy_from_slice(&(v.round() as i32).to_le_bytes());
