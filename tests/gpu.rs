@@ -7,8 +7,10 @@ mod common;
 use common::*;
 use cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
 use prefix_attn::attn::oracle::{Dense, Precision};
-use prefix_attn::attn::testing::{random_spec, FwdBuffers, KvLayout, ProblemSpec, RandomProblem};
-use prefix_attn::attn::{AttnFwdArgs, AttnFwdOut};
+use prefix_attn::attn::testing::{
+    random_spec, FwdBuffers, GradBuffers, KvLayout, ProblemSpec, RandomProblem,
+};
+use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use prefix_attn::device::cuda::{device_count, CudaBackend};
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
@@ -116,7 +118,71 @@ fn run_case(
     let lb: Vec<u8> = stream.clone_dtoh(&l_dev.buf).unwrap();
     copy_bytes(&mut host.o, &ob);
     copy_bytes(&mut host.lse, &lb);
-    check_fwd(&x, &host, &exact, pb.spec.dtype)
+    check_fwd(&x, &host, &exact, pb.spec.dtype)?;
+
+    // Backward on the device, from the device forward's o and lse.
+    let prefix_only = seed % 3 == 0;
+    let d_o = f64s(&pb.d_o);
+    let exact_g = x.backward(&d_o, Precision::Exact);
+    let mut g = GradBuffers::poisoned(&pb.spec).map_err(|e| e.to_string())?;
+    let do_dev = to_device(stream, &pb.d_o.view());
+    let bufs: Vec<DeviceCopy> = [&g.dq, &g.dk, &g.dv, &g.dk_pre, &g.dv_pre]
+        .iter()
+        .map(|t| to_device(stream, &t.view()))
+        .collect();
+    let mut_view = |d: &DeviceCopy, t: &Tensor| {
+        let (ptr, _) = d.buf.device_ptr(stream);
+        // SAFETY: a fresh device buffer of exactly this tensor's size.
+        unsafe {
+            TensorViewMut::from_raw_parts(
+                ptr,
+                t.numel(),
+                Location::Cuda(0),
+                t.dtype(),
+                t.view().layout(),
+            )
+            .unwrap()
+        }
+    };
+    let has_prefix = args.prefix.is_some();
+    let grads = AttnGrads {
+        dq: (!prefix_only).then(|| mut_view(&bufs[0], &g.dq)),
+        dk: (!prefix_only).then(|| mut_view(&bufs[1], &g.dk)),
+        dv: (!prefix_only).then(|| mut_view(&bufs[2], &g.dv)),
+        dk_pre: has_prefix.then(|| mut_view(&bufs[3], &g.dk_pre)),
+        dv_pre: has_prefix.then(|| mut_view(&bufs[4], &g.dv_pre)),
+    };
+    let bargs = AttnBwdArgs {
+        fwd: dargs,
+        o: dev_view(stream, &o_dev, &host.o.view()),
+        lse: dev_view(stream, &l_dev, &host.lse.view()),
+        d_o: dev_view(stream, &do_dev, &pb.d_o.view()),
+        prefix_only,
+    };
+    be.attn_bwd(&bargs, grads).map_err(|e| e.to_string())?;
+    for (t, d) in [
+        &mut g.dq,
+        &mut g.dk,
+        &mut g.dv,
+        &mut g.dk_pre,
+        &mut g.dv_pre,
+    ]
+    .into_iter()
+    .zip(&bufs)
+    {
+        let bytes: Vec<u8> = stream.clone_dtoh(&d.buf).unwrap();
+        copy_bytes(t, &bytes);
+    }
+    check_bwd(
+        &x,
+        &d_o,
+        &f64s(&host.o),
+        &g,
+        &exact_g,
+        pb.spec.dtype,
+        has_prefix,
+        prefix_only,
+    )
 }
 
 fn copy_bytes(t: &mut Tensor, bytes: &[u8]) {
@@ -179,7 +245,7 @@ fn main() {
             }
         }
     }
-    println!("GPU forward kernel vs f64 oracle on cuda:0");
+    println!("GPU forward and backward kernels vs f64 oracle on cuda:0");
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
         std::process::exit(1);

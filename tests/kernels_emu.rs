@@ -7,7 +7,9 @@ mod common;
 
 use common::*;
 use prefix_attn::attn::oracle::{Dense, Precision};
-use prefix_attn::attn::testing::{random_spec, FwdBuffers, KvLayout, ProblemSpec, RandomProblem};
+use prefix_attn::attn::testing::{
+    random_spec, FwdBuffers, GradBuffers, KvLayout, ProblemSpec, RandomProblem,
+};
 use prefix_attn::attn::AttnFwdOut;
 use prefix_attn::device::{emu, kernels};
 use prefix_attn::rng::Rng;
@@ -295,4 +297,171 @@ fn sanitizer_catches_a_planted_out_of_bounds_write() {
         stderr.contains("AddressSanitizer") || stderr.contains("out of bounds"),
         "no sanitizer report: {stderr}"
     );
+}
+
+#[test]
+fn bwd_params_struct_matches_its_c_mirror() {
+    assert_eq!(emu::bwd_params_layout(), kernels::bwd_params_rust_layout());
+}
+
+/// Emulated forward then backward on `spec`; the gradients are checked against the oracle.
+fn run_bwd_and_check(spec: ProblemSpec, seed: u64, prefix_only: bool) -> GradBuffers {
+    let ctx = format!("seed {seed}, prefix_only {prefix_only}, spec {spec:?}");
+    let pb = RandomProblem::new(spec, &mut Rng::new(seed)).unwrap();
+    let args = pb.args().unwrap();
+    let has_prefix = args.prefix.is_some();
+    let x = Dense::from_args(&args).unwrap();
+    let mut f = FwdBuffers::poisoned(&pb.spec).unwrap();
+    emu::attn_fwd(&args, f.out()).unwrap_or_else(|e| panic!("{ctx}: forward: {e}"));
+    let d_o = f64s(&pb.d_o);
+    let exact = x.backward(&d_o, Precision::Exact);
+    let mut g = GradBuffers::poisoned(&pb.spec).unwrap();
+    emu::attn_bwd(
+        &pb.bwd_args(&f.o, &f.lse, prefix_only).unwrap(),
+        g.grads(has_prefix, prefix_only),
+    )
+    .unwrap_or_else(|e| panic!("{ctx}: backward: {e}"));
+    check_bwd(
+        &x,
+        &d_o,
+        &f64s(&f.o),
+        &g,
+        &exact,
+        pb.spec.dtype,
+        has_prefix,
+        prefix_only,
+    )
+    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    if prefix_only {
+        assert!(
+            g.dq.to_f32_vec().iter().all(|v| v.is_nan()),
+            "{ctx}: prefix_only wrote dq"
+        );
+    }
+    g
+}
+
+#[test]
+fn backward_matches_oracle_on_random_shapes() {
+    let mut rng = Rng::new(31);
+    for seed in 0..16 {
+        let dtype = if seed % 2 == 0 {
+            DType::F16
+        } else {
+            DType::BF16
+        };
+        let spec = kernel_spec(&mut rng, dtype);
+        run_bwd_and_check(spec, seed, seed % 4 == 3);
+    }
+}
+
+#[test]
+fn backward_edge_cases() {
+    let base = || {
+        let mut s = ProblemSpec::new(3, 9, 9, 2, 2, 64, 3, true);
+        s.dtype = DType::F16;
+        s
+    };
+    let with = |f: &dyn Fn(&mut ProblemSpec)| {
+        let mut s = base();
+        f(&mut s);
+        s
+    };
+    let cases: Vec<(&str, ProblemSpec)> = vec![
+        ("P=0 table", with(&|s| s.prefix_len = 0)),
+        ("no table", with(&|s| s.num_prefixes = 0)),
+        ("P=70", with(&|s| s.prefix_len = 70)),
+        (
+            "decode",
+            with(&|s| {
+                s.tq = 1;
+                s.tk = 70;
+            }),
+        ),
+        (
+            "Tq=Tk=70",
+            with(&|s| {
+                s.tq = 70;
+                s.tk = 70;
+            }),
+        ),
+        (
+            "padding",
+            with(&|s| {
+                s.seqlen_q = Some(vec![5, 0, 9]);
+                s.seqlen_k = Some(vec![5, 0, 9]);
+            }),
+        ),
+        (
+            "mixed prefixes",
+            with(&|s| {
+                s.num_prefixes = 3;
+                s.prefix_index = Some(vec![2, -1, 2]);
+            }),
+        ),
+        (
+            "GQA 4",
+            with(&|s| {
+                s.heads_q = 8;
+                s.heads_kv = 2;
+            }),
+        ),
+        (
+            "D=128",
+            with(&|s| {
+                s.head_dim = 128;
+                s.tq = 40;
+                s.tk = 40;
+                s.prefix_len = 33;
+            }),
+        ),
+        (
+            "D=128 bf16 GQA",
+            with(&|s| {
+                s.head_dim = 128;
+                s.dtype = DType::BF16;
+                s.heads_q = 4;
+                s.heads_kv = 1;
+            }),
+        ),
+        ("non-causal", with(&|s| s.causal = false)),
+        (
+            "GPT-2 layout",
+            with(&|s| {
+                s.layout = KvLayout::FusedQkv;
+                s.peft_layer = Some((3, 2));
+                s.prefix_len = 10;
+            }),
+        ),
+    ];
+    for (i, (name, spec)) in cases.into_iter().enumerate() {
+        eprintln!("case {name}");
+        run_bwd_and_check(spec.clone(), 700 + i as u64, false);
+        run_bwd_and_check(spec, 700 + i as u64, true);
+    }
+}
+
+#[test]
+fn backward_is_deterministic() {
+    let mut s = ProblemSpec::new(5, 20, 20, 2, 2, 64, 7, true);
+    s.dtype = DType::F16;
+    s.num_prefixes = 2;
+    s.prefix_index = Some(vec![0, 1, 0, 0, -1]);
+    let bits = |t: &Tensor| {
+        t.to_f32_vec()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    let a = run_bwd_and_check(s.clone(), 9, false);
+    let b = run_bwd_and_check(s, 9, false);
+    for (x, y) in [
+        (&a.dq, &b.dq),
+        (&a.dk, &b.dk),
+        (&a.dv, &b.dv),
+        (&a.dk_pre, &b.dk_pre),
+        (&a.dv_pre, &b.dv_pre),
+    ] {
+        assert_eq!(bits(x), bits(y));
+    }
 }

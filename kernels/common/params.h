@@ -31,3 +31,30 @@ typedef struct PrefixAttnFwdParams {
 #ifdef __cplusplus
 }
 #endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Parameter struct of the backward kernels. `f` holds the forward's inputs (q, k, v, the
+// prefix table, metadata, sizes) and its outputs o and lse (read here). Mirrored by
+// `#[repr(C)] struct BwdParams` in src/device/kernels.rs.
+typedef struct PrefixAttnBwdParams {
+    PrefixAttnFwdParams f;
+    uint64_t d_o, dq, dk, dv;  // 16-bit, strided like q / k
+    uint64_t dk_pre, dv_pre;   // f32 [NP, P, Hkv, D], strided
+    uint64_t delta;            // f32 scratch [B, Hq, Tq], contiguous: rowsum(dO * O)
+    uint64_t partial;          // f32 scratch [splits, 2, NP, P, Hkv, D], contiguous
+    int64_t do_batch_stride, do_row_stride, do_head_stride;
+    int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+    int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+    int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+    int64_t dkp_prefix_stride, dkp_row_stride, dkp_head_stride;
+    int64_t dvp_prefix_stride, dvp_row_stride, dvp_head_stride;
+    int32_t prefix_only;  // 0 or 1
+    int32_t splits;       // the batch is split this many ways for the prefix reduction
+} PrefixAttnBwdParams;
+
+#ifdef __cplusplus
+}
+#endif

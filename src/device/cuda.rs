@@ -6,7 +6,10 @@
 //! the dense GPT-2 operations arrive with the GPU training path; until then those methods
 //! return [`Error::Unsupported`].
 
-use super::kernels::{plan_fwd, FwdParams, PREFIX_ATTN_FWD_FATBIN};
+use super::kernels::{
+    plan_bwd, plan_fwd, BwdParams, FwdParams, KernelLaunch, PREFIX_ATTN_BWD_FATBIN,
+    PREFIX_ATTN_FWD_FATBIN,
+};
 use super::{Backend, Device};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
@@ -16,8 +19,9 @@ use cudarc::driver::{
 };
 use std::sync::{Arc, Mutex};
 
-// SAFETY: FwdParams is #[repr(C)] plain data mirrored by the kernel's parameter struct.
+// SAFETY: the parameter structs are #[repr(C)] plain data mirrored by the kernels' structs.
 unsafe impl DeviceRepr for FwdParams {}
+unsafe impl DeviceRepr for BwdParams {}
 
 /// Whether the CUDA driver library can be loaded (never panics).
 pub fn driver_present() -> bool {
@@ -51,6 +55,7 @@ pub struct CudaBackend {
     _ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     fwd: Mutex<Option<Arc<CudaModule>>>,
+    bwd: Mutex<Option<Arc<CudaModule>>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -84,13 +89,19 @@ impl CudaBackend {
             _ctx: ctx,
             stream,
             fwd: Mutex::new(None),
+            bwd: Mutex::new(None),
         })
     }
 
     fn function(&self, name: &str) -> Result<CudaFunction> {
-        let mut slot = self.fwd.lock().unwrap_or_else(|p| p.into_inner());
+        let (slot, image) = if name.starts_with("prefix_attn_bwd") {
+            (&self.bwd, PREFIX_ATTN_BWD_FATBIN)
+        } else {
+            (&self.fwd, PREFIX_ATTN_FWD_FATBIN)
+        };
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            let image = PREFIX_ATTN_FWD_FATBIN.ok_or_else(|| {
+            let image = image.ok_or_else(|| {
                 Error::Unsupported(
                     "the CUDA kernels were not compiled into this build (nvcc was not found; \
                      see scripts/install-nvcc.sh and PREFIX_ATTN_REQUIRE_NVCC)"
@@ -106,7 +117,80 @@ impl CudaBackend {
         let module = slot
             .as_ref()
             .ok_or_else(|| Error::device("cuda", "module not loaded"))?;
-        module.load_function(name).map_err(cuda_err(name))
+        let func = module.load_function(name).map_err(cuda_err(name))?;
+        Ok(func)
+    }
+
+    fn launch<P: DeviceRepr>(&self, l: &KernelLaunch, params: &P) -> Result<()> {
+        let func = self.function(l.entry)?;
+        if l.smem_bytes > 48 * 1024 {
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                l.smem_bytes as i32,
+            )
+            .map_err(cuda_err(l.entry))?;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: l.grid,
+            block_dim: (l.threads, 1, 1),
+            shared_mem_bytes: l.smem_bytes as u32,
+        };
+        // SAFETY: the plan checked every shape, stride and alignment against the views, which
+        // outlive the launch; the kernel reads and writes only within them.
+        unsafe {
+            self.stream
+                .launch_builder(&func)
+                .arg(params)
+                .launch(cfg)
+                .map_err(cuda_err(l.entry))?;
+        }
+        Ok(())
+    }
+
+    /// The backward kernels on views of this device's memory.
+    pub fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
+        let mut plan = plan_bwd(args, &grads)?;
+        if plan.problem.location != Location::Cuda(self.ordinal) {
+            return Err(Error::device(
+                "q",
+                format!(
+                    "the tensors are on {}, this backend is cuda:{}",
+                    plan.problem.location, self.ordinal
+                ),
+            ));
+        }
+        use cudarc::driver::DevicePtr;
+        let meta = self
+            .stream
+            .clone_htod(&plan.meta)
+            .map_err(cuda_err("metadata upload"))?;
+        let delta = self
+            .stream
+            .alloc_zeros::<f32>(plan.delta_len.max(1))
+            .map_err(cuda_err("scratch"))?;
+        let partial = self
+            .stream
+            .alloc_zeros::<f32>(plan.partial_len.max(1))
+            .map_err(cuda_err("scratch"))?;
+        let b = plan.problem.batch as u64;
+        {
+            let (m, _s1) = meta.device_ptr(&self.stream);
+            let (d, _s2) = delta.device_ptr(&self.stream);
+            let (pp, _s3) = partial.device_ptr(&self.stream);
+            plan.params.f.prefix_index = m;
+            plan.params.f.seqlen_q = m + 4 * b;
+            plan.params.f.seqlen_k = m + 8 * b;
+            plan.params.delta = d;
+            plan.params.partial = pp;
+        }
+        let _keep = grads;
+        for l in &plan.launches {
+            self.launch(l, &plan.params)?;
+        }
+        // The scratch and metadata buffers must outlive the kernels.
+        self.stream.synchronize().map_err(cuda_err("backward"))?;
+        drop((meta, delta, partial));
+        Ok(())
     }
 
     /// The forward kernel on views of this device's memory.
@@ -124,14 +208,6 @@ impl CudaBackend {
         if plan.is_empty() {
             return Ok(());
         }
-        let func = self.function(plan.entry)?;
-        if plan.smem_bytes > 48 * 1024 {
-            func.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                plan.smem_bytes as i32,
-            )
-            .map_err(cuda_err(plan.entry))?;
-        }
         let meta = self
             .stream
             .clone_htod(&plan.meta)
@@ -144,21 +220,14 @@ impl CudaBackend {
             plan.params.seqlen_q = base + 4 * b;
             plan.params.seqlen_k = base + 8 * b;
         }
-        let cfg = LaunchConfig {
-            grid_dim: plan.grid,
-            block_dim: (plan.threads, 1, 1),
-            shared_mem_bytes: plan.smem_bytes as u32,
+        let launch = KernelLaunch {
+            entry: plan.entry,
+            grid: plan.grid,
+            threads: plan.threads,
+            smem_bytes: plan.smem_bytes,
         };
         let _keep = out;
-        // SAFETY: the plan checked every shape, stride and alignment against the views, which
-        // outlive the launch; the kernel reads and writes only within them.
-        unsafe {
-            self.stream
-                .launch_builder(&func)
-                .arg(&plan.params)
-                .launch(cfg)
-                .map_err(cuda_err(plan.entry))?;
-        }
+        self.launch(&launch, &plan.params)?;
         // The metadata buffer must outlive the kernel: wait before it is freed.
         self.stream.synchronize().map_err(cuda_err(plan.entry))?;
         drop(meta);

@@ -4,7 +4,7 @@
 //! [`super::kernels`]). Tensors live in host memory. Operations that have no CUDA kernel yet
 //! return [`Error::Unsupported`] rather than falling back to another implementation.
 
-use super::kernels::{plan_fwd, FwdParams};
+use super::kernels::{plan_bwd, plan_fwd, BwdParams, FwdParams};
 use super::{Backend, Device};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
@@ -28,6 +28,73 @@ extern "C" {
     fn pa_emu_selftest_names() -> *const c_char;
     fn pa_emu_planted_oob(write_out_of_bounds: c_int) -> c_int;
     fn pa_emu_set_schedule_reverse(reverse: c_int);
+    fn pa_emu_prefix_attn_bwd(
+        name: *const c_char,
+        p: *const BwdParams,
+        gx: u32,
+        gy: u32,
+        gz: u32,
+        threads: u32,
+        smem: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn pa_bwd_params_layout(out: *mut usize, n: usize) -> usize;
+}
+
+/// Size and field offsets of the kernels' `PrefixAttnBwdParams` as the C++ compiler lays it
+/// out (compare with [`super::kernels::bwd_params_rust_layout`]).
+pub fn bwd_params_layout() -> Vec<usize> {
+    let mut v = vec![0usize; 64];
+    // SAFETY: the C side writes at most `n` values.
+    let n = unsafe { pa_bwd_params_layout(v.as_mut_ptr(), v.len()) };
+    v.truncate(n.min(64));
+    v
+}
+
+/// The backward kernels on the emulator.
+pub fn attn_bwd(args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
+    let mut plan = plan_bwd(args, &grads)?;
+    if plan.problem.location != Location::Host {
+        return Err(Error::device(
+            "q",
+            format!(
+                "the emu device needs host tensors, these are on {}",
+                plan.problem.location
+            ),
+        ));
+    }
+    let b = plan.problem.batch as u64;
+    let base = plan.meta.as_ptr() as u64;
+    plan.params.f.prefix_index = base;
+    plan.params.f.seqlen_q = base + 4 * b;
+    plan.params.f.seqlen_k = base + 8 * b;
+    let mut delta = vec![0f32; plan.delta_len.max(1)];
+    let mut partial = vec![0f32; plan.partial_len.max(1)];
+    plan.params.delta = delta.as_mut_ptr() as u64;
+    plan.params.partial = partial.as_mut_ptr() as u64;
+    let _keep = grads;
+    for l in &plan.launches {
+        let name =
+            CString::new(l.entry).map_err(|_| Error::index("kernel", "name with a NUL byte"))?;
+        run_emu(l.entry, |err, len| {
+            // SAFETY: as in `attn_fwd`; the scratch buffers live until the end of this function.
+            unsafe {
+                pa_emu_prefix_attn_bwd(
+                    name.as_ptr(),
+                    &plan.params,
+                    l.grid.0,
+                    l.grid.1,
+                    l.grid.2,
+                    l.threads,
+                    l.smem_bytes,
+                    err,
+                    len,
+                )
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// Chooses the emulator's fiber schedule for launches from the calling thread: round robin in

@@ -201,10 +201,14 @@ fn i32s(arg: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::index(arg, format!("{v} does not fit in 32 bits")))
 }
 
-/// Validates a forward call for the CUDA kernels and plans its launch.
-pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
-    let pr = args.check()?;
-    pr.check_fwd_out(out)?;
+/// The parameters every kernel shares: checked addresses and strides of q, k, v, the prefix
+/// table, o and lse, and the sizes.
+fn base_params(
+    args: &AttnFwdArgs,
+    pr: &AttnProblem,
+    o: &TensorView,
+    lse: Option<&TensorView>,
+) -> Result<FwdParams> {
     let dtype = match pr.dtype {
         DType::F16 => 0,
         DType::BF16 => 1,
@@ -233,9 +237,8 @@ pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
         }
         None => (args.q, args.q),
     };
-    let o = out.o.as_view();
     // The kernel writes o in pairs of elements (4 bytes).
-    if addr_of(&o) % 4 != 0 || o.strides()[..3].iter().any(|s| s % 2 != 0) {
+    if addr_of(o) % 4 != 0 || o.strides()[..3].iter().any(|s| s % 2 != 0) {
         return Err(Error::layout(
             "o",
             format!(
@@ -255,11 +258,8 @@ pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
     } else {
         (vec![0; 4], vec![0; 4])
     };
-    let (lse_addr, lse_s) = match &out.lse {
-        Some(l) => {
-            let v: TensorView = l.as_view();
-            (addr_of(&v), i64s("lse", v.strides())?)
-        }
+    let (lse_addr, lse_s) = match lse {
+        Some(v) => (addr_of(v), i64s("lse", v.strides())?),
         None => (0, vec![0; 3]),
     };
     let scale = pr.scale;
@@ -269,7 +269,7 @@ pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
         v: addr_of(&args.v),
         k_pre: addr_of(&kp),
         v_pre: addr_of(&vp),
-        o: addr_of(&o),
+        o: addr_of(o),
         lse: lse_addr,
         prefix_index: 0,
         seqlen_q: 0,
@@ -307,13 +307,24 @@ pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
         scale,
         scale_log2: scale * std::f32::consts::LOG2_E,
     };
+    Ok(params)
+}
+
+/// Validates a forward call for the CUDA kernels and plans its launch.
+pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
+    let pr = args.check()?;
+    pr.check_fwd_out(out)?;
+    let o = out.o.as_view();
+    let lse = out.lse.as_ref().map(|l| l.as_view());
+    let params = base_params(args, &pr, &o, lse.as_ref())?;
+    let d = pr.head_dim;
     let mut meta = Vec::with_capacity(3 * pr.batch);
     meta.extend(pr.prefix_of.iter().map(|p| p.map_or(-1, |n| n as i32)));
     meta.extend(pr.lens_q.iter().map(|&n| n as i32));
     meta.extend(pr.lens_k.iter().map(|&n| n as i32));
     let block_n = if d <= 64 { 64 } else { 32 };
     let smem_bytes = (FWD_BLOCK_M * d + 4 * block_n * d) * 2;
-    let entry = match (d, dtype) {
+    let entry = match (d, params.dtype) {
         (64, 0) => "prefix_attn_fwd_d64_f16",
         (128, 0) => "prefix_attn_fwd_d128_f16",
         (64, _) => "prefix_attn_fwd_d64_bf16",
@@ -330,6 +341,309 @@ pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
         threads: FWD_THREADS,
         smem_bytes,
         entry,
+        meta,
+        problem: pr,
+    })
+}
+
+/// The backward kernels' fatbin, if nvcc was found at build time.
+pub const PREFIX_ATTN_BWD_FATBIN: Option<&[u8]> = fatbins::PREFIX_ATTN_BWD;
+
+/// Mirror of `PrefixAttnBwdParams` (kernels/common/params.h).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BwdParams {
+    /// The forward's inputs and outputs (o and lse are read).
+    pub f: FwdParams,
+    /// Addresses of dO, dQ, dK, dV (16-bit), dK_pre, dV_pre (f32).
+    pub d_o: u64,
+    /// See `d_o`.
+    pub dq: u64,
+    /// See `d_o`.
+    pub dk: u64,
+    /// See `d_o`.
+    pub dv: u64,
+    /// See `d_o`.
+    pub dk_pre: u64,
+    /// See `d_o`.
+    pub dv_pre: u64,
+    /// f32 scratch `[B, Hq, Tq]`.
+    pub delta: u64,
+    /// f32 scratch `[splits, 2, NP, P, Hkv, D]`.
+    pub partial: u64,
+    /// Element strides.
+    pub do_batch_stride: i64,
+    /// See `do_batch_stride`.
+    pub do_row_stride: i64,
+    /// See `do_batch_stride`.
+    pub do_head_stride: i64,
+    /// See `do_batch_stride`.
+    pub dq_batch_stride: i64,
+    /// See `do_batch_stride`.
+    pub dq_row_stride: i64,
+    /// See `do_batch_stride`.
+    pub dq_head_stride: i64,
+    /// See `do_batch_stride`.
+    pub dk_batch_stride: i64,
+    /// See `do_batch_stride`.
+    pub dk_row_stride: i64,
+    /// See `do_batch_stride`.
+    pub dk_head_stride: i64,
+    /// See `do_batch_stride`.
+    pub dv_batch_stride: i64,
+    /// See `do_batch_stride`.
+    pub dv_row_stride: i64,
+    /// See `do_batch_stride`.
+    pub dv_head_stride: i64,
+    /// See `do_batch_stride`.
+    pub dkp_prefix_stride: i64,
+    /// See `do_batch_stride`.
+    pub dkp_row_stride: i64,
+    /// See `do_batch_stride`.
+    pub dkp_head_stride: i64,
+    /// See `do_batch_stride`.
+    pub dvp_prefix_stride: i64,
+    /// See `do_batch_stride`.
+    pub dvp_row_stride: i64,
+    /// See `do_batch_stride`.
+    pub dvp_head_stride: i64,
+    /// 0 or 1.
+    pub prefix_only: i32,
+    /// Batch splits of the prefix reduction.
+    pub splits: i32,
+}
+
+/// Field offsets of [`BwdParams`], in the order the C side reports them.
+pub fn bwd_params_rust_layout() -> Vec<usize> {
+    use std::mem::{offset_of, size_of};
+    vec![
+        size_of::<BwdParams>(),
+        offset_of!(BwdParams, d_o),
+        offset_of!(BwdParams, dv_pre),
+        offset_of!(BwdParams, partial),
+        offset_of!(BwdParams, do_batch_stride),
+        offset_of!(BwdParams, dvp_head_stride),
+        offset_of!(BwdParams, prefix_only),
+        offset_of!(BwdParams, splits),
+    ]
+}
+
+/// One kernel launch of the backward.
+#[derive(Clone, Debug)]
+pub struct KernelLaunch {
+    /// Entry name.
+    pub entry: &'static str,
+    /// Grid.
+    pub grid: (u32, u32, u32),
+    /// Threads per block.
+    pub threads: u32,
+    /// Dynamic shared memory, bytes.
+    pub smem_bytes: usize,
+}
+
+/// A checked backward: parameters (scratch and metadata addresses still to be filled by the
+/// device), the launches in order, and the sizes of the scratch buffers.
+#[derive(Clone, Debug)]
+pub struct BwdLaunch {
+    /// Parameters.
+    pub params: BwdParams,
+    /// Kernels in launch order.
+    pub launches: Vec<KernelLaunch>,
+    /// f32 elements of the `delta` scratch.
+    pub delta_len: usize,
+    /// f32 elements of the prefix partial scratch.
+    pub partial_len: usize,
+    /// Metadata `[prefix_index; seqlen_q; seqlen_k]`.
+    pub meta: Vec<i32>,
+    /// The validated problem.
+    pub problem: AttnProblem,
+}
+
+fn dims_of(arg: &str, t: &TensorView, want: &[usize]) -> Result<()> {
+    if t.dims() != want {
+        return Err(Error::shape(arg, format!("{want:?}"), t.dims()));
+    }
+    Ok(())
+}
+
+/// Validates a backward call for the CUDA kernels and plans its launches.
+pub fn plan_bwd(
+    args: &crate::attn::AttnBwdArgs,
+    grads: &crate::attn::AttnGrads,
+) -> Result<BwdLaunch> {
+    let pr = args.fwd.check()?;
+    pr.check_bwd(args, grads)?;
+    let f = base_params(&args.fwd, &pr, &args.o, Some(&args.lse))?;
+    check_vec16("o", &args.o)?;
+    check_vec16("d_o", &args.d_o)?;
+    let d = pr.head_dim;
+    let suffix = match (d, f.dtype) {
+        (64, 0) => "d64_f16",
+        (128, 0) => "d128_f16",
+        (64, _) => "d64_bf16",
+        _ => "d128_bf16",
+    };
+    let out16 = |arg: &str, t: &Option<crate::tensor::TensorViewMut>| -> Result<(u64, Vec<i64>)> {
+        match t {
+            Some(t) => {
+                let v = t.as_view();
+                if addr_of(&v) % 4 != 0 || v.strides()[..3].iter().any(|s| s % 2 != 0) {
+                    return Err(Error::layout(
+                        arg,
+                        "address and strides must be 4-byte aligned (pairs of elements)",
+                    ));
+                }
+                Ok((addr_of(&v), i64s(arg, v.strides())?))
+            }
+            None => Ok((0, vec![0; 4])),
+        }
+    };
+    let out32 = |arg: &str, t: &Option<crate::tensor::TensorViewMut>| -> Result<(u64, Vec<i64>)> {
+        match t {
+            Some(t) => {
+                let v = t.as_view();
+                Ok((addr_of(&v), i64s(arg, v.strides())?))
+            }
+            None => Ok((0, vec![0; 4])),
+        }
+    };
+    let seq = !args.prefix_only;
+    let (dq, dq_s) = if seq {
+        out16("dq", &grads.dq)?
+    } else {
+        (0, vec![0; 4])
+    };
+    let (dk, dk_s) = if seq {
+        out16("dk", &grads.dk)?
+    } else {
+        (0, vec![0; 4])
+    };
+    let (dv, dv_s) = if seq {
+        out16("dv", &grads.dv)?
+    } else {
+        (0, vec![0; 4])
+    };
+    let (dkp, dkp_s) = out32("dk_pre", &grads.dk_pre)?;
+    let (dvp, dvp_s) = out32("dv_pre", &grads.dv_pre)?;
+    dims_of("d_o", &args.d_o, &pr.q_dims())?;
+    let do_s = i64s("d_o", args.d_o.strides())?;
+    // Enough splits of the batch that the prefix reduction fills the device with small
+    // prefixes (P = 10, 12 heads is only 12 tiles), never more than the batch.
+    let block_n = if d <= 64 { 64 } else { 32 };
+    let prefix_tiles = pr.prefix_len.div_ceil(block_n).max(1);
+    let splits = pr.batch.clamp(
+        1,
+        (264 / (prefix_tiles * pr.heads_kv * pr.num_prefixes.max(1))).max(1),
+    );
+    let params = BwdParams {
+        f,
+        d_o: addr_of(&args.d_o),
+        dq,
+        dk,
+        dv,
+        dk_pre: dkp,
+        dv_pre: dvp,
+        delta: 0,
+        partial: 0,
+        do_batch_stride: do_s[0],
+        do_row_stride: do_s[1],
+        do_head_stride: do_s[2],
+        dq_batch_stride: dq_s[0],
+        dq_row_stride: dq_s[1],
+        dq_head_stride: dq_s[2],
+        dk_batch_stride: dk_s[0],
+        dk_row_stride: dk_s[1],
+        dk_head_stride: dk_s[2],
+        dv_batch_stride: dv_s[0],
+        dv_row_stride: dv_s[1],
+        dv_head_stride: dv_s[2],
+        dkp_prefix_stride: dkp_s[0],
+        dkp_row_stride: dkp_s[1],
+        dkp_head_stride: dkp_s[2],
+        dvp_prefix_stride: dvp_s[0],
+        dvp_row_stride: dvp_s[1],
+        dvp_head_stride: dvp_s[2],
+        prefix_only: args.prefix_only as i32,
+        splits: splits as i32,
+    };
+    let name = |s: &str| -> &'static str {
+        // The entry names are a fixed set; leak-free lookup through a match on the suffix.
+        match (s, suffix) {
+            ("dq", "d64_f16") => "prefix_attn_bwd_dq_d64_f16",
+            ("dq", "d128_f16") => "prefix_attn_bwd_dq_d128_f16",
+            ("dq", "d64_bf16") => "prefix_attn_bwd_dq_d64_bf16",
+            ("dq", _) => "prefix_attn_bwd_dq_d128_bf16",
+            ("seq", "d64_f16") => "prefix_attn_bwd_dkv_seq_d64_f16",
+            ("seq", "d128_f16") => "prefix_attn_bwd_dkv_seq_d128_f16",
+            ("seq", "d64_bf16") => "prefix_attn_bwd_dkv_seq_d64_bf16",
+            ("seq", _) => "prefix_attn_bwd_dkv_seq_d128_bf16",
+            ("pre", "d64_f16") => "prefix_attn_bwd_dkv_pre_d64_f16",
+            ("pre", "d128_f16") => "prefix_attn_bwd_dkv_pre_d128_f16",
+            ("pre", "d64_bf16") => "prefix_attn_bwd_dkv_pre_d64_bf16",
+            _ => "prefix_attn_bwd_dkv_pre_d128_bf16",
+        }
+    };
+    let u = |v: usize| {
+        u32::try_from(v).map_err(|_| Error::index("grid", format!("{v} blocks do not fit")))
+    };
+    let (b, hq, hkv, tq, tk) = (pr.batch, pr.heads_q, pr.heads_kv, pr.tq, pr.tk);
+    let dkv_threads = (block_n / 16 * 32) as u32;
+    let mut launches = vec![KernelLaunch {
+        entry: if f.dtype == 0 {
+            "prefix_attn_bwd_delta_f16"
+        } else {
+            "prefix_attn_bwd_delta_bf16"
+        },
+        grid: (u(tq.div_ceil(4))?, u(hq)?, u(b)?),
+        threads: 128,
+        smem_bytes: 0,
+    }];
+    if seq {
+        launches.push(KernelLaunch {
+            entry: name("dq"),
+            grid: (u(tq.div_ceil(64))?, u(hq)?, u(b)?),
+            threads: 128,
+            smem_bytes: (2 * 64 + 2 * block_n) * d * 2,
+        });
+        launches.push(KernelLaunch {
+            entry: name("seq"),
+            grid: (u(tk.div_ceil(block_n))?, u(hkv)?, u(b)?),
+            threads: dkv_threads,
+            smem_bytes: (2 * block_n + 2 * 64) * d * 2 + 2 * 64 * 4,
+        });
+    }
+    let per = pr.num_prefixes * pr.prefix_len * hkv * d;
+    let wants_prefix = per > 0 && (grads.dk_pre.is_some() || grads.dv_pre.is_some());
+    if wants_prefix {
+        launches.push(KernelLaunch {
+            entry: name("pre"),
+            grid: (
+                u(pr.prefix_len.div_ceil(block_n))?,
+                u(hkv)?,
+                u(pr.num_prefixes * splits)?,
+            ),
+            threads: dkv_threads,
+            smem_bytes: (2 * block_n + 2 * 64) * d * 2 + 2 * 64 * 4,
+        });
+        launches.push(KernelLaunch {
+            entry: "prefix_attn_bwd_reduce",
+            grid: (u((2 * per).div_ceil(256))?, 1, 1),
+            threads: 256,
+            smem_bytes: 0,
+        });
+    }
+    let mut meta = Vec::with_capacity(3 * b);
+    meta.extend(pr.prefix_of.iter().map(|p| p.map_or(-1, |n| n as i32)));
+    meta.extend(pr.lens_q.iter().map(|&n| n as i32));
+    meta.extend(pr.lens_k.iter().map(|&n| n as i32));
+    Ok(BwdLaunch {
+        params,
+        launches: launches
+            .into_iter()
+            .filter(|l| l.grid.0 > 0 && l.grid.1 > 0 && l.grid.2 > 0)
+            .collect(),
+        delta_len: b * hq * tq,
+        partial_len: if wants_prefix { splits * 2 * per } else { 0 },
         meta,
         problem: pr,
     })
