@@ -165,7 +165,8 @@ fn mean_loss(
     for chunk in data.chunks(16) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = batch_of(&refs)?;
-        let mut acts = Activations::new(model, be, batch.batch_size, batch.seq_len, false)?;
+        let mut acts =
+            Activations::new(model, be, batch.batch_size, batch.seq_len, false)?.counted_only();
         let l = model.forward(be, &batch, prefix, &mut acts, None)?;
         total.sum += l.sum;
         total.count += l.count;

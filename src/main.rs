@@ -558,7 +558,8 @@ fn run(cli: Cli) -> Result<()> {
                     batch.batch_size,
                     batch.seq_len,
                     false,
-                )?;
+                )?
+                .counted_only();
                 let l = m
                     .model
                     .forward(be.as_ref(), &batch, m.prefix.as_ref(), &mut acts, None)?;

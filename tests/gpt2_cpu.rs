@@ -282,3 +282,40 @@ fn adapter_round_trip_and_mismatch() {
         .to_string();
     assert!(e.contains("num_layers 2 vs n_layer 3"), "{e}");
 }
+
+/// Projecting only the counted rows to the vocabulary changes nothing but the work done.
+#[test]
+fn counted_rows_only_gives_the_same_loss_and_gradient() {
+    let s = setup("counted", 13, 3);
+    let be = CpuBackend;
+    let ex = refs(&s.examples);
+    let batch = Batch::new(&ex).unwrap();
+    assert!(
+        batch.count() < batch.ids.len(),
+        "the batch has uncounted rows"
+    );
+    let run = |compact: bool| {
+        let mut acts =
+            Activations::new(&s.model, &be, batch.batch_size, batch.seq_len, true).unwrap();
+        if compact {
+            acts = acts.counted_only();
+        }
+        let loss = s
+            .model
+            .forward(&be, &batch, Some(&s.prefix), &mut acts, None)
+            .unwrap();
+        let mut grads = Gradients::new(&s.model, &be, batch.batch_size, batch.seq_len, 3).unwrap();
+        s.model
+            .backward(&be, &batch, &s.prefix, &acts, &mut grads)
+            .unwrap();
+        (loss, grads.d_prefix.to_f32_vec())
+    };
+    let (la, ga) = run(false);
+    let (lb, gb) = run(true);
+    assert_eq!(la.count, lb.count);
+    assert!((la.sum - lb.sum).abs() < 1e-9 * la.sum.abs());
+    let gmax = ga.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (a, b) in ga.iter().zip(&gb) {
+        assert!((a - b).abs() <= 1e-6 * gmax, "{a} vs {b}");
+    }
+}

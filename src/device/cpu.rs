@@ -49,6 +49,13 @@ fn f32_out<'b>(arg: &str, t: &'b mut TensorViewMut) -> Result<&'b mut [f32]> {
     })
 }
 
+fn check_rows(rows: &[i32], m: usize) -> Result<()> {
+    match rows.iter().find(|&&r| r < 0 || r as usize >= m) {
+        Some(r) => Err(Error::index("rows", format!("row {r} outside 0..{m}"))),
+        None => Ok(()),
+    }
+}
+
 /// `[rows, cols]` of a 2-D view.
 fn dims2(arg: &str, dims: &[usize]) -> Result<(usize, usize)> {
     match dims {
@@ -420,6 +427,33 @@ impl Backend for CpuBackend {
         let mut buf = vec![0f32; src.numel()];
         src.gather_f32(&mut buf)?;
         dst.scatter_f32(&buf)
+    }
+
+    fn gather_rows(&self, src: &TensorView, rows: &[i32], dst: &mut TensorViewMut) -> Result<()> {
+        let (m, c) = dims2("gather_rows src", src.dims())?;
+        same_shape("gather_rows dst", dst.dims(), &[rows.len(), c])?;
+        check_rows(rows, m)?;
+        let sv = f32_in("gather_rows src", src)?;
+        let dv = f32_out("gather_rows dst", dst)?;
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            dv[i * c..(i + 1) * c].copy_from_slice(&sv[r * c..(r + 1) * c]);
+        }
+        Ok(())
+    }
+
+    fn scatter_rows(&self, src: &TensorView, rows: &[i32], dst: &mut TensorViewMut) -> Result<()> {
+        let (m, c) = dims2("scatter_rows dst", dst.dims())?;
+        same_shape("scatter_rows src", src.dims(), &[rows.len(), c])?;
+        check_rows(rows, m)?;
+        let sv = f32_in("scatter_rows src", src)?;
+        let dv = f32_out("scatter_rows dst", dst)?;
+        dv.fill(0.0);
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            dv[r * c..(r + 1) * c].copy_from_slice(&sv[i * c..(i + 1) * c]);
+        }
+        Ok(())
     }
 
     fn embed(

@@ -190,6 +190,16 @@ pub trait Backend: Send + Sync {
         Err(missing_op(self.device(), "copy"))
     }
 
+    /// `dst [n, C]` row `i` = `src [M, C]` row `rows[i]`.
+    fn gather_rows(&self, src: &TensorView, rows: &[i32], dst: &mut TensorViewMut) -> Result<()> {
+        Err(missing_op(self.device(), "gather_rows"))
+    }
+
+    /// `dst [M, C]` row `rows[i]` = `src [n, C]` row `i`; the other rows of `dst` become 0.
+    fn scatter_rows(&self, src: &TensorView, rows: &[i32], dst: &mut TensorViewMut) -> Result<()> {
+        Err(missing_op(self.device(), "scatter_rows"))
+    }
+
     /// Token + position embedding: `out [B·T, C]` row `b·T + t` is
     /// `wte[ids[b·T + t]] + wpe[pos_offset + t]`.
     fn embed(

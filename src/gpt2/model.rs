@@ -146,13 +146,26 @@ pub struct Activations {
     lnf: Tensor,
     lnf_mean: Tensor,
     lnf_rstd: Tensor,
-    /// Logits `[M, V]`, f32.
+    /// Logits `[M, V]`, f32: every row, or with [`Activations::counted_only`] the counted
+    /// rows first (`counted_rows` gives their positions).
     pub logits: Tensor,
+    /// With `counted_only`: the rows (`b·T + t`) whose targets count, in order.
+    pub counted_rows: Vec<i32>,
+    counted_only: bool,
+    head_in: Tensor,
     losses: Tensor,
     dlogits: Option<Tensor>,
 }
 
 impl Activations {
+    /// Computes the vocabulary projection (and its gradient) only at rows whose target
+    /// counts: prompts and padding cost no `V`-wide work. Loss and gradients are unchanged;
+    /// `logits` then holds the counted rows only.
+    pub fn counted_only(mut self) -> Self {
+        self.counted_only = true;
+        self
+    }
+
     /// Buffers for batches of `batch_size × seq_len` tokens; `with_grad` adds the logit
     /// gradient buffer the backward needs.
     pub fn new(
@@ -189,6 +202,9 @@ impl Activations {
             lnf_mean: z(&[m], DType::F32)?,
             lnf_rstd: z(&[m], DType::F32)?,
             logits: z(&[m, c.vocab_size], DType::F32)?,
+            counted_rows: vec![],
+            counted_only: false,
+            head_in: z(&[m, e], dt)?,
             losses: z(&[m], DType::F32)?,
             dlogits: if with_grad {
                 Some(z(&[m, c.vocab_size], DType::F32)?)
@@ -465,28 +481,59 @@ impl Gpt2 {
             &mut acts.lnf_mean.view_mut(),
             &mut acts.lnf_rstd.view_mut(),
         )?;
-        be.matmul(
-            &acts.lnf.view(),
-            &w.wte.view(),
-            None,
-            &mut acts.logits.view_mut(),
-            MatmulOpts::nt(),
-        )?;
-        let mut dl = acts.dlogits.as_mut().map(|t| t.view_mut());
-        be.cross_entropy(
-            &acts.logits.view(),
-            &batch.targets,
-            &mut acts.losses.view_mut(),
-            dl.as_mut(),
-        )?;
-        let losses = be.download(&acts.losses)?.to_f32_vec();
-        let sum = batch
-            .targets
-            .iter()
-            .zip(&losses)
-            .filter(|(&tg, _)| tg != IGNORE)
-            .map(|(_, &x)| x as f64)
-            .sum();
+        let m = b * t;
+        acts.counted_rows = (0..m as i32)
+            .filter(|&r| batch.targets[r as usize] != IGNORE)
+            .collect();
+        let compact = acts.counted_only && acts.counted_rows.len() < m;
+        let (n, targets): (usize, Vec<i32>) = if compact {
+            let rows = &acts.counted_rows;
+            (
+                rows.len(),
+                rows.iter().map(|&r| batch.targets[r as usize]).collect(),
+            )
+        } else {
+            (m, batch.targets.clone())
+        };
+        if compact && n > 0 {
+            be.gather_rows(
+                &acts.lnf.view(),
+                &acts.counted_rows,
+                &mut acts.head_in.view_mut().narrow(0, 0, n)?,
+            )?;
+        }
+        let head_in = if compact {
+            acts.head_in.view().narrow(0, 0, n)?
+        } else {
+            acts.lnf.view()
+        };
+        let mut sum = 0f64;
+        if n > 0 {
+            be.matmul(
+                &head_in,
+                &w.wte.view(),
+                None,
+                &mut acts.logits.view_mut().narrow(0, 0, n)?,
+                MatmulOpts::nt(),
+            )?;
+            let mut dl = match acts.dlogits.as_mut() {
+                Some(t) => Some(t.view_mut().narrow(0, 0, n)?),
+                None => None,
+            };
+            be.cross_entropy(
+                &acts.logits.view().narrow(0, 0, n)?,
+                &targets,
+                &mut acts.losses.view_mut().narrow(0, 0, n)?,
+                dl.as_mut(),
+            )?;
+            let losses = be.download(&acts.losses)?.to_f32_vec();
+            sum = targets
+                .iter()
+                .zip(&losses[..n])
+                .filter(|(&tg, _)| tg != IGNORE)
+                .map(|(_, &x)| x as f64)
+                .sum();
+        }
         Ok(LossSum {
             sum,
             count: batch.count(),
@@ -531,13 +578,33 @@ impl Gpt2 {
         };
 
         // Head and final layer norm: d_lnf = dlogits · wte, then through ln_f.
-        be.matmul(
-            &dlogits.view(),
-            &w.wte.view(),
-            None,
-            &mut grads.d_tmp.view_mut(),
-            MatmulOpts::default(),
-        )?;
+        let m = b * t;
+        let rows = &acts.counted_rows;
+        if acts.counted_only && rows.len() < m {
+            let n = rows.len();
+            if n > 0 {
+                be.matmul(
+                    &dlogits.view().narrow(0, 0, n)?,
+                    &w.wte.view(),
+                    None,
+                    &mut grads.d_res.view_mut().narrow(0, 0, n)?,
+                    MatmulOpts::default(),
+                )?;
+            }
+            be.scatter_rows(
+                &grads.d_res.view().narrow(0, 0, n)?,
+                rows,
+                &mut grads.d_tmp.view_mut(),
+            )?;
+        } else {
+            be.matmul(
+                &dlogits.view(),
+                &w.wte.view(),
+                None,
+                &mut grads.d_tmp.view_mut(),
+                MatmulOpts::default(),
+            )?;
+        }
         be.layernorm_bwd(
             &grads.d_tmp.view(),
             &acts.res[c.n_layer].view(),

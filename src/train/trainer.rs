@@ -537,7 +537,7 @@ impl<'m> Stepper<'m> {
         let shape = (batch.batch_size, batch.seq_len);
         if self.bufs.as_ref().map(|b| b.0) != Some(shape) {
             self.bufs = None; // free the old buffers before allocating new ones
-            let acts = Activations::new(self.model, be, shape.0, shape.1, true)?;
+            let acts = Activations::new(self.model, be, shape.0, shape.1, true)?.counted_only();
             let grads = Gradients::new(self.model, be, shape.0, shape.1, self.enc.dims.prefix_len)?;
             self.bufs = Some((shape, acts, grads));
         }
