@@ -22,6 +22,7 @@ const KERNELS: &[&str] = &["kernels/prefix_attn_fwd.cu", "kernels/prefix_attn_bw
 const HEADERS: &[&str] = &[
     "kernels/common/platform.cuh",
     "kernels/common/prims.cuh",
+    "kernels/common/tile.cuh",
     "kernels/common/params.h",
     "kernels/emu/emu.h",
 ];

@@ -16,6 +16,7 @@
 // fp32 accumulation on tiles staged by cp.async and read by ldmatrix (kernels/common).
 #include "common/params.h"
 #include "common/prims.cuh"
+#include "common/tile.cuh"
 
 namespace pa {
 
@@ -31,59 +32,7 @@ struct BwdTraits {
     static constexpr int kDqThreads = 128;
     static constexpr int kChunks = kHeadDim / 8;
     static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the mma K (16)");
-    static_assert(kChunks >= 8, "the XOR swizzle permutes 8 chunks per row");
 };
-
-template <int kHeadDim>
-PA_DEVICE int bswz(int r, int c) {
-    return r * kHeadDim + ((c ^ (r & 7)) << 3);
-}
-
-template <typename T>
-struct BwdOps;
-
-template <>
-struct BwdOps<__half> {
-    static PA_DEVICE uint32_t pack(float lo, float hi) {
-        __half2 h = __floats2half2_rn(lo, hi);
-        uint32_t u;
-        memcpy(&u, &h, 4);
-        return u;
-    }
-    static PA_DEVICE float to_f(__half x) { return __half2float(x); }
-    static PA_DEVICE void mma(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
-        mma_m16n8k16_f16(d, a, b, c);
-    }
-};
-
-template <>
-struct BwdOps<__nv_bfloat16> {
-    static PA_DEVICE uint32_t pack(float lo, float hi) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        uint32_t u;
-        memcpy(&u, &h, 4);
-        return u;
-    }
-    static PA_DEVICE float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-    static PA_DEVICE void mma(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
-        mma_m16n8k16_bf16(d, a, b, c);
-    }
-};
-
-// Stages kRows rows of a strided [rows, kHeadDim] tensor into a swizzled shared tile with
-// cp.async; rows first + r >= valid_rows are zero-filled.
-template <int kHeadDim, int kRows, int kThreads, typename T>
-PA_DEVICE void bload(T* smem, const T* base, int64_t row_stride, int first, int valid_rows, int tid) {
-    constexpr int kChunks = kHeadDim / 8;
-    constexpr int kTotal = kRows * kChunks;
-    for (int idx = tid; idx < kTotal; idx += kThreads) {
-        const int r = idx / kChunks;
-        const int c = idx % kChunks;
-        const bool valid = first + r < valid_rows;
-        const T* src = valid ? base + (int64_t)(first + r) * row_stride + c * 8 : base;
-        cp_async_16(smem + bswz<kHeadDim>(r, c), src, valid);
-    }
-}
 
 struct Meta {
     int sq, sk, pidx, plen, hkv;
@@ -118,7 +67,7 @@ PA_DEVICE void delta_kernel(const PrefixAttnBwdParams& p) {
     const T* o = reinterpret_cast<const T*>(f.o) + b * f.o_batch_stride + row * f.o_row_stride + h * f.o_head_stride;
     const T* dO = reinterpret_cast<const T*>(p.d_o) + b * p.do_batch_stride + row * p.do_row_stride + h * p.do_head_stride;
     float acc = 0.f;
-    for (int c = lane; c < f.head_dim; c += 32) acc += BwdOps<T>::to_f(o[c]) * BwdOps<T>::to_f(dO[c]);
+    for (int c = lane; c < f.head_dim; c += 32) acc += TypeOps<T>::to_f(o[c]) * TypeOps<T>::to_f(dO[c]);
     for (int off = 16; off > 0; off >>= 1) acc += shfl_xor(acc, off);
     if (lane == 0) reinterpret_cast<float*>(p.delta)[((int64_t)b * f.heads_q + h) * f.tq + row] = acc;
 }
@@ -128,7 +77,7 @@ PA_DEVICE void delta_kernel(const PrefixAttnBwdParams& p) {
 template <int kHeadDim, typename T>
 PA_DEVICE void dq_kernel(const PrefixAttnBwdParams& p) {
     using Tr = BwdTraits<kHeadDim>;
-    using Ops = BwdOps<T>;
+    using Ops = TypeOps<T>;
     constexpr int kNFrags = Tr::kBlockN / 8;
     constexpr int kDFrags = kHeadDim / 8;
     constexpr int kKSteps = kHeadDim / 16;
@@ -175,26 +124,26 @@ PA_DEVICE void dq_kernel(const PrefixAttnBwdParams& p) {
         for (int j = 0; j < 4; ++j) dq_acc[i][j] = 0.f;
     uint32_t q_frag[kKSteps][4], do_frag[kKSteps][4];
 
-    bload<kHeadDim, Tr::kBlockM, Tr::kDqThreads>(sQ, q, f.q_row_stride, row0, last_row + 1, tid);
-    bload<kHeadDim, Tr::kBlockM, Tr::kDqThreads>(sdO, dO, p.do_row_stride, row0, last_row + 1, tid);
+    load_tile<kHeadDim, Tr::kBlockM, Tr::kDqThreads>(sQ, q, f.q_row_stride, row0, last_row + 1, tid);
+    load_tile<kHeadDim, Tr::kBlockM, Tr::kDqThreads>(sdO, dO, p.do_row_stride, row0, last_row + 1, tid);
     cp_async_commit();
     for (int j = 0; j < n_tiles; ++j) {
         const bool is_prefix = j < prefix_tiles;
         const int key0 = (is_prefix ? j : j - prefix_tiles) * Tr::kBlockN;
         if (is_prefix) {
-            bload<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sK, kp, f.kp_row_stride, key0, m.plen, tid);
-            bload<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sV, vp, f.vp_row_stride, key0, m.plen, tid);
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sK, kp, f.kp_row_stride, key0, m.plen, tid);
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sV, vp, f.vp_row_stride, key0, m.plen, tid);
         } else {
-            bload<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sK, k, f.k_row_stride, key0, seq_keys, tid);
-            bload<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sV, v, f.v_row_stride, key0, seq_keys, tid);
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sK, k, f.k_row_stride, key0, seq_keys, tid);
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sV, v, f.v_row_stride, key0, seq_keys, tid);
         }
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
         if (j == 0) {
             for (int kk = 0; kk < kKSteps; ++kk) {
-                ldmatrix_x4(q_frag[kk], sQ + bswz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-                ldmatrix_x4(do_frag[kk], sdO + bswz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                ldmatrix_x4(q_frag[kk], sQ + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                ldmatrix_x4(do_frag[kk], sdO + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
             }
         }
         // S = Q Kᵀ and dP = dO Vᵀ for this warp's 16 rows.
@@ -206,8 +155,8 @@ PA_DEVICE void dq_kernel(const PrefixAttnBwdParams& p) {
                 const int mat = lane >> 3;
                 const int key = nb * 8 + (lane & 7) + 8 * (mat >> 1);
                 uint32_t kf[4], vf[4];
-                ldmatrix_x4(kf, sK + bswz<kHeadDim>(key, kk * 2 + (mat & 1)));
-                ldmatrix_x4(vf, sV + bswz<kHeadDim>(key, kk * 2 + (mat & 1)));
+                ldmatrix_x4(kf, sK + swz<kHeadDim>(key, kk * 2 + (mat & 1)));
+                ldmatrix_x4(vf, sV + swz<kHeadDim>(key, kk * 2 + (mat & 1)));
                 const uint32_t kb0[2] = {kf[0], kf[1]}, kb1[2] = {kf[2], kf[3]};
                 const uint32_t vb0[2] = {vf[0], vf[1]}, vb1[2] = {vf[2], vf[3]};
                 Ops::mma(s[nb], q_frag[kk], kb0, s[nb]);
@@ -236,7 +185,7 @@ PA_DEVICE void dq_kernel(const PrefixAttnBwdParams& p) {
                 const int mat = lane >> 3;
                 const int key = kb * 16 + (lane & 7) + 8 * (mat & 1);
                 uint32_t kf[4];
-                ldmatrix_x4_trans(kf, sK + bswz<kHeadDim>(key, nd + (mat >> 1)));
+                ldmatrix_x4_trans(kf, sK + swz<kHeadDim>(key, nd + (mat >> 1)));
                 const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
                 Ops::mma(dq_acc[nd], ds_frag[kb], b0, dq_acc[nd]);
                 Ops::mma(dq_acc[nd + 1], ds_frag[kb], b1, dq_acc[nd + 1]);
@@ -265,7 +214,7 @@ template <int kHeadDim, typename T>
 PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile, int hkv, int b_first, int b_step,
                         int prefix_n, float dk_acc[][4], float dv_acc[][4]) {
     using Tr = BwdTraits<kHeadDim>;
-    using Ops = BwdOps<T>;
+    using Ops = TypeOps<T>;
     constexpr int kMFrags = Tr::kBlockM / 8;  // query n-fragments per tile
     constexpr int kDFrags = kHeadDim / 8;
     constexpr int kKSteps = kHeadDim / 16;
@@ -310,14 +259,14 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
                 vrs = f.v_row_stride;
             }
             __syncthreads();
-            bload<kHeadDim, Tr::kBlockN, kThreads>(sK, ks, krs, key0, nkeys, tid);
-            bload<kHeadDim, Tr::kBlockN, kThreads>(sV, vs, vrs, key0, nkeys, tid);
+            load_tile<kHeadDim, Tr::kBlockN, kThreads>(sK, ks, krs, key0, nkeys, tid);
+            load_tile<kHeadDim, Tr::kBlockN, kThreads>(sV, vs, vrs, key0, nkeys, tid);
             cp_async_commit();
             cp_async_wait<0>();
             __syncthreads();
             for (int kk = 0; kk < kKSteps; ++kk) {
-                ldmatrix_x4(k_frag[kk], sK + bswz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-                ldmatrix_x4(v_frag[kk], sV + bswz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                ldmatrix_x4(k_frag[kk], sK + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                ldmatrix_x4(v_frag[kk], sV + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
             }
             loaded_kv = true;
         }
@@ -338,8 +287,8 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
             for (int qt = i_first / Tr::kBlockM; qt * Tr::kBlockM < m.sq; ++qt) {
                 const int qrow0 = qt * Tr::kBlockM;
                 __syncthreads();
-                bload<kHeadDim, Tr::kBlockM, kThreads>(sQ, q, f.q_row_stride, qrow0, m.sq, tid);
-                bload<kHeadDim, Tr::kBlockM, kThreads>(sdO, dO, p.do_row_stride, qrow0, m.sq, tid);
+                load_tile<kHeadDim, Tr::kBlockM, kThreads>(sQ, q, f.q_row_stride, qrow0, m.sq, tid);
+                load_tile<kHeadDim, Tr::kBlockM, kThreads>(sdO, dO, p.do_row_stride, qrow0, m.sq, tid);
                 cp_async_commit();
                 for (int r = tid; r < Tr::kBlockM; r += kThreads) {
                     const int i = qrow0 + r;
@@ -357,8 +306,8 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
                         const int mat = lane >> 3;
                         const int qr = nb * 8 + (lane & 7) + 8 * (mat >> 1);
                         uint32_t qf[4], of[4];
-                        ldmatrix_x4(qf, sQ + bswz<kHeadDim>(qr, kk * 2 + (mat & 1)));
-                        ldmatrix_x4(of, sdO + bswz<kHeadDim>(qr, kk * 2 + (mat & 1)));
+                        ldmatrix_x4(qf, sQ + swz<kHeadDim>(qr, kk * 2 + (mat & 1)));
+                        ldmatrix_x4(of, sdO + swz<kHeadDim>(qr, kk * 2 + (mat & 1)));
                         const uint32_t qb0[2] = {qf[0], qf[1]}, qb1[2] = {qf[2], qf[3]};
                         const uint32_t ob0[2] = {of[0], of[1]}, ob1[2] = {of[2], of[3]};
                         Ops::mma(s[nb], k_frag[kk], qb0, s[nb]);
@@ -390,8 +339,8 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
                         const int mat = lane >> 3;
                         const int qr = kq * 16 + (lane & 7) + 8 * (mat & 1);
                         uint32_t of[4], qf[4];
-                        ldmatrix_x4_trans(of, sdO + bswz<kHeadDim>(qr, nd + (mat >> 1)));
-                        ldmatrix_x4_trans(qf, sQ + bswz<kHeadDim>(qr, nd + (mat >> 1)));
+                        ldmatrix_x4_trans(of, sdO + swz<kHeadDim>(qr, nd + (mat >> 1)));
+                        ldmatrix_x4_trans(qf, sQ + swz<kHeadDim>(qr, nd + (mat >> 1)));
                         const uint32_t ob0[2] = {of[0], of[1]}, ob1[2] = {of[2], of[3]};
                         const uint32_t qb0[2] = {qf[0], qf[1]}, qb1[2] = {qf[2], qf[3]};
                         Ops::mma(dv_acc[nd], p_frag[kq], ob0, dv_acc[nd]);
@@ -408,7 +357,7 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
 
 template <int kHeadDim, typename T>
 PA_DEVICE void dkv_seq_kernel(const PrefixAttnBwdParams& p) {
-    using Ops = BwdOps<T>;
+    using Ops = TypeOps<T>;
     constexpr int kDFrags = kHeadDim / 8;
     const PrefixAttnFwdParams& f = p.f;
     const int key_tile = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;

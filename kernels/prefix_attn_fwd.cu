@@ -10,6 +10,7 @@
 // type, lse (natural log) in fp32. Rows that see no key get o = 0, lse = -inf.
 #include "common/params.h"
 #include "common/prims.cuh"
+#include "common/tile.cuh"
 
 namespace pa {
 
@@ -31,64 +32,7 @@ struct FwdTraits {
     static constexpr int kSmemBytes = kSmemElems * 2;
     static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the mma K (16)");
     static_assert(kBlockN % 16 == 0, "P·V takes keys 16 at a time");
-    static_assert(kChunks >= 8, "the XOR swizzle permutes 8 chunks per row");
 };
-
-// Element offset of chunk c (8 elements) of row r in a swizzled [rows][kHeadDim] tile. XOR-ing
-// the chunk with the row's low 3 bits puts the 8 rows that one ldmatrix reads at the same
-// logical chunk into 8 different 16-byte bank groups: conflict-free.
-template <int kHeadDim>
-PA_DEVICE int swz(int r, int c) {
-    return r * kHeadDim + ((c ^ (r & 7)) << 3);
-}
-
-template <typename T>
-struct TypeOps;
-
-template <>
-struct TypeOps<__half> {
-    static PA_DEVICE uint32_t pack(float lo, float hi) {
-        __half2 h = __floats2half2_rn(lo, hi);
-        uint32_t u;
-        memcpy(&u, &h, 4);
-        return u;
-    }
-    static PA_DEVICE void mma(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
-        mma_m16n8k16_f16(d, a, b, c);
-    }
-};
-
-template <>
-struct TypeOps<__nv_bfloat16> {
-    static PA_DEVICE uint32_t pack(float lo, float hi) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        uint32_t u;
-        memcpy(&u, &h, 4);
-        return u;
-    }
-    static PA_DEVICE void mma(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
-        mma_m16n8k16_bf16(d, a, b, c);
-    }
-};
-
-// Stages kRows rows x kHeadDim of a strided tensor into a swizzled shared tile with cp.async.
-// Row r comes from base + (first + r) * row_stride when first + r < valid_rows; other rows are
-// zero-filled (their source is not read).
-template <int kHeadDim, int kRows, typename T>
-PA_DEVICE void load_tile(T* smem, const T* base, int64_t row_stride, int first, int valid_rows, int tid) {
-    using Tr = FwdTraits<kHeadDim>;
-    constexpr int kTotal = kRows * Tr::kChunks;
-    static_assert(kTotal % Tr::kThreads == 0, "every thread copies the same number of chunks");
-#pragma unroll
-    for (int i = 0; i < kTotal / Tr::kThreads; ++i) {
-        const int idx = i * Tr::kThreads + tid;
-        const int r = idx / Tr::kChunks;
-        const int c = idx % Tr::kChunks;
-        const bool valid = first + r < valid_rows;
-        const T* src = valid ? base + (int64_t)(first + r) * row_stride + c * 8 : base;
-        cp_async_16(smem + swz<kHeadDim>(r, c), src, valid);
-    }
-}
 
 template <int kHeadDim, typename T>
 PA_DEVICE void fwd_kernel(const PrefixAttnFwdParams& p) {
@@ -144,17 +88,17 @@ PA_DEVICE void fwd_kernel(const PrefixAttnFwdParams& p) {
         T* dk = sK + buf * Tr::kBlockN * kHeadDim;
         T* dv = sV + buf * Tr::kBlockN * kHeadDim;
         if (j < prefix_tiles) {
-            load_tile<kHeadDim, Tr::kBlockN>(dk, kp, p.kp_row_stride, j * Tr::kBlockN, plen, tid);
-            load_tile<kHeadDim, Tr::kBlockN>(dv, vp, p.vp_row_stride, j * Tr::kBlockN, plen, tid);
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kThreads>(dk, kp, p.kp_row_stride, j * Tr::kBlockN, plen, tid);
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kThreads>(dv, vp, p.vp_row_stride, j * Tr::kBlockN, plen, tid);
         } else {
             const int first = (j - prefix_tiles) * Tr::kBlockN;
-            load_tile<kHeadDim, Tr::kBlockN>(dk, k, p.k_row_stride, first, seq_keys, tid);
-            load_tile<kHeadDim, Tr::kBlockN>(dv, v, p.v_row_stride, first, seq_keys, tid);
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kThreads>(dk, k, p.k_row_stride, first, seq_keys, tid);
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kThreads>(dv, v, p.v_row_stride, first, seq_keys, tid);
         }
     };
 
     // Q rows beyond seqlen_q are zero-filled; they are never written back as results.
-    load_tile<kHeadDim, Tr::kBlockM>(sQ, q, p.q_row_stride, row0, last_row + 1, tid);
+    load_tile<kHeadDim, Tr::kBlockM, Tr::kThreads>(sQ, q, p.q_row_stride, row0, last_row + 1, tid);
     if (n_tiles > 0) load_kv(0, 0);
     cp_async_commit();
 
