@@ -181,3 +181,143 @@ pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
         times_ms: times,
     })
 }
+
+/// One row of `prefix-attn bench attn`: fused and naive-concat timings of one named shape,
+/// with FLOP and byte counts as DESIGN.md §6 defines them.
+#[derive(Clone, Debug)]
+pub struct AttnBenchRow {
+    /// The shape as run (CPU-scaled on the CPU).
+    pub shape: crate::attn::shapes::NamedShape,
+    /// Median forward time, ms.
+    pub fwd_ms: f64,
+    /// Median backward time, ms.
+    pub bwd_ms: f64,
+    /// Median naive-concat forward time, ms.
+    pub naive_fwd_ms: f64,
+    /// Median naive-concat backward time, ms.
+    pub naive_bwd_ms: f64,
+    /// Forward FLOPs (`4·D` per visible pair).
+    pub fwd_flops: f64,
+    /// Backward FLOPs (2.5 × forward).
+    pub bwd_flops: f64,
+    /// Forward bytes (each input read once, each output written once).
+    pub fwd_bytes: f64,
+    /// Backward bytes.
+    pub bwd_bytes: f64,
+    /// Extra bytes the naive method allocates in the backward (expanded K/V and gradients).
+    pub naive_extra_bytes: f64,
+}
+
+/// Ceilings measured on the spot: a large f32 matmul (FLOP/s) and a large copy (bytes/s).
+#[derive(Clone, Copy, Debug)]
+pub struct Ceilings {
+    /// FLOP/s of a 1024³ f32 matmul through the CPU backend.
+    pub flops: f64,
+    /// Bytes/s of a 256 MiB copy (read + write counted).
+    pub bytes: f64,
+}
+
+fn median_ms(mut f: impl FnMut() -> Result<()>, reps: usize) -> Result<f64> {
+    f()?; // warm-up
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        t.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// Measures the CPU ceilings.
+pub fn cpu_ceilings() -> Result<Ceilings> {
+    use crate::device::{cpu::CpuBackend, MatmulOpts};
+    use crate::tensor::{DType, Tensor};
+    let n = 1024;
+    let be = CpuBackend;
+    let a = Tensor::from_f32(&[n, n], &Rng::new(1).normal_vec(n * n, 1.0), DType::F32)?;
+    let mut c = Tensor::zeros(&[n, n], DType::F32)?;
+    let ms = median_ms(
+        || {
+            be.matmul(
+                &a.view(),
+                &a.view(),
+                None,
+                &mut c.view_mut(),
+                MatmulOpts::default(),
+            )
+        },
+        5,
+    )?;
+    let flops = 2.0 * (n * n * n) as f64 / (ms / 1e3);
+    let len = 64 << 20; // f32 elements: 256 MiB
+    let src = vec![1.0f32; len];
+    let mut dst = vec![0.0f32; len];
+    let ms = median_ms(
+        || {
+            dst.copy_from_slice(&src);
+            Ok(())
+        },
+        5,
+    )?;
+    std::hint::black_box(&dst);
+    Ok(Ceilings {
+        flops,
+        bytes: 2.0 * (len * 4) as f64 / (ms / 1e3),
+    })
+}
+
+/// Times fused and naive attention, forward and backward, on a named shape (f16 inputs) on
+/// the CPU.
+pub fn bench_attn_cpu(shape: crate::attn::shapes::NamedShape, reps: usize) -> Result<AttnBenchRow> {
+    use crate::attn::testing::{FwdBuffers, GradBuffers, ProblemSpec, RandomProblem};
+    use crate::attn::{cpu, naive};
+    use crate::tensor::DType;
+    let s = shape;
+    let mut spec = ProblemSpec::new(
+        s.batch,
+        s.tq,
+        s.tk,
+        s.heads_q,
+        s.heads_kv,
+        s.head_dim,
+        s.prefix_len,
+        s.causal,
+    );
+    spec.dtype = DType::F16;
+    let pb = RandomProblem::new(spec, &mut Rng::new(0))?;
+    let args = pb.args()?;
+    let pr = args.check()?;
+    let mut f = FwdBuffers::poisoned(&pb.spec)?;
+    let fwd_ms = median_ms(|| cpu::forward(&args, f.out()), reps)?;
+    let naive_fwd_ms = median_ms(|| naive::forward(&args, f.out()), reps)?;
+    cpu::forward(&args, f.out())?;
+    let mut g = GradBuffers::poisoned(&pb.spec)?;
+    let bargs = pb.bwd_args(&f.o, &f.lse, false)?;
+    let bwd_ms = median_ms(|| cpu::backward(&bargs, g.grads(true, false)), reps)?;
+    let naive_bwd_ms = median_ms(|| naive::backward(&bargs, g.grads(true, false)), reps)?;
+    let e = 2.0; // bytes per f16 element
+    let (q, kv, pre) = (
+        (s.batch * s.tq * s.heads_q * s.head_dim) as f64,
+        (s.batch * s.tk * s.heads_kv * s.head_dim) as f64,
+        (s.prefix_len * s.heads_kv * s.head_dim) as f64,
+    );
+    let lse = (s.batch * s.heads_q * s.tq) as f64 * 4.0;
+    let fwd_bytes = (q + 2.0 * kv + 2.0 * pre) * e + q * e + lse;
+    // Reads q, k, v, prefix, o, dO, lse; writes dq, dk, dv (16-bit) and the prefix grads (f32).
+    let bwd_bytes =
+        (q + 2.0 * kv + 2.0 * pre + 2.0 * q) * e + lse + (q + 2.0 * kv) * e + 2.0 * pre * 4.0;
+    let fwd_flops = s.fwd_flops();
+    Ok(AttnBenchRow {
+        shape: s,
+        fwd_ms,
+        bwd_ms,
+        naive_fwd_ms,
+        naive_bwd_ms,
+        fwd_flops,
+        bwd_flops: 2.5 * fwd_flops,
+        fwd_bytes,
+        bwd_bytes,
+        naive_extra_bytes: crate::attn::naive::extra_bytes(&pr, true) as f64,
+    })
+}

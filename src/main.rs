@@ -7,7 +7,7 @@ use prefix_attn::attn::testing::{
     random_spec, FwdBuffers, GradBuffers, ProblemSpec, RandomProblem,
 };
 use prefix_attn::attn::{cpu, naive};
-use prefix_attn::bench::{bench_step, StepBench};
+use prefix_attn::bench::{bench_attn_cpu, bench_step, cpu_ceilings, StepBench};
 use prefix_attn::demo::{run_demo, DemoOptions};
 use prefix_attn::device::{Backend, Device};
 use prefix_attn::gpt2::tokenizer::Tokenizer;
@@ -287,6 +287,22 @@ fn run_training(cfg: &TrainConfig, be: &dyn Backend) -> Result<TrainReport> {
 /// What to benchmark.
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Time fused prefix attention against the naive concat on the named shapes (DESIGN.md
+    /// §6; CPU-scaled on the CPU) with FLOP/s, GB/s and the fraction of the measured roofline.
+    Attn {
+        /// A named shape (see `shapes`), or all of them.
+        #[arg(long, default_value = "all")]
+        shape: String,
+        /// Timed repetitions per measurement (median reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Device: cpu (the GPU path arrives with the GPU benchmarks).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Time full training steps (forward, backward, AdamW) on a random-weight model.
     Step {
         /// tiny or gpt2-small.
@@ -411,6 +427,99 @@ fn spec_of(s: NamedShape, dtype: DType) -> ProblemSpec {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Bench {
+            what:
+                BenchCmd::Attn {
+                    shape,
+                    reps,
+                    json,
+                    device,
+                },
+        } => {
+            if device != "cpu" {
+                return Err(Error::Unsupported(format!(
+                    "bench attn --device {device}: only cpu so far (the emulator is a test instrument, never benchmarked)"
+                )));
+            }
+            let shapes: Vec<NamedShape> = if shape == "all" {
+                shapes::SHAPES.to_vec()
+            } else {
+                vec![shapes::by_name(&shape).ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "--shape {shape}: expected all or one of {}",
+                        shapes::SHAPES.map(|s| s.name).join(", ")
+                    ))
+                })?]
+            };
+            let ceil = cpu_ceilings()?;
+            let mut rows = vec![];
+            for s in shapes {
+                rows.push(bench_attn_cpu(s.cpu_scaled(), reps)?);
+            }
+            let roof = |flops: f64, bytes: f64, ms: f64| {
+                (flops / ceil.flops).max(bytes / ceil.bytes) / (ms / 1e3)
+            };
+            if json {
+                let v: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "shape": r.shape.name, "batch": r.shape.batch, "tq": r.shape.tq, "tk": r.shape.tk,
+                            "prefix_len": r.shape.prefix_len, "head_dim": r.shape.head_dim,
+                            "fwd_ms": r.fwd_ms, "bwd_ms": r.bwd_ms,
+                            "naive_fwd_ms": r.naive_fwd_ms, "naive_bwd_ms": r.naive_bwd_ms,
+                            "fwd_gflops": r.fwd_flops / r.fwd_ms / 1e6, "bwd_gflops": r.bwd_flops / r.bwd_ms / 1e6,
+                            "fwd_gbs": r.fwd_bytes / r.fwd_ms / 1e6, "bwd_gbs": r.bwd_bytes / r.bwd_ms / 1e6,
+                            "fwd_roofline": roof(r.fwd_flops, r.fwd_bytes, r.fwd_ms),
+                            "bwd_roofline": roof(r.bwd_flops, r.bwd_bytes, r.bwd_ms),
+                            "speedup_fwd": r.naive_fwd_ms / r.fwd_ms, "speedup_bwd": r.naive_bwd_ms / r.bwd_ms,
+                            "naive_extra_mb": r.naive_extra_bytes / 1e6,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"device": "cpu", "ceiling_gflops": ceil.flops / 1e9, "ceiling_gbs": ceil.bytes / 1e9, "rows": v})
+                );
+            } else {
+                println!(
+                    "cpu, f16 inputs; ceilings measured now: {:.0} GFLOP/s (f32 matmul), {:.1} GB/s (copy)",
+                    ceil.flops / 1e9,
+                    ceil.bytes / 1e9
+                );
+                println!(
+                    "{:<18} {:>9} {:>8} {:>7} {:>6} {:>9} {:>8} {:>6} {:>9} {:>9} {:>10}",
+                    "shape (cpu-scaled)",
+                    "fwd ms",
+                    "GFLOP/s",
+                    "GB/s",
+                    "roof",
+                    "bwd ms",
+                    "GFLOP/s",
+                    "roof",
+                    "×naive fwd",
+                    "×naive bwd",
+                    "naive +MB"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<18} {:>9.2} {:>8.1} {:>7.2} {:>5.0}% {:>9.2} {:>8.1} {:>5.0}% {:>9.2}x {:>9.2}x {:>10.1}",
+                        r.shape.name,
+                        r.fwd_ms,
+                        r.fwd_flops / r.fwd_ms / 1e6,
+                        r.fwd_bytes / r.fwd_ms / 1e6,
+                        100.0 * roof(r.fwd_flops, r.fwd_bytes, r.fwd_ms),
+                        r.bwd_ms,
+                        r.bwd_flops / r.bwd_ms / 1e6,
+                        100.0 * roof(r.bwd_flops, r.bwd_bytes, r.bwd_ms),
+                        r.naive_fwd_ms / r.fwd_ms,
+                        r.naive_bwd_ms / r.bwd_ms,
+                        r.naive_extra_bytes / 1e6
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Bench {
             what:
                 BenchCmd::Step {
