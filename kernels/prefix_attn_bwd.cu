@@ -28,6 +28,9 @@ struct BwdTraits {
     static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;
     // The dkv kernels give each warp 16 keys.
     static constexpr int kDkvWarps = kBlockN / 16;
+    // Query rows per tile in the dkv kernels: 32 at head dim 128 keeps Sᵀ and dPᵀ (and the
+    // persistent K, V fragments and dK, dV accumulators) within the register file.
+    static constexpr int kDkvRows = kHeadDim <= 64 ? 64 : 32;
     static constexpr int kDkvThreads = kDkvWarps * 32;
     static constexpr int kDqThreads = 128;
     static constexpr int kChunks = kHeadDim / 8;
@@ -215,7 +218,7 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
                         int prefix_n, float dk_acc[][4], float dv_acc[][4]) {
     using Tr = BwdTraits<kHeadDim>;
     using Ops = TypeOps<T>;
-    constexpr int kMFrags = Tr::kBlockM / 8;  // query n-fragments per tile
+    constexpr int kMFrags = Tr::kDkvRows / 8;  // query n-fragments per tile
     constexpr int kDFrags = kHeadDim / 8;
     constexpr int kKSteps = kHeadDim / 16;
     constexpr int kThreads = Tr::kDkvThreads;
@@ -229,12 +232,11 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
     T* sK = smem;
     T* sV = sK + Tr::kBlockN * kHeadDim;
     T* sQ = sV + Tr::kBlockN * kHeadDim;
-    T* sdO = sQ + Tr::kBlockM * kHeadDim;
-    float* sL = reinterpret_cast<float*>(sdO + Tr::kBlockM * kHeadDim);  // lse · log2e
-    float* sD = sL + Tr::kBlockM;                                       // delta
+    T* sdO = sQ + Tr::kDkvRows * kHeadDim;
+    float* sL = reinterpret_cast<float*>(sdO + Tr::kDkvRows * kHeadDim);  // lse · log2e
+    float* sD = sL + Tr::kDkvRows;  // delta
 
     const int key0 = key_tile * Tr::kBlockN;
-    uint32_t k_frag[kKSteps][4], v_frag[kKSteps][4];
     bool loaded_kv = false;
 
     for (int b = b_first; b < f.batch; b += b_step) {
@@ -264,10 +266,6 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
             cp_async_commit();
             cp_async_wait<0>();
             __syncthreads();
-            for (int kk = 0; kk < kKSteps; ++kk) {
-                ldmatrix_x4(k_frag[kk], sK + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-                ldmatrix_x4(v_frag[kk], sV + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-            }
             loaded_kv = true;
         }
         // This warp's keys (rows of Sᵀ): g and g + 8.
@@ -284,13 +282,13 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
             const T* dO = reinterpret_cast<const T*>(p.d_o) + b * p.do_batch_stride + h * p.do_head_stride;
             const float* lse = reinterpret_cast<const float*>(f.lse) + b * f.lse_batch_stride + h * f.lse_head_stride;
             const float* delta = reinterpret_cast<const float*>(p.delta) + ((int64_t)b * f.heads_q + h) * f.tq;
-            for (int qt = i_first / Tr::kBlockM; qt * Tr::kBlockM < m.sq; ++qt) {
-                const int qrow0 = qt * Tr::kBlockM;
+            for (int qt = i_first / Tr::kDkvRows; qt * Tr::kDkvRows < m.sq; ++qt) {
+                const int qrow0 = qt * Tr::kDkvRows;
                 __syncthreads();
-                load_tile<kHeadDim, Tr::kBlockM, kThreads>(sQ, q, f.q_row_stride, qrow0, m.sq, tid);
-                load_tile<kHeadDim, Tr::kBlockM, kThreads>(sdO, dO, p.do_row_stride, qrow0, m.sq, tid);
+                load_tile<kHeadDim, Tr::kDkvRows, kThreads>(sQ, q, f.q_row_stride, qrow0, m.sq, tid);
+                load_tile<kHeadDim, Tr::kDkvRows, kThreads>(sdO, dO, p.do_row_stride, qrow0, m.sq, tid);
                 cp_async_commit();
-                for (int r = tid; r < Tr::kBlockM; r += kThreads) {
+                for (int r = tid; r < Tr::kDkvRows; r += kThreads) {
                     const int i = qrow0 + r;
                     sL[r] = i < m.sq ? lse[i] * kLog2e : -INFINITY;
                     sD[r] = i < m.sq ? delta[i] : 0.f;
@@ -302,6 +300,12 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
                 for (int nb = 0; nb < kMFrags; ++nb)
                     for (int i = 0; i < 4; ++i) s[nb][i] = dp[nb][i] = 0.f;
                 for (int kk = 0; kk < kKSteps; ++kk) {
+                    // This warp's 16 keys as A fragments, re-read from shared memory for each
+                    // k-step rather than kept in registers (the register budget goes to the
+                    // dK, dV accumulators).
+                    uint32_t k_a[4], v_a[4];
+                    ldmatrix_x4(k_a, sK + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                    ldmatrix_x4(v_a, sV + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
                     for (int nb = 0; nb < kMFrags; nb += 2) {
                         const int mat = lane >> 3;
                         const int qr = nb * 8 + (lane & 7) + 8 * (mat >> 1);
@@ -310,10 +314,10 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
                         ldmatrix_x4(of, sdO + swz<kHeadDim>(qr, kk * 2 + (mat & 1)));
                         const uint32_t qb0[2] = {qf[0], qf[1]}, qb1[2] = {qf[2], qf[3]};
                         const uint32_t ob0[2] = {of[0], of[1]}, ob1[2] = {of[2], of[3]};
-                        Ops::mma(s[nb], k_frag[kk], qb0, s[nb]);
-                        Ops::mma(s[nb + 1], k_frag[kk], qb1, s[nb + 1]);
-                        Ops::mma(dp[nb], v_frag[kk], ob0, dp[nb]);
-                        Ops::mma(dp[nb + 1], v_frag[kk], ob1, dp[nb + 1]);
+                        Ops::mma(s[nb], k_a, qb0, s[nb]);
+                        Ops::mma(s[nb + 1], k_a, qb1, s[nb + 1]);
+                        Ops::mma(dp[nb], v_a, ob0, dp[nb]);
+                        Ops::mma(dp[nb + 1], v_a, ob1, dp[nb + 1]);
                     }
                 }
                 // Pᵀ and dSᵀ as A fragments (k = queries) for dV += Pᵀ dO and dK += dSᵀ Q.

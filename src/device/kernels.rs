@@ -588,6 +588,8 @@ pub fn plan_bwd(
     };
     let (b, hq, hkv, tq, tk) = (pr.batch, pr.heads_q, pr.heads_kv, pr.tq, pr.tk);
     let dkv_threads = (block_n / 16 * 32) as u32;
+    let dkv_rows = if d <= 64 { 64 } else { 32 };
+    let dkv_smem = (2 * block_n + 2 * dkv_rows) * d * 2 + 2 * dkv_rows * 4;
     let mut launches = vec![KernelLaunch {
         entry: if f.dtype == 0 {
             "prefix_attn_bwd_delta_f16"
@@ -609,7 +611,7 @@ pub fn plan_bwd(
             entry: name("seq"),
             grid: (u(tk.div_ceil(block_n))?, u(hkv)?, u(b)?),
             threads: dkv_threads,
-            smem_bytes: (2 * block_n + 2 * 64) * d * 2 + 2 * 64 * 4,
+            smem_bytes: dkv_smem,
         });
     }
     let per = pr.num_prefixes * pr.prefix_len * hkv * d;
@@ -623,7 +625,7 @@ pub fn plan_bwd(
                 u(pr.num_prefixes * splits)?,
             ),
             threads: dkv_threads,
-            smem_bytes: (2 * block_n + 2 * 64) * d * 2 + 2 * 64 * 4,
+            smem_bytes: dkv_smem,
         });
         launches.push(KernelLaunch {
             entry: "prefix_attn_bwd_reduce",
