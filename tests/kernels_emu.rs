@@ -465,3 +465,65 @@ fn backward_is_deterministic() {
         assert_eq!(bits(x), bits(y));
     }
 }
+
+/// The backward writes dQ/dK/dV straight into a `dqkv [B, T, 3, H, D]` buffer laid out like
+/// GPT-2's `qkv`, exactly as into separate tensors.
+#[test]
+fn backward_writes_a_gpt2_dqkv_buffer() {
+    let mut s = ProblemSpec::new(2, 11, 11, 2, 2, 64, 5, true);
+    s.dtype = DType::F16;
+    s.layout = KvLayout::FusedQkv;
+    s.peft_layer = Some((2, 1));
+    s.seqlen_q = Some(vec![11, 6]);
+    s.seqlen_k = Some(vec![11, 6]);
+    let separate = run_bwd_and_check(s.clone(), 41, false);
+    let pb = RandomProblem::new(s.clone(), &mut Rng::new(41)).unwrap();
+    let args = pb.args().unwrap();
+    let mut f = FwdBuffers::poisoned(&pb.spec).unwrap();
+    emu::attn_fwd(&args, f.out()).unwrap();
+    let n = 2 * 11 * 3 * 2 * 64;
+    let mut dqkv = Tensor::from_f32(&[2, 11, 3, 2, 64], &vec![f32::NAN; n], DType::F16).unwrap();
+    let mut g = GradBuffers::poisoned(&pb.spec).unwrap();
+    {
+        let mut parts = dqkv.view_mut().unbind(2).unwrap().into_iter();
+        let (dq, dk, dv) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        let grads = prefix_attn::attn::AttnGrads {
+            dq: Some(dq),
+            dk: Some(dk),
+            dv: Some(dv),
+            dk_pre: Some(g.dk_pre.view_mut()),
+            dv_pre: Some(g.dv_pre.view_mut()),
+        };
+        emu::attn_bwd(&pb.bwd_args(&f.o, &f.lse, false).unwrap(), grads).unwrap();
+    }
+    let fused = dqkv.to_f32_vec();
+    let (sq, sk, sv) = (
+        separate.dq.to_f32_vec(),
+        separate.dk.to_f32_vec(),
+        separate.dv.to_f32_vec(),
+    );
+    for b in 0..2 {
+        for t in 0..11 {
+            for h in 0..2 {
+                for d in 0..64 {
+                    let at = |which: usize| (((b * 11 + t) * 3 + which) * 2 + h) * 64 + d;
+                    let one = ((b * 11 + t) * 2 + h) * 64 + d;
+                    assert_eq!(fused[at(0)].to_bits(), sq[one].to_bits());
+                    assert_eq!(fused[at(1)].to_bits(), sk[one].to_bits());
+                    assert_eq!(fused[at(2)].to_bits(), sv[one].to_bits());
+                }
+            }
+        }
+    }
+    let bits = |t: &Tensor| {
+        t.to_f32_vec()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&g.dk_pre), bits(&separate.dk_pre));
+}
