@@ -45,9 +45,15 @@ extern "C" {
 /// Size and field offsets of the kernels' `PrefixAttnBwdParams` as the C++ compiler lays it
 /// out (compare with [`super::kernels::bwd_params_rust_layout`]).
 pub fn bwd_params_layout() -> Vec<usize> {
+    read_layout(pa_bwd_params_layout)
+}
+
+/// Calls a C `*_params_layout(out, n)` reporter (which writes at most `n` values and returns
+/// how many it has).
+fn read_layout(report: unsafe extern "C" fn(*mut usize, usize) -> usize) -> Vec<usize> {
     let mut v = vec![0usize; 64];
     // SAFETY: the C side writes at most `n` values.
-    let n = unsafe { pa_bwd_params_layout(v.as_mut_ptr(), v.len()) };
+    let n = unsafe { report(v.as_mut_ptr(), v.len()) };
     v.truncate(n.min(64));
     v
 }
@@ -127,11 +133,7 @@ fn run_emu(kernel: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<
 /// Size and field offsets of the kernels' `PrefixAttnFwdParams` as the C++ compiler lays it
 /// out (compare with [`super::kernels::fwd_params_rust_layout`]).
 pub fn fwd_params_layout() -> Vec<usize> {
-    let mut v = vec![0usize; 64];
-    // SAFETY: the C side writes at most `n` values.
-    let n = unsafe { pa_fwd_params_layout(v.as_mut_ptr(), v.len()) };
-    v.truncate(n.min(64));
-    v
+    read_layout(pa_fwd_params_layout)
 }
 
 /// Names of the emulator's self-tests (one per emulated primitive and behaviour).
