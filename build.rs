@@ -17,7 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Kernel files, each compiled for the GPU and for the emulator.
-const KERNELS: &[&str] = &["kernels/prefix_attn_fwd.cu", "kernels/prefix_attn_bwd.cu"];
+const KERNELS: &[&str] = &[
+    "kernels/prefix_attn_fwd.cu",
+    "kernels/prefix_attn_bwd.cu",
+    "kernels/dense.cu",
+];
 /// Headers the kernels include.
 const HEADERS: &[&str] = &[
     "kernels/common/platform.cuh",

@@ -40,9 +40,37 @@ run() {
     PREFIX_ATTN_REQUIRE_GPU=1 ./gpu-bin/gpu | tee /tmp/gpu-tests.log || status=1
     echo "== emulator suite (same binary build)"
     ./gpu-bin/kernels_emu -q 2>&1 | tail -n 3 | tee /tmp/emu-tests.log || status=1
+    # Benchmarks: PyTorch SDPA on pre-concatenated K/V, ours, and their ratios
+    # (tools/README.md). They print their failures but never change the exit status.
+    echo "== attention benchmarks: PyTorch SDPA baseline vs ours"
+    local bench="skipped (no CUDA-enabled torch for python3)" rc=0
+    if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+        bench="sdpa ok"
+        rm -f /tmp/sdpa.json /tmp/ours.json
+        timeout 120 python3 tools/bench_attn_sdpa.py --json /tmp/sdpa.json ||
+            { rc=$?; echo "bench_attn_sdpa.py: FAILED (rc $rc)"; bench="sdpa FAILED (rc $rc)"; }
+        if [ -x gpu-bin/prefix-attn ]; then
+            if timeout 120 ./gpu-bin/prefix-attn bench attn --device cuda --json >/tmp/ours.json; then
+                bench="$bench; ours ok"
+                python3 tools/bench_attn_sdpa.py --compare /tmp/ours.json --sdpa-json /tmp/sdpa.json ||
+                    { rc=$?; echo "compare: FAILED (rc $rc)"; bench="$bench; compare FAILED"; }
+            else
+                rc=$?
+                echo "prefix-attn bench attn --device cuda: FAILED (rc $rc); its stdout began:"
+                head -c 600 /tmp/ours.json || true
+                bench="$bench; ours FAILED (rc $rc)"
+            fi
+        else
+            echo "gpu-bin/prefix-attn: absent, no comparison"
+            bench="$bench; ours absent"
+        fi
+    else
+        echo "$bench"
+    fi
     echo "== summary"
     echo "gpu:  $(tail -n 1 /tmp/gpu-tests.log)"
     echo "emu:  $(grep 'test result' /tmp/emu-tests.log || tail -n 1 /tmp/emu-tests.log)"
+    echo "bench: $bench (not part of the exit status)"
     exit $status
 }
 

@@ -51,7 +51,7 @@ enum Cmd {
         /// Element type: f32, f16 or bf16.
         #[arg(long, default_value = "f16")]
         dtype: String,
-        /// Device to run on (this build: cpu).
+        /// Device: cpu, cuda[:N], emu (the kernels on the CPU emulator; slow) or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Random seed.
@@ -75,7 +75,7 @@ enum Cmd {
         /// Sequences per forward pass.
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
-        /// Device: cpu (auto, cuda and emu arrive with the GPU backend).
+        /// Device: cpu, cuda[:N], emu (the kernels on the CPU emulator; slow) or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -91,7 +91,7 @@ enum Cmd {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Device: cpu (auto, cuda and emu arrive with the GPU backend).
+        /// Device: cpu, cuda[:N], emu (the kernels on the CPU emulator; slow) or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -127,7 +127,7 @@ enum Cmd {
         /// Print {"ids": [...new tokens...], "text": ...} instead of the text.
         #[arg(long)]
         json: bool,
-        /// Device: cpu (auto, cuda and emu arrive with the GPU backend).
+        /// Device: cpu, cuda[:N], emu (the kernels on the CPU emulator; slow) or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -190,7 +190,7 @@ struct TrainArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
-    /// Device: cpu (auto, cuda and emu arrive with the GPU backend).
+    /// Device: cpu, cuda[:N], emu (the kernels on the CPU emulator; slow) or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -335,19 +335,23 @@ enum BenchCmd {
     },
 }
 
-/// A backend for a `--device` value.
+/// A backend for a `--device` value: `cpu`, `cuda`/`cuda:N`, `emu` (the CUDA kernels on the
+/// CPU emulator: a test instrument, slow) or `auto` (CUDA when a device is usable, else the
+/// CPU; it says which on stderr).
 fn backend_for(device: &str) -> Result<Box<dyn Backend>> {
-    if device == "emu" {
-        return Err(Error::Unsupported(
-            "--device emu: the emulator runs the attention kernel only so far; the command line \
-             gains it with the GPU training path (use --device cpu)"
-                .into(),
-        ));
-    }
     if device == "auto" {
-        return Err(Error::Unsupported(
-            "--device auto: only the cpu backend exists in this build (use --device cpu)".into(),
-        ));
+        if prefix_attn::device::cuda::device_count() > 0 {
+            match prefix_attn::device::cuda::CudaBackend::new(0) {
+                Ok(be) => {
+                    eprintln!("device auto: {}", be.describe());
+                    return Ok(Box::new(be));
+                }
+                Err(e) => eprintln!("device auto: CUDA not usable ({e}); using the cpu"),
+            }
+        } else {
+            eprintln!("device auto: no CUDA device; using the cpu");
+        }
+        return prefix_attn::device::backend(Device::Cpu);
     }
     prefix_attn::device::backend(device.parse()?)
 }

@@ -400,17 +400,65 @@ impl HostBuffer {
 unsafe impl bytemuck::Zeroable for Chunk {}
 unsafe impl bytemuck::Pod for Chunk {}
 
-/// An owned, contiguous tensor.
-#[derive(Clone)]
+/// Device memory owned by a [`Tensor`] (a CUDA allocation, from the `cuda` device). The
+/// memory is freed when the tensor is dropped.
+pub trait DeviceMemory: Send + Sync {
+    /// Device address of the first byte (at least 16-byte aligned).
+    fn addr(&self) -> u64;
+    /// Size in bytes.
+    fn len(&self) -> usize;
+    /// Whether the allocation is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The device it lives on.
+    fn location(&self) -> Location;
+    /// Copies the whole allocation to `out` (`out.len() == self.len()`), waiting for the
+    /// device work queued before.
+    fn read(&self, out: &mut [u8]) -> Result<()>;
+    /// A new allocation on the same device holding the same bytes.
+    fn duplicate(&self) -> Result<Box<dyn DeviceMemory>>;
+}
+
+/// Where a tensor's elements are stored.
+enum Storage {
+    Host(HostBuffer),
+    Device(Box<dyn DeviceMemory>),
+}
+
+/// An owned, contiguous tensor, in host memory or in a device's memory.
 pub struct Tensor {
-    buf: HostBuffer,
+    buf: Storage,
     dtype: DType,
     layout: Layout,
 }
 
+impl Clone for Tensor {
+    /// A deep copy. Copying a device tensor needs the device: if that fails (out of memory),
+    /// the clone is a host tensor of NaNs of the same shape, so the failure cannot pass
+    /// unnoticed; use [`Tensor::try_clone`] to see the error.
+    fn clone(&self) -> Tensor {
+        self.try_clone().unwrap_or_else(|_| {
+            let mut t = Tensor::zeros(self.dims(), self.dtype).unwrap_or(Tensor {
+                buf: Storage::Host(HostBuffer::zeroed(0)),
+                dtype: self.dtype,
+                layout: self.layout,
+            });
+            let _ = t.view_mut().fill(f32::NAN);
+            t
+        })
+    }
+}
+
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Tensor({} {:?} on host)", self.dtype, self.dims())
+        write!(
+            f,
+            "Tensor({} {:?} on {})",
+            self.dtype,
+            self.dims(),
+            self.location()
+        )
     }
 }
 
@@ -423,10 +471,99 @@ impl Tensor {
             .checked_mul(dtype.size())
             .ok_or_else(|| Error::shape("tensor", "a size that fits in memory", shape))?;
         Ok(Tensor {
-            buf: HostBuffer::zeroed(bytes),
+            buf: Storage::Host(HostBuffer::zeroed(bytes)),
             dtype,
             layout,
         })
+    }
+
+    /// A tensor over device memory `mem` (contiguous, `shape` and `dtype` must fit in it).
+    pub fn from_device(
+        mem: Box<dyn DeviceMemory>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let layout = Layout::contiguous(shape)?;
+        let need = layout.numel() * dtype.size();
+        if need > mem.len() {
+            return Err(Error::shape(
+                "device tensor",
+                format!("at most {} bytes of {dtype}", mem.len()),
+                shape,
+            ));
+        }
+        if mem.location() == Location::Host {
+            return Err(Error::device("device tensor", "the memory is host memory"));
+        }
+        Ok(Tensor {
+            buf: Storage::Device(mem),
+            dtype,
+            layout,
+        })
+    }
+
+    /// A deep copy (host or device); errors when the device cannot allocate.
+    pub fn try_clone(&self) -> Result<Tensor> {
+        let buf = match &self.buf {
+            Storage::Host(h) => Storage::Host(h.clone()),
+            Storage::Device(d) => Storage::Device(d.duplicate()?),
+        };
+        Ok(Tensor {
+            buf,
+            dtype: self.dtype,
+            layout: self.layout,
+        })
+    }
+
+    fn host(&self, what: &str) -> Result<&HostBuffer> {
+        match &self.buf {
+            Storage::Host(h) => Ok(h),
+            Storage::Device(d) => Err(Error::device(
+                what,
+                format!(
+                    "the tensor is on {}; download it to the host first (Backend::download)",
+                    d.location()
+                ),
+            )),
+        }
+    }
+
+    fn host_mut(&mut self, what: &str) -> Result<&mut HostBuffer> {
+        match &mut self.buf {
+            Storage::Host(h) => Ok(h),
+            Storage::Device(d) => Err(Error::device(
+                what,
+                format!(
+                    "the tensor is on {}; download it to the host first (Backend::download)",
+                    d.location()
+                ),
+            )),
+        }
+    }
+
+    /// The bytes of a host tensor.
+    pub fn host_bytes(&self) -> Result<&[u8]> {
+        let n = self.numel() * self.dtype.size();
+        Ok(&self.host("host_bytes")?.bytes()[..n])
+    }
+
+    /// The bytes of a host tensor, writable.
+    pub fn host_bytes_mut(&mut self) -> Result<&mut [u8]> {
+        let n = self.numel() * self.dtype.size();
+        Ok(&mut self.host_mut("host_bytes_mut")?.bytes_mut()[..n])
+    }
+
+    /// The raw bytes, copied from the device when needed.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        match &self.buf {
+            Storage::Host(h) => Ok(h.bytes().to_vec()),
+            Storage::Device(d) => {
+                let mut v = vec![0u8; d.len()];
+                d.read(&mut v)?;
+                v.truncate(self.numel() * self.dtype.size());
+                Ok(v)
+            }
+        }
     }
 
     /// A host tensor holding `data` (row-major) with the element type of `T`.
@@ -439,7 +576,7 @@ impl Tensor {
                 &[data.len()],
             ));
         }
-        t.buf
+        t.host_mut("from_slice")?
             .bytes_mut()
             .copy_from_slice(bytemuck::cast_slice(data));
         Ok(t)
@@ -469,29 +606,50 @@ impl Tensor {
     }
     /// Where the storage lives.
     pub fn location(&self) -> Location {
-        Location::Host
+        match &self.buf {
+            Storage::Host(_) => Location::Host,
+            Storage::Device(d) => d.location(),
+        }
     }
     /// Size of the storage in bytes.
     pub fn size_in_bytes(&self) -> usize {
-        self.buf.len
+        match &self.buf {
+            Storage::Host(h) => h.len,
+            Storage::Device(d) => d.len(),
+        }
     }
 
-    /// The elements as a typed slice; errors when `T` is not the tensor's dtype.
+    /// The elements as a typed slice; errors when `T` is not the tensor's dtype or the
+    /// tensor is not in host memory.
     pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
         check_dtype("tensor", self.dtype, T::DTYPE)?;
-        Ok(bytemuck::cast_slice(self.buf.bytes()))
+        Ok(bytemuck::cast_slice(self.host("tensor")?.bytes()))
     }
-    /// The elements as a mutable typed slice; errors when `T` is not the tensor's dtype.
+    /// The elements as a mutable typed slice; errors when `T` is not the tensor's dtype or
+    /// the tensor is not in host memory.
     pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
         check_dtype("tensor", self.dtype, T::DTYPE)?;
-        Ok(bytemuck::cast_slice_mut(self.buf.bytes_mut()))
+        Ok(bytemuck::cast_slice_mut(
+            self.host_mut("tensor")?.bytes_mut(),
+        ))
     }
 
-    /// The elements converted to f32.
+    /// The elements converted to f32. A device tensor is copied to the host first; if that
+    /// copy fails, every element is NaN (so the failure cannot pass unnoticed; use
+    /// [`Tensor::try_to_f32_vec`] to see the error).
     pub fn to_f32_vec(&self) -> Vec<f32> {
+        self.try_to_f32_vec()
+            .unwrap_or_else(|_| vec![f32::NAN; self.numel()])
+    }
+
+    /// The elements converted to f32 (copied from the device when needed).
+    pub fn try_to_f32_vec(&self) -> Result<Vec<f32>> {
         let mut out = vec![0.0; self.numel()];
-        read_row_f32(self.dtype, self.buf.bytes(), 0, &mut out);
-        out
+        match &self.buf {
+            Storage::Host(h) => read_row_f32(self.dtype, h.bytes(), 0, &mut out),
+            Storage::Device(_) => read_row_f32(self.dtype, &self.to_bytes()?, 0, &mut out),
+        }
+        Ok(out)
     }
 
     /// A copy converted to `dtype`.
@@ -505,13 +663,20 @@ impl Tensor {
         Ok(self)
     }
 
+    fn addr(&self) -> u64 {
+        match &self.buf {
+            Storage::Host(h) => h.bytes().as_ptr() as u64,
+            Storage::Device(d) => d.addr(),
+        }
+    }
+
     /// A read view of the whole tensor.
     pub fn view(&self) -> TensorView<'_> {
         TensorView {
             raw: RawView {
-                addr: self.buf.bytes().as_ptr() as u64,
+                addr: self.addr(),
                 cap: self.numel(),
-                location: Location::Host,
+                location: self.location(),
                 dtype: self.dtype,
                 layout: self.layout,
             },
@@ -521,11 +686,16 @@ impl Tensor {
     /// A write view of the whole tensor.
     pub fn view_mut(&mut self) -> TensorViewMut<'_> {
         let numel = self.numel();
+        let location = self.location();
+        let addr = match &mut self.buf {
+            Storage::Host(h) => h.bytes_mut().as_mut_ptr() as u64,
+            Storage::Device(d) => d.addr(),
+        };
         TensorViewMut {
             raw: RawView {
-                addr: self.buf.bytes_mut().as_mut_ptr() as u64,
+                addr,
                 cap: numel,
-                location: Location::Host,
+                location,
                 dtype: self.dtype,
                 layout: self.layout,
             },

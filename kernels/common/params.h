@@ -55,6 +55,26 @@ typedef struct PrefixAttnBwdParams {
     int32_t splits;       // the batch is split this many ways for the prefix reduction
 } PrefixAttnBwdParams;
 
+// Parameter struct of the dense GPT-2 kernels (kernels/dense.cu), one for all of them: each
+// kernel documents which fields it reads. Mirrored by `#[repr(C)] struct DenseParams` in
+// src/device/kernels.rs (size and offsets checked by a test). Dense tensors are contiguous
+// row-major `[rows, cols]` unless stated (only `dense_copy` takes strides).
+#define PA_DENSE_MAX_RANK 6
+typedef struct DenseParams {
+    uint64_t in0, in1, in2, in3, in4;  // inputs
+    uint64_t out0, out1, out2;         // outputs
+    uint64_t idx;                      // int32 indices (token ids, targets, rows)
+    int64_t rows, cols;
+    int64_t dims[PA_DENSE_MAX_RANK];     // dense_copy: shape (rank dims used)
+    int64_t in_str[PA_DENSE_MAX_RANK];   // dense_copy: element strides of in0
+    int64_t out_str[PA_DENSE_MAX_RANK];  // dense_copy: element strides of out0
+    int64_t in_off, out_off;             // dense_copy: element offsets
+    int32_t in_dt, in1_dt, out_dt;       // element types: 0 = f16, 1 = bf16, 2 = f32
+    int32_t flags;                       // bit 0: accumulate into out0
+    int32_t seq_len, pos_offset, rank, pad0;
+    float f[8];                          // scalars (alpha, beta, eps, AdamW constants)
+} DenseParams;
+
 #ifdef __cplusplus
 }
 #endif

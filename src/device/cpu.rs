@@ -361,18 +361,8 @@ impl Backend for CpuBackend {
         );
         // The order of operations follows torch's single-tensor AdamW: scalars are computed in
         // f64 (Python floats there), the tensor arithmetic in f32.
-        let step = hp.step.min(i32::MAX as u64) as i32;
-        let bc1 = 1.0 - hp.beta1.powi(step);
-        let bc2 = 1.0 - hp.beta2.powi(step);
-        let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
-        let (one_b1, b2, one_b2) = (
-            (1.0 - hp.beta1) as f32,
-            hp.beta2 as f32,
-            (1.0 - hp.beta2) as f32,
-        );
-        let step_size = (hp.lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let eps = hp.eps as f32;
+        let [decay, one_b1, b2, one_b2, step_size, bc2_sqrt, eps, _] =
+            super::dense::adamw_constants(hp);
         for i in 0..p.len() {
             p[i] *= decay;
             mv[i] += (g[i] - mv[i]) * one_b1;
@@ -511,6 +501,17 @@ impl Backend for CpuBackend {
             }
         }
         Ok(())
+    }
+
+    fn cross_entropy_inplace(
+        &self,
+        logits: &mut TensorViewMut,
+        targets: &[i32],
+        losses: &mut TensorViewMut,
+    ) -> Result<()> {
+        let mut src = Tensor::zeros(logits.dims(), logits.dtype())?;
+        self.copy(&logits.as_view(), &mut src.view_mut())?;
+        self.cross_entropy(&src.view(), targets, losses, Some(logits))
     }
 
     fn cross_entropy(

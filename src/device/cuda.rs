@@ -1,27 +1,33 @@
 //! The `cuda` device: the kernels on an NVIDIA GPU through cudarc (dynamic loading: the crate
 //! builds and runs without CUDA installed; detection never panics).
 //!
-//! Attention runs on views of device memory (e.g. an inference engine's own buffers, wrapped
-//! with [`crate::tensor::TensorView::from_raw_parts`] at [`Location::Cuda`]). Device-resident [`Tensor`]s and
-//! the dense GPT-2 operations arrive with the GPU training path; until then those methods
-//! return [`Error::Unsupported`].
+//! Tensors of this device live in device memory ([`Tensor`]s with device storage, freed in
+//! stream order when dropped). Attention and the dense GPT-2 kernels run on one stream; dense
+//! matmuls go to cuBLAS (`cublasGemmEx`, f32 compute: fp16/bf16 inputs with fp32
+//! accumulation). Attention also runs on views of foreign device memory (an inference
+//! engine's own buffers, wrapped with [`crate::tensor::TensorView::from_raw_parts`]).
 
+use super::dense::{self, dense_backend_ops, DenseLaunch, DenseParams, DenseRunner, GridCap};
 use super::kernels::{
-    plan_bwd, plan_fwd, BwdParams, FwdParams, KernelLaunch, PREFIX_ATTN_BWD_FATBIN,
+    plan_bwd, plan_fwd, BwdParams, FwdParams, KernelLaunch, DENSE_FATBIN, PREFIX_ATTN_BWD_FATBIN,
     PREFIX_ATTN_FWD_FATBIN,
 };
-use super::{Backend, Device};
+use super::{AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Location, Tensor};
+use crate::tensor::{DType, DeviceMemory, Location, Tensor, TensorView, TensorViewMut};
+use cudarc::cublas::sys as blas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 // SAFETY: the parameter structs are #[repr(C)] plain data mirrored by the kernels' structs.
 unsafe impl DeviceRepr for FwdParams {}
 unsafe impl DeviceRepr for BwdParams {}
+unsafe impl DeviceRepr for DenseParams {}
 
 /// Whether the CUDA driver library can be loaded (never panics).
 pub fn driver_present() -> bool {
@@ -49,18 +55,90 @@ fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     }
 }
 
+/// A cuBLAS handle bound to the backend's stream.
+struct BlasHandle(blas::cublasHandle_t);
+// SAFETY: the handle is used under the backend's mutex only.
+unsafe impl Send for BlasHandle {}
+
+impl Drop for BlasHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasCreate and destroyed once.
+        unsafe {
+            let _ = cudarc::cublas::result::destroy_handle(self.0);
+        }
+    }
+}
+
 /// The `cuda` device.
 pub struct CudaBackend {
     ordinal: usize,
-    _ctx: Arc<CudaContext>,
+    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    fwd: Mutex<Option<Arc<CudaModule>>>,
-    bwd: Mutex<Option<Arc<CudaModule>>>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    blas: Mutex<Option<BlasHandle>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CudaBackend(cuda:{})", self.ordinal)
+    }
+}
+
+/// Device memory of a [`CudaBackend`], owned by a [`Tensor`].
+struct CudaMem {
+    buf: CudaSlice<u8>,
+    addr: u64,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
+}
+
+impl CudaMem {
+    fn new(buf: CudaSlice<u8>, stream: &Arc<CudaStream>, ordinal: usize) -> CudaMem {
+        let addr = {
+            let (p, _sync) = buf.device_ptr(stream);
+            p
+        };
+        CudaMem {
+            buf,
+            addr,
+            stream: stream.clone(),
+            ordinal,
+        }
+    }
+}
+
+impl DeviceMemory for CudaMem {
+    fn addr(&self) -> u64 {
+        self.addr
+    }
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+    fn location(&self) -> Location {
+        Location::Cuda(self.ordinal)
+    }
+    fn read(&self, out: &mut [u8]) -> Result<()> {
+        if out.len() != self.buf.len() {
+            return Err(Error::shape(
+                "device read",
+                format!("{} bytes", self.buf.len()),
+                &[out.len()],
+            ));
+        }
+        self.stream
+            .memcpy_dtoh(&self.buf, out)
+            .map_err(cuda_err("device-to-host copy"))?;
+        self.stream
+            .synchronize()
+            .map_err(cuda_err("device-to-host copy"))
+    }
+    fn duplicate(&self) -> Result<Box<dyn DeviceMemory>> {
+        let buf = self
+            .stream
+            .clone_dtod(&self.buf)
+            .map_err(cuda_err("device copy"))?;
+        Ok(Box::new(CudaMem::new(buf, &self.stream, self.ordinal)))
     }
 }
 
@@ -83,41 +161,69 @@ impl CudaBackend {
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| Error::device("cuda", "creating the CUDA context panicked"))?
             .map_err(cuda_err("context"))?;
+        // One stream orders every launch, copy and free: per-buffer events are not needed.
+        // SAFETY: this backend never uses a second stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         Ok(CudaBackend {
             ordinal,
-            _ctx: ctx,
+            ctx,
             stream,
-            fwd: Mutex::new(None),
-            bwd: Mutex::new(None),
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            blas: Mutex::new(None),
         })
     }
 
-    fn function(&self, name: &str) -> Result<CudaFunction> {
-        let (slot, image) = if name.starts_with("prefix_attn_bwd") {
-            (&self.bwd, PREFIX_ATTN_BWD_FATBIN)
-        } else {
-            (&self.fwd, PREFIX_ATTN_FWD_FATBIN)
-        };
-        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            let image = image.ok_or_else(|| {
-                Error::Unsupported(
-                    "the CUDA kernels were not compiled into this build (nvcc was not found; \
-                     see scripts/install-nvcc.sh and PREFIX_ATTN_REQUIRE_NVCC)"
-                        .into(),
-                )
-            })?;
-            let module = self
-                ._ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
-                .map_err(cuda_err("module load"))?;
-            *slot = Some(module);
+    /// The device's name and memory (free, total bytes), for reports.
+    pub fn describe(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        match self.ctx.mem_get_info() {
+            Ok((free, total)) => format!(
+                "cuda:{} {name} ({:.1} GiB free of {:.1} GiB)",
+                self.ordinal,
+                free as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            ),
+            Err(_) => format!("cuda:{} {name}", self.ordinal),
         }
-        let module = slot
-            .as_ref()
-            .ok_or_else(|| Error::device("cuda", "module not loaded"))?;
+    }
+
+    fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        let mut funcs = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = funcs.get(name) {
+            return Ok(f.clone());
+        }
+        let (file, image) = if name.starts_with("prefix_attn_bwd") {
+            ("prefix_attn_bwd", PREFIX_ATTN_BWD_FATBIN)
+        } else if name.starts_with("prefix_attn_fwd") {
+            ("prefix_attn_fwd", PREFIX_ATTN_FWD_FATBIN)
+        } else {
+            ("dense", DENSE_FATBIN)
+        };
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            match modules.get(file) {
+                Some(m) => m.clone(),
+                None => {
+                    let image = image.ok_or_else(|| {
+                        Error::Unsupported(
+                            "the CUDA kernels were not compiled into this build (nvcc was not \
+                             found; see scripts/install-nvcc.sh and PREFIX_ATTN_REQUIRE_NVCC)"
+                                .into(),
+                        )
+                    })?;
+                    let m = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+                        .map_err(cuda_err("module load"))?;
+                    modules.insert(file, m.clone());
+                    m
+                }
+            }
+        };
         let func = module.load_function(name).map_err(cuda_err(name))?;
+        funcs.insert(name, func.clone());
         Ok(func)
     }
 
@@ -136,7 +242,8 @@ impl CudaBackend {
             shared_mem_bytes: l.smem_bytes as u32,
         };
         // SAFETY: the plan checked every shape, stride and alignment against the views, which
-        // outlive the launch; the kernel reads and writes only within them.
+        // outlive the launch (or, for scratch, are freed in stream order after it); the kernel
+        // reads and writes only within them.
         unsafe {
             self.stream
                 .launch_builder(&func)
@@ -147,31 +254,87 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The backward kernels on views of this device's memory.
-    pub fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
-        let mut plan = plan_bwd(args, &grads)?;
-        if plan.problem.location != Location::Cuda(self.ordinal) {
+    /// A device buffer of `bytes` bytes (zeroed), with an out-of-memory error that names the
+    /// size asked for.
+    fn alloc(&self, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
+        self.stream.alloc_zeros::<u8>(bytes.max(16)).map_err(|e| {
+            let free = self
+                .ctx
+                .mem_get_info()
+                .map(|(f, _)| format!("{:.1} MiB free", f as f64 / (1u64 << 20) as f64))
+                .unwrap_or_default();
+            Error::device(
+                what,
+                format!(
+                    "cuda:{}: cannot allocate {:.1} MiB ({free}): {e:?}",
+                    self.ordinal,
+                    bytes as f64 / (1u64 << 20) as f64
+                ),
+            )
+        })
+    }
+
+    /// Copies an int32 array to the device (freed in stream order when dropped).
+    fn upload_i32(&self, v: &[i32]) -> Result<CudaSlice<i32>> {
+        if v.is_empty() {
+            return self
+                .stream
+                .alloc_zeros::<i32>(1)
+                .map_err(cuda_err("index upload"));
+        }
+        self.stream.clone_htod(v).map_err(cuda_err("index upload"))
+    }
+
+    fn blas(&self) -> Result<std::sync::MutexGuard<'_, Option<BlasHandle>>> {
+        let mut g = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            // SAFETY: only probes for the shared library.
+            let present =
+                std::panic::catch_unwind(|| unsafe { blas::is_culib_present() }).unwrap_or(false);
+            if !present {
+                return Err(Error::device(
+                    "cublas",
+                    "libcublas was not found (install the CUDA toolkit's cuBLAS or put it on \
+                     LD_LIBRARY_PATH)",
+                ));
+            }
+            let h = cudarc::cublas::result::create_handle()
+                .map_err(|e| Error::device("cublas", format!("cublasCreate: {e:?}")))?;
+            let handle = BlasHandle(h);
+            // SAFETY: valid handle and stream of this context.
+            unsafe {
+                cudarc::cublas::result::set_stream(
+                    handle.0,
+                    self.stream.cu_stream() as blas::cudaStream_t,
+                )
+            }
+            .map_err(|e| Error::device("cublas", format!("cublasSetStream: {e:?}")))?;
+            *g = Some(handle);
+        }
+        Ok(g)
+    }
+
+    fn check_location(&self, loc: Location) -> Result<()> {
+        if loc != Location::Cuda(self.ordinal) {
             return Err(Error::device(
                 "q",
                 format!(
-                    "the tensors are on {}, this backend is cuda:{}",
-                    plan.problem.location, self.ordinal
+                    "the tensors are on {loc}, this backend is cuda:{}",
+                    self.ordinal
                 ),
             ));
         }
-        use cudarc::driver::DevicePtr;
-        let meta = self
-            .stream
-            .clone_htod(&plan.meta)
-            .map_err(cuda_err("metadata upload"))?;
-        let delta = self
-            .stream
-            .alloc_zeros::<f32>(plan.delta_len.max(1))
-            .map_err(cuda_err("scratch"))?;
-        let partial = self
-            .stream
-            .alloc_zeros::<f32>(plan.partial_len.max(1))
-            .map_err(cuda_err("scratch"))?;
+        Ok(())
+    }
+
+    /// The backward kernels on views of this device's memory. Scratch and metadata buffers
+    /// are freed in stream order, so the call returns without waiting for the kernels.
+    pub fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
+        let mut plan = plan_bwd(args, &grads)?;
+        self.check_location(plan.problem.location)?;
+        let meta = self.upload_i32(&plan.meta)?;
+        let delta = self.alloc(4 * plan.delta_len.max(1), "attention backward scratch")?;
+        let partial = self.alloc(4 * plan.partial_len.max(1), "attention backward scratch")?;
         let b = plan.problem.batch as u64;
         {
             let (m, _s1) = meta.device_ptr(&self.stream);
@@ -187,34 +350,20 @@ impl CudaBackend {
         for l in &plan.launches {
             self.launch(l, &plan.params)?;
         }
-        // The scratch and metadata buffers must outlive the kernels.
-        self.stream.synchronize().map_err(cuda_err("backward"))?;
         drop((meta, delta, partial));
         Ok(())
     }
 
-    /// The forward kernel on views of this device's memory.
+    /// The forward kernel on views of this device's memory (returns without waiting).
     pub fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
         let mut plan = plan_fwd(args, &out)?;
-        if plan.problem.location != Location::Cuda(self.ordinal) {
-            return Err(Error::device(
-                "q",
-                format!(
-                    "the tensors are on {}, this backend is cuda:{}",
-                    plan.problem.location, self.ordinal
-                ),
-            ));
-        }
+        self.check_location(plan.problem.location)?;
         if plan.is_empty() {
             return Ok(());
         }
-        let meta = self
-            .stream
-            .clone_htod(&plan.meta)
-            .map_err(cuda_err("metadata upload"))?;
+        let meta = self.upload_i32(&plan.meta)?;
         let b = plan.problem.batch as u64;
         {
-            use cudarc::driver::DevicePtr;
             let (base, _sync) = meta.device_ptr(&self.stream);
             plan.params.prefix_index = base;
             plan.params.seqlen_q = base + 4 * b;
@@ -228,25 +377,90 @@ impl CudaBackend {
         };
         let _keep = out;
         self.launch(&launch, &plan.params)?;
-        // The metadata buffer must outlive the kernel: wait before it is freed.
-        self.stream.synchronize().map_err(cuda_err(plan.entry))?;
         drop(meta);
         Ok(())
     }
+}
+
+fn blas_type(dt: DType, arg: &str) -> Result<blas::cudaDataType> {
+    match dt {
+        DType::F16 => Ok(blas::cudaDataType::CUDA_R_16F),
+        DType::BF16 => Ok(blas::cudaDataType::CUDA_R_16BF),
+        DType::F32 => Ok(blas::cudaDataType::CUDA_R_32F),
+        DType::I32 => Err(Error::DType {
+            arg: arg.into(),
+            expected: "f16, bf16 or f32".into(),
+            got: "i32".into(),
+        }),
+    }
+}
+
+/// Address of element 0 of a 2-D view with unit column stride, and its row stride.
+fn matrix(arg: &str, t: &TensorView, loc: Location) -> Result<(u64, usize, usize, usize)> {
+    if t.location() != loc {
+        return Err(Error::device(
+            arg,
+            format!("is on {}, this device computes on {loc}", t.location()),
+        ));
+    }
+    let (r, c) = match t.dims() {
+        [r, c] => (*r, *c),
+        d => return Err(Error::shape(arg, "rank 2 [rows, cols]", d)),
+    };
+    let (rs, cs) = (t.strides()[0], t.strides()[1]);
+    if cs != 1 && c > 1 {
+        return Err(Error::layout(
+            arg,
+            format!("matmul needs unit column stride, got {:?}", t.layout()),
+        ));
+    }
+    let ld = if r <= 1 { c.max(1) } else { rs.max(c).max(1) };
+    Ok((
+        t.base_addr() + (t.layout().offset() * t.dtype().size()) as u64,
+        r,
+        c,
+        ld,
+    ))
 }
 
 impl Backend for CudaBackend {
     fn device(&self) -> Device {
         Device::Cuda(self.ordinal)
     }
-    fn zeros(&self, _: &[usize], _: DType) -> Result<Tensor> {
-        Err(Error::Unsupported("cuda: device-resident tensors arrive with the GPU training path; attention runs on device views (TensorView::from_raw_parts) today".into()))
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        let bytes = numel
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::shape("tensor", "a size that fits in memory", shape))?;
+        let buf = self.alloc(bytes, &format!("tensor {shape:?} {dtype}"))?;
+        Tensor::from_device(
+            Box::new(CudaMem::new(buf, &self.stream, self.ordinal)),
+            shape,
+            dtype,
+        )
     }
-    fn upload(&self, _: &Tensor) -> Result<Tensor> {
-        Err(Error::Unsupported("cuda: device-resident tensors arrive with the GPU training path; attention runs on device views (TensorView::from_raw_parts) today".into()))
+    fn upload(&self, host: &Tensor) -> Result<Tensor> {
+        let bytes = match host.location() {
+            Location::Host => host.host_bytes()?.to_vec(),
+            _ => host.to_bytes()?,
+        };
+        let mut buf = self.alloc(bytes.len(), &format!("upload of {:?}", host.dims()))?;
+        if !bytes.is_empty() {
+            self.stream
+                .memcpy_htod(&bytes, &mut buf)
+                .map_err(cuda_err("host-to-device copy"))?;
+        }
+        Tensor::from_device(
+            Box::new(CudaMem::new(buf, &self.stream, self.ordinal)),
+            host.dims(),
+            host.dtype(),
+        )
     }
-    fn download(&self, _: &Tensor) -> Result<Tensor> {
-        Err(Error::Unsupported("cuda: device-resident tensors arrive with the GPU training path; attention runs on device views (TensorView::from_raw_parts) today".into()))
+    fn download(&self, t: &Tensor) -> Result<Tensor> {
+        let mut out = Tensor::zeros(t.dims(), t.dtype())?;
+        let bytes = t.to_bytes()?;
+        out.host_bytes_mut()?.copy_from_slice(&bytes);
+        Ok(out)
     }
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err("synchronize"))
@@ -254,9 +468,140 @@ impl Backend for CudaBackend {
     fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
         CudaBackend::attn_fwd(self, args, out)
     }
-    fn attn_bwd(&self, _: &AttnBwdArgs, _: AttnGrads) -> Result<()> {
-        Err(Error::Unsupported(
-            "cuda: the attention backward kernel is not built yet".into(),
-        ))
+    fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
+        CudaBackend::attn_bwd(self, args, grads)
+    }
+
+    /// `cublasGemmEx` with `CUBLAS_COMPUTE_32F` (fp16/bf16 inputs, fp32 accumulation; f32
+    /// inputs: plain fp32, no TF32). The bias is first broadcast into `out` by a copy
+    /// kernel, then the product is added with `beta = 1`.
+    fn matmul(
+        &self,
+        a: &TensorView,
+        b: &TensorView,
+        bias: Option<&TensorView>,
+        out: &mut TensorViewMut,
+        opts: MatmulOpts,
+    ) -> Result<()> {
+        let loc = Location::Cuda(self.ordinal);
+        let (aa, ar, ac, lda) = matrix("matmul a", a, loc)?;
+        let (ba, br, bc, ldb) = matrix("matmul b", b, loc)?;
+        let (oa, or, oc, ldo) = matrix("matmul out", &out.as_view(), loc)?;
+        let (m, k) = if opts.trans_a { (ac, ar) } else { (ar, ac) };
+        let (kb, n) = if opts.trans_b { (bc, br) } else { (br, bc) };
+        if kb != k || (or, oc) != (m, n) {
+            return Err(Error::shape(
+                "matmul",
+                format!("op(a) [{m}, {k}] · op(b) [{kb}, {n}] into out [{m}, {n}]"),
+                &[or, oc],
+            ));
+        }
+        if a.dtype() != b.dtype() || (out.dtype() != a.dtype() && out.dtype() != DType::F32) {
+            return Err(Error::DType {
+                arg: "matmul".into(),
+                expected: format!(
+                    "a and b of one type and out of that type or f32 (got a {}, b {})",
+                    a.dtype(),
+                    b.dtype()
+                ),
+                got: out.dtype().name().into(),
+            });
+        }
+        let mut beta = if opts.accumulate { 1.0f32 } else { 0.0 };
+        if let Some(bias) = bias {
+            if bias.dims() != [n] {
+                return Err(Error::shape("matmul bias", format!("[{n}]"), bias.dims()));
+            }
+            let rows = bias.as_strided(&[m, n], &[0, 1], bias.layout().offset())?;
+            let l = dense::copy(&rows, out, opts.accumulate, loc, self.dense_cap())?;
+            self.run_dense(l)?;
+            beta = 1.0;
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let int = |x: usize, what: &str| -> Result<i32> {
+            i32::try_from(x).map_err(|_| Error::shape("matmul", format!("{what} < 2^31"), &[x]))
+        };
+        let alpha = opts.alpha;
+        if k == 0 {
+            // cuBLAS leaves C untouched for k = 0: scale by beta ourselves.
+            let l = dense::axpby(out, 0.0, None, beta, loc, self.dense_cap())?;
+            return self.run_dense(l);
+        }
+        // Row-major out = op(a) op(b) is column-major outᵀ = op(b)ᵀ op(a)ᵀ: cuBLAS's A is our
+        // b and its B our a, each transposed exactly when ours is.
+        let op = |t: bool| {
+            if t {
+                blas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let guard = self.blas()?;
+        let handle = guard
+            .as_ref()
+            .ok_or_else(|| Error::device("cublas", "no handle"))?
+            .0;
+        // SAFETY: addresses and leading dimensions come from checked views of this device
+        // that outlive the call; alpha/beta are host scalars (host pointer mode).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                handle,
+                op(opts.trans_b),
+                op(opts.trans_a),
+                int(n, "n")?,
+                int(m, "m")?,
+                int(k, "k")?,
+                &alpha as *const f32 as *const _,
+                ba as usize as *const _,
+                blas_type(b.dtype(), "matmul b")?,
+                int(ldb, "ldb")?,
+                aa as usize as *const _,
+                blas_type(a.dtype(), "matmul a")?,
+                int(lda, "lda")?,
+                &beta as *const f32 as *const _,
+                oa as usize as *mut _,
+                blas_type(out.dtype(), "matmul out")?,
+                int(ldo, "ldo")?,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::Kernel {
+            kernel: "cublasGemmEx".into(),
+            msg: format!("{e:?} (m {m}, n {n}, k {k})"),
+        })
+    }
+
+    dense_backend_ops!();
+}
+
+impl DenseRunner for CudaBackend {
+    fn dense_location(&self) -> Location {
+        Location::Cuda(self.ordinal)
+    }
+    fn dense_cap(&self) -> GridCap {
+        GridCap(8192)
+    }
+    fn run_dense(&self, mut l: DenseLaunch) -> Result<()> {
+        let idx = match &l.idx {
+            Some(v) => Some(self.upload_i32(v)?),
+            None => None,
+        };
+        if let Some(i) = &idx {
+            let (p, _sync) = i.device_ptr(&self.stream);
+            l.params.idx = p;
+        }
+        let launch = KernelLaunch {
+            entry: l.entry,
+            grid: (l.blocks, 1, 1),
+            threads: l.threads,
+            smem_bytes: 0,
+        };
+        self.launch(&launch, &l.params)?;
+        // The index buffer is freed in stream order, after the kernel.
+        drop(idx);
+        Ok(())
     }
 }

@@ -4,11 +4,13 @@
 //! [`super::kernels`]). Tensors live in host memory. Operations that have no CUDA kernel yet
 //! return [`Error::Unsupported`] rather than falling back to another implementation.
 
+use super::cpu::CpuBackend;
+use super::dense::{self, dense_backend_ops, DenseLaunch, DenseParams, DenseRunner, GridCap};
 use super::kernels::{plan_bwd, plan_fwd, BwdParams, FwdParams};
-use super::{Backend, Device};
+use super::{AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Location, Tensor};
+use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::sync::Mutex;
 
@@ -40,6 +42,34 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn pa_bwd_params_layout(out: *mut usize, n: usize) -> usize;
+    fn pa_emu_dense(
+        name: *const c_char,
+        p: *const DenseParams,
+        gx: u32,
+        threads: u32,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn pa_dense_params_layout(out: *mut usize, n: usize) -> usize;
+}
+
+/// Size and field offsets of the kernels' `DenseParams` as the C++ compiler lays it out
+/// (compare with [`super::dense::params_rust_layout`]).
+pub fn dense_params_layout() -> Vec<usize> {
+    read_layout(pa_dense_params_layout)
+}
+
+/// Runs one planned dense kernel on the emulator (host tensors).
+pub fn run_dense(mut l: DenseLaunch) -> Result<()> {
+    if let Some(idx) = &l.idx {
+        l.params.idx = idx.as_ptr() as u64;
+    }
+    let name = CString::new(l.entry).map_err(|_| Error::index("kernel", "name with a NUL byte"))?;
+    run_emu(l.entry, |err, len| {
+        // SAFETY: the planner derived every address from checked host views that the caller
+        // borrows for the duration of the call; `idx` lives in `l`.
+        unsafe { pa_emu_dense(name.as_ptr(), &l.params, l.blocks, l.threads, err, len) }
+    })
 }
 
 /// Size and field offsets of the kernels' `PrefixAttnBwdParams` as the C++ compiler lays it
@@ -230,9 +260,65 @@ impl Backend for EmuBackend {
     fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
         attn_fwd(args, out)
     }
-    fn attn_bwd(&self, _: &AttnBwdArgs, _: AttnGrads) -> Result<()> {
-        Err(Error::Unsupported(
-            "emu: the attention backward kernel is not built yet".into(),
-        ))
+    fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
+        attn_bwd(args, grads)
+    }
+
+    /// fp16/bf16 inputs are widened exactly to f32, multiplied by `gemm` with f32
+    /// accumulation and rounded once to the output type (with the bias and, when
+    /// accumulating, the old output added before the rounding), as cuBLAS does with
+    /// `CUBLAS_COMPUTE_32F`.
+    fn matmul(
+        &self,
+        a: &TensorView,
+        b: &TensorView,
+        bias: Option<&TensorView>,
+        out: &mut TensorViewMut,
+        opts: MatmulOpts,
+    ) -> Result<()> {
+        let widen = |arg: &str, t: &TensorView| -> Result<Tensor> {
+            if t.location() != Location::Host {
+                return Err(Error::device(
+                    arg,
+                    format!(
+                        "is on {}, the emu device computes on the host",
+                        t.location()
+                    ),
+                ));
+            }
+            let mut buf = vec![0f32; t.numel()];
+            t.gather_f32(&mut buf)?;
+            Tensor::from_f32(t.dims(), &buf, DType::F32)
+        };
+        let (a32, b32) = (widen("matmul a", a)?, widen("matmul b", b)?);
+        let bias32 = bias.map(|t| widen("matmul bias", t)).transpose()?;
+        let mut o32 = if opts.accumulate {
+            widen("matmul out", &out.as_view())?
+        } else {
+            Tensor::zeros(out.dims(), DType::F32)?
+        };
+        CpuBackend.matmul(
+            &a32.view(),
+            &b32.view(),
+            bias32.as_ref().map(|t| t.view()).as_ref(),
+            &mut o32.view_mut(),
+            opts,
+        )?;
+        out.scatter_f32(o32.as_slice::<f32>()?)
+    }
+
+    dense_backend_ops!();
+}
+
+impl DenseRunner for EmuBackend {
+    fn dense_location(&self) -> Location {
+        Location::Host
+    }
+    fn dense_cap(&self) -> GridCap {
+        // Few blocks: fewer fibers, and every grid-stride loop runs several iterations.
+        GridCap(16)
+    }
+    fn run_dense(&self, l: DenseLaunch) -> Result<()> {
+        run_dense(l)
     }
 }

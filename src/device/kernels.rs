@@ -10,6 +10,9 @@ mod fatbins {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
+/// The dense GPT-2 kernels' fatbin (kernels/dense.cu), if nvcc was found at build time.
+pub const DENSE_FATBIN: Option<&[u8]> = fatbins::DENSE;
+
 /// The forward kernel's fatbin (sm_80, sm_90, compute_80 PTX), if nvcc was found at build time.
 pub const PREFIX_ATTN_FWD_FATBIN: Option<&[u8]> = fatbins::PREFIX_ATTN_FWD;
 

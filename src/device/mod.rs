@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod dense;
 pub mod emu;
 pub mod kernels;
 pub mod simd;
@@ -225,6 +226,17 @@ pub trait Backend: Send + Sync {
         dlogits: Option<&mut TensorViewMut>,
     ) -> Result<()> {
         Err(missing_op(self.device(), "cross_entropy"))
+    }
+
+    /// As [`Backend::cross_entropy`] with the gradient written **over the logits** (no second
+    /// `[M, V]` buffer): after the call `logits` holds `softmax - onehot` (0 on ignored rows).
+    fn cross_entropy_inplace(
+        &self,
+        logits: &mut TensorViewMut,
+        targets: &[i32],
+        losses: &mut TensorViewMut,
+    ) -> Result<()> {
+        Err(missing_op(self.device(), "cross_entropy_inplace"))
     }
 }
 

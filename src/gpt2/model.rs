@@ -146,15 +146,22 @@ pub struct Activations {
     lnf: Tensor,
     lnf_mean: Tensor,
     lnf_rstd: Tensor,
-    /// Logits `[M, V]`, f32: every row, or with [`Activations::counted_only`] the counted
-    /// rows first (`counted_rows` gives their positions).
+    /// Logits `[M, V]` in the model's dtype: every row, or with
+    /// [`Activations::counted_only`] the counted rows first (`counted_rows` gives their
+    /// positions). In a half-precision model the gradient of a training forward is written
+    /// over them (the logits are then gone).
     pub logits: Tensor,
     /// With `counted_only`: the rows (`b·T + t`) whose targets count, in order.
     pub counted_rows: Vec<i32>,
     counted_only: bool,
     head_in: Tensor,
     losses: Tensor,
+    /// f32 models: a separate logit-gradient buffer.
     dlogits: Option<Tensor>,
+    /// Half-precision models: the logit gradient is written over `logits`.
+    grad_in_place: bool,
+    /// Whether the last forward wrote the logit gradient.
+    has_grad: bool,
 }
 
 impl Activations {
@@ -201,16 +208,18 @@ impl Activations {
             lnf: z(&[m, e], dt)?,
             lnf_mean: z(&[m], DType::F32)?,
             lnf_rstd: z(&[m], DType::F32)?,
-            logits: z(&[m, c.vocab_size], DType::F32)?,
+            logits: z(&[m, c.vocab_size], dt)?,
             counted_rows: vec![],
             counted_only: false,
             head_in: z(&[m, e], dt)?,
             losses: z(&[m], DType::F32)?,
-            dlogits: if with_grad {
+            dlogits: if with_grad && dt == DType::F32 {
                 Some(z(&[m, c.vocab_size], DType::F32)?)
             } else {
                 None
             },
+            grad_in_place: with_grad && dt != DType::F32,
+            has_grad: false,
         })
     }
 }
@@ -270,10 +279,20 @@ impl LossSum {
 }
 
 impl Gpt2 {
-    /// Loads an HF model folder: `config.json`, `model.safetensors`.
+    /// The compute dtype of a model on `backend`: f32 on the cpu device (the reference),
+    /// f16 on the kernel devices (emu, cuda): weights are converted once at load.
+    pub fn dtype_for(backend: &dyn Backend) -> DType {
+        match backend.device() {
+            crate::device::Device::Cpu => DType::F32,
+            _ => DType::F16,
+        }
+    }
+
+    /// Loads an HF model folder: `config.json`, `model.safetensors`, in the compute dtype of
+    /// `backend` ([`Gpt2::dtype_for`]).
     pub fn load(dir: &Path, backend: &dyn Backend) -> Result<Gpt2> {
         let config = Gpt2Config::load(&dir.join("config.json"))?;
-        let dtype = DType::F32;
+        let dtype = Gpt2::dtype_for(backend);
         let weights = Weights::load(&dir.join("model.safetensors"), &config, backend, dtype)?;
         Ok(Gpt2 {
             config,
@@ -508,6 +527,7 @@ impl Gpt2 {
             acts.lnf.view()
         };
         let mut sum = 0f64;
+        acts.has_grad = false;
         if n > 0 {
             be.matmul(
                 &head_in,
@@ -516,16 +536,27 @@ impl Gpt2 {
                 &mut acts.logits.view_mut().narrow(0, 0, n)?,
                 MatmulOpts::nt(),
             )?;
-            let mut dl = match acts.dlogits.as_mut() {
-                Some(t) => Some(t.view_mut().narrow(0, 0, n)?),
-                None => None,
-            };
-            be.cross_entropy(
-                &acts.logits.view().narrow(0, 0, n)?,
-                &targets,
-                &mut acts.losses.view_mut().narrow(0, 0, n)?,
-                dl.as_mut(),
-            )?;
+            let mut losses = acts.losses.view_mut().narrow(0, 0, n)?;
+            if acts.grad_in_place {
+                be.cross_entropy_inplace(
+                    &mut acts.logits.view_mut().narrow(0, 0, n)?,
+                    &targets,
+                    &mut losses,
+                )?;
+                acts.has_grad = true;
+            } else {
+                let mut dl = match acts.dlogits.as_mut() {
+                    Some(t) => Some(t.view_mut().narrow(0, 0, n)?),
+                    None => None,
+                };
+                acts.has_grad = dl.is_some();
+                be.cross_entropy(
+                    &acts.logits.view().narrow(0, 0, n)?,
+                    &targets,
+                    &mut losses,
+                    dl.as_mut(),
+                )?;
+            }
             let losses = be.download(&acts.losses)?.to_f32_vec();
             sum = targets
                 .iter()
@@ -564,12 +595,13 @@ impl Gpt2 {
         }
         let (b, t) = (batch.batch_size, batch.seq_len);
         let (h, d) = (c.n_head, c.head_dim());
-        let dlogits = acts.dlogits.as_ref().ok_or_else(|| {
-            Error::index(
+        if acts.dlogits.is_none() && !acts.grad_in_place {
+            return Err(Error::index(
                 "activations",
                 "the forward kept no logit gradient (with_grad = false)",
-            )
-        })?;
+            ));
+        }
+        let dlogits = acts.dlogits.as_ref().unwrap_or(&acts.logits);
         let lens: Vec<i32> = batch.lens.iter().map(|&n| n as i32).collect();
         let scale = if c.scale_attn_weights {
             1.0 / (d as f32).sqrt()

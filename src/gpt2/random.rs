@@ -8,7 +8,6 @@ use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::io::{write_atomic, write_safetensors_f32};
 use crate::rng::Rng;
-use crate::tensor::DType;
 use std::path::Path;
 
 /// The random value of weight `name` (short name, without `transformer.`): normal with
@@ -62,8 +61,9 @@ pub fn write_random_model(dir: &Path, cfg: &Gpt2Config, seed: u64, std: f32) -> 
 }
 
 /// A GPT-2 with the weights of [`random_weight`], built in memory (no files).
+/// In the compute dtype of `backend` ([`Gpt2::dtype_for`]).
 pub fn random_model(cfg: &Gpt2Config, seed: u64, std: f32, backend: &dyn Backend) -> Result<Gpt2> {
-    let dtype = DType::F32;
+    let dtype = Gpt2::dtype_for(backend);
     let weights = Weights::assemble(cfg, backend, dtype, &mut |name, shape| {
         Ok(random_weight(name, shape, seed, std))
     })?;

@@ -17,6 +17,7 @@ use crate::io::{write_safetensors_f32_meta, SafetensorsFile};
 use crate::prefix::encoder::{EncoderActs, EncoderDims, PrefixEncoder, PARAM_NAMES};
 use crate::prefix::{AdapterConfig, PrefixAdapter};
 use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::Write;
@@ -507,6 +508,8 @@ pub struct Stepper<'m> {
     pub opt: Optimizer,
     eacts: EncoderActs,
     egrads: PrefixEncoder,
+    /// The prefix in the model's dtype when that is not f32 (the encoder computes in f32).
+    prefix_cast: Option<Tensor>,
     bufs: Option<((usize, usize), Activations, Gradients)>,
 }
 
@@ -520,12 +523,18 @@ impl<'m> Stepper<'m> {
     ) -> Result<Stepper<'m>> {
         let eacts = enc.acts(be)?;
         let egrads = PrefixEncoder::zeros(enc.dims, be)?;
+        let prefix_cast = if model.dtype == DType::F32 {
+            None
+        } else {
+            Some(be.zeros(&[enc.dims.prefix_len, enc.dims.out_dim()], model.dtype)?)
+        };
         Ok(Stepper {
             model,
             enc,
             opt,
             eacts,
             egrads,
+            prefix_cast,
             bufs: None,
         })
     }
@@ -545,12 +554,18 @@ impl<'m> Stepper<'m> {
             return Err(Error::index("batch", "no buffers"));
         };
         self.enc.forward(be, &mut self.eacts)?;
-        let loss = self
-            .model
-            .forward(be, batch, Some(&self.eacts.prefix), acts, None)?;
+        // A half-precision model gets the f32 prefix rounded to its dtype (as PEFT casts the
+        // encoder output to the base model's dtype); the gradient comes back in f32.
+        let prefix = match self.prefix_cast.as_mut() {
+            Some(cast) => {
+                be.copy(&self.eacts.prefix.view(), &mut cast.view_mut())?;
+                &*cast
+            }
+            None => &self.eacts.prefix,
+        };
+        let loss = self.model.forward(be, batch, Some(prefix), acts, None)?;
         if loss.mean().is_finite() && loss.count > 0 {
-            self.model
-                .backward(be, batch, &self.eacts.prefix, acts, grads)?;
+            self.model.backward(be, batch, prefix, acts, grads)?;
             self.enc.backward(
                 be,
                 &mut self.eacts,

@@ -1,6 +1,8 @@
 //! Shared test helpers: error measures and the tolerance rule of DESIGN.md §5.
 #![allow(dead_code)]
 
+pub mod fp16;
+
 use prefix_attn::attn::oracle::{Dense, Grads, Outputs, Precision};
 use prefix_attn::attn::testing::{FwdBuffers, GradBuffers};
 use prefix_attn::tensor::{DType, Tensor};

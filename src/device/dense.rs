@@ -1,0 +1,879 @@
+//! Launch plans of the dense GPT-2 kernels (`kernels/dense.cu`), shared by the `emu` and
+//! `cuda` devices: every argument check (shapes, dtypes, contiguity, locations, index ranges)
+//! happens here, before a launch. The devices only place the index array (if any) and launch.
+//!
+//! Dense kernels take contiguous `[rows, cols]` tensors (a `narrow` along the first dimension
+//! of a contiguous tensor is contiguous); only [`copy`] takes strides. Storage may be f16, bf16
+//! or f32; arithmetic is f32.
+
+use super::AdamWStep;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Location, TensorView, TensorViewMut, MAX_RANK};
+
+/// Mirror of `DenseParams` (kernels/common/params.h), passed by value to every dense kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DenseParams {
+    /// Input addresses (meaning per kernel, see kernels/dense.cu).
+    pub in0: u64,
+    /// See `in0`.
+    pub in1: u64,
+    /// See `in0`.
+    pub in2: u64,
+    /// See `in0`.
+    pub in3: u64,
+    /// See `in0`.
+    pub in4: u64,
+    /// Output addresses.
+    pub out0: u64,
+    /// See `out0`.
+    pub out1: u64,
+    /// See `out0`.
+    pub out2: u64,
+    /// int32 index array (filled in by the device).
+    pub idx: u64,
+    /// Rows.
+    pub rows: i64,
+    /// Columns.
+    pub cols: i64,
+    /// `dense_copy`: shape.
+    pub dims: [i64; MAX_RANK],
+    /// `dense_copy`: element strides of the source.
+    pub in_str: [i64; MAX_RANK],
+    /// `dense_copy`: element strides of the destination.
+    pub out_str: [i64; MAX_RANK],
+    /// `dense_copy`: element offset of the source.
+    pub in_off: i64,
+    /// `dense_copy`: element offset of the destination.
+    pub out_off: i64,
+    /// Element type of the main input (0 f16, 1 bf16, 2 f32).
+    pub in_dt: i32,
+    /// Element type of the second input (weights of layer norm).
+    pub in1_dt: i32,
+    /// Element type of the main output.
+    pub out_dt: i32,
+    /// Bit 0: accumulate into `out0`.
+    pub flags: i32,
+    /// `dense_embed`: tokens per sequence.
+    pub seq_len: i32,
+    /// `dense_embed`: position of the first token.
+    pub pos_offset: i32,
+    /// `dense_copy`: number of dims.
+    pub rank: i32,
+    /// Padding.
+    pub pad0: i32,
+    /// Scalars.
+    pub f: [f32; 8],
+}
+
+/// Size and field offsets of [`DenseParams`] as Rust lays it out, in the order the C side
+/// reports them (`pa_dense_params_layout`).
+pub fn params_rust_layout() -> Vec<usize> {
+    use std::mem::{offset_of, size_of};
+    vec![
+        size_of::<DenseParams>(),
+        offset_of!(DenseParams, in0),
+        offset_of!(DenseParams, out0),
+        offset_of!(DenseParams, idx),
+        offset_of!(DenseParams, rows),
+        offset_of!(DenseParams, dims),
+        offset_of!(DenseParams, in_str),
+        offset_of!(DenseParams, out_str),
+        offset_of!(DenseParams, in_off),
+        offset_of!(DenseParams, in_dt),
+        offset_of!(DenseParams, flags),
+        offset_of!(DenseParams, seq_len),
+        offset_of!(DenseParams, rank),
+        offset_of!(DenseParams, f),
+    ]
+}
+
+/// One checked dense launch.
+#[derive(Clone, Debug)]
+pub struct DenseLaunch {
+    /// Kernel entry name.
+    pub entry: &'static str,
+    /// Parameters (`idx` still to be filled by the device when `idx` below is set).
+    pub params: DenseParams,
+    /// Blocks (1-D grid).
+    pub blocks: u32,
+    /// Threads per block.
+    pub threads: u32,
+    /// The int32 index array the kernel reads through `params.idx`.
+    pub idx: Option<Vec<i32>>,
+}
+
+/// Grid limits of a device: the dense kernels are grid-stride loops, so the result does not
+/// depend on the grid; the emulator uses a small cap (fewer fibers, and every loop runs
+/// several iterations), a GPU a large one.
+#[derive(Clone, Copy, Debug)]
+pub struct GridCap(pub u32);
+
+const THREADS: u32 = 256;
+/// Rows per block of the warp-per-row kernels.
+const ROW_WARPS: u32 = 4;
+
+fn code(dt: DType, arg: &str) -> Result<i32> {
+    match dt {
+        DType::F16 => Ok(0),
+        DType::BF16 => Ok(1),
+        DType::F32 => Ok(2),
+        DType::I32 => Err(Error::DType {
+            arg: arg.into(),
+            expected: "f16, bf16 or f32".into(),
+            got: "i32".into(),
+        }),
+    }
+}
+
+/// A contiguous view at `loc`: address of its first element and its dims.
+fn contig<'v>(arg: &str, t: &'v TensorView, loc: Location) -> Result<(u64, &'v [usize])> {
+    if t.location() != loc {
+        return Err(Error::device(
+            arg,
+            format!("is on {}, this device computes on {loc}", t.location()),
+        ));
+    }
+    if !t.layout().is_contiguous() {
+        return Err(Error::layout(
+            arg,
+            format!("dense kernels need a contiguous view, got {:?}", t.layout()),
+        ));
+    }
+    Ok((
+        t.base_addr() + (t.layout().offset() * t.dtype().size()) as u64,
+        t.dims(),
+    ))
+}
+
+fn contig_mut<'v>(arg: &str, t: &'v TensorViewMut, loc: Location) -> Result<(u64, &'v [usize])> {
+    let v = t.as_view();
+    let (a, _) = contig(arg, &v, loc)?;
+    Ok((a, t.dims()))
+}
+
+fn dims2(arg: &str, dims: &[usize]) -> Result<(usize, usize)> {
+    match dims {
+        [r, c] => Ok((*r, *c)),
+        _ => Err(Error::shape(arg, "rank 2 [rows, cols]", dims)),
+    }
+}
+
+fn same(arg: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(Error::shape(arg, format!("{want:?}"), got));
+    }
+    Ok(())
+}
+
+fn want_dtype(arg: &str, got: DType, want: DType) -> Result<()> {
+    if got != want {
+        return Err(Error::DType {
+            arg: arg.into(),
+            expected: want.name().into(),
+            got: got.name().into(),
+        });
+    }
+    Ok(())
+}
+
+fn flat_blocks(n: usize, cap: GridCap) -> u32 {
+    (n.div_ceil(THREADS as usize).max(1)).min(cap.0 as usize) as u32
+}
+
+fn launch(entry: &'static str, params: DenseParams, blocks: u32, threads: u32) -> DenseLaunch {
+    DenseLaunch {
+        entry,
+        params,
+        blocks: blocks.max(1),
+        threads,
+        idx: None,
+    }
+}
+
+/// Elementwise `out = op(x)` (`dense_gelu`, `dense_tanh`).
+pub fn unary(
+    entry: &'static str,
+    x: &TensorView,
+    out: &mut TensorViewMut,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (xa, xd) = contig("x", x, loc)?;
+    let (oa, od) = contig_mut("out", out, loc)?;
+    same("out", od, xd)?;
+    let n = x.numel();
+    let p = DenseParams {
+        in0: xa,
+        out0: oa,
+        rows: 1,
+        cols: n as i64,
+        in_dt: code(x.dtype(), "x")?,
+        out_dt: code(out.dtype(), "out")?,
+        ..Default::default()
+    };
+    Ok(launch(entry, p, flat_blocks(n, cap), THREADS))
+}
+
+/// Elementwise `out = op(a, b)` (`dense_gelu_bwd`: a = x, b = dy; `dense_tanh_bwd`: a = y).
+pub fn binary(
+    entry: &'static str,
+    a: &TensorView,
+    b: &TensorView,
+    out: &mut TensorViewMut,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (aa, ad) = contig("x", a, loc)?;
+    let (ba, bd) = contig("dy", b, loc)?;
+    let (oa, od) = contig_mut("dx", out, loc)?;
+    same("dy", bd, ad)?;
+    same("dx", od, ad)?;
+    want_dtype("dy", b.dtype(), a.dtype())?;
+    let n = a.numel();
+    let p = DenseParams {
+        in0: aa,
+        in1: ba,
+        out0: oa,
+        rows: 1,
+        cols: n as i64,
+        in_dt: code(a.dtype(), "x")?,
+        out_dt: code(out.dtype(), "dx")?,
+        ..Default::default()
+    };
+    Ok(launch(entry, p, flat_blocks(n, cap), THREADS))
+}
+
+/// `out = alpha · x + beta · out` (`x` absent: `out = beta · out`).
+pub fn axpby(
+    out: &mut TensorViewMut,
+    alpha: f32,
+    x: Option<&TensorView>,
+    beta: f32,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (oa, od) = contig_mut("out", out, loc)?;
+    let od = od.to_vec();
+    let mut p = DenseParams {
+        out0: oa,
+        rows: 1,
+        cols: out.numel() as i64,
+        out_dt: code(out.dtype(), "out")?,
+        ..Default::default()
+    };
+    p.in_dt = p.out_dt;
+    if let Some(x) = x {
+        let (xa, xd) = contig("x", x, loc)?;
+        same("x", xd, &od)?;
+        p.in0 = xa;
+        p.in_dt = code(x.dtype(), "x")?;
+    }
+    p.f[0] = alpha;
+    p.f[1] = beta;
+    Ok(launch(
+        "dense_axpby",
+        p,
+        flat_blocks(out.numel(), cap),
+        THREADS,
+    ))
+}
+
+/// Layer norm forward over rows.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm(
+    x: &TensorView,
+    weight: &TensorView,
+    bias: &TensorView,
+    eps: f32,
+    out: &mut TensorViewMut,
+    mean: &mut TensorViewMut,
+    rstd: &mut TensorViewMut,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (xa, xd) = contig("layernorm x", x, loc)?;
+    let (m, c) = dims2("layernorm x", xd)?;
+    let (wa, wd) = contig("layernorm weight", weight, loc)?;
+    let (ba, bd) = contig("layernorm bias", bias, loc)?;
+    same("layernorm weight", wd, &[c])?;
+    same("layernorm bias", bd, &[c])?;
+    want_dtype("layernorm bias", bias.dtype(), weight.dtype())?;
+    let (oa, od) = contig_mut("layernorm out", out, loc)?;
+    same("layernorm out", od, &[m, c])?;
+    want_dtype("layernorm out", out.dtype(), x.dtype())?;
+    let (ma, md) = contig_mut("layernorm mean", mean, loc)?;
+    same("layernorm mean", md, &[m])?;
+    want_dtype("layernorm mean", mean.dtype(), DType::F32)?;
+    let (ra, rd) = contig_mut("layernorm rstd", rstd, loc)?;
+    same("layernorm rstd", rd, &[m])?;
+    want_dtype("layernorm rstd", rstd.dtype(), DType::F32)?;
+    let mut p = DenseParams {
+        in0: xa,
+        in1: wa,
+        in2: ba,
+        out0: oa,
+        out1: ma,
+        out2: ra,
+        rows: m as i64,
+        cols: c as i64,
+        in_dt: code(x.dtype(), "layernorm x")?,
+        in1_dt: code(weight.dtype(), "layernorm weight")?,
+        out_dt: code(out.dtype(), "layernorm out")?,
+        ..Default::default()
+    };
+    p.f[0] = eps;
+    let blocks = (m.div_ceil(ROW_WARPS as usize).max(1)).min(cap.0 as usize) as u32;
+    Ok(launch("dense_layernorm", p, blocks, ROW_WARPS * 32))
+}
+
+/// Input gradient of layer norm.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_bwd(
+    dy: &TensorView,
+    x: &TensorView,
+    weight: &TensorView,
+    mean: &TensorView,
+    rstd: &TensorView,
+    dx: &mut TensorViewMut,
+    accumulate: bool,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (xa, xd) = contig("layernorm_bwd x", x, loc)?;
+    let (m, c) = dims2("layernorm_bwd x", xd)?;
+    let (ga, gd) = contig("layernorm_bwd dy", dy, loc)?;
+    same("layernorm_bwd dy", gd, &[m, c])?;
+    want_dtype("layernorm_bwd dy", dy.dtype(), x.dtype())?;
+    let (wa, wd) = contig("layernorm_bwd weight", weight, loc)?;
+    same("layernorm_bwd weight", wd, &[c])?;
+    let (ma, md) = contig("layernorm_bwd mean", mean, loc)?;
+    same("layernorm_bwd mean", md, &[m])?;
+    want_dtype("layernorm_bwd mean", mean.dtype(), DType::F32)?;
+    let (ra, rd) = contig("layernorm_bwd rstd", rstd, loc)?;
+    same("layernorm_bwd rstd", rd, &[m])?;
+    want_dtype("layernorm_bwd rstd", rstd.dtype(), DType::F32)?;
+    let (da, dd) = contig_mut("layernorm_bwd dx", dx, loc)?;
+    same("layernorm_bwd dx", dd, &[m, c])?;
+    let p = DenseParams {
+        in0: ga,
+        in1: xa,
+        in2: wa,
+        in3: ma,
+        in4: ra,
+        out0: da,
+        rows: m as i64,
+        cols: c as i64,
+        in_dt: code(x.dtype(), "layernorm_bwd x")?,
+        in1_dt: code(weight.dtype(), "layernorm_bwd weight")?,
+        out_dt: code(dx.dtype(), "layernorm_bwd dx")?,
+        flags: accumulate as i32,
+        ..Default::default()
+    };
+    let blocks = (m.div_ceil(ROW_WARPS as usize).max(1)).min(cap.0 as usize) as u32;
+    Ok(launch("dense_layernorm_bwd", p, blocks, ROW_WARPS * 32))
+}
+
+/// `out[n] (+)= Σ_rows x[., n]`.
+pub fn sum_rows(
+    x: &TensorView,
+    out: &mut TensorViewMut,
+    accumulate: bool,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (xa, xd) = contig("sum_rows x", x, loc)?;
+    let (m, n) = dims2("sum_rows x", xd)?;
+    let (oa, od) = contig_mut("sum_rows out", out, loc)?;
+    same("sum_rows out", od, &[n])?;
+    let p = DenseParams {
+        in0: xa,
+        out0: oa,
+        rows: m as i64,
+        cols: n as i64,
+        in_dt: code(x.dtype(), "sum_rows x")?,
+        out_dt: code(out.dtype(), "sum_rows out")?,
+        flags: accumulate as i32,
+        ..Default::default()
+    };
+    Ok(launch("dense_sum_rows", p, flat_blocks(n, cap), THREADS))
+}
+
+/// Strided copy with dtype conversion (`src` and `dst` of the same shape, rank ≤ 6; `src`
+/// strides may be 0 to broadcast); with `accumulate`, `dst += src`.
+pub fn copy(
+    src: &TensorView,
+    dst: &mut TensorViewMut,
+    accumulate: bool,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    same("copy dst", dst.dims(), src.dims())?;
+    for (arg, l) in [("copy src", src.location()), ("copy dst", dst.location())] {
+        if l != loc {
+            return Err(Error::device(
+                arg,
+                format!("is on {l}, this device computes on {loc}"),
+            ));
+        }
+    }
+    let rank = src.dims().len();
+    let mut p = DenseParams {
+        in0: src.base_addr(),
+        out0: dst.base_addr(),
+        in_off: src.layout().offset() as i64,
+        out_off: dst.layout().offset() as i64,
+        rank: rank as i32,
+        flags: accumulate as i32,
+        in_dt: code(src.dtype(), "copy src")?,
+        out_dt: code(dst.dtype(), "copy dst")?,
+        ..Default::default()
+    };
+    for d in 0..rank {
+        p.dims[d] = src.dims()[d] as i64;
+        p.in_str[d] = src.strides()[d] as i64;
+        p.out_str[d] = dst.strides()[d] as i64;
+    }
+    Ok(launch(
+        "dense_copy",
+        p,
+        flat_blocks(src.numel(), cap),
+        THREADS,
+    ))
+}
+
+fn check_rows(rows: &[i32], m: usize) -> Result<()> {
+    match rows.iter().find(|&&r| r < 0 || r as usize >= m) {
+        Some(r) => Err(Error::index("rows", format!("row {r} outside 0..{m}"))),
+        None => Ok(()),
+    }
+}
+
+/// `dst` row `i` = `src` row `rows[i]`.
+pub fn gather_rows(
+    src: &TensorView,
+    rows: &[i32],
+    dst: &mut TensorViewMut,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (sa, sd) = contig("gather_rows src", src, loc)?;
+    let (m, c) = dims2("gather_rows src", sd)?;
+    let (da, dd) = contig_mut("gather_rows dst", dst, loc)?;
+    same("gather_rows dst", dd, &[rows.len(), c])?;
+    check_rows(rows, m)?;
+    gather_launch(sa, src.dtype(), da, dst.dtype(), rows.to_vec(), c, cap)
+}
+
+/// `dst` row `rows[i]` = `src` row `i`, other rows of `dst` zero (a gather through the inverse
+/// map, so every output row is written once: no races, no separate clear).
+pub fn scatter_rows(
+    src: &TensorView,
+    rows: &[i32],
+    dst: &mut TensorViewMut,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (da, dd) = contig_mut("scatter_rows dst", dst, loc)?;
+    let (m, c) = dims2("scatter_rows dst", dd)?;
+    let (sa, sd) = contig("scatter_rows src", src, loc)?;
+    same("scatter_rows src", sd, &[rows.len(), c])?;
+    check_rows(rows, m)?;
+    let mut inverse = vec![-1i32; m];
+    for (i, &r) in rows.iter().enumerate() {
+        inverse[r as usize] = i as i32;
+    }
+    gather_launch(sa, src.dtype(), da, dst.dtype(), inverse, c, cap)
+}
+
+fn gather_launch(
+    sa: u64,
+    sdt: DType,
+    da: u64,
+    ddt: DType,
+    idx: Vec<i32>,
+    c: usize,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let p = DenseParams {
+        in0: sa,
+        out0: da,
+        rows: idx.len() as i64,
+        cols: c as i64,
+        in_dt: code(sdt, "src")?,
+        out_dt: code(ddt, "dst")?,
+        ..Default::default()
+    };
+    let mut l = launch(
+        "dense_gather_rows",
+        p,
+        flat_blocks(idx.len() * c, cap),
+        THREADS,
+    );
+    l.idx = Some(idx);
+    Ok(l)
+}
+
+/// Token + position embedding.
+#[allow(clippy::too_many_arguments)]
+pub fn embed(
+    ids: &[i32],
+    seq_len: usize,
+    wte: &TensorView,
+    wpe: &TensorView,
+    pos_offset: usize,
+    out: &mut TensorViewMut,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (ta, td) = contig("wte", wte, loc)?;
+    let (vocab, c) = dims2("wte", td)?;
+    let (pa, pd) = contig("wpe", wpe, loc)?;
+    let (npos, c2) = dims2("wpe", pd)?;
+    if c2 != c {
+        return Err(Error::shape("wpe", format!("[n_positions, {c}]"), pd));
+    }
+    want_dtype("wpe", wpe.dtype(), wte.dtype())?;
+    let (oa, od) = contig_mut("embed out", out, loc)?;
+    same("embed out", od, &[ids.len(), c])?;
+    if seq_len == 0 || ids.len() % seq_len != 0 {
+        return Err(Error::shape(
+            "ids",
+            format!("a multiple of the sequence length {seq_len}"),
+            &[ids.len()],
+        ));
+    }
+    if pos_offset + seq_len > npos {
+        return Err(Error::index(
+            "positions",
+            format!(
+                "positions {pos_offset}..{} exceed n_positions = {npos}",
+                pos_offset + seq_len
+            ),
+        ));
+    }
+    if let Some((i, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id < 0 || id as usize >= vocab)
+    {
+        return Err(Error::index(
+            "ids",
+            format!("token id {id} at {i} is outside the vocabulary 0..{vocab}"),
+        ));
+    }
+    let p = DenseParams {
+        in0: ta,
+        in1: pa,
+        out0: oa,
+        rows: ids.len() as i64,
+        cols: c as i64,
+        in_dt: code(wte.dtype(), "wte")?,
+        out_dt: code(out.dtype(), "embed out")?,
+        seq_len: seq_len as i32,
+        pos_offset: pos_offset as i32,
+        ..Default::default()
+    };
+    let mut l = launch("dense_embed", p, flat_blocks(ids.len() * c, cap), THREADS);
+    l.idx = Some(ids.to_vec());
+    Ok(l)
+}
+
+/// Where the logit gradient of [`cross_entropy`] goes.
+pub enum CeGrad<'a, 'b> {
+    /// No gradient.
+    None,
+    /// Into this `[M, V]` buffer.
+    Into(&'a mut TensorViewMut<'b>),
+    /// Over the logits themselves.
+    InPlace,
+}
+
+/// Softmax cross-entropy per row (see [`super::Backend::cross_entropy`]).
+pub fn cross_entropy(
+    logits: &TensorView,
+    targets: &[i32],
+    losses: &mut TensorViewMut,
+    grad: CeGrad,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (la, ld) = contig("logits", logits, loc)?;
+    let (m, v) = dims2("logits", ld)?;
+    if targets.len() != m {
+        return Err(Error::shape(
+            "targets",
+            format!("[{m}] like the logits rows"),
+            &[targets.len()],
+        ));
+    }
+    if let Some((i, t)) = targets
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t != -100 && (t < 0 || t as usize >= v))
+    {
+        return Err(Error::index(
+            "labels",
+            format!("label {t} at {i} is outside the vocabulary 0..{v} (and not -100)"),
+        ));
+    }
+    let (sa, sd) = contig_mut("losses", losses, loc)?;
+    same("losses", sd, &[m])?;
+    want_dtype("losses", losses.dtype(), DType::F32)?;
+    let in_dt = code(logits.dtype(), "logits")?;
+    let (out0, out_dt) = match grad {
+        CeGrad::None => (0, in_dt),
+        CeGrad::InPlace => (la, in_dt),
+        CeGrad::Into(d) => {
+            let (da, dd) = contig_mut("dlogits", d, loc)?;
+            same("dlogits", dd, &[m, v])?;
+            (da, code(d.dtype(), "dlogits")?)
+        }
+    };
+    let p = DenseParams {
+        in0: la,
+        out0,
+        out1: sa,
+        rows: m as i64,
+        cols: v as i64,
+        in_dt,
+        out_dt,
+        ..Default::default()
+    };
+    let mut l = launch(
+        "dense_cross_entropy",
+        p,
+        (m.max(1)).min(cap.0 as usize) as u32,
+        THREADS,
+    );
+    l.idx = Some(targets.to_vec());
+    Ok(l)
+}
+
+/// One AdamW update (f32 tensors), with the constants computed as the CPU backend does.
+pub fn adamw(
+    param: &mut TensorViewMut,
+    grad: &TensorView,
+    m: &mut TensorViewMut,
+    v: &mut TensorViewMut,
+    hp: AdamWStep,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (pa, pd) = contig_mut("adamw param", param, loc)?;
+    let pd = pd.to_vec();
+    let (ga, gd) = contig("adamw grad", grad, loc)?;
+    same("adamw grad", gd, &pd)?;
+    let (ma, md) = contig_mut("adamw m", m, loc)?;
+    same("adamw m", md, &pd)?;
+    let (va, vd) = contig_mut("adamw v", v, loc)?;
+    same("adamw v", vd, &pd)?;
+    for (arg, dt) in [
+        ("adamw param", param.dtype()),
+        ("adamw grad", grad.dtype()),
+        ("adamw m", m.dtype()),
+        ("adamw v", v.dtype()),
+    ] {
+        want_dtype(arg, dt, DType::F32)?;
+    }
+    let mut p = DenseParams {
+        in0: ga,
+        out0: pa,
+        out1: ma,
+        out2: va,
+        rows: 1,
+        cols: param.numel() as i64,
+        in_dt: 2,
+        out_dt: 2,
+        ..Default::default()
+    };
+    p.f = adamw_constants(hp);
+    Ok(launch(
+        "dense_adamw",
+        p,
+        flat_blocks(param.numel(), cap),
+        THREADS,
+    ))
+}
+
+/// `{1 - lr·wd, 1 - β1, β2, 1 - β2, lr / (1 - β1^t), sqrt(1 - β2^t), eps, 0}`: the scalars of
+/// torch's single-tensor AdamW, computed in f64 (Python floats there) and rounded to f32.
+pub fn adamw_constants(hp: AdamWStep) -> [f32; 8] {
+    let step = hp.step.min(i32::MAX as u64) as i32;
+    let bc1 = 1.0 - hp.beta1.powi(step);
+    let bc2 = 1.0 - hp.beta2.powi(step);
+    [
+        (1.0 - hp.lr * hp.weight_decay) as f32,
+        (1.0 - hp.beta1) as f32,
+        hp.beta2 as f32,
+        (1.0 - hp.beta2) as f32,
+        (hp.lr / bc1) as f32,
+        bc2.sqrt() as f32,
+        hp.eps as f32,
+        0.0,
+    ]
+}
+
+/// A device that runs [`DenseLaunch`]es: the `emu` and `cuda` backends.
+pub(crate) trait DenseRunner {
+    /// Where the device's tensors live.
+    fn dense_location(&self) -> Location;
+    /// Its grid cap.
+    fn dense_cap(&self) -> GridCap;
+    /// Places the index array, launches, and reports errors.
+    fn run_dense(&self, l: DenseLaunch) -> Result<()>;
+}
+
+/// The [`super::Backend`] methods every [`DenseRunner`] implements the same way: check and
+/// plan here, then launch on the device.
+macro_rules! dense_backend_ops {
+    () => {
+        fn layernorm(
+            &self,
+            x: &TensorView,
+            weight: &TensorView,
+            bias: &TensorView,
+            eps: f32,
+            out: &mut TensorViewMut,
+            mean: &mut TensorViewMut,
+            rstd: &mut TensorViewMut,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::layernorm(
+                x, weight, bias, eps, out, mean, rstd, loc, cap,
+            )?)
+        }
+        fn layernorm_bwd(
+            &self,
+            dy: &TensorView,
+            x: &TensorView,
+            weight: &TensorView,
+            mean: &TensorView,
+            rstd: &TensorView,
+            dx: &mut TensorViewMut,
+            accumulate: bool,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::layernorm_bwd(
+                dy, x, weight, mean, rstd, dx, accumulate, loc, cap,
+            )?)
+        }
+        fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::unary("dense_gelu", x, out, loc, cap)?)
+        }
+        fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::binary("dense_gelu_bwd", x, dy, dx, loc, cap)?)
+        }
+        fn tanh(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::unary("dense_tanh", x, out, loc, cap)?)
+        }
+        fn tanh_bwd(&self, y: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::binary("dense_tanh_bwd", y, dy, dx, loc, cap)?)
+        }
+        fn adamw(
+            &self,
+            param: &mut TensorViewMut,
+            grad: &TensorView,
+            m: &mut TensorViewMut,
+            v: &mut TensorViewMut,
+            hp: AdamWStep,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::adamw(param, grad, m, v, hp, loc, cap)?)
+        }
+        fn axpy(&self, y: &mut TensorViewMut, alpha: f32, x: &TensorView) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::axpby(y, alpha, Some(x), 1.0, loc, cap)?)
+        }
+        fn scale(&self, x: &mut TensorViewMut, alpha: f32) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::axpby(x, 0.0, None, alpha, loc, cap)?)
+        }
+        fn add_assign(&self, out: &mut TensorViewMut, x: &TensorView) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::axpby(out, 1.0, Some(x), 1.0, loc, cap)?)
+        }
+        fn sum_rows(
+            &self,
+            x: &TensorView,
+            out: &mut TensorViewMut,
+            accumulate: bool,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::sum_rows(x, out, accumulate, loc, cap)?)
+        }
+        fn copy(&self, src: &TensorView, dst: &mut TensorViewMut) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::copy(src, dst, false, loc, cap)?)
+        }
+        fn gather_rows(
+            &self,
+            src: &TensorView,
+            rows: &[i32],
+            dst: &mut TensorViewMut,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::gather_rows(src, rows, dst, loc, cap)?)
+        }
+        fn scatter_rows(
+            &self,
+            src: &TensorView,
+            rows: &[i32],
+            dst: &mut TensorViewMut,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::scatter_rows(src, rows, dst, loc, cap)?)
+        }
+        fn embed(
+            &self,
+            ids: &[i32],
+            seq_len: usize,
+            wte: &TensorView,
+            wpe: &TensorView,
+            pos_offset: usize,
+            out: &mut TensorViewMut,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::embed(
+                ids, seq_len, wte, wpe, pos_offset, out, loc, cap,
+            )?)
+        }
+        fn cross_entropy(
+            &self,
+            logits: &TensorView,
+            targets: &[i32],
+            losses: &mut TensorViewMut,
+            dlogits: Option<&mut TensorViewMut>,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            let grad = match dlogits {
+                Some(d) => dense::CeGrad::Into(d),
+                None => dense::CeGrad::None,
+            };
+            self.run_dense(dense::cross_entropy(
+                logits, targets, losses, grad, loc, cap,
+            )?)
+        }
+        fn cross_entropy_inplace(
+            &self,
+            logits: &mut TensorViewMut,
+            targets: &[i32],
+            losses: &mut TensorViewMut,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::cross_entropy(
+                &logits.as_view(),
+                targets,
+                losses,
+                dense::CeGrad::InPlace,
+                loc,
+                cap,
+            )?)
+        }
+    };
+}
+pub(crate) use dense_backend_ops;
