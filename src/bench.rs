@@ -79,6 +79,11 @@ pub struct StepReport {
     pub rss_before_model_mb: f64,
     /// Threads the CPU backend used.
     pub threads: usize,
+    /// Peak device memory held during the timed steps (model, buffers, scratch), MB; `None`
+    /// on host devices.
+    pub peak_device_mb: Option<f64>,
+    /// Device memory held after the model was built, MB.
+    pub model_device_mb: Option<f64>,
 }
 
 /// Peak and current resident memory in MB, from /proc/self/status (0 where unavailable).
@@ -96,6 +101,7 @@ pub fn rss_mb() -> (f64, f64) {
 
 /// Runs the benchmark.
 pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
+    // The kernel devices need head dim 64 or 128: `tiny` is for the cpu.
     let cfg = match s.shape.as_str() {
         "tiny" => small_config(3, 4, 16, 503, 128),
         "gpt2-small" => {
@@ -152,6 +158,9 @@ pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
         .map(|(a, b)| (a.as_slice(), b.as_slice()))
         .collect();
     let batch = Batch::new(&pairs)?;
+    let mb = |b: usize| b as f64 / (1u64 << 20) as f64;
+    let model_device_mb = be.memory().map(|(now, _)| mb(now));
+    be.reset_peak_memory();
     let mut times = vec![];
     for i in 0..s.warmup + s.steps {
         let t0 = Instant::now();
@@ -179,6 +188,8 @@ pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
         rss_before_model_mb: rss_before,
         threads: rayon::current_num_threads(),
         times_ms: times,
+        peak_device_mb: be.memory().map(|(_, peak)| mb(peak)),
+        model_device_mb,
     })
 }
 

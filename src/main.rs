@@ -563,14 +563,20 @@ fn run(cli: Cli) -> Result<()> {
                 "max_ms": r.max_ms,
                 "tokens_per_s": r.tokens_per_s,
                 "peak_rss_mb": r.peak_rss_mb,
+                "peak_device_mb": r.peak_device_mb,
+                "model_device_mb": r.model_device_mb,
                 "rss_before_model_mb": r.rss_before_model_mb,
             });
             if json {
                 println!("{v}");
             } else {
+                let dev = r
+                    .peak_device_mb
+                    .map(|p| format!(", peak device memory {p:.0} MB"))
+                    .unwrap_or_default();
                 println!(
-                    "{} (batch {} × {} tokens, P={}, MLP {}), {} threads: median {:.2} ms (min {:.2}, max {:.2}), {:.0} tokens/s, peak RSS {:.0} MB",
-                    s.shape, s.batch, s.seq, s.prefix_len, s.mid_dim, r.threads, r.median_ms, r.min_ms, r.max_ms, r.tokens_per_s, r.peak_rss_mb
+                    "{} on {} (batch {} × {} tokens, P={}, MLP {}), {} threads: median {:.2} ms (min {:.2}, max {:.2}), {:.0} tokens/s, peak RSS {:.0} MB{dev}",
+                    s.shape, be.device(), s.batch, s.seq, s.prefix_len, s.mid_dim, r.threads, r.median_ms, r.min_ms, r.max_ms, r.tokens_per_s, r.peak_rss_mb
                 );
             }
             Ok(())

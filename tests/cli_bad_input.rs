@@ -258,6 +258,7 @@ fn bad_generate_arguments() {
         ]),
         &["cuda"],
     );
+    // The kernel devices take head dims 64 and 128; tiny-b has 16.
     has(
         &fails(&[
             "generate",
@@ -266,9 +267,20 @@ fn bad_generate_arguments() {
             "--input-ids",
             "1,2",
             "--device",
-            "auto",
+            "emu",
         ]),
-        &["auto"],
+        &["head dim 16", "64 and 128"],
+    );
+    // auto says which device it took (the cpu here unless a GPU is present).
+    let out = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
+        .args(["generate", "--model", &m, "--input-ids", "1,2"])
+        .args(["--max-new-tokens", "2", "--device", "auto"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("device auto:"),
+        "auto should say which device it took: {stderr}"
     );
     has(
         &fails(&[

@@ -247,6 +247,34 @@ fn main() {
     }
     println!("GPU forward and backward kernels vs f64 oracle on cuda:0");
     println!("{passed} passed, {failed} failed");
+    use prefix_attn::device::Backend;
+    // The half-precision training path (dense kernels, cuBLAS, attention, AdamW, generation)
+    // against the Hugging Face + PEFT fixture and its fp16 PyTorch run.
+    println!("{}", be.describe());
+    match common::fp16::tiny_c_fp16_parity(&be) {
+        Ok(report) => {
+            passed += 1;
+            for line in report {
+                println!("cuda {line}");
+            }
+        }
+        Err(e) => {
+            failed += 1;
+            println!("FAILED tiny-c fp16 training path on cuda: {e}");
+        }
+    }
+    // Out of memory is an error that names the size, never a panic.
+    match be.zeros(&[1 << 42], DType::F16) {
+        Err(e) if e.to_string().contains("MiB") => {
+            passed += 1;
+            println!("out of memory reported: {e}");
+        }
+        other => {
+            failed += 1;
+            println!("FAILED: a 8 TiB allocation gave {other:?}");
+        }
+    }
+    println!("{passed} passed, {failed} failed");
     if failed > 0 {
         std::process::exit(1);
     }

@@ -230,6 +230,11 @@ fn tiny_b_bf16_unprefixed_names_matches_transformers_and_peft() {
 }
 
 #[test]
+fn tiny_c_f16_checkpoint_head_dim_64_matches_transformers_and_peft() {
+    check_model("tiny-c");
+}
+
+#[test]
 fn tokenizer_matches_python_tokenizers() {
     let dir = fixtures().join("tiny-a");
     let tok = Tokenizer::load(&dir.join("model/tokenizer.json")).unwrap();
@@ -260,7 +265,7 @@ fn cli(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn eval_and_generate_commands_match_the_fixtures() {
-    for name in ["tiny-a", "tiny-b"] {
+    for name in ["tiny-a", "tiny-b", "tiny-c"] {
         let fx = Fixture::new(name);
         let d = |s: &str| fx.dir.join(s).to_string_lossy().into_owned();
         for (adapter, loss_name) in [(true, "loss"), (false, "loss_base")] {
@@ -328,9 +333,56 @@ fn eval_and_generate_commands_match_the_fixtures() {
             .map(|x| x.as_u64().unwrap())
             .collect();
         assert_eq!(ids, want, "{name}: generate --json ids");
+        if name == "tiny-c" {
+            // The same command on the emu device (f16 model, the CUDA kernels on the CPU):
+            // the fixture records top-1/top-2 gaps > 0.1 along this path, safe for fp16.
+            let (ok, stdout, stderr) = cli(&[
+                "generate",
+                "--model",
+                &d("model"),
+                "--adapter",
+                &d("adapter"),
+                "--input-ids",
+                &joined,
+                "--max-new-tokens",
+                &n,
+                "--json",
+                "--device",
+                "emu",
+            ]);
+            assert!(ok, "{name}: generate --device emu failed: {stderr}");
+            let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+            let ids: Vec<u64> = v["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            assert_eq!(ids, want, "{name}: generate --device emu ids");
+            // eval on emu: within 3× the fp16 PyTorch run's loss error.
+            let (ok, stdout, stderr) = cli(&[
+                "eval",
+                "--model",
+                &d("model"),
+                "--adapter",
+                &d("adapter"),
+                "--data",
+                &d("eval.jsonl"),
+                "--device",
+                "emu",
+            ]);
+            assert!(ok, "{name}: eval --device emu failed: {stderr}");
+            let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+            let (got, want) = (v["loss"].as_f64().unwrap(), fx.f64("loss")[0]);
+            let torch16 = (fx.f64("fp16.loss")[0] - want).abs();
+            assert!(
+                (got - want).abs() <= 3.0 * torch16 + 1e-4,
+                "{name}: eval --device emu loss {got} vs {want} (torch fp16 off by {torch16:.2e})"
+            );
+        }
         assert_eq!(
             v["text"].is_null(),
-            name == "tiny-b",
+            name != "tiny-a",
             "text is null exactly without a tokenizer"
         );
     }

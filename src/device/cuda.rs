@@ -22,7 +22,25 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Bytes held by a backend's allocations, now and at the peak.
+#[derive(Debug, Default)]
+struct MemCounter {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemCounter {
+    fn add(&self, n: usize) {
+        let now = self.now.fetch_add(n, Ordering::Relaxed) + n;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+    fn sub(&self, n: usize) {
+        self.now.fetch_sub(n, Ordering::Relaxed);
+    }
+}
 
 // SAFETY: the parameter structs are #[repr(C)] plain data mirrored by the kernels' structs.
 unsafe impl DeviceRepr for FwdParams {}
@@ -77,6 +95,7 @@ pub struct CudaBackend {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     blas: Mutex<Option<BlasHandle>>,
+    mem: Arc<MemCounter>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -85,26 +104,40 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
-/// Device memory of a [`CudaBackend`], owned by a [`Tensor`].
+/// Device memory of a [`CudaBackend`] (a tensor's storage or scratch), counted while alive.
 struct CudaMem {
     buf: CudaSlice<u8>,
     addr: u64,
     stream: Arc<CudaStream>,
     ordinal: usize,
+    mem: Arc<MemCounter>,
 }
 
 impl CudaMem {
-    fn new(buf: CudaSlice<u8>, stream: &Arc<CudaStream>, ordinal: usize) -> CudaMem {
+    fn new(
+        buf: CudaSlice<u8>,
+        stream: &Arc<CudaStream>,
+        ordinal: usize,
+        mem: &Arc<MemCounter>,
+    ) -> CudaMem {
         let addr = {
             let (p, _sync) = buf.device_ptr(stream);
             p
         };
+        mem.add(buf.len());
         CudaMem {
             buf,
             addr,
             stream: stream.clone(),
             ordinal,
+            mem: mem.clone(),
         }
+    }
+}
+
+impl Drop for CudaMem {
+    fn drop(&mut self) {
+        self.mem.sub(self.buf.len());
     }
 }
 
@@ -138,7 +171,12 @@ impl DeviceMemory for CudaMem {
             .stream
             .clone_dtod(&self.buf)
             .map_err(cuda_err("device copy"))?;
-        Ok(Box::new(CudaMem::new(buf, &self.stream, self.ordinal)))
+        Ok(Box::new(CudaMem::new(
+            buf,
+            &self.stream,
+            self.ordinal,
+            &self.mem,
+        )))
     }
 }
 
@@ -172,6 +210,7 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
+            mem: Arc::new(MemCounter::default()),
         })
     }
 
@@ -256,8 +295,8 @@ impl CudaBackend {
 
     /// A device buffer of `bytes` bytes (zeroed), with an out-of-memory error that names the
     /// size asked for.
-    fn alloc(&self, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
-        self.stream.alloc_zeros::<u8>(bytes.max(16)).map_err(|e| {
+    fn alloc(&self, bytes: usize, what: &str) -> Result<CudaMem> {
+        let buf = self.stream.alloc_zeros::<u8>(bytes.max(16)).map_err(|e| {
             let free = self
                 .ctx
                 .mem_get_info()
@@ -271,7 +310,8 @@ impl CudaBackend {
                     bytes as f64 / (1u64 << 20) as f64
                 ),
             )
-        })
+        })?;
+        Ok(CudaMem::new(buf, &self.stream, self.ordinal, &self.mem))
     }
 
     /// Copies an int32 array to the device (freed in stream order when dropped).
@@ -338,8 +378,8 @@ impl CudaBackend {
         let b = plan.problem.batch as u64;
         {
             let (m, _s1) = meta.device_ptr(&self.stream);
-            let (d, _s2) = delta.device_ptr(&self.stream);
-            let (pp, _s3) = partial.device_ptr(&self.stream);
+            let d = delta.addr;
+            let pp = partial.addr;
             plan.params.f.prefix_index = m;
             plan.params.f.seqlen_q = m + 4 * b;
             plan.params.f.seqlen_k = m + 8 * b;
@@ -433,11 +473,7 @@ impl Backend for CudaBackend {
             .checked_mul(dtype.size())
             .ok_or_else(|| Error::shape("tensor", "a size that fits in memory", shape))?;
         let buf = self.alloc(bytes, &format!("tensor {shape:?} {dtype}"))?;
-        Tensor::from_device(
-            Box::new(CudaMem::new(buf, &self.stream, self.ordinal)),
-            shape,
-            dtype,
-        )
+        Tensor::from_device(Box::new(buf), shape, dtype)
     }
     fn upload(&self, host: &Tensor) -> Result<Tensor> {
         let bytes = match host.location() {
@@ -447,14 +483,10 @@ impl Backend for CudaBackend {
         let mut buf = self.alloc(bytes.len(), &format!("upload of {:?}", host.dims()))?;
         if !bytes.is_empty() {
             self.stream
-                .memcpy_htod(&bytes, &mut buf)
+                .memcpy_htod(&bytes, &mut buf.buf)
                 .map_err(cuda_err("host-to-device copy"))?;
         }
-        Tensor::from_device(
-            Box::new(CudaMem::new(buf, &self.stream, self.ordinal)),
-            host.dims(),
-            host.dtype(),
-        )
+        Tensor::from_device(Box::new(buf), host.dims(), host.dtype())
     }
     fn download(&self, t: &Tensor) -> Result<Tensor> {
         let mut out = Tensor::zeros(t.dims(), t.dtype())?;
@@ -464,6 +496,17 @@ impl Backend for CudaBackend {
     }
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err("synchronize"))
+    }
+    fn memory(&self) -> Option<(usize, usize)> {
+        Some((
+            self.mem.now.load(Ordering::Relaxed),
+            self.mem.peak.load(Ordering::Relaxed),
+        ))
+    }
+    fn reset_peak_memory(&self) {
+        self.mem
+            .peak
+            .store(self.mem.now.load(Ordering::Relaxed), Ordering::Relaxed);
     }
     fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
         CudaBackend::attn_fwd(self, args, out)

@@ -90,6 +90,15 @@ pub trait Backend: Send + Sync {
     /// Waits until all queued work has finished.
     fn synchronize(&self) -> Result<()>;
 
+    /// Bytes of device memory held by this backend's tensors and scratch now, and the most
+    /// held since the last [`Backend::reset_peak_memory`]; `None` for host devices.
+    fn memory(&self) -> Option<(usize, usize)> {
+        None
+    }
+
+    /// Starts a new peak for [`Backend::memory`].
+    fn reset_peak_memory(&self) {}
+
     /// Prefix attention forward (see [`crate::attn`] for the contract).
     fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()>;
 
