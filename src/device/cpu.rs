@@ -4,6 +4,9 @@
 //! load); matmuls go through the `gemm` crate, row-wise operations are split over rows with
 //! rayon. Attention takes any float dtype and strides (see [`crate::attn::cpu`]).
 
+use super::check::{
+    cross_entropy_args, dims2, embed_args, rows_in_range as check_rows, same_shape,
+};
 use super::{simd, AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::{cpu, AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
@@ -47,28 +50,6 @@ fn f32_out<'b>(arg: &str, t: &'b mut TensorViewMut) -> Result<&'b mut [f32]> {
             format!("cpu dense ops need a contiguous host view: {e}"),
         )
     })
-}
-
-fn check_rows(rows: &[i32], m: usize) -> Result<()> {
-    match rows.iter().find(|&&r| r < 0 || r as usize >= m) {
-        Some(r) => Err(Error::index("rows", format!("row {r} outside 0..{m}"))),
-        None => Ok(()),
-    }
-}
-
-/// `[rows, cols]` of a 2-D view.
-fn dims2(arg: &str, dims: &[usize]) -> Result<(usize, usize)> {
-    match dims {
-        [r, c] => Ok((*r, *c)),
-        _ => Err(Error::shape(arg, "rank 2 [rows, cols]", dims)),
-    }
-}
-
-fn same_shape(arg: &str, got: &[usize], want: &[usize]) -> Result<()> {
-    if got != want {
-        return Err(Error::shape(arg, format!("{want:?}"), got));
-    }
-    Ok(())
 }
 
 /// Elements per parallel task for elementwise operations.
@@ -455,42 +436,7 @@ impl Backend for CpuBackend {
         pos_offset: usize,
         out: &mut TensorViewMut,
     ) -> Result<()> {
-        let (vocab, c) = dims2("wte", wte.dims())?;
-        let (npos, c2) = dims2("wpe", wpe.dims())?;
-        if c2 != c {
-            return Err(Error::shape(
-                "wpe",
-                format!("[n_positions, {c}]"),
-                wpe.dims(),
-            ));
-        }
-        same_shape("embed out", out.dims(), &[ids.len(), c])?;
-        if seq_len == 0 || ids.len() % seq_len != 0 {
-            return Err(Error::shape(
-                "ids",
-                format!("a multiple of the sequence length {seq_len}"),
-                &[ids.len()],
-            ));
-        }
-        if pos_offset + seq_len > npos {
-            return Err(Error::index(
-                "positions",
-                format!(
-                    "positions {pos_offset}..{} exceed n_positions = {npos}",
-                    pos_offset + seq_len
-                ),
-            ));
-        }
-        if let Some((i, id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id < 0 || id as usize >= vocab)
-        {
-            return Err(Error::index(
-                "ids",
-                format!("token id {id} at {i} is outside the vocabulary 0..{vocab}"),
-            ));
-        }
+        let c = embed_args(ids, seq_len, wte.dims(), wpe.dims(), pos_offset, out.dims())?;
         let (te, pe) = (f32_in("wte", wte)?, f32_in("wpe", wpe)?);
         let ov = f32_out("embed out", out)?;
         for (r, row) in ov.chunks_exact_mut(c.max(1)).enumerate() {
@@ -521,25 +467,7 @@ impl Backend for CpuBackend {
         losses: &mut TensorViewMut,
         dlogits: Option<&mut TensorViewMut>,
     ) -> Result<()> {
-        let (m, v) = dims2("logits", logits.dims())?;
-        if targets.len() != m {
-            return Err(Error::shape(
-                "targets",
-                format!("[{m}] like the logits rows"),
-                &[targets.len()],
-            ));
-        }
-        same_shape("losses", losses.dims(), &[m])?;
-        if let Some((i, t)) = targets
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t != -100 && (t < 0 || t as usize >= v))
-        {
-            return Err(Error::index(
-                "labels",
-                format!("label {t} at {i} is outside the vocabulary 0..{v} (and not -100)"),
-            ));
-        }
+        let (m, v) = cross_entropy_args(logits.dims(), targets, losses.dims())?;
         let lv = f32_in("logits", logits)?;
         let loss = f32_out("losses", losses)?;
         let dl = match dlogits {

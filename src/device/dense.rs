@@ -6,6 +6,9 @@
 //! of a contiguous tensor is contiguous); only [`copy`] takes strides. Storage may be f16, bf16
 //! or f32; arithmetic is f32.
 
+use super::check::{
+    cross_entropy_args, dims2, embed_args, rows_in_range as check_rows, same_shape as same,
+};
 use super::AdamWStep;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Location, TensorView, TensorViewMut, MAX_RANK};
@@ -150,20 +153,6 @@ fn contig_mut<'v>(arg: &str, t: &'v TensorViewMut, loc: Location) -> Result<(u64
     let v = t.as_view();
     let (a, _) = contig(arg, &v, loc)?;
     Ok((a, t.dims()))
-}
-
-fn dims2(arg: &str, dims: &[usize]) -> Result<(usize, usize)> {
-    match dims {
-        [r, c] => Ok((*r, *c)),
-        _ => Err(Error::shape(arg, "rank 2 [rows, cols]", dims)),
-    }
-}
-
-fn same(arg: &str, got: &[usize], want: &[usize]) -> Result<()> {
-    if got != want {
-        return Err(Error::shape(arg, format!("{want:?}"), got));
-    }
-    Ok(())
 }
 
 fn want_dtype(arg: &str, got: DType, want: DType) -> Result<()> {
@@ -442,13 +431,6 @@ pub fn copy(
     ))
 }
 
-fn check_rows(rows: &[i32], m: usize) -> Result<()> {
-    match rows.iter().find(|&&r| r < 0 || r as usize >= m) {
-        Some(r) => Err(Error::index("rows", format!("row {r} outside 0..{m}"))),
-        None => Ok(()),
-    }
-}
-
 /// `dst` row `i` = `src` row `rows[i]`.
 pub fn gather_rows(
     src: &TensorView,
@@ -527,41 +509,10 @@ pub fn embed(
     cap: GridCap,
 ) -> Result<DenseLaunch> {
     let (ta, td) = contig("wte", wte, loc)?;
-    let (vocab, c) = dims2("wte", td)?;
     let (pa, pd) = contig("wpe", wpe, loc)?;
-    let (npos, c2) = dims2("wpe", pd)?;
-    if c2 != c {
-        return Err(Error::shape("wpe", format!("[n_positions, {c}]"), pd));
-    }
-    want_dtype("wpe", wpe.dtype(), wte.dtype())?;
     let (oa, od) = contig_mut("embed out", out, loc)?;
-    same("embed out", od, &[ids.len(), c])?;
-    if seq_len == 0 || ids.len() % seq_len != 0 {
-        return Err(Error::shape(
-            "ids",
-            format!("a multiple of the sequence length {seq_len}"),
-            &[ids.len()],
-        ));
-    }
-    if pos_offset + seq_len > npos {
-        return Err(Error::index(
-            "positions",
-            format!(
-                "positions {pos_offset}..{} exceed n_positions = {npos}",
-                pos_offset + seq_len
-            ),
-        ));
-    }
-    if let Some((i, id)) = ids
-        .iter()
-        .enumerate()
-        .find(|(_, &id)| id < 0 || id as usize >= vocab)
-    {
-        return Err(Error::index(
-            "ids",
-            format!("token id {id} at {i} is outside the vocabulary 0..{vocab}"),
-        ));
-    }
+    let c = embed_args(ids, seq_len, td, pd, pos_offset, od)?;
+    want_dtype("wpe", wpe.dtype(), wte.dtype())?;
     let p = DenseParams {
         in0: ta,
         in1: pa,
@@ -599,26 +550,8 @@ pub fn cross_entropy(
     cap: GridCap,
 ) -> Result<DenseLaunch> {
     let (la, ld) = contig("logits", logits, loc)?;
-    let (m, v) = dims2("logits", ld)?;
-    if targets.len() != m {
-        return Err(Error::shape(
-            "targets",
-            format!("[{m}] like the logits rows"),
-            &[targets.len()],
-        ));
-    }
-    if let Some((i, t)) = targets
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t != -100 && (t < 0 || t as usize >= v))
-    {
-        return Err(Error::index(
-            "labels",
-            format!("label {t} at {i} is outside the vocabulary 0..{v} (and not -100)"),
-        ));
-    }
     let (sa, sd) = contig_mut("losses", losses, loc)?;
-    same("losses", sd, &[m])?;
+    let (m, v) = cross_entropy_args(ld, targets, sd)?;
     want_dtype("losses", losses.dtype(), DType::F32)?;
     let in_dt = code(logits.dtype(), "logits")?;
     let (out0, out_dt) = match grad {

@@ -4,6 +4,7 @@
 //! backend is plain Rust and is the reference; `emu` (the CUDA kernels run on the CPU by the
 //! emulator) and `cuda` (the kernels on a GPU, through cudarc) implement the same trait.
 
+mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod dense;
