@@ -160,8 +160,6 @@ pub struct Activations {
     dlogits: Option<Tensor>,
     /// Half-precision models: the logit gradient is written over `logits`.
     grad_in_place: bool,
-    /// Whether the last forward wrote the logit gradient.
-    has_grad: bool,
 }
 
 impl Activations {
@@ -219,7 +217,6 @@ impl Activations {
                 None
             },
             grad_in_place: with_grad && dt != DType::F32,
-            has_grad: false,
         })
     }
 }
@@ -527,7 +524,6 @@ impl Gpt2 {
             acts.lnf.view()
         };
         let mut sum = 0f64;
-        acts.has_grad = false;
         if n > 0 {
             be.matmul(
                 &head_in,
@@ -543,13 +539,11 @@ impl Gpt2 {
                     &targets,
                     &mut losses,
                 )?;
-                acts.has_grad = true;
             } else {
                 let mut dl = match acts.dlogits.as_mut() {
                     Some(t) => Some(t.view_mut().narrow(0, 0, n)?),
                     None => None,
                 };
-                acts.has_grad = dl.is_some();
                 be.cross_entropy(
                     &acts.logits.view().narrow(0, 0, n)?,
                     &targets,
