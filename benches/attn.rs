@@ -1,5 +1,7 @@
-//! Fused prefix attention against the naive concat on the CPU, forward and forward+backward,
-//! on the named shapes of DESIGN.md §6 (the long ones CPU-scaled). Run with
+//! Fused prefix attention against the naive concat, forward and backward, on the named shapes
+//! of DESIGN.md §6: on the CPU always (the long shapes CPU-scaled), and on a CUDA device when
+//! one is usable (full shapes, CUDA-event times of single calls, inputs rotated through
+//! 256 MiB so that L2 does not hold them). Never on the emulator. Run with
 //! `cargo bench --bench attn`; the ratio fused/naive is the figure that matters.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -49,5 +51,43 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn bench_cuda(c: &mut Criterion) {
+    use prefix_attn::bench::{AttnMethod, DeviceAttnBench};
+    use prefix_attn::device::cuda::{device_count, CudaBackend};
+    let be = match device_count() {
+        0 => None,
+        _ => CudaBackend::new(0).ok(),
+    };
+    let Some(be) = be else {
+        println!("attn-cuda: skipped (no usable CUDA device)");
+        return;
+    };
+    println!("attn-cuda on {}", be.describe());
+    let mut g = c.benchmark_group("attn-cuda");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    for shape in shapes::SHAPES {
+        let mut bench = DeviceAttnBench::new(&be, shape, 256 << 20).expect("device buffers");
+        g.throughput(Throughput::Elements(shape.fwd_flops() as u64));
+        for (id, m) in [
+            ("fwd-fused", AttnMethod::FusedFwd),
+            ("fwd-naive", AttnMethod::NaiveFwd),
+            ("bwd-fused", AttnMethod::FusedBwd),
+            ("bwd-naive", AttnMethod::NaiveBwd),
+        ] {
+            g.bench_function(BenchmarkId::new(id, shape.name), |b| {
+                b.iter_custom(|iters| {
+                    let ms: f64 = (0..iters as usize)
+                        .map(|i| bench.time(m, i).expect("device run"))
+                        .sum();
+                    Duration::from_secs_f64(ms / 1e3)
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_cuda);
 criterion_main!(benches);

@@ -202,12 +202,13 @@ extern "C" PA_GLOBAL void dense_axpby(DenseParams p) {
     }
 }
 
-// in0 = x [rows, cols], out0 = [cols]: out0[c] (+)= Σ_r x[r, c], rows in order (one thread
-// per column: these are the prefix encoder's small bias gradients).
+// in0 = x [rows, cols] with row stride in_str[0] (columns contiguous), out0 = [cols]:
+// out0[c] (+)= Σ_r x[r, c], rows in order, one thread per column (bias gradients of the
+// prefix encoder; the batch reduction of the naive-concat baseline's prefix gradient).
 extern "C" PA_GLOBAL void dense_sum_rows(DenseParams p) {
     for (int64_t c = first_index(); c < p.cols; c += grid_threads()) {
         float s = (p.flags & 1) ? load(p.out0, c, p.out_dt) : 0.0f;
-        for (int64_t r = 0; r < p.rows; ++r) s += load(p.in0, r * p.cols + c, p.in_dt);
+        for (int64_t r = 0; r < p.rows; ++r) s += load(p.in0, r * p.in_str[0] + c, p.in_dt);
         store(p.out0, c, p.out_dt, s);
     }
 }

@@ -64,31 +64,50 @@ run() {
     ./gpu-bin/kernels_emu -q 2>&1 | tail -n 3 | tee /tmp/emu-tests.log || status=1
     # Benchmarks: PyTorch SDPA on pre-concatenated K/V, ours, and their ratios
     # (tools/README.md). They print their failures but never change the exit status.
-    echo "== attention benchmarks: PyTorch SDPA baseline vs ours"
-    local bench="skipped (no CUDA-enabled torch for python3)" rc=0 torch_cuda=0
-    python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && torch_cuda=1
-    if [ "$torch_cuda" = 1 ]; then
-        bench="sdpa ok"
-        rm -f /tmp/sdpa.json /tmp/ours.json
-        timeout 120 python3 tools/bench_attn_sdpa.py --json /tmp/sdpa.json ||
-            { rc=$?; echo "bench_attn_sdpa.py: FAILED (rc $rc)"; bench="sdpa FAILED (rc $rc)"; }
-        if [ -x gpu-bin/prefix-attn ]; then
-            if timeout 120 ./gpu-bin/prefix-attn bench attn --device cuda --json >/tmp/ours.json; then
-                bench="$bench; ours ok"
-                python3 tools/bench_attn_sdpa.py --compare /tmp/ours.json --sdpa-json /tmp/sdpa.json ||
-                    { rc=$?; echo "compare: FAILED (rc $rc)"; bench="$bench; compare FAILED"; }
-            else
-                rc=$?
-                echo "prefix-attn bench attn --device cuda: FAILED (rc $rc); its stdout began:"
-                head -c 600 /tmp/ours.json || true
-                bench="$bench; ours FAILED (rc $rc)"
-            fi
+    echo "== attention benchmarks: ours (fused vs naive concat), PyTorch SDPA, ratios"
+    local bench="" rc=0 torch_cuda=0 ours=0
+    rm -f /tmp/sdpa.json /tmp/ours.json
+    if [ -x gpu-bin/prefix-attn ]; then
+        if timeout 150 ./gpu-bin/prefix-attn bench attn --device cuda --json >/tmp/ours.json; then
+            ours=1
+            bench="ours ok"
+            python3 - /tmp/ours.json <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(f"device {d['device']}: ceilings {d['ceiling_gflops']/1e3:.0f} TFLOP/s, {d['ceiling_gbs']:.0f} GB/s")
+print(f"{'shape':<18}{'fwd ms':>9}{'TFLOP/s':>9}{'GB/s':>8}{'roof':>7}{'bwd ms':>9}{'TFLOP/s':>9}{'roof':>7}{'xnaive f':>10}{'xnaive b':>10}{'naive +MB':>11}")
+for r in d["rows"]:
+    print(f"{r['shape']:<18}{r['fwd_ms']:>9.3f}{r['fwd_gflops']/1e3:>9.1f}{r['fwd_gbs']:>8.0f}{100*r['fwd_roofline']:>6.0f}%"
+          f"{r['bwd_ms']:>9.3f}{r['bwd_gflops']/1e3:>9.1f}{100*r['bwd_roofline']:>6.0f}%"
+          f"{r['speedup_fwd']:>9.2f}x{r['speedup_bwd']:>9.2f}x{r['naive_extra_mb']:>11.1f}")
+    print(f"{'':<18}fused vs naive: {r.get('check')}")
+PY
         else
-            echo "gpu-bin/prefix-attn: absent, no comparison"
-            bench="$bench; ours absent"
+            rc=$?
+            echo "prefix-attn bench attn --device cuda: FAILED (rc $rc); its stdout began:"
+            head -c 600 /tmp/ours.json || true
+            bench="ours FAILED (rc $rc)"
         fi
     else
-        echo "$bench"
+        echo "gpu-bin/prefix-attn: absent (scripts/gpu-check.sh build copies it)"
+        bench="ours absent"
+    fi
+    python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && torch_cuda=1
+    if [ "$torch_cuda" = 1 ]; then
+        if timeout 120 python3 tools/bench_attn_sdpa.py --json /tmp/sdpa.json; then
+            bench="$bench; sdpa ok"
+            if [ "$ours" = 1 ]; then
+                python3 tools/bench_attn_sdpa.py --compare /tmp/ours.json --sdpa-json /tmp/sdpa.json ||
+                    { rc=$?; echo "compare: FAILED (rc $rc)"; bench="$bench; compare FAILED"; }
+            fi
+        else
+            rc=$?
+            echo "bench_attn_sdpa.py: FAILED (rc $rc)"
+            bench="$bench; sdpa FAILED (rc $rc)"
+        fi
+    else
+        echo "SDPA baseline skipped: no CUDA-enabled torch for python3"
+        bench="$bench; sdpa skipped"
     fi
     step_bench
     train_check

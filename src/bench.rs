@@ -3,12 +3,14 @@
 //! `tools/bench_step_torch.py` is the PyTorch + PEFT counterpart with the same shapes, and
 //! `scripts/bench-step-compare.sh` runs both.
 
+use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::gpt2::random::{random_model, small_config};
 use crate::gpt2::Batch;
 use crate::prefix::encoder::{EncoderDims, PrefixEncoder};
 use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
 use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::trainer::Stepper;
 use std::time::Instant;
@@ -307,17 +309,7 @@ pub fn bench_attn_cpu(shape: crate::attn::shapes::NamedShape, reps: usize) -> Re
     let bargs = pb.bwd_args(&f.o, &f.lse, false)?;
     let bwd_ms = median_ms(|| cpu::backward(&bargs, g.grads(true, false)), reps)?;
     let naive_bwd_ms = median_ms(|| naive::backward(&bargs, g.grads(true, false)), reps)?;
-    let e = 2.0; // bytes per f16 element
-    let (q, kv, pre) = (
-        (s.batch * s.tq * s.heads_q * s.head_dim) as f64,
-        (s.batch * s.tk * s.heads_kv * s.head_dim) as f64,
-        (s.prefix_len * s.heads_kv * s.head_dim) as f64,
-    );
-    let lse = (s.batch * s.heads_q * s.tq) as f64 * 4.0;
-    let fwd_bytes = (q + 2.0 * kv + 2.0 * pre) * e + q * e + lse;
-    // Reads q, k, v, prefix, o, dO, lse; writes dq, dk, dv (16-bit) and the prefix grads (f32).
-    let bwd_bytes =
-        (q + 2.0 * kv + 2.0 * pre + 2.0 * q) * e + lse + (q + 2.0 * kv) * e + 2.0 * pre * 4.0;
+    let (fwd_bytes, bwd_bytes) = attn_bytes(s);
     let fwd_flops = s.fwd_flops();
     Ok(AttnBenchRow {
         shape: s,
@@ -331,4 +323,353 @@ pub fn bench_attn_cpu(shape: crate::attn::shapes::NamedShape, reps: usize) -> Re
         bwd_bytes,
         naive_extra_bytes: crate::attn::naive::extra_bytes(&pr, true) as f64,
     })
+}
+
+/// Inputs of one attention problem on a device.
+struct DeviceAttnSet {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kp: Tensor,
+    vp: Tensor,
+    d_o: Tensor,
+}
+
+/// A device attention benchmark row, with the agreement of the two methods on the same
+/// inputs (a benchmark of a wrong baseline would be meaningless).
+#[derive(Clone, Debug)]
+pub struct DeviceAttnReport {
+    /// Timings and counts.
+    pub row: AttnBenchRow,
+    /// Max |o_fused - o_naive|.
+    pub o_diff: f64,
+    /// Max |dK_pre fused - naive| relative to max |dK_pre|.
+    pub dk_pre_rel_diff: f64,
+    /// Input sets rotated through (so that L2 does not hold the inputs between reps).
+    pub sets: usize,
+}
+
+/// What [`DeviceAttnBench::time`] measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnMethod {
+    /// Our forward kernel with the prefix table.
+    FusedFwd,
+    /// Concatenation kernels, then our forward kernel without a prefix.
+    NaiveFwd,
+    /// Our backward kernels (dQ, dK, dV, and dK_pre/dV_pre summed over the batch).
+    FusedBwd,
+    /// Our backward kernels on the concatenation, then the split of its gradient: the
+    /// sequence part copied out, the prefix part reduced over the batch.
+    NaiveBwd,
+}
+
+/// Fused attention and the naive concat on a kernel device (`cuda`; `emu` runs it too, for
+/// tests), f16. The naive method is built from the same device's kernels: the prefix
+/// broadcast and the sequence K/V copied into `[B, P + Tk, Hkv, D]` buffers (strided copy
+/// kernel), our attention kernel without a prefix on them (bottom-right causal alignment
+/// makes that the same attention). Inputs rotate over enough sets to exceed the rotation size
+/// (≥ 2× the GPU's L2), and every time is the device time of one call (CUDA events on a GPU).
+pub struct DeviceAttnBench<'b> {
+    be: &'b dyn Backend,
+    /// The shape.
+    pub shape: crate::attn::shapes::NamedShape,
+    data: Vec<DeviceAttnSet>,
+    o: Tensor,
+    lse: Tensor,
+    o_naive: Tensor,
+    lse_naive: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    dk_pre: Tensor,
+    dv_pre: Tensor,
+    dk_pre_naive: Tensor,
+    dv_pre_naive: Tensor,
+    k_cat: Tensor,
+    v_cat: Tensor,
+    dk_cat: Tensor,
+    dv_cat: Tensor,
+    lens_q: Vec<i32>,
+    lens_k: Vec<i32>,
+    lens_cat: Vec<i32>,
+}
+
+impl<'b> DeviceAttnBench<'b> {
+    /// Random f16 inputs (enough sets to exceed `rotate_bytes`, at most 16) and every buffer,
+    /// on `be`.
+    pub fn new(
+        be: &'b dyn Backend,
+        s: crate::attn::shapes::NamedShape,
+        rotate_bytes: usize,
+    ) -> Result<DeviceAttnBench<'b>> {
+        let dt = DType::F16;
+        let (b, tq, tk, hq, hkv, d, p) = (
+            s.batch,
+            s.tq,
+            s.tk,
+            s.heads_q,
+            s.heads_kv,
+            s.head_dim,
+            s.prefix_len,
+        );
+        let q_dims = [b, tq, hq, d];
+        let kv_dims = [b, tk, hkv, d];
+        let pre_dims = [1, p, hkv, d];
+        let cat_dims = [b, p + tk, hkv, d];
+        let set_bytes = 2 * (2 * b * tq * hq * d + 2 * b * tk * hkv * d + 2 * p * hkv * d);
+        let sets = rotate_bytes.div_ceil(set_bytes.max(1)).clamp(1, 16);
+        let mut rng = Rng::new(7);
+        let mut up = |dims: &[usize]| -> Result<Tensor> {
+            let n: usize = dims.iter().product();
+            be.upload(&Tensor::from_f32(dims, &rng.normal_vec(n, 1.0), dt)?)
+        };
+        let mut data = vec![];
+        for _ in 0..sets {
+            data.push(DeviceAttnSet {
+                q: up(&q_dims)?,
+                k: up(&kv_dims)?,
+                v: up(&kv_dims)?,
+                kp: up(&pre_dims)?,
+                vp: up(&pre_dims)?,
+                d_o: up(&q_dims)?,
+            });
+        }
+        Ok(DeviceAttnBench {
+            be,
+            shape: s,
+            data,
+            o: be.zeros(&q_dims, dt)?,
+            lse: be.zeros(&[b, hq, tq], DType::F32)?,
+            o_naive: be.zeros(&q_dims, dt)?,
+            lse_naive: be.zeros(&[b, hq, tq], DType::F32)?,
+            dq: be.zeros(&q_dims, dt)?,
+            dk: be.zeros(&kv_dims, dt)?,
+            dv: be.zeros(&kv_dims, dt)?,
+            dk_pre: be.zeros(&pre_dims, DType::F32)?,
+            dv_pre: be.zeros(&pre_dims, DType::F32)?,
+            dk_pre_naive: be.zeros(&pre_dims, DType::F32)?,
+            dv_pre_naive: be.zeros(&pre_dims, DType::F32)?,
+            k_cat: be.zeros(&cat_dims, dt)?,
+            v_cat: be.zeros(&cat_dims, dt)?,
+            dk_cat: be.zeros(&cat_dims, dt)?,
+            dv_cat: be.zeros(&cat_dims, dt)?,
+            lens_q: vec![tq as i32; b],
+            lens_k: vec![tk as i32; b],
+            lens_cat: vec![(p + tk) as i32; b],
+        })
+    }
+
+    /// Input sets rotated through.
+    pub fn sets(&self) -> usize {
+        self.data.len()
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.shape.head_dim as f32).sqrt()
+    }
+
+    fn fused_fwd(&mut self, i: usize) -> Result<()> {
+        let x = &self.data[i % self.data.len()];
+        let args = AttnFwdArgs::new(x.q.view(), x.k.view(), x.v.view())
+            .prefix(x.kp.view(), x.vp.view())
+            .seqlens(&self.lens_q, &self.lens_k)
+            .causal(self.shape.causal)
+            .scale(self.scale());
+        self.be.attn_fwd(
+            &args,
+            AttnFwdOut {
+                o: self.o.view_mut(),
+                lse: Some(self.lse.view_mut()),
+            },
+        )
+    }
+
+    fn naive_fwd(&mut self, i: usize) -> Result<()> {
+        let s = self.shape;
+        let (p, tk, hkv, d) = (s.prefix_len, s.tk, s.heads_kv, s.head_dim);
+        let x = &self.data[i % self.data.len()];
+        for (pre, seq, cat) in [
+            (&x.kp, &x.k, &mut self.k_cat),
+            (&x.vp, &x.v, &mut self.v_cat),
+        ] {
+            let bcast = pre
+                .view()
+                .as_strided(&[s.batch, p, hkv, d], &[0, hkv * d, d, 1], 0)?;
+            self.be.copy(&bcast, &mut cat.view_mut().narrow(1, 0, p)?)?;
+            self.be
+                .copy(&seq.view(), &mut cat.view_mut().narrow(1, p, tk)?)?;
+        }
+        let plain = AttnFwdArgs::new(x.q.view(), self.k_cat.view(), self.v_cat.view())
+            .seqlens(&self.lens_q, &self.lens_cat)
+            .causal(s.causal)
+            .scale(self.scale());
+        self.be.attn_fwd(
+            &plain,
+            AttnFwdOut {
+                o: self.o_naive.view_mut(),
+                lse: Some(self.lse_naive.view_mut()),
+            },
+        )
+    }
+
+    fn fused_bwd(&mut self, i: usize) -> Result<()> {
+        let x = &self.data[i % self.data.len()];
+        let fwd = AttnFwdArgs::new(x.q.view(), x.k.view(), x.v.view())
+            .prefix(x.kp.view(), x.vp.view())
+            .seqlens(&self.lens_q, &self.lens_k)
+            .causal(self.shape.causal)
+            .scale(self.scale());
+        self.be.attn_bwd(
+            &AttnBwdArgs {
+                fwd,
+                o: self.o.view(),
+                lse: self.lse.view(),
+                d_o: x.d_o.view(),
+                prefix_only: false,
+            },
+            AttnGrads {
+                dq: Some(self.dq.view_mut()),
+                dk: Some(self.dk.view_mut()),
+                dv: Some(self.dv.view_mut()),
+                dk_pre: Some(self.dk_pre.view_mut()),
+                dv_pre: Some(self.dv_pre.view_mut()),
+            },
+        )
+    }
+
+    fn naive_bwd(&mut self, i: usize) -> Result<()> {
+        let s = self.shape;
+        let (p, tk, hkv, d) = (s.prefix_len, s.tk, s.heads_kv, s.head_dim);
+        let x = &self.data[i % self.data.len()];
+        let fwd = AttnFwdArgs::new(x.q.view(), self.k_cat.view(), self.v_cat.view())
+            .seqlens(&self.lens_q, &self.lens_cat)
+            .causal(s.causal)
+            .scale(self.scale());
+        self.be.attn_bwd(
+            &AttnBwdArgs {
+                fwd,
+                o: self.o_naive.view(),
+                lse: self.lse_naive.view(),
+                d_o: x.d_o.view(),
+                prefix_only: false,
+            },
+            AttnGrads {
+                dq: Some(self.dq.view_mut()),
+                dk: Some(self.dk_cat.view_mut()),
+                dv: Some(self.dv_cat.view_mut()),
+                dk_pre: None,
+                dv_pre: None,
+            },
+        )?;
+        for (cat, seq, pre) in [
+            (&self.dk_cat, &mut self.dk, &mut self.dk_pre_naive),
+            (&self.dv_cat, &mut self.dv, &mut self.dv_pre_naive),
+        ] {
+            self.be
+                .copy(&cat.view().narrow(1, p, tk)?, &mut seq.view_mut())?;
+            let rows =
+                cat.view()
+                    .as_strided(&[s.batch, p * hkv * d], &[(p + tk) * hkv * d, 1], 0)?;
+            self.be
+                .sum_rows(&rows, &mut pre.view_mut().reshape(&[p * hkv * d])?, false)?;
+        }
+        Ok(())
+    }
+
+    /// Device milliseconds of one call of `m` on input set `i` (mod the number of sets). A
+    /// backward first runs its method's forward on the same set, untimed.
+    pub fn time(&mut self, m: AttnMethod, i: usize) -> Result<f64> {
+        let be = self.be;
+        match m {
+            AttnMethod::FusedFwd => be.time_ms(&mut || self.fused_fwd(i)),
+            AttnMethod::NaiveFwd => be.time_ms(&mut || self.naive_fwd(i)),
+            AttnMethod::FusedBwd => {
+                self.fused_fwd(i)?;
+                be.time_ms(&mut || self.fused_bwd(i))
+            }
+            AttnMethod::NaiveBwd => {
+                self.naive_fwd(i)?;
+                be.time_ms(&mut || self.naive_bwd(i))
+            }
+        }
+    }
+
+    /// Runs both methods, forward and backward, on set 0 and returns max |o_fused - o_naive|
+    /// and the max difference of dK_pre relative to its largest entry.
+    pub fn agreement(&mut self) -> Result<(f64, f64)> {
+        for m in [AttnMethod::FusedBwd, AttnMethod::NaiveBwd] {
+            self.time(m, 0)?;
+        }
+        let be = self.be;
+        let host = |t: &Tensor| -> Result<Vec<f32>> { be.download(t)?.try_to_f32_vec() };
+        let max_diff = |a: &[f32], c: &[f32]| {
+            a.iter()
+                .zip(c)
+                .fold(0f64, |m, (x, y)| m.max(((x - y) as f64).abs()))
+        };
+        let o_diff = max_diff(&host(&self.o)?, &host(&self.o_naive)?);
+        let (f, n) = (host(&self.dk_pre)?, host(&self.dk_pre_naive)?);
+        let top = f
+            .iter()
+            .fold(0f64, |m, x| m.max((*x as f64).abs()))
+            .max(1e-30);
+        Ok((o_diff, max_diff(&f, &n) / top))
+    }
+}
+
+/// Times fused attention against the naive concat on a kernel device ([`DeviceAttnBench`]):
+/// medians over `reps` calls after one warm-up call each, and the two methods' agreement.
+pub fn bench_attn_device(
+    be: &dyn Backend,
+    s: crate::attn::shapes::NamedShape,
+    reps: usize,
+    rotate_bytes: usize,
+) -> Result<DeviceAttnReport> {
+    let mut bench = DeviceAttnBench::new(be, s, rotate_bytes)?;
+    let mut med = |m: AttnMethod| -> Result<f64> {
+        bench.time(m, 0)?; // warm-up
+        let mut t = (1..=reps.max(1))
+            .map(|i| bench.time(m, i))
+            .collect::<Result<Vec<f64>>>()?;
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    };
+    let (fwd_ms, naive_fwd_ms) = (med(AttnMethod::FusedFwd)?, med(AttnMethod::NaiveFwd)?);
+    let (bwd_ms, naive_bwd_ms) = (med(AttnMethod::FusedBwd)?, med(AttnMethod::NaiveBwd)?);
+    let (o_diff, dk_pre_rel_diff) = bench.agreement()?;
+    let (fwd_bytes, bwd_bytes) = attn_bytes(s);
+    let fwd_flops = s.fwd_flops();
+    Ok(DeviceAttnReport {
+        row: AttnBenchRow {
+            shape: s,
+            fwd_ms,
+            bwd_ms,
+            naive_fwd_ms,
+            naive_bwd_ms,
+            fwd_flops,
+            bwd_flops: 2.5 * fwd_flops,
+            fwd_bytes,
+            bwd_bytes,
+            naive_extra_bytes: crate::attn::naive::extra_bytes(&s.problem(DType::F16), true) as f64,
+        },
+        o_diff,
+        dk_pre_rel_diff,
+        sets: bench.sets(),
+    })
+}
+
+/// Forward and backward bytes of a shape with f16 inputs (each input read once, each output
+/// written once; the backward reads q, k, v, prefix, o, dO, lse and writes dq, dk, dv in
+/// 16 bits and the prefix gradients in f32).
+fn attn_bytes(s: crate::attn::shapes::NamedShape) -> (f64, f64) {
+    let e = 2.0;
+    let (q, kv, pre) = (
+        (s.batch * s.tq * s.heads_q * s.head_dim) as f64,
+        (s.batch * s.tk * s.heads_kv * s.head_dim) as f64,
+        (s.prefix_len * s.heads_kv * s.head_dim) as f64,
+    );
+    let lse = (s.batch * s.heads_q * s.tq) as f64 * 4.0;
+    let fwd = (q + 2.0 * kv + 2.0 * pre) * e + q * e + lse;
+    let bwd = (q + 2.0 * kv + 2.0 * pre + 2.0 * q) * e + lse + (q + 2.0 * kv) * e + 2.0 * pre * 4.0;
+    (fwd, bwd)
 }

@@ -7,7 +7,7 @@ use prefix_attn::attn::testing::{
     random_spec, FwdBuffers, GradBuffers, ProblemSpec, RandomProblem,
 };
 use prefix_attn::attn::{cpu, naive};
-use prefix_attn::bench::{bench_attn_cpu, bench_step, cpu_ceilings, StepBench};
+use prefix_attn::bench::{bench_attn_cpu, bench_attn_device, bench_step, cpu_ceilings, StepBench};
 use prefix_attn::demo::{run_demo, DemoOptions};
 use prefix_attn::device::{Backend, Device};
 use prefix_attn::gpt2::tokenizer::Tokenizer;
@@ -299,7 +299,7 @@ enum BenchCmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
-        /// Device: cpu (the GPU path arrives with the GPU benchmarks).
+        /// Device: cpu (CPU-scaled shapes), cuda[:N] (full shapes) or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -440,11 +440,6 @@ fn run(cli: Cli) -> Result<()> {
                     device,
                 },
         } => {
-            if device != "cpu" {
-                return Err(Error::Unsupported(format!(
-                    "bench attn --device {device}: only cpu so far (the emulator is a test instrument, never benchmarked)"
-                )));
-            }
             let shapes: Vec<NamedShape> = if shape == "all" {
                 shapes::SHAPES.to_vec()
             } else {
@@ -455,20 +450,70 @@ fn run(cli: Cli) -> Result<()> {
                     ))
                 })?]
             };
-            let ceil = cpu_ceilings()?;
-            let mut rows = vec![];
-            for s in shapes {
-                rows.push(bench_attn_cpu(s.cpu_scaled(), reps)?);
-            }
+            // cpu: CPU-scaled shapes, wall time; cuda: full shapes, CUDA events, inputs
+            // rotated through 256 MiB (> 2× an H200's L2). Never the emulator.
+            let cuda = match device.as_str() {
+                "cpu" => None,
+                "emu" => {
+                    return Err(Error::Unsupported(
+                        "bench attn --device emu: the emulator is a test instrument, never benchmarked (use cpu or cuda)".into(),
+                    ))
+                }
+                "auto" => match prefix_attn::device::cuda::device_count() {
+                    0 => None,
+                    _ => Some(prefix_attn::device::cuda::CudaBackend::new(0)?),
+                },
+                other => match other.parse::<Device>()? {
+                    Device::Cuda(n) => Some(prefix_attn::device::cuda::CudaBackend::new(n)?),
+                    _ => None,
+                },
+            };
+            let (label, ceil, rows, checks) = match &cuda {
+                None => {
+                    let ceil = cpu_ceilings()?;
+                    let mut rows = vec![];
+                    for s in shapes {
+                        rows.push(bench_attn_cpu(s.cpu_scaled(), reps)?);
+                    }
+                    let label = format!(
+                        "cpu, f16 inputs, CPU-scaled shapes; ceilings measured now: {:.0} GFLOP/s (f32 matmul), {:.1} GB/s (copy)",
+                        ceil.flops / 1e9,
+                        ceil.bytes / 1e9
+                    );
+                    (label, ceil, rows, vec![])
+                }
+                Some(be) => {
+                    let (flops, bytes) = be.ceilings()?;
+                    let ceil = prefix_attn::bench::Ceilings { flops, bytes };
+                    let mut rows = vec![];
+                    let mut checks = vec![];
+                    for s in shapes {
+                        let r = bench_attn_device(be, s, reps, 256 << 20)?;
+                        checks.push(serde_json::json!({
+                            "o_max_diff": r.o_diff, "dk_pre_rel_diff": r.dk_pre_rel_diff, "input_sets": r.sets,
+                        }));
+                        rows.push(r.row);
+                    }
+                    let label = format!(
+                        "{}, f16, CUDA events, inputs rotated over 256 MiB; ceilings measured now: {:.0} TFLOP/s (cuBLAS fp16 8192³), {:.0} GB/s (1 GiB device copy); naive = concat kernels + our kernel without a prefix",
+                        be.describe(),
+                        ceil.flops / 1e12,
+                        ceil.bytes / 1e9
+                    );
+                    (label, ceil, rows, checks)
+                }
+            };
             let roof = |flops: f64, bytes: f64, ms: f64| {
                 (flops / ceil.flops).max(bytes / ceil.bytes) / (ms / 1e3)
             };
             if json {
                 let v: Vec<serde_json::Value> = rows
                     .iter()
-                    .map(|r| {
-                        serde_json::json!({
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let mut row = serde_json::json!({
                             "shape": r.shape.name, "batch": r.shape.batch, "tq": r.shape.tq, "tk": r.shape.tk,
+                            "heads_q": r.shape.heads_q, "heads_kv": r.shape.heads_kv,
                             "prefix_len": r.shape.prefix_len, "head_dim": r.shape.head_dim,
                             "fwd_ms": r.fwd_ms, "bwd_ms": r.bwd_ms,
                             "naive_fwd_ms": r.naive_fwd_ms, "naive_bwd_ms": r.naive_bwd_ms,
@@ -478,22 +523,25 @@ fn run(cli: Cli) -> Result<()> {
                             "bwd_roofline": roof(r.bwd_flops, r.bwd_bytes, r.bwd_ms),
                             "speedup_fwd": r.naive_fwd_ms / r.fwd_ms, "speedup_bwd": r.naive_bwd_ms / r.bwd_ms,
                             "naive_extra_mb": r.naive_extra_bytes / 1e6,
-                        })
+                        });
+                        if let (Some(c), Some(obj)) = (checks.get(i), row.as_object_mut()) {
+                            obj.insert("check".into(), c.clone());
+                        }
+                        row
                     })
                     .collect();
+                let dev = cuda
+                    .as_ref()
+                    .map_or("cpu".to_string(), |b| b.device().to_string());
                 println!(
                     "{}",
-                    serde_json::json!({"device": "cpu", "ceiling_gflops": ceil.flops / 1e9, "ceiling_gbs": ceil.bytes / 1e9, "rows": v})
+                    serde_json::json!({"device": dev, "ceiling_gflops": ceil.flops / 1e9, "ceiling_gbs": ceil.bytes / 1e9, "rows": v})
                 );
             } else {
-                println!(
-                    "cpu, f16 inputs; ceilings measured now: {:.0} GFLOP/s (f32 matmul), {:.1} GB/s (copy)",
-                    ceil.flops / 1e9,
-                    ceil.bytes / 1e9
-                );
+                println!("{label}");
                 println!(
                     "{:<18} {:>9} {:>8} {:>7} {:>6} {:>9} {:>8} {:>6} {:>9} {:>9} {:>10}",
-                    "shape (cpu-scaled)",
+                    "shape",
                     "fwd ms",
                     "GFLOP/s",
                     "GB/s",
@@ -507,7 +555,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 for r in &rows {
                     println!(
-                        "{:<18} {:>9.2} {:>8.1} {:>7.2} {:>5.0}% {:>9.2} {:>8.1} {:>5.0}% {:>9.2}x {:>9.2}x {:>10.1}",
+                        "{:<18} {:>9.3} {:>8.1} {:>7.1} {:>5.0}% {:>9.3} {:>8.1} {:>5.0}% {:>9.2}x {:>9.2}x {:>10.1}",
                         r.shape.name,
                         r.fwd_ms,
                         r.fwd_flops / r.fwd_ms / 1e6,
@@ -520,6 +568,9 @@ fn run(cli: Cli) -> Result<()> {
                         r.naive_bwd_ms / r.bwd_ms,
                         r.naive_extra_bytes / 1e6
                     );
+                }
+                for (r, c) in rows.iter().zip(&checks) {
+                    println!("{}: fused vs naive {c}", r.shape.name);
                 }
             }
             Ok(())

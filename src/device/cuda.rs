@@ -354,6 +354,55 @@ impl CudaBackend {
         Ok(g)
     }
 
+    /// Ceilings measured on the spot: the FLOP/s of a large fp16 cuBLAS matmul
+    /// (8192 × 8192 × 8192, fp32 accumulation) and the bytes/s of a 1 GiB device-to-device
+    /// copy (read + write counted); medians of 5 after a warm-up.
+    pub fn ceilings(&self) -> Result<(f64, f64)> {
+        let n = 8192usize;
+        let host = crate::tensor::Tensor::from_f32(
+            &[n, n],
+            &crate::rng::Rng::new(3).normal_vec(n * n, 1.0),
+            DType::F16,
+        )?;
+        let a = self.upload(&host)?;
+        drop(host);
+        let mut c = self.zeros(&[n, n], DType::F16)?;
+        let mut times = vec![];
+        for i in 0..6 {
+            let ms = self.time_ms(&mut || {
+                self.matmul(
+                    &a.view(),
+                    &a.view(),
+                    None,
+                    &mut c.view_mut(),
+                    MatmulOpts::nt(),
+                )
+            })?;
+            if i > 0 {
+                times.push(ms);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let flops = 2.0 * (n * n * n) as f64 / (times[2] / 1e3);
+        drop((a, c));
+        let bytes = 1usize << 30;
+        let src = self.alloc(bytes, "copy ceiling")?;
+        let mut dst = self.alloc(bytes, "copy ceiling")?;
+        let mut times = vec![];
+        for i in 0..6 {
+            let ms = self.time_ms(&mut || {
+                self.stream
+                    .memcpy_dtod(&src.buf, &mut dst.buf)
+                    .map_err(cuda_err("device copy"))
+            })?;
+            if i > 0 {
+                times.push(ms);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok((flops, 2.0 * bytes as f64 / (times[2] / 1e3)))
+    }
+
     fn check_location(&self, loc: Location) -> Result<()> {
         if loc != Location::Cuda(self.ordinal) {
             return Err(Error::device(
@@ -502,6 +551,13 @@ impl Backend for CudaBackend {
             self.mem.now.load(Ordering::Relaxed),
             self.mem.peak.load(Ordering::Relaxed),
         ))
+    }
+    fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(flags).map_err(cuda_err("event"))?;
+        f()?;
+        let end = self.stream.record_event(flags).map_err(cuda_err("event"))?;
+        Ok(start.elapsed_ms(&end).map_err(cuda_err("event timing"))? as f64)
     }
     fn reset_peak_memory(&self) {
         self.mem

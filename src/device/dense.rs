@@ -371,11 +371,19 @@ pub fn sum_rows(
     loc: Location,
     cap: GridCap,
 ) -> Result<DenseLaunch> {
-    let (xa, xd) = contig("sum_rows x", x, loc)?;
-    let (m, n) = dims2("sum_rows x", xd)?;
+    // Rows may be strided (e.g. the prefix part of every sequence of a concatenated K/V
+    // gradient); each row itself is contiguous.
+    let (m, n) = dims2("sum_rows x", x.dims())?;
+    let (xa, row_stride) = if m <= 1 || x.layout().is_contiguous() {
+        (contig("sum_rows x", x, loc)?.0, n)
+    } else {
+        let row = x.narrow(0, 0, 1)?;
+        let a = contig("sum_rows x row", &row, loc)?.0;
+        (a, x.strides()[0])
+    };
     let (oa, od) = contig_mut("sum_rows out", out, loc)?;
     same("sum_rows out", od, &[n])?;
-    let p = DenseParams {
+    let mut p = DenseParams {
         in0: xa,
         out0: oa,
         rows: m as i64,
@@ -385,6 +393,7 @@ pub fn sum_rows(
         flags: accumulate as i32,
         ..Default::default()
     };
+    p.in_str[0] = row_stride as i64;
     Ok(launch("dense_sum_rows", p, flat_blocks(n, cap), THREADS))
 }
 

@@ -100,6 +100,17 @@ pub trait Backend: Send + Sync {
     /// Starts a new peak for [`Backend::memory`].
     fn reset_peak_memory(&self) {}
 
+    /// Milliseconds the work queued by `f` takes on the device: CUDA events around it on a
+    /// GPU (launch gaps of the host excluded only where the queue runs ahead), wall time of a
+    /// synchronised call elsewhere.
+    fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.synchronize()?;
+        let t0 = std::time::Instant::now();
+        f()?;
+        self.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    }
+
     /// Prefix attention forward (see [`crate::attn`] for the contract).
     fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()>;
 
