@@ -6,6 +6,8 @@
 //   dense_layernorm_bwd   input gradient of layer norm (the weights are frozen)
 //   dense_gelu            gelu, tanh form (HF `gelu_new`)
 //   dense_gelu_bwd        dx = gelu'(x) · dy
+//   dense_bias_gelu       h += bias; out = gelu(h) (one pass: the MLP's first layer)
+//   dense_bias_residual   out += bias + residual (one pass: a projection's bias + residual)
 //   dense_tanh            tanh (prefix encoder)
 //   dense_tanh_bwd        dx = (1 - y²) · dy, y = tanh(x)
 //   dense_axpby           out = alpha · in0 + beta · out (residual adds, axpy, scale)
@@ -165,6 +167,30 @@ extern "C" PA_GLOBAL void dense_gelu(DenseParams p) {
     }
 }
 
+// out0 = h [rows, cols] (in place: h += bias), in0 = bias [cols] (in_dt), out1 = gelu(h)
+// (out_dt, same type as h). One pass over h: the MLP's first bias and activation.
+extern "C" PA_GLOBAL void dense_bias_gelu(DenseParams p) {
+    const int64_t n = p.rows * p.cols;
+    for (int64_t i = first_index(); i < n; i += grid_threads()) {
+        const int64_t c = i % p.cols;
+        // h is rounded to its storage type first: the backward reads it from there.
+        store(p.out0, i, p.out_dt, load(p.out0, i, p.out_dt) + load(p.in0, c, p.in_dt));
+        const float x = load(p.out0, i, p.out_dt);
+        store(p.out1, i, p.out_dt, 0.5f * x * (1.0f + tanhf(kGeluK * (x + kGeluC * x * x * x))));
+    }
+}
+
+// out0 [rows, cols] += in0 = bias [cols] (in_dt) + in1 = residual [rows, cols] (out_dt): a
+// projection's bias and the residual add in one pass.
+extern "C" PA_GLOBAL void dense_bias_residual(DenseParams p) {
+    const int64_t n = p.rows * p.cols;
+    for (int64_t i = first_index(); i < n; i += grid_threads()) {
+        const int64_t c = i % p.cols;
+        store(p.out0, i, p.out_dt,
+              load(p.out0, i, p.out_dt) + (load(p.in0, c, p.in_dt) + load(p.in1, i, p.out_dt)));
+    }
+}
+
 // in0 = x, in1 = dy, out0 = dx = gelu'(x) · dy.
 extern "C" PA_GLOBAL void dense_gelu_bwd(DenseParams p) {
     const int64_t n = p.rows * p.cols;
@@ -319,6 +345,8 @@ extern "C" int pa_emu_dense(const char* name, const DenseParams* p, unsigned gx,
         {"dense_layernorm_bwd", dense_layernorm_bwd},
         {"dense_gelu", dense_gelu},
         {"dense_gelu_bwd", dense_gelu_bwd},
+        {"dense_bias_gelu", dense_bias_gelu},
+        {"dense_bias_residual", dense_bias_residual},
         {"dense_tanh", dense_tanh},
         {"dense_tanh_bwd", dense_tanh_bwd},
         {"dense_axpby", dense_axpby},

@@ -490,3 +490,43 @@ fn device_attention_benchmark_baseline_agrees_with_the_fused_kernels() {
     assert!(r.row.fwd_ms > 0.0 && r.row.naive_bwd_ms > 0.0);
     assert!(r.row.naive_extra_bytes > 0.0);
 }
+
+#[test]
+fn fused_bias_gelu_and_bias_residual_match_cpu() {
+    let mut rng = Rng::new(17);
+    for &(m, n) in &[(1usize, 8usize), (37, 96), (300, 256)] {
+        for dt in DTYPES {
+            let u = ulp(dt);
+            let (bias, biasf) = pair(&[n], &random(&mut rng, n, 1.0), dt);
+            // h += bias; g = gelu(h)
+            let (mut h, hf) = pair(&[m, n], &random(&mut rng, m * n, 2.0), dt);
+            let mut hc = hf.clone();
+            let mut g = Tensor::from_f32(&[m, n], &vec![f32::NAN; m * n], dt).unwrap();
+            let mut gc = Tensor::zeros(&[m, n], DType::F32).unwrap();
+            EMU.bias_gelu(&mut h.view_mut(), &bias.view(), &mut g.view_mut())
+                .unwrap();
+            CPU.bias_gelu(&mut hc.view_mut(), &biasf.view(), &mut gc.view_mut())
+                .unwrap();
+            close(&format!("bias_gelu h {m}x{n} {dt}"), &h, &hc, u, 1e-6);
+            // The emu GELU reads the rounded h: compare against gelu of the rounded h.
+            let hr = Tensor::from_f32(&[m, n], &h.to_f32_vec(), DType::F32).unwrap();
+            CPU.gelu(&hr.view(), &mut gc.view_mut()).unwrap();
+            close(
+                &format!("bias_gelu out {m}x{n} {dt}"),
+                &g,
+                &gc,
+                u.max(2e-6),
+                2e-6,
+            );
+            // out += bias + residual
+            let (res, resf) = pair(&[m, n], &random(&mut rng, m * n, 1.0), dt);
+            let (mut o, of) = pair(&[m, n], &random(&mut rng, m * n, 1.0), dt);
+            let mut oc = of.clone();
+            EMU.bias_residual(&mut o.view_mut(), &bias.view(), &res.view())
+                .unwrap();
+            CPU.bias_residual(&mut oc.view_mut(), &biasf.view(), &resf.view())
+                .unwrap();
+            close(&format!("bias_residual {m}x{n} {dt}"), &o, &oc, u, 1e-6);
+        }
+    }
+}

@@ -290,6 +290,61 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn bias_gelu(
+        &self,
+        h: &mut TensorViewMut,
+        bias: &TensorView,
+        out: &mut TensorViewMut,
+    ) -> Result<()> {
+        let (_, n) = dims2("bias_gelu h", h.dims())?;
+        same_shape("bias_gelu bias", bias.dims(), &[n])?;
+        same_shape("bias_gelu out", out.dims(), h.dims())?;
+        let b = f32_in("bias_gelu bias", bias)?;
+        let hv = f32_out("bias_gelu h", h)?;
+        let ov = f32_out("bias_gelu out", out)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let rows = (ELEMS_PER_TASK / n).max(1) * n;
+        hv.par_chunks_mut(rows)
+            .zip(ov.par_chunks_mut(rows))
+            .for_each(|(h, o)| {
+                for r in h.chunks_exact_mut(n) {
+                    r.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+                }
+                simd::gelu(h, o);
+            });
+        Ok(())
+    }
+
+    fn bias_residual(
+        &self,
+        out: &mut TensorViewMut,
+        bias: &TensorView,
+        residual: &TensorView,
+    ) -> Result<()> {
+        let (_, n) = dims2("bias_residual out", out.dims())?;
+        same_shape("bias_residual bias", bias.dims(), &[n])?;
+        same_shape("bias_residual residual", residual.dims(), out.dims())?;
+        let b = f32_in("bias_residual bias", bias)?;
+        let rv = f32_in("bias_residual residual", residual)?;
+        let ov = f32_out("bias_residual out", out)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let rows = (ELEMS_PER_TASK / n).max(1) * n;
+        ov.par_chunks_mut(rows)
+            .zip(rv.par_chunks(rows))
+            .for_each(|(o, r)| {
+                for (orow, rrow) in o.chunks_exact_mut(n).zip(r.chunks_exact(n)) {
+                    for j in 0..n {
+                        orow[j] += b[j] + rrow[j];
+                    }
+                }
+            });
+        Ok(())
+    }
+
     fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
         same_shape("gelu_bwd dy", dy.dims(), x.dims())?;
         same_shape("gelu_bwd dx", dx.dims(), x.dims())?;

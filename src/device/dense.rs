@@ -233,6 +233,72 @@ pub fn binary(
     Ok(launch(entry, p, flat_blocks(n, cap), THREADS))
 }
 
+/// `h += bias` (row broadcast), `out = gelu(h)`.
+pub fn bias_gelu(
+    h: &mut TensorViewMut,
+    bias: &TensorView,
+    out: &mut TensorViewMut,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (ha, hd) = contig_mut("bias_gelu h", h, loc)?;
+    let (m, n) = dims2("bias_gelu h", hd)?;
+    let (ba, bd) = contig("bias_gelu bias", bias, loc)?;
+    same("bias_gelu bias", bd, &[n])?;
+    let (oa, od) = contig_mut("bias_gelu out", out, loc)?;
+    same("bias_gelu out", od, &[m, n])?;
+    want_dtype("bias_gelu out", out.dtype(), h.dtype())?;
+    let p = DenseParams {
+        in0: ba,
+        out0: ha,
+        out1: oa,
+        rows: m as i64,
+        cols: n as i64,
+        in_dt: code(bias.dtype(), "bias_gelu bias")?,
+        out_dt: code(h.dtype(), "bias_gelu h")?,
+        ..Default::default()
+    };
+    Ok(launch(
+        "dense_bias_gelu",
+        p,
+        flat_blocks(m * n, cap),
+        THREADS,
+    ))
+}
+
+/// `out += bias + residual`.
+pub fn bias_residual(
+    out: &mut TensorViewMut,
+    bias: &TensorView,
+    residual: &TensorView,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (oa, od) = contig_mut("bias_residual out", out, loc)?;
+    let (m, n) = dims2("bias_residual out", od)?;
+    let (ba, bd) = contig("bias_residual bias", bias, loc)?;
+    same("bias_residual bias", bd, &[n])?;
+    let (ra, rd) = contig("bias_residual residual", residual, loc)?;
+    same("bias_residual residual", rd, &[m, n])?;
+    want_dtype("bias_residual residual", residual.dtype(), out.dtype())?;
+    let p = DenseParams {
+        in0: ba,
+        in1: ra,
+        out0: oa,
+        rows: m as i64,
+        cols: n as i64,
+        in_dt: code(bias.dtype(), "bias_residual bias")?,
+        out_dt: code(out.dtype(), "bias_residual out")?,
+        ..Default::default()
+    };
+    Ok(launch(
+        "dense_bias_residual",
+        p,
+        flat_blocks(m * n, cap),
+        THREADS,
+    ))
+}
+
 /// `out = alpha · x + beta · out` (`x` absent: `out = beta · out`).
 pub fn axpby(
     out: &mut TensorViewMut,
@@ -703,6 +769,24 @@ macro_rules! dense_backend_ops {
         fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
             let (loc, cap) = (self.dense_location(), self.dense_cap());
             self.run_dense(dense::unary("dense_gelu", x, out, loc, cap)?)
+        }
+        fn bias_gelu(
+            &self,
+            h: &mut TensorViewMut,
+            bias: &TensorView,
+            out: &mut TensorViewMut,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::bias_gelu(h, bias, out, loc, cap)?)
+        }
+        fn bias_residual(
+            &self,
+            out: &mut TensorViewMut,
+            bias: &TensorView,
+            residual: &TensorView,
+        ) -> Result<()> {
+            let (loc, cap) = (self.dense_location(), self.dense_cap());
+            self.run_dense(dense::bias_residual(out, bias, residual, loc, cap)?)
         }
         fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
             let (loc, cap) = (self.dense_location(), self.dense_cap());

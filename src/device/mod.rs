@@ -166,6 +166,25 @@ pub trait Backend: Send + Sync {
     fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
         Err(missing_op(self.device(), "gelu"))
     }
+    /// Bias and GELU of an MLP's first layer in one pass: `h += bias` (row-broadcast, kept
+    /// for the backward) and `out = gelu(h)`.
+    fn bias_gelu(
+        &self,
+        h: &mut TensorViewMut,
+        bias: &TensorView,
+        out: &mut TensorViewMut,
+    ) -> Result<()> {
+        Err(missing_op(self.device(), "bias_gelu"))
+    }
+    /// A projection's bias and the residual in one pass: `out += bias + residual`.
+    fn bias_residual(
+        &self,
+        out: &mut TensorViewMut,
+        bias: &TensorView,
+        residual: &TensorView,
+    ) -> Result<()> {
+        Err(missing_op(self.device(), "bias_residual"))
+    }
     /// `dx = gelu'(x) · dy`.
     fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
         Err(missing_op(self.device(), "gelu_bwd"))

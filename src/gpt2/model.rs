@@ -451,14 +451,20 @@ impl Gpt2 {
                     lse: Some(acts.lse[l].view_mut()),
                 },
             )?;
+            // Biases ride along with the next elementwise pass (bias + residual, bias +
+            // GELU): no extra pass over the matmul outputs.
             be.matmul(
                 &acts.atty[l].view(),
                 &lw.proj_w.view(),
-                Some(&lw.proj_b.view()),
+                None,
                 &mut acts.mid[l].view_mut(),
                 MatmulOpts::default(),
             )?;
-            be.add_assign(&mut acts.mid[l].view_mut(), &res_in.view())?;
+            be.bias_residual(
+                &mut acts.mid[l].view_mut(),
+                &lw.proj_b.view(),
+                &res_in.view(),
+            )?;
             be.layernorm(
                 &acts.mid[l].view(),
                 &lw.ln2_w.view(),
@@ -471,19 +477,27 @@ impl Gpt2 {
             be.matmul(
                 &acts.ln2.view(),
                 &lw.fc_w.view(),
-                Some(&lw.fc_b.view()),
+                None,
                 &mut acts.fch[l].view_mut(),
                 MatmulOpts::default(),
             )?;
-            be.gelu(&acts.fch[l].view(), &mut acts.fcg.view_mut())?;
+            be.bias_gelu(
+                &mut acts.fch[l].view_mut(),
+                &lw.fc_b.view(),
+                &mut acts.fcg.view_mut(),
+            )?;
             be.matmul(
                 &acts.fcg.view(),
                 &lw.fc_proj_w.view(),
-                Some(&lw.fc_proj_b.view()),
+                None,
                 &mut res_out.view_mut(),
                 MatmulOpts::default(),
             )?;
-            be.add_assign(&mut res_out.view_mut(), &acts.mid[l].view())?;
+            be.bias_residual(
+                &mut res_out.view_mut(),
+                &lw.fc_proj_b.view(),
+                &acts.mid[l].view(),
+            )?;
         }
         if let Some(kc) = cache {
             kc.len += t;
