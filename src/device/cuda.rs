@@ -338,6 +338,10 @@ impl CudaBackend {
                      LD_LIBRARY_PATH)",
                 ));
             }
+            // cuBLAS works on the calling thread's current context.
+            self.ctx
+                .bind_to_thread()
+                .map_err(cuda_err("bind context"))?;
             let h = cudarc::cublas::result::create_handle()
                 .map_err(|e| Error::device("cublas", format!("cublasCreate: {e:?}")))?;
             let handle = BlasHandle(h);
@@ -638,6 +642,10 @@ impl Backend for CudaBackend {
             }
         };
         let guard = self.blas()?;
+        // This call may come from another thread than the handle's creation.
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("bind context"))?;
         let handle = guard
             .as_ref()
             .ok_or_else(|| Error::device("cublas", "no handle"))?
