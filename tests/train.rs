@@ -491,3 +491,194 @@ fn train_on_emu_reproduces_the_cpu_backend_within_fp16_tolerance() {
         "prefix differs by {worst}"
     );
 }
+
+/// A backend that fails (like a CUDA kernel fault) on the `n`-th attention forward and
+/// delegates everything else to the cpu backend.
+struct Faulty {
+    fail_at: usize,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+mod faulty {
+    use super::Faulty;
+    use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
+    use prefix_attn::device::cpu::CpuBackend;
+    use prefix_attn::device::{AdamWStep, Backend, Device, MatmulOpts};
+    use prefix_attn::error::{Error, Result};
+    use prefix_attn::tensor::{DType, Tensor, TensorView, TensorViewMut};
+    use std::sync::atomic::Ordering;
+
+    const C: CpuBackend = CpuBackend;
+
+    impl Backend for Faulty {
+        fn device(&self) -> Device {
+            C.device()
+        }
+        fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+            C.zeros(shape, dtype)
+        }
+        fn upload(&self, host: &Tensor) -> Result<Tensor> {
+            C.upload(host)
+        }
+        fn download(&self, t: &Tensor) -> Result<Tensor> {
+            C.download(t)
+        }
+        fn synchronize(&self) -> Result<()> {
+            C.synchronize()
+        }
+        fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
+            if self.calls.fetch_add(1, Ordering::Relaxed) + 1 == self.fail_at {
+                return Err(Error::Kernel {
+                    kernel: "prefix_attn_fwd".into(),
+                    msg: "injected fault (an illegal address on a GPU)".into(),
+                });
+            }
+            C.attn_fwd(args, out)
+        }
+        fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
+            C.attn_bwd(args, grads)
+        }
+        fn matmul(
+            &self,
+            a: &TensorView,
+            b: &TensorView,
+            bias: Option<&TensorView>,
+            out: &mut TensorViewMut,
+            opts: MatmulOpts,
+        ) -> Result<()> {
+            C.matmul(a, b, bias, out, opts)
+        }
+        fn layernorm(
+            &self,
+            x: &TensorView,
+            w: &TensorView,
+            b: &TensorView,
+            eps: f32,
+            out: &mut TensorViewMut,
+            mean: &mut TensorViewMut,
+            rstd: &mut TensorViewMut,
+        ) -> Result<()> {
+            C.layernorm(x, w, b, eps, out, mean, rstd)
+        }
+        fn layernorm_bwd(
+            &self,
+            dy: &TensorView,
+            x: &TensorView,
+            w: &TensorView,
+            mean: &TensorView,
+            rstd: &TensorView,
+            dx: &mut TensorViewMut,
+            acc: bool,
+        ) -> Result<()> {
+            C.layernorm_bwd(dy, x, w, mean, rstd, dx, acc)
+        }
+        fn bias_gelu(
+            &self,
+            h: &mut TensorViewMut,
+            b: &TensorView,
+            out: &mut TensorViewMut,
+        ) -> Result<()> {
+            C.bias_gelu(h, b, out)
+        }
+        fn bias_residual(
+            &self,
+            out: &mut TensorViewMut,
+            b: &TensorView,
+            r: &TensorView,
+        ) -> Result<()> {
+            C.bias_residual(out, b, r)
+        }
+        fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
+            C.gelu_bwd(x, dy, dx)
+        }
+        fn tanh(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+            C.tanh(x, out)
+        }
+        fn tanh_bwd(&self, y: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
+            C.tanh_bwd(y, dy, dx)
+        }
+        fn adamw(
+            &self,
+            p: &mut TensorViewMut,
+            g: &TensorView,
+            m: &mut TensorViewMut,
+            v: &mut TensorViewMut,
+            hp: AdamWStep,
+        ) -> Result<()> {
+            C.adamw(p, g, m, v, hp)
+        }
+        fn axpy(&self, y: &mut TensorViewMut, alpha: f32, x: &TensorView) -> Result<()> {
+            C.axpy(y, alpha, x)
+        }
+        fn scale(&self, x: &mut TensorViewMut, alpha: f32) -> Result<()> {
+            C.scale(x, alpha)
+        }
+        fn sum_rows(&self, x: &TensorView, out: &mut TensorViewMut, acc: bool) -> Result<()> {
+            C.sum_rows(x, out, acc)
+        }
+        fn copy(&self, src: &TensorView, dst: &mut TensorViewMut) -> Result<()> {
+            C.copy(src, dst)
+        }
+        fn gather_rows(&self, s: &TensorView, rows: &[i32], d: &mut TensorViewMut) -> Result<()> {
+            C.gather_rows(s, rows, d)
+        }
+        fn scatter_rows(&self, s: &TensorView, rows: &[i32], d: &mut TensorViewMut) -> Result<()> {
+            C.scatter_rows(s, rows, d)
+        }
+        fn embed(
+            &self,
+            ids: &[i32],
+            t: usize,
+            wte: &TensorView,
+            wpe: &TensorView,
+            pos: usize,
+            out: &mut TensorViewMut,
+        ) -> Result<()> {
+            C.embed(ids, t, wte, wpe, pos, out)
+        }
+        fn cross_entropy(
+            &self,
+            logits: &TensorView,
+            targets: &[i32],
+            losses: &mut TensorViewMut,
+            d: Option<&mut TensorViewMut>,
+        ) -> Result<()> {
+            C.cross_entropy(logits, targets, losses, d)
+        }
+    }
+}
+
+/// A device failure in the middle of a run (a kernel fault) is an error, not a panic; the
+/// last checkpoint stays, and resuming from it on a healthy device ends with the adapter of a
+/// run that never failed.
+#[test]
+fn a_device_fault_keeps_the_last_checkpoint_and_resume_recovers() {
+    let full = tmp("fault-full");
+    train(&small_batch_config(full.clone()), &CpuBackend, &mut |_| {
+        true
+    })
+    .unwrap();
+    let want = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
+    let out = tmp("fault");
+    // 3 layers: attention forward call 16 is in step 6 (5 full steps of 3 calls each).
+    let be = Faulty {
+        fail_at: 16,
+        calls: Default::default(),
+    };
+    let err = train(&small_batch_config(out.clone()), &be, &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("injected fault"), "{err}");
+    assert!(!out.join("adapter_model.safetensors").exists());
+    let ck = SafetensorsFile::open(&out.join("checkpoint.safetensors")).unwrap();
+    let state = ck.metadata().unwrap()["state"].clone();
+    let step = serde_json::from_str::<serde_json::Value>(&state).unwrap()["step"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(step, 4, "the checkpoint of step 4 (saved every 2) survives");
+    let mut cfg = small_batch_config(out.clone());
+    cfg.resume = true;
+    train(&cfg, &CpuBackend, &mut |_| true).unwrap();
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        want
+    );
+}
