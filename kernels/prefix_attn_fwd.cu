@@ -222,6 +222,9 @@ PA_DEVICE void fwd_kernel(const PrefixAttnFwdParams& p) {
         // The next iteration overwrites the buffer this one read.
         __syncthreads();
     }
+    // A block with no key tile never entered the loop: its Q copy is still in flight, and a
+    // block must not exit with cp.async groups pending.
+    cp_async_wait<0>();
 
     // Finalise: full row sums over the quad, normalise, write o and lse.
     float l_tot[2];
