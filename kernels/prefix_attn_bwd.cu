@@ -8,12 +8,13 @@
 //   3. dkv_seq:   a block owns a tile of sequence keys of (b, hkv) and walks the query tiles
 //                 (of every query head of the group) that see them: dV += Pᵀ dO,
 //                 dK += scale · dSᵀ Q. Rows beyond seqlen_k get zeros.
-//   4. dkv_pre:   a block owns a tile of prefix keys of (prefix n, hkv) and one split of the
-//                 batch: it walks the query tiles of the sequences b ≡ split (mod splits)
-//                 that use prefix n, and writes fp32 partial sums for its split.
+//   4. dkv_pre:   a block owns a tile of prefix keys of (prefix n, hkv) and one split of its
+//                 work, a share of the (sequence, query head, query chunk) triples that use
+//                 prefix n (params.h says which), and writes fp32 partial sums for its split.
 //   5. reduce:    sums the partials over the splits in a fixed order into dK_pre, dV_pre.
 // Kernels 2 and 3 are skipped with prefix_only. Every product is an mma.sync m16n8k16 with
-// fp32 accumulation on tiles staged by cp.async and read by ldmatrix (kernels/common).
+// fp32 accumulation on tiles staged by cp.async and read by ldmatrix (kernels/common); kernels
+// 2–4 prefetch their next tile while computing on the current one (two shared buffers).
 #include "common/params.h"
 #include "common/prims.cuh"
 #include "common/tile.cuh"
@@ -85,7 +86,9 @@ PA_DEVICE void dq_kernel(const PrefixAttnBwdParams& p) {
     constexpr int kDFrags = kHeadDim / 8;
     constexpr int kKSteps = kHeadDim / 16;
     const PrefixAttnFwdParams& f = p.f;
-    const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    // Heaviest causal query tiles first, as in the forward.
+    const int m_block = f.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane >> 2, t = lane & 3;
     const Meta m = meta_of(f, b, h);
@@ -98,8 +101,8 @@ PA_DEVICE void dq_kernel(const PrefixAttnBwdParams& p) {
     PA_DYNAMIC_SMEM(T, smem);
     T* sQ = smem;
     T* sdO = sQ + Tr::kBlockM * kHeadDim;
-    T* sK = sdO + Tr::kBlockM * kHeadDim;
-    T* sV = sK + Tr::kBlockN * kHeadDim;
+    T* sK = sdO + Tr::kBlockM * kHeadDim;  // two K tiles and two V tiles: double buffering
+    T* sV = sK + 2 * Tr::kBlockN * kHeadDim;
 
     const T* q = reinterpret_cast<const T*>(f.q) + b * f.q_batch_stride + h * f.q_head_stride;
     const T* dO = reinterpret_cast<const T*>(p.d_o) + b * p.do_batch_stride + h * p.do_head_stride;
@@ -127,28 +130,45 @@ PA_DEVICE void dq_kernel(const PrefixAttnBwdParams& p) {
         for (int j = 0; j < 4; ++j) dq_acc[i][j] = 0.f;
     uint32_t q_frag[kKSteps][4], do_frag[kKSteps][4];
 
+    // Key tile j (prefix tiles, then sequence tiles) into buffer `buf`.
+    auto load_kv = [&](int j, int buf) {
+        T* dk = sK + buf * Tr::kBlockN * kHeadDim;
+        T* dv = sV + buf * Tr::kBlockN * kHeadDim;
+        if (j < prefix_tiles) {
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(dk, kp, f.kp_row_stride, j * Tr::kBlockN, m.plen, tid);
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(dv, vp, f.vp_row_stride, j * Tr::kBlockN, m.plen, tid);
+        } else {
+            const int first = (j - prefix_tiles) * Tr::kBlockN;
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(dk, k, f.k_row_stride, first, seq_keys, tid);
+            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(dv, v, f.v_row_stride, first, seq_keys, tid);
+        }
+    };
+    // Q and dO are one cp.async group, read into fragments once; key tile 0 is the next group,
+    // and each iteration prefetches tile j + 1 while it computes on tile j.
     load_tile<kHeadDim, Tr::kBlockM, Tr::kDqThreads>(sQ, q, f.q_row_stride, row0, last_row + 1, tid);
     load_tile<kHeadDim, Tr::kBlockM, Tr::kDqThreads>(sdO, dO, p.do_row_stride, row0, last_row + 1, tid);
     cp_async_commit();
+    if (n_tiles > 0) load_kv(0, 0);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    for (int kk = 0; kk < kKSteps; ++kk) {
+        ldmatrix_x4(q_frag[kk], sQ + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+        ldmatrix_x4(do_frag[kk], sdO + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+    }
     for (int j = 0; j < n_tiles; ++j) {
         const bool is_prefix = j < prefix_tiles;
         const int key0 = (is_prefix ? j : j - prefix_tiles) * Tr::kBlockN;
-        if (is_prefix) {
-            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sK, kp, f.kp_row_stride, key0, m.plen, tid);
-            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sV, vp, f.vp_row_stride, key0, m.plen, tid);
+        if (j + 1 < n_tiles) {
+            load_kv(j + 1, (j + 1) & 1);
+            cp_async_commit();
+            cp_async_wait<1>();
         } else {
-            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sK, k, f.k_row_stride, key0, seq_keys, tid);
-            load_tile<kHeadDim, Tr::kBlockN, Tr::kDqThreads>(sV, v, f.v_row_stride, key0, seq_keys, tid);
+            cp_async_wait<0>();
         }
-        cp_async_commit();
-        cp_async_wait<0>();
         __syncthreads();
-        if (j == 0) {
-            for (int kk = 0; kk < kKSteps; ++kk) {
-                ldmatrix_x4(q_frag[kk], sQ + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-                ldmatrix_x4(do_frag[kk], sdO + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-            }
-        }
+        const T* sKj = sK + (j & 1) * Tr::kBlockN * kHeadDim;
+        const T* sVj = sV + (j & 1) * Tr::kBlockN * kHeadDim;
         // S = Q Kᵀ and dP = dO Vᵀ for this warp's 16 rows.
         float s[kNFrags][4], dp[kNFrags][4];
         for (int nb = 0; nb < kNFrags; ++nb)
@@ -158,8 +178,8 @@ PA_DEVICE void dq_kernel(const PrefixAttnBwdParams& p) {
                 const int mat = lane >> 3;
                 const int key = nb * 8 + (lane & 7) + 8 * (mat >> 1);
                 uint32_t kf[4], vf[4];
-                ldmatrix_x4(kf, sK + swz<kHeadDim>(key, kk * 2 + (mat & 1)));
-                ldmatrix_x4(vf, sV + swz<kHeadDim>(key, kk * 2 + (mat & 1)));
+                ldmatrix_x4(kf, sKj + swz<kHeadDim>(key, kk * 2 + (mat & 1)));
+                ldmatrix_x4(vf, sVj + swz<kHeadDim>(key, kk * 2 + (mat & 1)));
                 const uint32_t kb0[2] = {kf[0], kf[1]}, kb1[2] = {kf[2], kf[3]};
                 const uint32_t vb0[2] = {vf[0], vf[1]}, vb1[2] = {vf[2], vf[3]};
                 Ops::mma(s[nb], q_frag[kk], kb0, s[nb]);
@@ -188,14 +208,16 @@ PA_DEVICE void dq_kernel(const PrefixAttnBwdParams& p) {
                 const int mat = lane >> 3;
                 const int key = kb * 16 + (lane & 7) + 8 * (mat & 1);
                 uint32_t kf[4];
-                ldmatrix_x4_trans(kf, sK + swz<kHeadDim>(key, nd + (mat >> 1)));
+                ldmatrix_x4_trans(kf, sKj + swz<kHeadDim>(key, nd + (mat >> 1)));
                 const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
                 Ops::mma(dq_acc[nd], ds_frag[kb], b0, dq_acc[nd]);
                 Ops::mma(dq_acc[nd + 1], ds_frag[kb], b1, dq_acc[nd + 1]);
             }
         }
+        // The next iteration refills the buffer this one read.
         __syncthreads();
     }
+    // With no key tile, the (empty) tile group is still pending.
     cp_async_wait<0>();
     T* dq = reinterpret_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
     for (int r = 0; r < 2; ++r) {
@@ -204,21 +226,29 @@ PA_DEVICE void dq_kernel(const PrefixAttnBwdParams& p) {
         T* out = dq + (int64_t)row * p.dq_row_stride;
         for (int nd = 0; nd < kDFrags; ++nd) {
             const uint32_t packed = Ops::pack(dq_acc[nd][2 * r] * f.scale, dq_acc[nd][2 * r + 1] * f.scale);
-            memcpy(out + nd * 8 + 2 * t, &packed, 4);
+            store_pair(out + nd * 8 + 2 * t, packed);
         }
     }
 }
 
 // ---------------------------------------------------------------------------------------
-// 3./4. dK, dV of one key tile: accumulates over the query tiles of the sequences in
-// `[b_first, b_last]` step `b_step` (one sequence for sequence keys; a batch split for
-// prefix keys) and every query head of the group.
+// 3./4. dK, dV of one key tile, accumulated over a walk of query tiles: the sequences
+// b = b_first + i · b_step (i < n_b) that have the tile's keys, the query heads
+// hh = hh_first + j · hh_step (j < n_hh) of the KV head's group, and the query tiles
+// qt_begin + k (k < n_qt) of each, clipped to the rows that see the tile. Item
+// (i · n_hh + j) · n_qt + k of the walk is that query tile: the walk's cursor is one integer,
+// decoded where it is used, so it costs one register across the heavy compute.
+struct DkvWalk {
+    int b_first, b_step, n_b, hh_first, hh_step, n_hh, qt_begin, n_qt;
+};
+
 template <int kHeadDim, typename T>
-PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile, int hkv, int b_first, int b_step,
-                        int prefix_n, float dk_acc[][4], float dv_acc[][4]) {
+PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile, int hkv, int prefix_n,
+                        const DkvWalk& walk, float dk_acc[][4], float dv_acc[][4]) {
     using Tr = BwdTraits<kHeadDim>;
     using Ops = TypeOps<T>;
-    constexpr int kMFrags = Tr::kDkvRows / 8;  // query n-fragments per tile
+    constexpr int kRows = Tr::kDkvRows;
+    constexpr int kMFrags = kRows / 8;  // query n-fragments per tile
     constexpr int kDFrags = kHeadDim / 8;
     constexpr int kKSteps = kHeadDim / 16;
     constexpr int kThreads = Tr::kDkvThreads;
@@ -228,135 +258,179 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
     const int group = f.heads_q / f.heads_kv;
     const float kLog2e = 1.4426950408889634f;
 
+    // K, V of the tile once; Q, dO, lse and delta of the query tiles double-buffered.
     PA_DYNAMIC_SMEM(T, smem);
     T* sK = smem;
     T* sV = sK + Tr::kBlockN * kHeadDim;
-    T* sQ = sV + Tr::kBlockN * kHeadDim;
-    T* sdO = sQ + Tr::kDkvRows * kHeadDim;
-    float* sL = reinterpret_cast<float*>(sdO + Tr::kDkvRows * kHeadDim);  // lse · log2e
-    float* sD = sL + Tr::kDkvRows;  // delta
+    T* sQ = sV + Tr::kBlockN * kHeadDim;        // [2][kRows][kHeadDim]
+    T* sdO = sQ + 2 * kRows * kHeadDim;         // [2][kRows][kHeadDim]
+    float* sL = reinterpret_cast<float*>(sdO + 2 * kRows * kHeadDim);  // [2][kRows] lse · log2e
+    float* sD = sL + 2 * kRows;                                        // [2][kRows] delta
 
     const int key0 = key_tile * Tr::kBlockN;
-    bool loaded_kv = false;
+    const int per_b = walk.n_hh * walk.n_qt;
+    const int total = walk.n_b * per_b;
+    // The keys of sequence m (prefix rows or its own sequence keys).
+    auto nkeys_of = [&](const Meta& m) { return prefix ? m.plen : m.sk; };
+    auto b_of = [&](int it) { return walk.b_first + it / per_b * walk.b_step; };
+    auto meta_at = [&](int it) { return meta_of(f, b_of(it), hkv * group); };
+    // The first item at or after `it` that holds work, or `total`.
+    auto seek = [&](int it) -> int {
+        while (it < total) {
+            const int bi = it / per_b;
+            const Meta m = meta_at(it);
+            // Query tiles [lo, hi) of the walk's range that see the tile's first key.
+            int lo = 0;
+            if (!prefix && f.causal) {
+                const int c = key0 - (m.sk - m.sq);
+                lo = (c > 0 ? c : 0) / kRows - walk.qt_begin;
+            }
+            if (lo < 0) lo = 0;
+            int hi = (m.sq + kRows - 1) / kRows - walk.qt_begin;
+            if (hi > walk.n_qt) hi = walk.n_qt;
+            const bool usable = (!prefix || m.pidx == prefix_n) && key0 < nkeys_of(m) && lo < hi;
+            if (!usable) {
+                it = (bi + 1) * per_b;
+                continue;
+            }
+            const int k = it % walk.n_qt;
+            if (k < lo) return it + (lo - k);
+            if (k < hi) return it;
+            it += walk.n_qt - k;  // the next query head
+        }
+        return total;
+    };
+    // Stages the query tile of item `it` into buffer buf: Q and dO by cp.async, lse and delta
+    // by plain stores (visible after the next barrier).
+    auto load_q = [&](int it, int buf) {
+        const int b = b_of(it);
+        const Meta m = meta_at(it);
+        const int h = hkv * group + walk.hh_first + it / walk.n_qt % walk.n_hh * walk.hh_step;
+        const int qrow0 = (walk.qt_begin + it % walk.n_qt) * kRows;
+        const T* q = reinterpret_cast<const T*>(f.q) + b * f.q_batch_stride + h * f.q_head_stride;
+        const T* dO = reinterpret_cast<const T*>(p.d_o) + b * p.do_batch_stride + h * p.do_head_stride;
+        const float* lse = reinterpret_cast<const float*>(f.lse) + b * f.lse_batch_stride + h * f.lse_head_stride;
+        const float* delta = reinterpret_cast<const float*>(p.delta) + ((int64_t)b * f.heads_q + h) * f.tq;
+        load_tile<kHeadDim, kRows, kThreads>(sQ + buf * kRows * kHeadDim, q, f.q_row_stride, qrow0, m.sq, tid);
+        load_tile<kHeadDim, kRows, kThreads>(sdO + buf * kRows * kHeadDim, dO, p.do_row_stride, qrow0, m.sq, tid);
+        for (int r = tid; r < kRows; r += kThreads) {
+            const int i = qrow0 + r;
+            sL[buf * kRows + r] = i < m.sq ? lse[i] * kLog2e : -INFINITY;
+            sD[buf * kRows + r] = i < m.sq ? delta[i] : 0.f;
+        }
+    };
 
-    for (int b = b_first; b < f.batch; b += b_step) {
-        const Meta m = meta_of(f, b, hkv * group);
-        if (prefix && m.pidx != prefix_n) continue;
-        const int nkeys = prefix ? m.plen : m.sk;
-        if (key0 >= nkeys || m.sq == 0) continue;
-        if (!loaded_kv || !prefix) {
-            // Sequence keys belong to one b; prefix keys are the same for every b.
-            const T* ks;
-            const T* vs;
-            int64_t krs, vrs;
-            if (prefix) {
-                ks = reinterpret_cast<const T*>(f.k_pre) + prefix_n * f.kp_prefix_stride + hkv * f.kp_head_stride;
-                vs = reinterpret_cast<const T*>(f.v_pre) + prefix_n * f.vp_prefix_stride + hkv * f.vp_head_stride;
-                krs = f.kp_row_stride;
-                vrs = f.vp_row_stride;
-            } else {
-                ks = reinterpret_cast<const T*>(f.k) + b * f.k_batch_stride + hkv * f.k_head_stride;
-                vs = reinterpret_cast<const T*>(f.v) + b * f.v_batch_stride + hkv * f.v_head_stride;
-                krs = f.k_row_stride;
-                vrs = f.v_row_stride;
-            }
-            __syncthreads();
-            load_tile<kHeadDim, Tr::kBlockN, kThreads>(sK, ks, krs, key0, nkeys, tid);
-            load_tile<kHeadDim, Tr::kBlockN, kThreads>(sV, vs, vrs, key0, nkeys, tid);
-            cp_async_commit();
-            cp_async_wait<0>();
-            __syncthreads();
-            loaded_kv = true;
+    int it = seek(0);
+    if (it >= total) return;
+
+    // Sequence keys belong to the one sequence of the walk; prefix keys are the same for all.
+    {
+        const int b = b_of(it);
+        const int nkeys = nkeys_of(meta_at(it));
+        const T* ks;
+        const T* vs;
+        int64_t krs, vrs;
+        if (prefix) {
+            ks = reinterpret_cast<const T*>(f.k_pre) + prefix_n * f.kp_prefix_stride + hkv * f.kp_head_stride;
+            vs = reinterpret_cast<const T*>(f.v_pre) + prefix_n * f.vp_prefix_stride + hkv * f.vp_head_stride;
+            krs = f.kp_row_stride;
+            vrs = f.vp_row_stride;
+        } else {
+            ks = reinterpret_cast<const T*>(f.k) + b * f.k_batch_stride + hkv * f.k_head_stride;
+            vs = reinterpret_cast<const T*>(f.v) + b * f.v_batch_stride + hkv * f.v_head_stride;
+            krs = f.k_row_stride;
+            vrs = f.v_row_stride;
         }
-        // This warp's keys (rows of Sᵀ): g and g + 8.
-        const int my_key[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
-        // First query row that sees the tile's first key (sequence keys, causal).
-        int i_first = 0;
-        if (!prefix && f.causal) {
-            i_first = key0 - (m.sk - m.sq);
-            if (i_first < 0) i_first = 0;
-        }
-        for (int hh = 0; hh < group; ++hh) {
-            const int h = hkv * group + hh;
-            const T* q = reinterpret_cast<const T*>(f.q) + b * f.q_batch_stride + h * f.q_head_stride;
-            const T* dO = reinterpret_cast<const T*>(p.d_o) + b * p.do_batch_stride + h * p.do_head_stride;
-            const float* lse = reinterpret_cast<const float*>(f.lse) + b * f.lse_batch_stride + h * f.lse_head_stride;
-            const float* delta = reinterpret_cast<const float*>(p.delta) + ((int64_t)b * f.heads_q + h) * f.tq;
-            for (int qt = i_first / Tr::kDkvRows; qt * Tr::kDkvRows < m.sq; ++qt) {
-                const int qrow0 = qt * Tr::kDkvRows;
-                __syncthreads();
-                load_tile<kHeadDim, Tr::kDkvRows, kThreads>(sQ, q, f.q_row_stride, qrow0, m.sq, tid);
-                load_tile<kHeadDim, Tr::kDkvRows, kThreads>(sdO, dO, p.do_row_stride, qrow0, m.sq, tid);
-                cp_async_commit();
-                for (int r = tid; r < Tr::kDkvRows; r += kThreads) {
-                    const int i = qrow0 + r;
-                    sL[r] = i < m.sq ? lse[i] * kLog2e : -INFINITY;
-                    sD[r] = i < m.sq ? delta[i] : 0.f;
-                }
-                cp_async_wait<0>();
-                __syncthreads();
-                // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: 16 keys × 64 queries per warp.
-                float s[kMFrags][4], dp[kMFrags][4];
-                for (int nb = 0; nb < kMFrags; ++nb)
-                    for (int i = 0; i < 4; ++i) s[nb][i] = dp[nb][i] = 0.f;
-                for (int kk = 0; kk < kKSteps; ++kk) {
-                    // This warp's 16 keys as A fragments, re-read from shared memory for each
-                    // k-step rather than kept in registers (the register budget goes to the
-                    // dK, dV accumulators).
-                    uint32_t k_a[4], v_a[4];
-                    ldmatrix_x4(k_a, sK + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-                    ldmatrix_x4(v_a, sV + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-                    for (int nb = 0; nb < kMFrags; nb += 2) {
-                        const int mat = lane >> 3;
-                        const int qr = nb * 8 + (lane & 7) + 8 * (mat >> 1);
-                        uint32_t qf[4], of[4];
-                        ldmatrix_x4(qf, sQ + swz<kHeadDim>(qr, kk * 2 + (mat & 1)));
-                        ldmatrix_x4(of, sdO + swz<kHeadDim>(qr, kk * 2 + (mat & 1)));
-                        const uint32_t qb0[2] = {qf[0], qf[1]}, qb1[2] = {qf[2], qf[3]};
-                        const uint32_t ob0[2] = {of[0], of[1]}, ob1[2] = {of[2], of[3]};
-                        Ops::mma(s[nb], k_a, qb0, s[nb]);
-                        Ops::mma(s[nb + 1], k_a, qb1, s[nb + 1]);
-                        Ops::mma(dp[nb], v_a, ob0, dp[nb]);
-                        Ops::mma(dp[nb + 1], v_a, ob1, dp[nb + 1]);
-                    }
-                }
-                // Pᵀ and dSᵀ as A fragments (k = queries) for dV += Pᵀ dO and dK += dSᵀ Q.
-                uint32_t p_frag[kMFrags / 2][4], ds_frag[kMFrags / 2][4];
-                for (int nb = 0; nb < kMFrags; ++nb) {
-                    float pe[4], de[4];
-                    for (int i = 0; i < 4; ++i) {
-                        const int key = my_key[i >> 1];
-                        const int qc = nb * 8 + 2 * t + (i & 1);
-                        const int qi = qrow0 + qc;
-                        bool ok = qi < m.sq && key < nkeys && sL[qc] != -INFINITY;
-                        if (ok && !prefix && f.causal) ok = key <= qi + m.sk - m.sq;
-                        pe[i] = ok ? exp2f(s[nb][i] * f.scale_log2 - sL[qc]) : 0.f;
-                        de[i] = pe[i] * (dp[nb][i] - sD[qc]);
-                    }
-                    p_frag[nb / 2][(nb & 1) * 2 + 0] = Ops::pack(pe[0], pe[1]);
-                    p_frag[nb / 2][(nb & 1) * 2 + 1] = Ops::pack(pe[2], pe[3]);
-                    ds_frag[nb / 2][(nb & 1) * 2 + 0] = Ops::pack(de[0], de[1]);
-                    ds_frag[nb / 2][(nb & 1) * 2 + 1] = Ops::pack(de[2], de[3]);
-                }
-                for (int kq = 0; kq < kMFrags / 2; ++kq) {
-                    for (int nd = 0; nd < kDFrags; nd += 2) {
-                        const int mat = lane >> 3;
-                        const int qr = kq * 16 + (lane & 7) + 8 * (mat & 1);
-                        uint32_t of[4], qf[4];
-                        ldmatrix_x4_trans(of, sdO + swz<kHeadDim>(qr, nd + (mat >> 1)));
-                        ldmatrix_x4_trans(qf, sQ + swz<kHeadDim>(qr, nd + (mat >> 1)));
-                        const uint32_t ob0[2] = {of[0], of[1]}, ob1[2] = {of[2], of[3]};
-                        const uint32_t qb0[2] = {qf[0], qf[1]}, qb1[2] = {qf[2], qf[3]};
-                        Ops::mma(dv_acc[nd], p_frag[kq], ob0, dv_acc[nd]);
-                        Ops::mma(dv_acc[nd + 1], p_frag[kq], ob1, dv_acc[nd + 1]);
-                        Ops::mma(dk_acc[nd], ds_frag[kq], qb0, dk_acc[nd]);
-                        Ops::mma(dk_acc[nd + 1], ds_frag[kq], qb1, dk_acc[nd + 1]);
-                    }
-                }
-            }
-        }
+        load_tile<kHeadDim, Tr::kBlockN, kThreads>(sK, ks, krs, key0, nkeys, tid);
+        load_tile<kHeadDim, Tr::kBlockN, kThreads>(sV, vs, vrs, key0, nkeys, tid);
     }
-    cp_async_wait<0>();
+    load_q(it, 0);
+    cp_async_commit();
+
+    // This warp's keys (rows of Sᵀ): g and g + 8.
+    const int my_key[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
+    for (int buf = 0;; buf ^= 1) {
+        // Prefetch the walk's next query tile into the other buffer while this one computes.
+        const int next = seek(it + 1);
+        const bool more = next < total;
+        if (more) {
+            load_q(next, buf ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* tQ = sQ + buf * kRows * kHeadDim;
+        const T* tdO = sdO + buf * kRows * kHeadDim;
+        const float* tL = sL + buf * kRows;
+        const float* tD = sD + buf * kRows;
+        const Meta m = meta_at(it);
+        const int qrow0 = (walk.qt_begin + it % walk.n_qt) * kRows;
+        const int nkeys = nkeys_of(m);
+        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: 16 keys × kRows queries per warp.
+        float s[kMFrags][4], dp[kMFrags][4];
+        for (int nb = 0; nb < kMFrags; ++nb)
+            for (int i = 0; i < 4; ++i) s[nb][i] = dp[nb][i] = 0.f;
+        for (int kk = 0; kk < kKSteps; ++kk) {
+            // This warp's 16 keys as A fragments, re-read from shared memory for each k-step
+            // rather than kept in registers (the register budget goes to the dK, dV
+            // accumulators).
+            uint32_t k_a[4], v_a[4];
+            ldmatrix_x4(k_a, sK + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+            ldmatrix_x4(v_a, sV + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+            for (int nb = 0; nb < kMFrags; nb += 2) {
+                const int mat = lane >> 3;
+                const int qr = nb * 8 + (lane & 7) + 8 * (mat >> 1);
+                uint32_t qf[4], of[4];
+                ldmatrix_x4(qf, tQ + swz<kHeadDim>(qr, kk * 2 + (mat & 1)));
+                ldmatrix_x4(of, tdO + swz<kHeadDim>(qr, kk * 2 + (mat & 1)));
+                const uint32_t qb0[2] = {qf[0], qf[1]}, qb1[2] = {qf[2], qf[3]};
+                const uint32_t ob0[2] = {of[0], of[1]}, ob1[2] = {of[2], of[3]};
+                Ops::mma(s[nb], k_a, qb0, s[nb]);
+                Ops::mma(s[nb + 1], k_a, qb1, s[nb + 1]);
+                Ops::mma(dp[nb], v_a, ob0, dp[nb]);
+                Ops::mma(dp[nb + 1], v_a, ob1, dp[nb + 1]);
+            }
+        }
+        // Pᵀ and dSᵀ as A fragments (k = queries) for dV += Pᵀ dO and dK += dSᵀ Q.
+        uint32_t p_frag[kMFrags / 2][4], ds_frag[kMFrags / 2][4];
+        for (int nb = 0; nb < kMFrags; ++nb) {
+            float pe[4], de[4];
+            for (int i = 0; i < 4; ++i) {
+                const int key = my_key[i >> 1];
+                const int qc = nb * 8 + 2 * t + (i & 1);
+                const int qi = qrow0 + qc;
+                bool ok = qi < m.sq && key < nkeys && tL[qc] != -INFINITY;
+                if (ok && !prefix && f.causal) ok = key <= qi + m.sk - m.sq;
+                pe[i] = ok ? exp2f(s[nb][i] * f.scale_log2 - tL[qc]) : 0.f;
+                de[i] = pe[i] * (dp[nb][i] - tD[qc]);
+            }
+            p_frag[nb / 2][(nb & 1) * 2 + 0] = Ops::pack(pe[0], pe[1]);
+            p_frag[nb / 2][(nb & 1) * 2 + 1] = Ops::pack(pe[2], pe[3]);
+            ds_frag[nb / 2][(nb & 1) * 2 + 0] = Ops::pack(de[0], de[1]);
+            ds_frag[nb / 2][(nb & 1) * 2 + 1] = Ops::pack(de[2], de[3]);
+        }
+        for (int kq = 0; kq < kMFrags / 2; ++kq) {
+            for (int nd = 0; nd < kDFrags; nd += 2) {
+                const int mat = lane >> 3;
+                const int qr = kq * 16 + (lane & 7) + 8 * (mat & 1);
+                uint32_t of[4], qf[4];
+                ldmatrix_x4_trans(of, tdO + swz<kHeadDim>(qr, nd + (mat >> 1)));
+                ldmatrix_x4_trans(qf, tQ + swz<kHeadDim>(qr, nd + (mat >> 1)));
+                const uint32_t ob0[2] = {of[0], of[1]}, ob1[2] = {of[2], of[3]};
+                const uint32_t qb0[2] = {qf[0], qf[1]}, qb1[2] = {qf[2], qf[3]};
+                Ops::mma(dv_acc[nd], p_frag[kq], ob0, dv_acc[nd]);
+                Ops::mma(dv_acc[nd + 1], p_frag[kq], ob1, dv_acc[nd + 1]);
+                Ops::mma(dk_acc[nd], ds_frag[kq], qb0, dk_acc[nd]);
+                Ops::mma(dk_acc[nd + 1], ds_frag[kq], qb1, dk_acc[nd + 1]);
+            }
+        }
+        if (!more) break;
+        // The next iteration refills the buffer this one read.
+        __syncthreads();
+        it = next;
+    }
 }
 
 template <int kHeadDim, typename T>
@@ -370,7 +444,10 @@ PA_DEVICE void dkv_seq_kernel(const PrefixAttnBwdParams& p) {
     float dk_acc[kDFrags][4], dv_acc[kDFrags][4];
     for (int i = 0; i < kDFrags; ++i)
         for (int j = 0; j < 4; ++j) dk_acc[i][j] = dv_acc[i][j] = 0.f;
-    dkv_tile<kHeadDim, T>(p, false, key_tile, hkv, b, f.batch, -1, dk_acc, dv_acc);
+    // One sequence, every query head of the group, every query tile.
+    const int q_tiles = (f.tq + BwdTraits<kHeadDim>::kDkvRows - 1) / BwdTraits<kHeadDim>::kDkvRows;
+    const DkvWalk walk = {b, 1, 1, 0, 1, f.heads_q / f.heads_kv, 0, q_tiles};
+    dkv_tile<kHeadDim, T>(p, false, key_tile, hkv, -1, walk, dk_acc, dv_acc);
     const int sk = reinterpret_cast<const int32_t*>(f.seqlen_k)[b];
     T* dk = reinterpret_cast<T*>(p.dk) + b * p.dk_batch_stride + hkv * p.dk_head_stride;
     T* dv = reinterpret_cast<T*>(p.dv) + b * p.dv_batch_stride + hkv * p.dv_head_stride;
@@ -381,8 +458,8 @@ PA_DEVICE void dkv_seq_kernel(const PrefixAttnBwdParams& p) {
         for (int nd = 0; nd < kDFrags; ++nd) {
             const uint32_t pk = Ops::pack(dk_acc[nd][2 * r] * f.scale * live, dk_acc[nd][2 * r + 1] * f.scale * live);
             const uint32_t pv = Ops::pack(dv_acc[nd][2 * r] * live, dv_acc[nd][2 * r + 1] * live);
-            memcpy(dk + (int64_t)key * p.dk_row_stride + nd * 8 + 2 * t, &pk, 4);
-            memcpy(dv + (int64_t)key * p.dv_row_stride + nd * 8 + 2 * t, &pv, 4);
+            store_pair(dk + (int64_t)key * p.dk_row_stride + nd * 8 + 2 * t, pk);
+            store_pair(dv + (int64_t)key * p.dv_row_stride + nd * 8 + 2 * t, pv);
         }
     }
 }
@@ -398,8 +475,21 @@ PA_DEVICE void dkv_pre_kernel(const PrefixAttnBwdParams& p) {
     float dk_acc[kDFrags][4], dv_acc[kDFrags][4];
     for (int i = 0; i < kDFrags; ++i)
         for (int j = 0; j < 4; ++j) dk_acc[i][j] = dv_acc[i][j] = 0.f;
-    dkv_tile<kHeadDim, T>(p, true, key_tile, hkv, split, p.splits, n, dk_acc, dv_acc);
-    // partial [split][0 = dk, 1 = dv][n][key][hkv][d], fp32, contiguous.
+    const int b_first = split % p.split_batch;
+    const int hh_first = (split / p.split_batch) % p.split_heads;
+    const int qt_begin = split / (p.split_batch * p.split_heads) * p.split_qtiles;
+    const int q_tiles = (f.tq + BwdTraits<kHeadDim>::kDkvRows - 1) / BwdTraits<kHeadDim>::kDkvRows;
+    const int group = f.heads_q / f.heads_kv;
+    const DkvWalk walk = {b_first,
+                          p.split_batch,
+                          (f.batch - b_first + p.split_batch - 1) / p.split_batch,
+                          hh_first,
+                          p.split_heads,
+                          (group - hh_first + p.split_heads - 1) / p.split_heads,
+                          qt_begin,
+                          q_tiles - qt_begin < p.split_qtiles ? q_tiles - qt_begin : p.split_qtiles};
+    dkv_tile<kHeadDim, T>(p, true, key_tile, hkv, n, walk, dk_acc, dv_acc);
+    // partial [split][0 = dk, 1 = dv][n][key][hkv][d], fp32, contiguous (8-byte pairs).
     const int64_t per = (int64_t)f.num_prefixes * f.prefix_len * f.heads_kv * kHeadDim;
     float* part = reinterpret_cast<float*>(p.partial) + (int64_t)split * 2 * per;
     for (int r = 0; r < 2; ++r) {
@@ -408,10 +498,8 @@ PA_DEVICE void dkv_pre_kernel(const PrefixAttnBwdParams& p) {
         const int64_t at = (((int64_t)n * f.prefix_len + key) * f.heads_kv + hkv) * kHeadDim;
         for (int nd = 0; nd < kDFrags; ++nd) {
             const int c = nd * 8 + 2 * t;
-            part[at + c] = dk_acc[nd][2 * r] * f.scale;
-            part[at + c + 1] = dk_acc[nd][2 * r + 1] * f.scale;
-            part[per + at + c] = dv_acc[nd][2 * r];
-            part[per + at + c + 1] = dv_acc[nd][2 * r + 1];
+            *reinterpret_cast<float2*>(part + at + c) = make_float2(dk_acc[nd][2 * r] * f.scale, dk_acc[nd][2 * r + 1] * f.scale);
+            *reinterpret_cast<float2*>(part + per + at + c) = make_float2(dv_acc[nd][2 * r], dv_acc[nd][2 * r + 1]);
         }
     }
 }
@@ -508,6 +596,7 @@ extern "C" size_t pa_bwd_params_layout(size_t* out, size_t n) {
         offsetof(PrefixAttnBwdParams, dv_pre), offsetof(PrefixAttnBwdParams, partial),
         offsetof(PrefixAttnBwdParams, do_batch_stride), offsetof(PrefixAttnBwdParams, dvp_head_stride),
         offsetof(PrefixAttnBwdParams, prefix_only),     offsetof(PrefixAttnBwdParams, splits),
+        offsetof(PrefixAttnBwdParams, split_qtiles),
     };
     const size_t count = sizeof(v) / sizeof(v[0]);
     for (size_t i = 0; i < count && i < n; ++i) out[i] = v[i];

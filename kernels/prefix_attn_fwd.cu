@@ -42,7 +42,9 @@ PA_DEVICE void fwd_kernel(const PrefixAttnFwdParams& p) {
     constexpr int kDFrags = kHeadDim / 8;      // n-fragments of O
     constexpr int kKSteps = kHeadDim / 16;     // k-steps of Q·Kᵀ
 
-    const int m_block = blockIdx.x;
+    // Causal query tiles further down see more keys: launch them first (reversed order) so the
+    // last wave of blocks holds the short tiles and the tail is short.
+    const int m_block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
     const int tid = threadIdx.x;
@@ -97,10 +99,19 @@ PA_DEVICE void fwd_kernel(const PrefixAttnFwdParams& p) {
         }
     };
 
-    // Q rows beyond seqlen_q are zero-filled; they are never written back as results.
+    // Q rows beyond seqlen_q are zero-filled; they are never written back as results. Q is its
+    // own cp.async group so that its fragments are read once, before the key loop, while the
+    // first key tile is still in flight.
     load_tile<kHeadDim, Tr::kBlockM, Tr::kThreads>(sQ, q, p.q_row_stride, row0, last_row + 1, tid);
+    cp_async_commit();
     if (n_tiles > 0) load_kv(0, 0);
     cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    uint32_t q_frag[kKSteps][4];
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+        ldmatrix_x4(q_frag[kk], sQ + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 
     float o_acc[kDFrags][4];
 #pragma unroll
@@ -113,7 +124,6 @@ PA_DEVICE void fwd_kernel(const PrefixAttnFwdParams& p) {
     const int my_row[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
     const int my_vis[2] = {visible(my_row[0]), visible(my_row[1])};
     const bool row_ok[2] = {my_row[0] < sq, my_row[1] < sq};
-    uint32_t q_frag[kKSteps][4];
 
     for (int j = 0; j < n_tiles; ++j) {
         if (j + 1 < n_tiles) {
@@ -124,11 +134,6 @@ PA_DEVICE void fwd_kernel(const PrefixAttnFwdParams& p) {
             cp_async_wait<0>();
         }
         __syncthreads();
-        if (j == 0) {
-#pragma unroll
-            for (int kk = 0; kk < kKSteps; ++kk)
-                ldmatrix_x4(q_frag[kk], sQ + swz<kHeadDim>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-        }
         const T* tk = sK + (j & 1) * Tr::kBlockN * kHeadDim;
         const T* tv = sV + (j & 1) * Tr::kBlockN * kHeadDim;
 
@@ -246,7 +251,7 @@ PA_DEVICE void fwd_kernel(const PrefixAttnFwdParams& p) {
 #pragma unroll
         for (int nd = 0; nd < kDFrags; ++nd) {
             const uint32_t packed = Ops::pack(o_acc[nd][2 * r] * inv, o_acc[nd][2 * r + 1] * inv);
-            memcpy(orow + nd * 8 + 2 * t, &packed, 4);
+            store_pair(orow + nd * 8 + 2 * t, packed);
         }
         if (t == 0 && p.lse != 0) lse[row] = any ? (m_run[r] + log2f(l_tot[r])) * kLn2 : -INFINITY;
     }

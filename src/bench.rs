@@ -576,29 +576,39 @@ impl<'b> DeviceAttnBench<'b> {
         Ok(())
     }
 
-    /// Device milliseconds of one call of `m` on input set `i` (mod the number of sets). A
-    /// backward first runs its method's forward on the same set, untimed.
-    pub fn time(&mut self, m: AttnMethod, i: usize) -> Result<f64> {
+    /// Device milliseconds per call of `m`, from `calls` calls issued back to back between two
+    /// events, so that the host work of a call (its plan, its launches) overlaps the device work
+    /// of the one before instead of being timed. A forward rotates the input sets from set
+    /// `i · calls`; a backward runs its method's forward on set `i` first, untimed, then its
+    /// `calls` backward calls on that set.
+    pub fn time(&mut self, m: AttnMethod, i: usize, calls: usize) -> Result<f64> {
         let be = self.be;
-        match m {
-            AttnMethod::FusedFwd => be.time_ms(&mut || self.fused_fwd(i)),
-            AttnMethod::NaiveFwd => be.time_ms(&mut || self.naive_fwd(i)),
+        let calls = calls.max(1);
+        let first = i * calls;
+        let total = match m {
+            AttnMethod::FusedFwd => {
+                be.time_ms(&mut || (first..first + calls).try_for_each(|j| self.fused_fwd(j)))?
+            }
+            AttnMethod::NaiveFwd => {
+                be.time_ms(&mut || (first..first + calls).try_for_each(|j| self.naive_fwd(j)))?
+            }
             AttnMethod::FusedBwd => {
                 self.fused_fwd(i)?;
-                be.time_ms(&mut || self.fused_bwd(i))
+                be.time_ms(&mut || (0..calls).try_for_each(|_| self.fused_bwd(i)))?
             }
             AttnMethod::NaiveBwd => {
                 self.naive_fwd(i)?;
-                be.time_ms(&mut || self.naive_bwd(i))
+                be.time_ms(&mut || (0..calls).try_for_each(|_| self.naive_bwd(i)))?
             }
-        }
+        };
+        Ok(total / calls as f64)
     }
 
     /// Runs both methods, forward and backward, on set 0 and returns max |o_fused - o_naive|
     /// and the max difference of dK_pre relative to its largest entry.
     pub fn agreement(&mut self) -> Result<(f64, f64)> {
         for m in [AttnMethod::FusedBwd, AttnMethod::NaiveBwd] {
-            self.time(m, 0)?;
+            self.time(m, 0, 1)?;
         }
         let be = self.be;
         let host = |t: &Tensor| -> Result<Vec<f32>> { be.download(t)?.try_to_f32_vec() };
@@ -617,8 +627,16 @@ impl<'b> DeviceAttnBench<'b> {
     }
 }
 
+/// Device time a timed sample should span at least: shorter samples are made of several calls
+/// back to back, so that launch gaps and host work are amortised rather than measured.
+const DEVICE_SAMPLE_MS: f64 = 1.0;
+/// At most this many calls make one sample.
+const DEVICE_MAX_CALLS: usize = 64;
+
 /// Times fused attention against the naive concat on a kernel device ([`DeviceAttnBench`]):
-/// medians over `reps` calls after one warm-up call each, and the two methods' agreement.
+/// after a warm-up call (which also uploads the metadata and sizes the scratch, reused by the
+/// timed calls), medians over `reps` samples of back-to-back calls, each sample spanning about
+/// [`DEVICE_SAMPLE_MS`]; and the two methods' agreement.
 pub fn bench_attn_device(
     be: &dyn Backend,
     s: crate::attn::shapes::NamedShape,
@@ -627,9 +645,10 @@ pub fn bench_attn_device(
 ) -> Result<DeviceAttnReport> {
     let mut bench = DeviceAttnBench::new(be, s, rotate_bytes)?;
     let mut med = |m: AttnMethod| -> Result<f64> {
-        bench.time(m, 0)?; // warm-up
+        let one = bench.time(m, 0, 1)?; // warm-up
+        let calls = ((DEVICE_SAMPLE_MS / one.max(1e-6)).ceil() as usize).clamp(1, DEVICE_MAX_CALLS);
         let mut t = (1..=reps.max(1))
-            .map(|i| bench.time(m, i))
+            .map(|i| bench.time(m, i, calls))
             .collect::<Result<Vec<f64>>>()?;
         t.sort_by(f64::total_cmp);
         Ok(t[t.len() / 2])

@@ -11,7 +11,7 @@ use prefix_attn::attn::testing::{
     random_spec, FwdBuffers, GradBuffers, KvLayout, ProblemSpec, RandomProblem,
 };
 use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
-use prefix_attn::device::cuda::{device_count, CudaBackend};
+use prefix_attn::device::cuda::{device_count, loaded_libraries, CudaBackend};
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
 use std::sync::Arc;
@@ -219,9 +219,21 @@ fn main() {
         println!("0 passed, 0 failed, 1 skipped");
         return;
     }
-    let be = CudaBackend::new(0).expect("cuda:0");
-    let ctx = CudaContext::new(0).expect("context");
+    let (be, ctx) = match CudaBackend::new(0).and_then(|be| {
+        std::panic::catch_unwind(|| CudaContext::new(0))
+            .map_err(|_| prefix_attn::Error::device("cuda:0", "CudaContext::new panicked"))?
+            .map(|ctx| (be, ctx))
+            .map_err(|e| prefix_attn::Error::device("cuda:0", format!("{e:?}")))
+    }) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("FAILED to open cuda:0: {e}");
+            println!("0 passed, 1 failed");
+            std::process::exit(1);
+        }
+    };
     let stream = ctx.default_stream();
+    println!("libraries loaded: {}", loaded_libraries().join(", "));
     let mut specs: Vec<(String, ProblemSpec)> = vec![];
     let mut rng = Rng::new(77);
     for i in 0..40 {
@@ -237,7 +249,12 @@ fn main() {
     specs.push(("gpt2-train layout".into(), g));
     let (mut passed, mut failed) = (0, 0);
     for (i, (name, spec)) in specs.into_iter().enumerate() {
-        match run_case(&be, &stream, spec, 1000 + i as u64) {
+        // A panic in one case (an unwrap on a device error) must not hide the others.
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_case(&be, &stream, spec, 1000 + i as u64)
+        }))
+        .unwrap_or_else(|_| Err("panicked (message above)".into()));
+        match res {
             Ok(()) => passed += 1,
             Err(e) => {
                 failed += 1;
@@ -274,6 +291,7 @@ fn main() {
             println!("FAILED: a 8 TiB allocation gave {other:?}");
         }
     }
+    println!("libraries loaded: {}", loaded_libraries().join(", "));
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
         std::process::exit(1);

@@ -426,6 +426,33 @@ fn backward_edge_cases() {
         ),
         ("non-causal", with(&|s| s.causal = false)),
         (
+            // The prefix kernel splits over the batch, the 4 query heads of each KV head and
+            // 3 query chunks of 64 rows (36 partials), with padding and a sequence without
+            // a prefix.
+            "prefix split over batch, heads and query chunks",
+            with(&|s| {
+                s.tq = 140;
+                s.tk = 140;
+                s.heads_q = 8;
+                s.heads_kv = 2;
+                s.num_prefixes = 2;
+                s.prefix_index = Some(vec![1, -1, 1]);
+                s.seqlen_q = Some(vec![140, 77, 65]);
+                s.seqlen_k = Some(vec![140, 77, 65]);
+            }),
+        ),
+        (
+            "prefix split, D=128 (32-row query tiles)",
+            with(&|s| {
+                s.head_dim = 128;
+                s.tq = 70;
+                s.tk = 70;
+                s.heads_q = 4;
+                s.heads_kv = 2;
+                s.prefix_len = 40;
+            }),
+        ),
+        (
             "GPT-2 layout",
             with(&|s| {
                 s.layout = KvLayout::FusedQkv;
@@ -447,22 +474,27 @@ fn backward_is_deterministic() {
     s.dtype = DType::F16;
     s.num_prefixes = 2;
     s.prefix_index = Some(vec![0, 1, 0, 0, -1]);
+    // And one whose prefix gradient is split over query heads and query chunks too.
+    let mut split = ProblemSpec::new(2, 130, 130, 4, 2, 64, 7, true);
+    split.dtype = DType::F16;
     let bits = |t: &Tensor| {
         t.to_f32_vec()
             .iter()
             .map(|x| x.to_bits())
             .collect::<Vec<_>>()
     };
-    let a = run_bwd_and_check(s.clone(), 9, false);
-    let b = run_bwd_and_check(s, 9, false);
-    for (x, y) in [
-        (&a.dq, &b.dq),
-        (&a.dk, &b.dk),
-        (&a.dv, &b.dv),
-        (&a.dk_pre, &b.dk_pre),
-        (&a.dv_pre, &b.dv_pre),
-    ] {
-        assert_eq!(bits(x), bits(y));
+    for (seed, s) in [(9, s), (10, split)] {
+        let a = run_bwd_and_check(s.clone(), seed, false);
+        let b = run_bwd_and_check(s, seed, false);
+        for (x, y) in [
+            (&a.dq, &b.dq),
+            (&a.dk, &b.dk),
+            (&a.dv, &b.dv),
+            (&a.dk_pre, &b.dk_pre),
+            (&a.dv_pre, &b.dv_pre),
+        ] {
+            assert_eq!(bits(x), bits(y));
+        }
     }
 }
 

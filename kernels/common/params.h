@@ -52,7 +52,15 @@ typedef struct PrefixAttnBwdParams {
     int64_t dkp_prefix_stride, dkp_row_stride, dkp_head_stride;
     int64_t dvp_prefix_stride, dvp_row_stride, dvp_head_stride;
     int32_t prefix_only;  // 0 or 1
-    int32_t splits;       // the batch is split this many ways for the prefix reduction
+    // The prefix dK/dV work of one (prefix tile, KV head, prefix) is split `splits` ways, each
+    // split writing its own partial: split s takes the sequences b ≡ s % split_batch
+    // (mod split_batch), the query heads hh ≡ (s / split_batch) % split_heads (mod split_heads)
+    // of the KV head's group, and the query tiles [c · split_qtiles, (c + 1) · split_qtiles),
+    // c = s / (split_batch · split_heads). splits = split_batch · split_heads · chunks.
+    int32_t splits;
+    int32_t split_batch;
+    int32_t split_heads;
+    int32_t split_qtiles;
 } PrefixAttnBwdParams;
 
 // Parameter struct of the dense GPT-2 kernels (kernels/dense.cu), one for all of them: each

@@ -33,6 +33,15 @@ PA_DEVICE void load_tile(T* smem, const T* base, int64_t row_stride, int first, 
     }
 }
 
+// Writes one packed pair of 16-bit values (4 bytes) to global memory with a single 32-bit
+// store. The launchers require 4-byte aligned bases and even element strides for every output
+// written this way; a memcpy into a (2-byte aligned) T* would compile to four byte stores.
+template <typename T>
+PA_DEVICE void store_pair(T* dst, uint32_t packed) {
+    static_assert(sizeof(T) == 2, "a pair of 16-bit values");
+    *reinterpret_cast<uint32_t*>(dst) = packed;
+}
+
 template <typename T>
 struct TypeOps;
 

@@ -66,6 +66,32 @@ pub fn device_count() -> usize {
     .unwrap_or(0)
 }
 
+/// The files of the CUDA libraries (libcuda, libcublas, libcublasLt, libnvrtc) mapped into
+/// this process, read from `/proc/self/maps`: which copies the loader actually picked. Empty
+/// before the first use of each library, and on systems without `/proc`.
+pub fn loaded_libraries() -> Vec<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut libs: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|path| {
+            let file = path.rsplit('/').next().unwrap_or("");
+            [
+                "libcuda.so",
+                "libcublas.so",
+                "libcublasLt.so",
+                "libnvrtc.so",
+            ]
+            .iter()
+            .any(|lib| file.starts_with(lib))
+        })
+        .map(String::from)
+        .collect();
+    libs.sort();
+    libs.dedup();
+    libs
+}
+
 fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Kernel {
         kernel: what.to_string(),
@@ -96,6 +122,18 @@ pub struct CudaBackend {
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     blas: Mutex<Option<BlasHandle>>,
     mem: Arc<MemCounter>,
+    attn: Mutex<AttnCache>,
+}
+
+/// Attention launch state reused from call to call on the backend's one stream, so that a
+/// call does no host-to-device copy and no allocation when nothing changed: the metadata last
+/// uploaded (every layer of a training step passes the same `[prefix_index; seqlen_q;
+/// seqlen_k]`) and a grow-only backward scratch. Reuse is safe because every use is ordered on
+/// the stream; a replaced buffer is freed in stream order.
+#[derive(Default)]
+struct AttnCache {
+    meta: Option<(Vec<i32>, CudaSlice<i32>)>,
+    scratch: Option<CudaMem>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -211,7 +249,29 @@ impl CudaBackend {
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
             mem: Arc::new(MemCounter::default()),
+            attn: Mutex::new(AttnCache::default()),
         })
+    }
+
+    /// Device address of `meta` (the plan's `[prefix_index; seqlen_q; seqlen_k]`), uploaded
+    /// only when it differs from the last call's.
+    fn attn_meta(&self, cache: &mut AttnCache, meta: &[i32]) -> Result<u64> {
+        if cache.meta.as_ref().is_none_or(|(m, _)| m != meta) {
+            cache.meta = Some((meta.to_vec(), self.upload_i32(meta)?));
+        }
+        let (_, buf) = cache.meta.as_ref().expect("set above");
+        let (addr, _sync) = buf.device_ptr(&self.stream);
+        Ok(addr)
+    }
+
+    /// Device address of at least `bytes` bytes of backward scratch (grown, never shrunk;
+    /// 256-byte aligned by the allocator).
+    fn attn_scratch(&self, cache: &mut AttnCache, bytes: usize) -> Result<u64> {
+        if cache.scratch.as_ref().is_none_or(|m| m.buf.len() < bytes) {
+            cache.scratch = None;
+            cache.scratch = Some(self.alloc(bytes, "attention backward scratch")?);
+        }
+        Ok(cache.scratch.as_ref().expect("set above").addr)
     }
 
     /// The device's name and memory (free, total bytes), for reports.
@@ -420,30 +480,28 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The backward kernels on views of this device's memory. Scratch and metadata buffers
-    /// are freed in stream order, so the call returns without waiting for the kernels.
+    /// The backward kernels on views of this device's memory. Scratch and metadata are reused
+    /// from call to call in stream order (see `AttnCache`), so the call returns without waiting
+    /// for the kernels.
     pub fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
         let mut plan = plan_bwd(args, &grads)?;
         self.check_location(plan.problem.location)?;
-        let meta = self.upload_i32(&plan.meta)?;
-        let delta = self.alloc(4 * plan.delta_len.max(1), "attention backward scratch")?;
-        let partial = self.alloc(4 * plan.partial_len.max(1), "attention backward scratch")?;
+        let mut cache = self.attn.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.attn_meta(&mut cache, &plan.meta)?;
+        // delta, then the partials at the next 256-byte boundary (the prefix kernel writes
+        // 8-byte pairs).
+        let delta_bytes = (4 * plan.delta_len).next_multiple_of(256);
+        let scratch = self.attn_scratch(&mut cache, delta_bytes + 4 * plan.partial_len.max(1))?;
         let b = plan.problem.batch as u64;
-        {
-            let (m, _s1) = meta.device_ptr(&self.stream);
-            let d = delta.addr;
-            let pp = partial.addr;
-            plan.params.f.prefix_index = m;
-            plan.params.f.seqlen_q = m + 4 * b;
-            plan.params.f.seqlen_k = m + 8 * b;
-            plan.params.delta = d;
-            plan.params.partial = pp;
-        }
+        plan.params.f.prefix_index = m;
+        plan.params.f.seqlen_q = m + 4 * b;
+        plan.params.f.seqlen_k = m + 8 * b;
+        plan.params.delta = scratch;
+        plan.params.partial = scratch + delta_bytes as u64;
         let _keep = grads;
         for l in &plan.launches {
             self.launch(l, &plan.params)?;
         }
-        drop((meta, delta, partial));
         Ok(())
     }
 
@@ -454,14 +512,12 @@ impl CudaBackend {
         if plan.is_empty() {
             return Ok(());
         }
-        let meta = self.upload_i32(&plan.meta)?;
+        let mut cache = self.attn.lock().unwrap_or_else(|p| p.into_inner());
+        let base = self.attn_meta(&mut cache, &plan.meta)?;
         let b = plan.problem.batch as u64;
-        {
-            let (base, _sync) = meta.device_ptr(&self.stream);
-            plan.params.prefix_index = base;
-            plan.params.seqlen_q = base + 4 * b;
-            plan.params.seqlen_k = base + 8 * b;
-        }
+        plan.params.prefix_index = base;
+        plan.params.seqlen_q = base + 4 * b;
+        plan.params.seqlen_k = base + 8 * b;
         let launch = KernelLaunch {
             entry: plan.entry,
             grid: plan.grid,
@@ -469,9 +525,7 @@ impl CudaBackend {
             smem_bytes: plan.smem_bytes,
         };
         let _keep = out;
-        self.launch(&launch, &plan.params)?;
-        drop(meta);
-        Ok(())
+        self.launch(&launch, &plan.params)
     }
 }
 

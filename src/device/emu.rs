@@ -105,8 +105,9 @@ pub fn attn_bwd(args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
     plan.params.f.prefix_index = base;
     plan.params.f.seqlen_q = base + 4 * b;
     plan.params.f.seqlen_k = base + 8 * b;
-    let mut delta = vec![0f32; plan.delta_len.max(1)];
-    let mut partial = vec![0f32; plan.partial_len.max(1)];
+    // f64 storage: the prefix kernel writes its f32 partials in 8-byte pairs.
+    let mut delta = vec![0f64; plan.delta_len.div_ceil(2).max(1)];
+    let mut partial = vec![0f64; plan.partial_len.div_ceil(2).max(1)];
     plan.params.delta = delta.as_mut_ptr() as u64;
     plan.params.partial = partial.as_mut_ptr() as u64;
     let _keep = grads;

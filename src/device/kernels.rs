@@ -412,8 +412,16 @@ pub struct BwdParams {
     pub dvp_head_stride: i64,
     /// 0 or 1.
     pub prefix_only: i32,
-    /// Batch splits of the prefix reduction.
+    /// Splits of the prefix dK/dV work, each with its own partial (see `split_batch`).
     pub splits: i32,
+    /// Split `s` takes the sequences `b ≡ s % split_batch`, the query heads
+    /// `hh ≡ (s / split_batch) % split_heads` of the group, and the query tiles
+    /// `[c · split_qtiles, (c + 1) · split_qtiles)` with `c = s / (split_batch · split_heads)`.
+    pub split_batch: i32,
+    /// See `split_batch`.
+    pub split_heads: i32,
+    /// See `split_batch`.
+    pub split_qtiles: i32,
 }
 
 /// Field offsets of [`BwdParams`], in the order the C side reports them.
@@ -428,6 +436,7 @@ pub fn bwd_params_rust_layout() -> Vec<usize> {
         offset_of!(BwdParams, dvp_head_stride),
         offset_of!(BwdParams, prefix_only),
         offset_of!(BwdParams, splits),
+        offset_of!(BwdParams, split_qtiles),
     ]
 }
 
@@ -467,6 +476,49 @@ fn dims_of(arg: &str, t: &TensorView, want: &[usize]) -> Result<()> {
         return Err(Error::shape(arg, format!("{want:?}"), t.dims()));
     }
     Ok(())
+}
+
+/// Blocks the prefix dK/dV kernel aims for: two per SM of an H100/H200 (132 SMs), so that
+/// small prefixes (P = 10 with 12 heads is only 12 key tiles) still fill the device.
+const PREFIX_FILL_BLOCKS: usize = 264;
+
+/// How the prefix dK/dV work of one (key tile, KV head, prefix) is split over blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixSplit {
+    /// Ways the batch is split (sequences `b ≡ s mod batch`).
+    pub batch: usize,
+    /// Ways the query heads of a KV head's group are split.
+    pub heads: usize,
+    /// Query tiles per chunk.
+    pub qtiles: usize,
+    /// Chunks of query tiles.
+    pub chunks: usize,
+}
+
+impl PrefixSplit {
+    /// Splits in all, one partial each: `batch · heads · chunks`.
+    pub fn splits(&self) -> usize {
+        self.batch * self.heads * self.chunks
+    }
+}
+
+/// Splits the prefix gradient work until `base` (key tiles × KV heads × prefixes) blocks times
+/// the splits reach [`PREFIX_FILL_BLOCKS`]: first over the batch, then over the query heads of
+/// a group, then over chunks of the `q_tiles` query tiles. The split depends on the shape
+/// only, and the partials are reduced in split order, so results stay bit-identical.
+pub fn prefix_split(base: usize, batch: usize, group: usize, q_tiles: usize) -> PrefixSplit {
+    let want = |have: usize| PREFIX_FILL_BLOCKS.div_ceil(base.max(1) * have).max(1);
+    let sb = batch.clamp(1, want(1));
+    let sh = group.clamp(1, want(sb));
+    let chunks = q_tiles.clamp(1, want(sb * sh));
+    // Whole chunks of at most q_tiles / chunks tiles: at least the chunks wanted.
+    let qtiles = (q_tiles / chunks).max(1);
+    PrefixSplit {
+        batch: sb,
+        heads: sh,
+        qtiles,
+        chunks: q_tiles.max(1).div_ceil(qtiles),
+    }
 }
 
 /// Validates a backward call for the CUDA kernels and plans its launches.
@@ -530,13 +582,14 @@ pub fn plan_bwd(
     let (dvp, dvp_s) = out32("dv_pre", &grads.dv_pre)?;
     dims_of("d_o", &args.d_o, &pr.q_dims())?;
     let do_s = i64s("d_o", args.d_o.strides())?;
-    // Enough splits of the batch that the prefix reduction fills the device with small
-    // prefixes (P = 10, 12 heads is only 12 tiles), never more than the batch.
     let block_n = if d <= 64 { 64 } else { 32 };
+    let dkv_rows = if d <= 64 { 64 } else { 32 };
     let prefix_tiles = pr.prefix_len.div_ceil(block_n).max(1);
-    let splits = pr.batch.clamp(
-        1,
-        (264 / (prefix_tiles * pr.heads_kv * pr.num_prefixes.max(1))).max(1),
+    let split = prefix_split(
+        prefix_tiles * pr.heads_kv * pr.num_prefixes.max(1),
+        pr.batch,
+        pr.heads_q / pr.heads_kv,
+        pr.tq.div_ceil(dkv_rows),
     );
     let params = BwdParams {
         f,
@@ -567,8 +620,12 @@ pub fn plan_bwd(
         dvp_row_stride: dvp_s[1],
         dvp_head_stride: dvp_s[2],
         prefix_only: args.prefix_only as i32,
-        splits: splits as i32,
+        splits: split.splits() as i32,
+        split_batch: split.batch as i32,
+        split_heads: split.heads as i32,
+        split_qtiles: split.qtiles as i32,
     };
+    let splits = split.splits();
     let name = |s: &str| -> &'static str {
         // The entry names are a fixed set; leak-free lookup through a match on the suffix.
         match (s, suffix) {
@@ -591,8 +648,8 @@ pub fn plan_bwd(
     };
     let (b, hq, hkv, tq, tk) = (pr.batch, pr.heads_q, pr.heads_kv, pr.tq, pr.tk);
     let dkv_threads = (block_n / 16 * 32) as u32;
-    let dkv_rows = if d <= 64 { 64 } else { 32 };
-    let dkv_smem = (2 * block_n + 2 * dkv_rows) * d * 2 + 2 * dkv_rows * 4;
+    // K and V of the tile, two buffers of (Q, dO) tiles and of (lse, delta) rows.
+    let dkv_smem = (2 * block_n + 4 * dkv_rows) * d * 2 + 4 * dkv_rows * 4;
     let mut launches = vec![KernelLaunch {
         entry: if f.dtype == 0 {
             "prefix_attn_bwd_delta_f16"
@@ -608,7 +665,8 @@ pub fn plan_bwd(
             entry: name("dq"),
             grid: (u(tq.div_ceil(64))?, u(hq)?, u(b)?),
             threads: 128,
-            smem_bytes: (2 * 64 + 2 * block_n) * d * 2,
+            // Q and dO tiles, two buffers of (K, V) tiles.
+            smem_bytes: (2 * 64 + 4 * block_n) * d * 2,
         });
         launches.push(KernelLaunch {
             entry: name("seq"),
