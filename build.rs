@@ -28,10 +28,15 @@ const HEADERS: &[&str] = &[
     "kernels/common/prims.cuh",
     "kernels/common/tile.cuh",
     "kernels/common/params.h",
+    "kernels/common/registry.h",
     "kernels/emu/emu.h",
 ];
 /// The emulator runtime and its self-tests.
-const EMU_SOURCES: &[&str] = &["kernels/emu/emu.cpp", "kernels/emu/selftest.cpp"];
+const EMU_SOURCES: &[&str] = &[
+    "kernels/emu/emu.cpp",
+    "kernels/emu/registry.cpp",
+    "kernels/emu/selftest.cpp",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -76,6 +81,9 @@ fn build_emulator() {
             .flag("-fno-omit-frame-pointer")
             .flag("-fno-sanitize-recover=undefined");
     }
+    // Whole archive: the kernel files are reached only through the registry they fill at
+    // static-initialisation time, so no symbol of theirs is referenced by name.
+    b.link_lib_modifier("+whole-archive");
     b.compile("prefix_attn_emu");
     println!("cargo:rustc-link-lib=dylib=stdc++");
     if sanitize {
@@ -106,6 +114,7 @@ fn find_nvcc() -> Option<PathBuf> {
 fn build_cuda(out: &Path) {
     let require = env::var("PREFIX_ATTN_REQUIRE_NVCC").is_ok_and(|v| v == "1");
     let mut consts = String::new();
+    let mut table = String::new();
     let nvcc = find_nvcc();
     match &nvcc {
         None => {
@@ -149,7 +158,11 @@ fn build_cuda(out: &Path) {
                 "/// Fatbin of `{k}` (not compiled in this build).\npub const {name}: Option<&[u8]> = None;\n"
             )),
         }
+        table.push_str(&format!("    ({stem:?}, {name}),\n"));
     }
+    consts.push_str(&format!(
+        "/// Every kernel file's fatbin by file stem.\npub const FATBINS: &[(&str, Option<&[u8]>)] = &[\n{table}];\n"
+    ));
     std::fs::write(out.join("kernels.rs"), consts).expect("write kernels.rs");
 }
 

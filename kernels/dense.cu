@@ -24,6 +24,7 @@
 // deterministic. The same source runs on the CPU emulator (PREFIX_ATTN_EMU).
 #include "common/params.h"
 #include "common/prims.cuh"
+#include "common/registry.h"
 
 namespace pa {
 namespace dense {
@@ -326,44 +327,25 @@ extern "C" PA_GLOBAL void dense_adamw(DenseParams p) {
     }
 }
 
+// Every dense kernel is grid-stride over rows or elements: the planner picks the block size.
+PA_REGISTER_KERNEL(dense_embed, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_layernorm, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_layernorm_bwd, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_gelu, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_bias_gelu, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_bias_residual, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_gelu_bwd, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_tanh, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_tanh_bwd, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_axpby, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_sum_rows, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_copy, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_gather_rows, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_cross_entropy, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_adamw, DenseParams, 0, 0, 0, 0)
+
 #if defined(PREFIX_ATTN_EMU)
 #include <cstddef>
-#include <cstdio>
-#include <cstring>
-
-// Launches one dense kernel by name on the emulator with the Rust planner's geometry.
-extern "C" int pa_emu_dense(const char* name, const DenseParams* p, unsigned gx, unsigned threads, char* err,
-                            size_t err_len) {
-    const DenseParams params = *p;
-    struct Entry {
-        const char* name;
-        void (*fn)(DenseParams);
-    };
-    static const Entry entries[] = {
-        {"dense_embed", dense_embed},
-        {"dense_layernorm", dense_layernorm},
-        {"dense_layernorm_bwd", dense_layernorm_bwd},
-        {"dense_gelu", dense_gelu},
-        {"dense_gelu_bwd", dense_gelu_bwd},
-        {"dense_bias_gelu", dense_bias_gelu},
-        {"dense_bias_residual", dense_bias_residual},
-        {"dense_tanh", dense_tanh},
-        {"dense_tanh_bwd", dense_tanh_bwd},
-        {"dense_axpby", dense_axpby},
-        {"dense_sum_rows", dense_sum_rows},
-        {"dense_copy", dense_copy},
-        {"dense_gather_rows", dense_gather_rows},
-        {"dense_cross_entropy", dense_cross_entropy},
-        {"dense_adamw", dense_adamw},
-    };
-    for (const Entry& e : entries) {
-        if (strcmp(e.name, name) == 0) {
-            return emu::launch(dim3(gx, 1, 1), dim3(threads, 1, 1), 0, [&] { e.fn(params); }, err, err_len);
-        }
-    }
-    snprintf(err, err_len, "no dense kernel named %s", name);
-    return 1;
-}
 
 // Size and field offsets of DenseParams, for the layout test against the Rust mirror.
 extern "C" size_t pa_dense_params_layout(size_t* out, size_t n) {

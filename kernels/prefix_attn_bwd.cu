@@ -17,6 +17,7 @@
 // 2–4 prefetch their next tile while computing on the current one (two shared buffers).
 #include "common/params.h"
 #include "common/prims.cuh"
+#include "common/registry.h"
 #include "common/tile.cuh"
 
 namespace pa {
@@ -35,6 +36,12 @@ struct BwdTraits {
     static constexpr int kDkvThreads = kDkvWarps * 32;
     static constexpr int kDqThreads = 128;
     static constexpr int kChunks = kHeadDim / 8;
+    // dq: the Q and dO tiles, two buffers of (K, V) tiles.
+    static constexpr int kDqSmemBytes = (2 * kBlockM + 4 * kBlockN) * kHeadDim * 2;
+    // dkv: the K and V tiles, two buffers of (Q, dO) tiles and of (lse, delta) rows.
+    static constexpr int kDkvSmemBytes = (2 * kBlockN + 4 * kDkvRows) * kHeadDim * 2 + 4 * kDkvRows * 4;
+    // delta: one warp per row.
+    static constexpr int kDeltaThreads = 128;
     static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the mma K (16)");
 };
 
@@ -528,19 +535,25 @@ PA_DEVICE void reduce_kernel(const PrefixAttnBwdParams& p) {
 
 }  // namespace pa
 
-#define PA_BWD_ENTRIES(D, T, suffix)                                                              \
-    extern "C" PA_GLOBAL void PA_LAUNCH_BOUNDS(pa::BwdTraits<D>::kDqThreads, 1)                   \
-        prefix_attn_bwd_dq_##suffix(PrefixAttnBwdParams p) {                                      \
-        pa::dq_kernel<D, T>(p);                                                                   \
-    }                                                                                             \
-    extern "C" PA_GLOBAL void PA_LAUNCH_BOUNDS(pa::BwdTraits<D>::kDkvThreads, 1)                  \
-        prefix_attn_bwd_dkv_seq_##suffix(PrefixAttnBwdParams p) {                                 \
-        pa::dkv_seq_kernel<D, T>(p);                                                              \
-    }                                                                                             \
-    extern "C" PA_GLOBAL void PA_LAUNCH_BOUNDS(pa::BwdTraits<D>::kDkvThreads, 1)                  \
-        prefix_attn_bwd_dkv_pre_##suffix(PrefixAttnBwdParams p) {                                 \
-        pa::dkv_pre_kernel<D, T>(p);                                                              \
-    }
+#define PA_BWD_ENTRIES(D, T, suffix)                                                                  \
+    extern "C" PA_GLOBAL void PA_LAUNCH_BOUNDS(pa::BwdTraits<D>::kDqThreads, 1)                       \
+        prefix_attn_bwd_dq_##suffix(PrefixAttnBwdParams p) {                                          \
+        pa::dq_kernel<D, T>(p);                                                                       \
+    }                                                                                                 \
+    extern "C" PA_GLOBAL void PA_LAUNCH_BOUNDS(pa::BwdTraits<D>::kDkvThreads, 1)                      \
+        prefix_attn_bwd_dkv_seq_##suffix(PrefixAttnBwdParams p) {                                     \
+        pa::dkv_seq_kernel<D, T>(p);                                                                  \
+    }                                                                                                 \
+    extern "C" PA_GLOBAL void PA_LAUNCH_BOUNDS(pa::BwdTraits<D>::kDkvThreads, 1)                      \
+        prefix_attn_bwd_dkv_pre_##suffix(PrefixAttnBwdParams p) {                                     \
+        pa::dkv_pre_kernel<D, T>(p);                                                                  \
+    }                                                                                                 \
+    PA_REGISTER_KERNEL(prefix_attn_bwd_dq_##suffix, PrefixAttnBwdParams, pa::BwdTraits<D>::kDqThreads, \
+                       pa::BwdTraits<D>::kDqSmemBytes, pa::BwdTraits<D>::kBlockM, pa::BwdTraits<D>::kBlockN) \
+    PA_REGISTER_KERNEL(prefix_attn_bwd_dkv_seq_##suffix, PrefixAttnBwdParams, pa::BwdTraits<D>::kDkvThreads, \
+                       pa::BwdTraits<D>::kDkvSmemBytes, pa::BwdTraits<D>::kDkvRows, pa::BwdTraits<D>::kBlockN) \
+    PA_REGISTER_KERNEL(prefix_attn_bwd_dkv_pre_##suffix, PrefixAttnBwdParams, pa::BwdTraits<D>::kDkvThreads, \
+                       pa::BwdTraits<D>::kDkvSmemBytes, pa::BwdTraits<D>::kDkvRows, pa::BwdTraits<D>::kBlockN)
 
 PA_BWD_ENTRIES(64, __half, d64_f16)
 PA_BWD_ENTRIES(128, __half, d128_f16)
@@ -550,45 +563,16 @@ PA_BWD_ENTRIES(128, __nv_bfloat16, d128_bf16)
 extern "C" PA_GLOBAL void prefix_attn_bwd_delta_f16(PrefixAttnBwdParams p) { pa::delta_kernel<__half>(p); }
 extern "C" PA_GLOBAL void prefix_attn_bwd_delta_bf16(PrefixAttnBwdParams p) { pa::delta_kernel<__nv_bfloat16>(p); }
 extern "C" PA_GLOBAL void prefix_attn_bwd_reduce(PrefixAttnBwdParams p) { pa::reduce_kernel(p); }
+// delta: block_m = rows per block (one warp each); reduce: one thread per element, in blocks
+// of the planner's size.
+PA_REGISTER_KERNEL(prefix_attn_bwd_delta_f16, PrefixAttnBwdParams, pa::BwdTraits<64>::kDeltaThreads, 0,
+                   pa::BwdTraits<64>::kDeltaThreads / 32, 0)
+PA_REGISTER_KERNEL(prefix_attn_bwd_delta_bf16, PrefixAttnBwdParams, pa::BwdTraits<64>::kDeltaThreads, 0,
+                   pa::BwdTraits<64>::kDeltaThreads / 32, 0)
+PA_REGISTER_KERNEL(prefix_attn_bwd_reduce, PrefixAttnBwdParams, 0, 0, 0, 0)
 
 #if defined(PREFIX_ATTN_EMU)
-#include <cstdio>
-#include <cstring>
-
-// Launches one backward kernel by name on the emulator with the Rust wrapper's geometry.
-extern "C" int pa_emu_prefix_attn_bwd(const char* name, const PrefixAttnBwdParams* p, unsigned gx, unsigned gy,
-                                      unsigned gz, unsigned threads, size_t smem_bytes, char* err, size_t err_len) {
-    const PrefixAttnBwdParams params = *p;
-    struct Entry {
-        const char* name;
-        void (*fn)(PrefixAttnBwdParams);
-    };
-    static const Entry entries[] = {
-        {"prefix_attn_bwd_dq_d64_f16", prefix_attn_bwd_dq_d64_f16},
-        {"prefix_attn_bwd_dq_d128_f16", prefix_attn_bwd_dq_d128_f16},
-        {"prefix_attn_bwd_dq_d64_bf16", prefix_attn_bwd_dq_d64_bf16},
-        {"prefix_attn_bwd_dq_d128_bf16", prefix_attn_bwd_dq_d128_bf16},
-        {"prefix_attn_bwd_dkv_seq_d64_f16", prefix_attn_bwd_dkv_seq_d64_f16},
-        {"prefix_attn_bwd_dkv_seq_d128_f16", prefix_attn_bwd_dkv_seq_d128_f16},
-        {"prefix_attn_bwd_dkv_seq_d64_bf16", prefix_attn_bwd_dkv_seq_d64_bf16},
-        {"prefix_attn_bwd_dkv_seq_d128_bf16", prefix_attn_bwd_dkv_seq_d128_bf16},
-        {"prefix_attn_bwd_dkv_pre_d64_f16", prefix_attn_bwd_dkv_pre_d64_f16},
-        {"prefix_attn_bwd_dkv_pre_d128_f16", prefix_attn_bwd_dkv_pre_d128_f16},
-        {"prefix_attn_bwd_dkv_pre_d64_bf16", prefix_attn_bwd_dkv_pre_d64_bf16},
-        {"prefix_attn_bwd_dkv_pre_d128_bf16", prefix_attn_bwd_dkv_pre_d128_bf16},
-        {"prefix_attn_bwd_delta_f16", prefix_attn_bwd_delta_f16},
-        {"prefix_attn_bwd_delta_bf16", prefix_attn_bwd_delta_bf16},
-        {"prefix_attn_bwd_reduce", prefix_attn_bwd_reduce},
-    };
-    for (const Entry& e : entries) {
-        if (strcmp(e.name, name) == 0) {
-            return emu::launch(dim3(gx, gy, gz), dim3(threads, 1, 1), smem_bytes, [&] { e.fn(params); }, err,
-                               err_len);
-        }
-    }
-    snprintf(err, err_len, "no backward kernel named %s", name);
-    return 1;
-}
+#include <cstddef>
 
 extern "C" size_t pa_bwd_params_layout(size_t* out, size_t n) {
     const size_t v[] = {

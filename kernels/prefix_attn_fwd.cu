@@ -10,6 +10,7 @@
 // type, lse (natural log) in fp32. Rows that see no key get o = 0, lse = -inf.
 #include "common/params.h"
 #include "common/prims.cuh"
+#include "common/registry.h"
 #include "common/tile.cuh"
 
 namespace pa {
@@ -259,11 +260,12 @@ PA_DEVICE void fwd_kernel(const PrefixAttnFwdParams& p) {
 
 }  // namespace pa
 
-#define PA_FWD_ENTRY(name, D, T)                                                        \
-    extern "C" PA_GLOBAL void PA_LAUNCH_BOUNDS(pa::FwdTraits<D>::kThreads, 1)           \
-        name(PrefixAttnFwdParams p) {                                                   \
-        pa::fwd_kernel<D, T>(p);                                                        \
-    }
+#define PA_FWD_ENTRY(name, D, T)                                                                      \
+    extern "C" PA_GLOBAL void PA_LAUNCH_BOUNDS(pa::FwdTraits<D>::kThreads, 1) name(PrefixAttnFwdParams p) { \
+        pa::fwd_kernel<D, T>(p);                                                                      \
+    }                                                                                                 \
+    PA_REGISTER_KERNEL(name, PrefixAttnFwdParams, pa::FwdTraits<D>::kThreads, pa::FwdTraits<D>::kSmemBytes,  \
+                       pa::FwdTraits<D>::kBlockM, pa::FwdTraits<D>::kBlockN)
 
 PA_FWD_ENTRY(prefix_attn_fwd_d64_f16, 64, __half)
 PA_FWD_ENTRY(prefix_attn_fwd_d128_f16, 128, __half)
@@ -272,23 +274,6 @@ PA_FWD_ENTRY(prefix_attn_fwd_d128_bf16, 128, __nv_bfloat16)
 
 #if defined(PREFIX_ATTN_EMU)
 #include <cstddef>
-#include <cstdio>
-
-// Launches the forward on the emulator with the geometry the Rust wrapper computed.
-extern "C" int pa_emu_prefix_attn_fwd(const PrefixAttnFwdParams* p, unsigned gx, unsigned gy, unsigned gz,
-                                      unsigned threads, size_t smem_bytes, char* err, size_t err_len) {
-    const PrefixAttnFwdParams params = *p;
-    void (*entry)(PrefixAttnFwdParams) = nullptr;
-    if (params.head_dim == 64 && params.dtype == 0) entry = prefix_attn_fwd_d64_f16;
-    if (params.head_dim == 128 && params.dtype == 0) entry = prefix_attn_fwd_d128_f16;
-    if (params.head_dim == 64 && params.dtype == 1) entry = prefix_attn_fwd_d64_bf16;
-    if (params.head_dim == 128 && params.dtype == 1) entry = prefix_attn_fwd_d128_bf16;
-    if (entry == nullptr) {
-        snprintf(err, err_len, "no forward kernel for head_dim %d, dtype %d", params.head_dim, params.dtype);
-        return 1;
-    }
-    return emu::launch(dim3(gx, gy, gz), dim3(threads, 1, 1), smem_bytes, [&] { entry(params); }, err, err_len);
-}
 
 // Size and field offsets of the parameter struct, for the layout test against the Rust mirror.
 extern "C" size_t pa_fwd_params_layout(size_t* out, size_t n) {

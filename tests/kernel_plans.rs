@@ -170,3 +170,47 @@ fn prefix_split_covers_the_work_once_in_whole_chunks() {
         }
     }
 }
+
+/// The registry lists every entry of every kernel file once, each with the parameter struct
+/// its Rust wrapper passes and a file that the build compiles; the planners' geometry comes
+/// from it, so a plan and its kernel cannot disagree (the emulator also refuses a launch whose
+/// block size or shared memory differs from the kernel's).
+#[test]
+fn kernel_registry_is_complete_and_matches_the_rust_param_structs() {
+    use prefix_attn::device::kernels::{fatbin, BwdParams, FwdParams};
+    use prefix_attn::device::registry::{kernel, kernels};
+    let all = kernels();
+    let mut names: Vec<&str> = all.iter().map(|k| k.name).collect();
+    names.sort();
+    let before = names.len();
+    names.dedup();
+    assert_eq!(names.len(), before, "an entry registered twice: {names:?}");
+    for (file, want, size) in [
+        ("prefix_attn_fwd", 4, std::mem::size_of::<FwdParams>()),
+        ("prefix_attn_bwd", 15, std::mem::size_of::<BwdParams>()),
+        (
+            "dense",
+            15,
+            std::mem::size_of::<prefix_attn::device::dense::DenseParams>(),
+        ),
+    ] {
+        let of_file: Vec<_> = all.iter().filter(|k| k.file == file).collect();
+        assert_eq!(of_file.len(), want, "{file}: {of_file:?}");
+        assert!(
+            of_file.iter().all(|k| k.params_size == size),
+            "{file}: {of_file:?}"
+        );
+        assert!(fatbin(file).is_ok(), "{file} is not in build.rs's KERNELS");
+    }
+    assert_eq!(all.len(), 34, "{all:?}");
+    // The attention kernels' geometry is their traits': 4 warps of 16 rows in the forward,
+    // 64 keys a tile at head dim 64 and 32 at 128, double-buffered tiles.
+    let f = kernel("prefix_attn_fwd_d64_f16").unwrap();
+    assert_eq!((f.threads, f.block_m, f.block_n), (128, 64, 64));
+    assert_eq!(f.smem_bytes, (64 * 64 + 4 * 64 * 64) * 2);
+    let f = kernel("prefix_attn_fwd_d128_bf16").unwrap();
+    assert_eq!((f.threads, f.block_m, f.block_n), (128, 64, 32));
+    let pre = kernel("prefix_attn_bwd_dkv_pre_d128_f16").unwrap();
+    assert_eq!((pre.threads, pre.block_m, pre.block_n), (64, 32, 32));
+    assert!(kernel("prefix_attn_fwd_d96_f16").is_err());
+}

@@ -8,10 +8,7 @@
 //! engine's own buffers, wrapped with [`crate::tensor::TensorView::from_raw_parts`]).
 
 use super::dense::{self, dense_backend_ops, DenseLaunch, DenseParams, DenseRunner, GridCap};
-use super::kernels::{
-    plan_bwd, plan_fwd, BwdParams, FwdParams, KernelLaunch, DENSE_FATBIN, PREFIX_ATTN_BWD_FATBIN,
-    PREFIX_ATTN_FWD_FATBIN,
-};
+use super::kernels::{fatbin, plan_bwd, plan_fwd, BwdParams, FwdParams, KernelLaunch};
 use super::{AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
@@ -293,13 +290,9 @@ impl CudaBackend {
         if let Some(f) = funcs.get(name) {
             return Ok(f.clone());
         }
-        let (file, image) = if name.starts_with("prefix_attn_bwd") {
-            ("prefix_attn_bwd", PREFIX_ATTN_BWD_FATBIN)
-        } else if name.starts_with("prefix_attn_fwd") {
-            ("prefix_attn_fwd", PREFIX_ATTN_FWD_FATBIN)
-        } else {
-            ("dense", DENSE_FATBIN)
-        };
+        // The registry names the entry's source file; its fatbin carries that file's stem.
+        let file = super::registry::kernel(name)?.file;
+        let image = fatbin(file)?;
         let module = {
             let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
             match modules.get(file) {

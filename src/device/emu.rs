@@ -5,18 +5,20 @@
 //! return [`Error::Unsupported`] rather than falling back to another implementation.
 
 use super::cpu::CpuBackend;
-use super::dense::{self, dense_backend_ops, DenseLaunch, DenseParams, DenseRunner, GridCap};
-use super::kernels::{plan_bwd, plan_fwd, BwdParams, FwdParams};
+use super::dense::{self, dense_backend_ops, DenseLaunch, DenseRunner, GridCap};
+use super::kernels::{plan_bwd, plan_fwd};
 use super::{AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
-use std::ffi::{c_char, c_int, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::Mutex;
 
 extern "C" {
-    fn pa_emu_prefix_attn_fwd(
-        p: *const FwdParams,
+    fn pa_emu_launch(
+        name: *const c_char,
+        params: *const c_void,
+        params_size: usize,
         gx: u32,
         gy: u32,
         gz: u32,
@@ -30,26 +32,7 @@ extern "C" {
     fn pa_emu_selftest_names() -> *const c_char;
     fn pa_emu_planted_oob(write_out_of_bounds: c_int) -> c_int;
     fn pa_emu_set_schedule_reverse(reverse: c_int);
-    fn pa_emu_prefix_attn_bwd(
-        name: *const c_char,
-        p: *const BwdParams,
-        gx: u32,
-        gy: u32,
-        gz: u32,
-        threads: u32,
-        smem: usize,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
     fn pa_bwd_params_layout(out: *mut usize, n: usize) -> usize;
-    fn pa_emu_dense(
-        name: *const c_char,
-        p: *const DenseParams,
-        gx: u32,
-        threads: u32,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
     fn pa_dense_params_layout(out: *mut usize, n: usize) -> usize;
 }
 
@@ -64,11 +47,42 @@ pub fn run_dense(mut l: DenseLaunch) -> Result<()> {
     if let Some(idx) = &l.idx {
         l.params.idx = idx.as_ptr() as u64;
     }
-    let name = CString::new(l.entry).map_err(|_| Error::index("kernel", "name with a NUL byte"))?;
-    run_emu(l.entry, |err, len| {
-        // SAFETY: the planner derived every address from checked host views that the caller
-        // borrows for the duration of the call; `idx` lives in `l`.
-        unsafe { pa_emu_dense(name.as_ptr(), &l.params, l.blocks, l.threads, err, len) }
+    // SAFETY: the planner derived every address from checked host views that the caller
+    // borrows for the duration of the call; `idx` lives in `l`.
+    unsafe { launch(l.entry, &l.params, (l.blocks, 1, 1), l.threads, 0) }
+}
+
+/// Launches the registered kernel `entry` on the emulator with `params` (its parameter struct)
+/// and the plan's geometry. The registry checks the struct size and the block size against
+/// the kernel's own.
+///
+/// # Safety
+/// Every address in `params` must point to host memory that the kernel may read and write
+/// within the shapes and strides its planner validated, alive for the call.
+unsafe fn launch<P>(
+    entry: &str,
+    params: &P,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: usize,
+) -> Result<()> {
+    let name = CString::new(entry).map_err(|_| Error::index("kernel", "name with a NUL byte"))?;
+    run_emu(entry, |err, len| {
+        // SAFETY: as the caller promised; `params` is a live struct of size_of::<P>() bytes.
+        unsafe {
+            pa_emu_launch(
+                name.as_ptr(),
+                (params as *const P).cast(),
+                std::mem::size_of::<P>(),
+                grid.0,
+                grid.1,
+                grid.2,
+                threads,
+                smem,
+                err,
+                len,
+            )
+        }
     })
 }
 
@@ -112,24 +126,8 @@ pub fn attn_bwd(args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
     plan.params.partial = partial.as_mut_ptr() as u64;
     let _keep = grads;
     for l in &plan.launches {
-        let name =
-            CString::new(l.entry).map_err(|_| Error::index("kernel", "name with a NUL byte"))?;
-        run_emu(l.entry, |err, len| {
-            // SAFETY: as in `attn_fwd`; the scratch buffers live until the end of this function.
-            unsafe {
-                pa_emu_prefix_attn_bwd(
-                    name.as_ptr(),
-                    &plan.params,
-                    l.grid.0,
-                    l.grid.1,
-                    l.grid.2,
-                    l.threads,
-                    l.smem_bytes,
-                    err,
-                    len,
-                )
-            }
-        })?;
+        // SAFETY: as in `attn_fwd`; the scratch buffers live until the end of this function.
+        unsafe { launch(l.entry, &plan.params, l.grid, l.threads, l.smem_bytes)? };
     }
     Ok(())
 }
@@ -216,26 +214,20 @@ pub fn attn_fwd(args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
     plan.params.prefix_index = base;
     plan.params.seqlen_q = base + 4 * b as u64;
     plan.params.seqlen_k = base + 8 * b as u64;
-    let (gx, gy, gz) = plan.grid;
     // `out` is borrowed for the duration: the kernel writes through the addresses in `params`.
     let _keep = out;
-    run_emu(plan.entry, |err, len| {
-        // SAFETY: every address in `params` was derived from a checked view that outlives the
-        // call (args and out), and `meta` lives in `plan`; the kernel reads and writes only
-        // within the shapes and strides the plan validated.
-        unsafe {
-            pa_emu_prefix_attn_fwd(
-                &plan.params,
-                gx,
-                gy,
-                gz,
-                plan.threads,
-                plan.smem_bytes,
-                err,
-                len,
-            )
-        }
-    })
+    // SAFETY: every address in `params` was derived from a checked view that outlives the
+    // call (args and out), and `meta` lives in `plan`; the kernel reads and writes only within
+    // the shapes and strides the plan validated.
+    unsafe {
+        launch(
+            plan.entry,
+            &plan.params,
+            plan.grid,
+            plan.threads,
+            plan.smem_bytes,
+        )
+    }
 }
 
 /// The `emu` device.

@@ -2,6 +2,7 @@
 //! fatbins, and the launch plans that the `emu` and `cuda` devices share: every check on
 //! shapes, strides, alignment and dtypes happens here, before any launch.
 
+use super::registry::kernel;
 use crate::attn::{AttnFwdArgs, AttnFwdOut, AttnProblem};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorView};
@@ -10,11 +11,15 @@ mod fatbins {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-/// The dense GPT-2 kernels' fatbin (kernels/dense.cu), if nvcc was found at build time.
-pub const DENSE_FATBIN: Option<&[u8]> = fatbins::DENSE;
-
-/// The forward kernel's fatbin (sm_80, sm_90, compute_80 PTX), if nvcc was found at build time.
-pub const PREFIX_ATTN_FWD_FATBIN: Option<&[u8]> = fatbins::PREFIX_ATTN_FWD;
+/// The fatbin of the kernel file with stem `file` (`prefix_attn_fwd`, ...): `None` when nvcc
+/// was not found at build time; an error for a file the build does not know.
+pub fn fatbin(file: &str) -> Result<Option<&'static [u8]>> {
+    fatbins::FATBINS
+        .iter()
+        .find(|(stem, _)| *stem == file)
+        .map(|(_, image)| *image)
+        .ok_or_else(|| Error::Unsupported(format!("kernel file {file}: not in build.rs's KERNELS")))
+}
 
 /// Mirror of `PrefixAttnFwdParams` (kernels/common/params.h), passed by value to the kernel.
 #[repr(C)]
@@ -127,18 +132,13 @@ pub fn fwd_params_rust_layout() -> Vec<usize> {
     ]
 }
 
-/// Tile rows of the forward kernel (4 warps × 16 rows).
-pub const FWD_BLOCK_M: usize = 64;
-/// Threads per block of the forward kernel.
-pub const FWD_THREADS: u32 = 128;
-
 /// A checked forward launch: parameters (metadata addresses still to be filled by the device),
 /// geometry, and the metadata arrays `[prefix_index; seqlen_q; seqlen_k]`.
 #[derive(Clone, Debug)]
 pub struct FwdLaunch {
     /// Parameters.
     pub params: FwdParams,
-    /// Grid `(ceil(Tq / 64), Hq, B)`.
+    /// Grid `(ceil(Tq / block_m), Hq, B)`.
     pub grid: (u32, u32, u32),
     /// Threads per block.
     pub threads: u32,
@@ -313,6 +313,23 @@ fn base_params(
     Ok(params)
 }
 
+/// Block size of the prefix-gradient reduction (one thread per element).
+const REDUCE_THREADS: u32 = 256;
+
+/// Largest grid y and z a CUDA device accepts.
+const MAX_GRID_YZ: usize = 65_535;
+
+/// `v` as a grid dimension, or an error naming what overflowed.
+fn grid_dim(what: &str, v: usize, max: usize) -> Result<u32> {
+    if v > max {
+        return Err(Error::index(
+            what,
+            format!("{v} blocks in one grid dimension, a CUDA device takes at most {max}"),
+        ));
+    }
+    Ok(v as u32)
+}
+
 /// Validates a forward call for the CUDA kernels and plans its launch.
 pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
     let pr = args.check()?;
@@ -325,32 +342,27 @@ pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
     meta.extend(pr.prefix_of.iter().map(|p| p.map_or(-1, |n| n as i32)));
     meta.extend(pr.lens_q.iter().map(|&n| n as i32));
     meta.extend(pr.lens_k.iter().map(|&n| n as i32));
-    let block_n = if d <= 64 { 64 } else { 32 };
-    let smem_bytes = (FWD_BLOCK_M * d + 4 * block_n * d) * 2;
-    let entry = match (d, params.dtype) {
+    let k = kernel(match (d, params.dtype) {
         (64, 0) => "prefix_attn_fwd_d64_f16",
         (128, 0) => "prefix_attn_fwd_d128_f16",
         (64, _) => "prefix_attn_fwd_d64_bf16",
         _ => "prefix_attn_fwd_d128_bf16",
-    };
+    })?;
+    let grid = (
+        grid_dim("Tq", pr.tq.div_ceil(k.block_m), u32::MAX as usize)?,
+        grid_dim("Hq", pr.heads_q, MAX_GRID_YZ)?,
+        grid_dim("B", pr.batch, MAX_GRID_YZ)?,
+    );
     Ok(FwdLaunch {
         params,
-        grid: (
-            u32::try_from(pr.tq.div_ceil(FWD_BLOCK_M))
-                .map_err(|_| Error::index("Tq", "too large"))?,
-            pr.heads_q as u32,
-            pr.batch as u32,
-        ),
-        threads: FWD_THREADS,
-        smem_bytes,
-        entry,
+        grid,
+        threads: k.threads,
+        smem_bytes: k.smem_bytes,
+        entry: k.name,
         meta,
         problem: pr,
     })
 }
-
-/// The backward kernels' fatbin, if nvcc was found at build time.
-pub const PREFIX_ATTN_BWD_FATBIN: Option<&[u8]> = fatbins::PREFIX_ATTN_BWD;
 
 /// Mirror of `PrefixAttnBwdParams` (kernels/common/params.h).
 #[repr(C)]
@@ -582,14 +594,18 @@ pub fn plan_bwd(
     let (dvp, dvp_s) = out32("dv_pre", &grads.dv_pre)?;
     dims_of("d_o", &args.d_o, &pr.q_dims())?;
     let do_s = i64s("d_o", args.d_o.strides())?;
-    let block_n = if d <= 64 { 64 } else { 32 };
-    let dkv_rows = if d <= 64 { 64 } else { 32 };
-    let prefix_tiles = pr.prefix_len.div_ceil(block_n).max(1);
+    let dt = if f.dtype == 0 { "f16" } else { "bf16" };
+    let dq_k = kernel(&format!("prefix_attn_bwd_dq_{suffix}"))?;
+    let seq_k = kernel(&format!("prefix_attn_bwd_dkv_seq_{suffix}"))?;
+    let pre_k = kernel(&format!("prefix_attn_bwd_dkv_pre_{suffix}"))?;
+    let delta_k = kernel(&format!("prefix_attn_bwd_delta_{dt}"))?;
+    let reduce_k = kernel("prefix_attn_bwd_reduce")?;
+    let prefix_tiles = pr.prefix_len.div_ceil(pre_k.block_n).max(1);
     let split = prefix_split(
         prefix_tiles * pr.heads_kv * pr.num_prefixes.max(1),
         pr.batch,
         pr.heads_q / pr.heads_kv,
-        pr.tq.div_ceil(dkv_rows),
+        pr.tq.div_ceil(pre_k.block_m),
     );
     let params = BwdParams {
         f,
@@ -626,74 +642,57 @@ pub fn plan_bwd(
         split_qtiles: split.qtiles as i32,
     };
     let splits = split.splits();
-    let name = |s: &str| -> &'static str {
-        // The entry names are a fixed set; leak-free lookup through a match on the suffix.
-        match (s, suffix) {
-            ("dq", "d64_f16") => "prefix_attn_bwd_dq_d64_f16",
-            ("dq", "d128_f16") => "prefix_attn_bwd_dq_d128_f16",
-            ("dq", "d64_bf16") => "prefix_attn_bwd_dq_d64_bf16",
-            ("dq", _) => "prefix_attn_bwd_dq_d128_bf16",
-            ("seq", "d64_f16") => "prefix_attn_bwd_dkv_seq_d64_f16",
-            ("seq", "d128_f16") => "prefix_attn_bwd_dkv_seq_d128_f16",
-            ("seq", "d64_bf16") => "prefix_attn_bwd_dkv_seq_d64_bf16",
-            ("seq", _) => "prefix_attn_bwd_dkv_seq_d128_bf16",
-            ("pre", "d64_f16") => "prefix_attn_bwd_dkv_pre_d64_f16",
-            ("pre", "d128_f16") => "prefix_attn_bwd_dkv_pre_d128_f16",
-            ("pre", "d64_bf16") => "prefix_attn_bwd_dkv_pre_d64_bf16",
-            _ => "prefix_attn_bwd_dkv_pre_d128_bf16",
-        }
-    };
-    let u = |v: usize| {
-        u32::try_from(v).map_err(|_| Error::index("grid", format!("{v} blocks do not fit")))
-    };
     let (b, hq, hkv, tq, tk) = (pr.batch, pr.heads_q, pr.heads_kv, pr.tq, pr.tk);
-    let dkv_threads = (block_n / 16 * 32) as u32;
-    // K and V of the tile, two buffers of (Q, dO) tiles and of (lse, delta) rows.
-    let dkv_smem = (2 * block_n + 4 * dkv_rows) * d * 2 + 4 * dkv_rows * 4;
-    let mut launches = vec![KernelLaunch {
-        entry: if f.dtype == 0 {
-            "prefix_attn_bwd_delta_f16"
-        } else {
-            "prefix_attn_bwd_delta_bf16"
-        },
-        grid: (u(tq.div_ceil(4))?, u(hq)?, u(b)?),
-        threads: 128,
-        smem_bytes: 0,
-    }];
+    let launch = |k: &'static super::registry::KernelInfo,
+                  grid: (usize, usize, usize),
+                  threads: u32|
+     -> Result<KernelLaunch> {
+        Ok(KernelLaunch {
+            entry: k.name,
+            grid: (
+                grid_dim(k.name, grid.0, u32::MAX as usize)?,
+                grid_dim(k.name, grid.1, MAX_GRID_YZ)?,
+                grid_dim(k.name, grid.2, MAX_GRID_YZ)?,
+            ),
+            threads,
+            smem_bytes: k.smem_bytes,
+        })
+    };
+    let mut launches = vec![launch(
+        delta_k,
+        (tq.div_ceil(delta_k.block_m), hq, b),
+        delta_k.threads,
+    )?];
     if seq {
-        launches.push(KernelLaunch {
-            entry: name("dq"),
-            grid: (u(tq.div_ceil(64))?, u(hq)?, u(b)?),
-            threads: 128,
-            // Q and dO tiles, two buffers of (K, V) tiles.
-            smem_bytes: (2 * 64 + 4 * block_n) * d * 2,
-        });
-        launches.push(KernelLaunch {
-            entry: name("seq"),
-            grid: (u(tk.div_ceil(block_n))?, u(hkv)?, u(b)?),
-            threads: dkv_threads,
-            smem_bytes: dkv_smem,
-        });
+        launches.push(launch(
+            dq_k,
+            (tq.div_ceil(dq_k.block_m), hq, b),
+            dq_k.threads,
+        )?);
+        launches.push(launch(
+            seq_k,
+            (tk.div_ceil(seq_k.block_n), hkv, b),
+            seq_k.threads,
+        )?);
     }
     let per = pr.num_prefixes * pr.prefix_len * hkv * d;
     let wants_prefix = per > 0 && (grads.dk_pre.is_some() || grads.dv_pre.is_some());
     if wants_prefix {
-        launches.push(KernelLaunch {
-            entry: name("pre"),
-            grid: (
-                u(pr.prefix_len.div_ceil(block_n))?,
-                u(hkv)?,
-                u(pr.num_prefixes * splits)?,
+        launches.push(launch(
+            pre_k,
+            (
+                pr.prefix_len.div_ceil(pre_k.block_n),
+                hkv,
+                pr.num_prefixes * splits,
             ),
-            threads: dkv_threads,
-            smem_bytes: dkv_smem,
-        });
-        launches.push(KernelLaunch {
-            entry: "prefix_attn_bwd_reduce",
-            grid: (u((2 * per).div_ceil(256))?, 1, 1),
-            threads: 256,
-            smem_bytes: 0,
-        });
+            pre_k.threads,
+        )?);
+        // One thread per element of dK_pre and dV_pre.
+        launches.push(launch(
+            reduce_k,
+            ((2 * per).div_ceil(REDUCE_THREADS as usize), 1, 1),
+            REDUCE_THREADS,
+        )?);
     }
     let mut meta = Vec::with_capacity(3 * b);
     meta.extend(pr.prefix_of.iter().map(|p| p.map_or(-1, |n| n as i32)));
