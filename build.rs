@@ -2,8 +2,9 @@
 //!
 //! 1. Compiles every CUDA kernel file with nvcc into a fatbin (sm_80 and sm_90 machine code
 //!    plus compute_80 PTX, which later GPUs JIT), embedded in the crate, and keeps the `.ptx`
-//!    in OUT_DIR for inspection. ptxas `-v` lines (registers, spills, shared memory) become
-//!    cargo warnings. nvcc is found through `NVCC`, `CUDA_HOME`/`CUDA_PATH`, then `PATH`.
+//!    in OUT_DIR for inspection. ptxas `-v` spill lines become cargo warnings where a kernel
+//!    spills (every register/spill line with `PREFIX_ATTN_VERBOSE_BUILD=1`). nvcc is found
+//!    through `NVCC`, `CUDA_HOME`/`CUDA_PATH`, then `PATH`.
 //!    Without nvcc the crate builds without GPU kernels (the CUDA device says so at run time);
 //!    `PREFIX_ATTN_REQUIRE_NVCC=1` turns that into a build error.
 //! 2. Compiles the same kernel sources with the system C++ compiler against the CPU emulator
@@ -49,6 +50,7 @@ fn main() {
         "CUDA_PATH",
         "PATH",
         "PREFIX_ATTN_REQUIRE_NVCC",
+        "PREFIX_ATTN_VERBOSE_BUILD",
     ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
@@ -206,12 +208,20 @@ fn compile_kernel(nvcc: &Path, src: &str, stem: &str, out: &Path) -> Result<Path
     ])?;
     // ptxas -v: "Compiling entry function '...' for 'sm_80'", "Used N registers, ...",
     // "N bytes stack frame, N bytes spill stores, N bytes spill loads".
+    // Shown only where a kernel spills, or for every kernel with PREFIX_ATTN_VERBOSE_BUILD=1
+    // (scripts/kernel-report.sh gives the full table).
+    let verbose = env::var("PREFIX_ATTN_VERBOSE_BUILD").is_ok_and(|v| v == "1");
     let mut entry = String::new();
     for line in log.lines() {
         let l = line.trim_start_matches("ptxas info    : ").trim();
         if let Some(rest) = l.strip_prefix("Compiling entry function") {
             entry = rest.trim().to_string();
-        } else if l.starts_with("Used") || l.contains("spill") {
+        } else if l.contains("spill") {
+            let spills = !l.contains(" 0 bytes spill stores") || !l.contains(" 0 bytes spill loads");
+            if verbose || spills {
+                println!("cargo:warning=ptxas {entry}: {l}");
+            }
+        } else if verbose && l.starts_with("Used") {
             println!("cargo:warning=ptxas {entry}: {l}");
         }
     }
