@@ -513,6 +513,8 @@ def report(args) -> int:
                         "loop": a["loop"],
                         "total": a["total"],
                     }
+                    # Above 48 KiB a launch needs the opt-in attribute (the cuda device sets it).
+                    row["needs_smem_optin"] = bool(launch) and static + launch["smem_bytes"] > 48 * 1024
                     if launch and row["regs"] is not None:
                         row["occupancy"] = occupancy(arch, row["regs"], launch["threads"], static, launch["smem_bytes"])
                         lb = row["launch_bounds_max_threads"]
