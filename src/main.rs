@@ -60,6 +60,13 @@ enum Cmd {
     },
     /// List the named attention shapes of the benchmarks (DESIGN.md §6) with their FLOPs.
     Shapes,
+    /// List every CUDA kernel's launch geometry (threads per block, dynamic shared memory)
+    /// as the planners compute it; `scripts/kernel-report.sh` reads `--json`.
+    Kernels {
+        /// Print one JSON object: {"launches": [{entry, threads, smem_bytes, planner, problem}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate a GPT-2 (with an optional prefix adapter) on a JSONL file and print one
     /// JSON object: loss (token-weighted mean over every counted target), tokens, perplexity.
     Eval {
@@ -836,6 +843,20 @@ fn run(cli: Cli) -> Result<()> {
                     s.causal,
                     s.fwd_flops() / 1e9
                 );
+            }
+            Ok(())
+        }
+        Cmd::Kernels { json } => {
+            let rows = prefix_attn::device::launch_table::launch_table()?;
+            if json {
+                println!("{}", serde_json::json!({ "launches": rows }));
+            } else {
+                for r in rows {
+                    println!(
+                        "{:<36} threads {:<4} dynamic smem {:>6} B  ({}, {})",
+                        r.entry, r.threads, r.smem_bytes, r.planner, r.problem
+                    );
+                }
             }
             Ok(())
         }

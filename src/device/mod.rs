@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod dense;
 pub mod emu;
 pub mod kernels;
+pub mod launch_table;
 pub mod registry;
 pub mod simd;
 
