@@ -9,6 +9,8 @@
 #   scripts/kernel-report.sh --check         also judge the goals, PASS/FAIL each (exit 1 on a FAIL)
 #   scripts/kernel-report.sh --fatbin-dir D  report on the fatbins in D (an OUT_DIR) instead
 #   scripts/kernel-report.sh --kernels RE    only kernels whose name matches RE
+#   scripts/kernel-report.sh --debug         use the dev profile (reuses a `cargo test` build;
+#                                            the fatbins are the same in both profiles)
 #
 # It installs what it needs: the pinned nvcc (scripts/install-nvcc.sh) and, into the same
 # venv, the pinned cuobjdump and nvdisasm wheels (13.2.x reads the 13.0 compiler's cubins).
@@ -18,12 +20,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fatbin_dir=""
+profile=release
 pass=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --fatbin-dir)
             fatbin_dir=${2:?--fatbin-dir needs a directory}
             shift 2
+            ;;
+        --debug)
+            profile=debug
+            shift
             ;;
         --json | --check)
             pass+=("$1")
@@ -34,7 +41,7 @@ while [ $# -gt 0 ]; do
             shift 2
             ;;
         -h | --help)
-            sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -61,14 +68,16 @@ done
 target=${CARGO_TARGET_DIR:-target}
 # The launch table comes from this checkout's planners (`prefix-attn kernels --json`);
 # building the release binary also builds the fatbins.
-echo "kernel-report: cargo build --release" >&2
-PREFIX_ATTN_REQUIRE_NVCC=1 cargo build --release -q >&2
+cargo_profile=()
+[ "$profile" = release ] && cargo_profile=(--release)
+echo "kernel-report: cargo build ${cargo_profile[*]} --bin prefix-attn" >&2
+PREFIX_ATTN_REQUIRE_NVCC=1 cargo build "${cargo_profile[@]}" -q --bin prefix-attn >&2
 if [ -z "$fatbin_dir" ]; then
     # The newest OUT_DIR of this profile that holds the forward's fatbin.
-    newest=$(find "$target"/release/build -path '*/prefix-attn-*/out/prefix_attn_fwd.fatbin' \
+    newest=$(find "$target/$profile/build" -path '*/prefix-attn-*/out/prefix_attn_fwd.fatbin' \
         -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -n 1 | cut -d' ' -f2- || true)
     if [ -z "$newest" ]; then
-        echo "kernel-report: no $target/release/build/prefix-attn-*/out/prefix_attn_fwd.fatbin after the build" >&2
+        echo "kernel-report: no $target/$profile/build/prefix-attn-*/out/prefix_attn_fwd.fatbin after the build" >&2
         exit 1
     fi
     fatbin_dir=$(dirname "$newest")
@@ -77,7 +86,7 @@ echo "kernel-report: fatbins in $fatbin_dir" >&2
 
 launches=$(mktemp)
 trap 'rm -f "$launches"' EXIT
-"$target/release/prefix-attn" kernels --json >"$launches"
+"$target/$profile/prefix-attn" kernels --json >"$launches"
 
 python3 tools/kernel_report.py report --fatbin-dir "$fatbin_dir" \
     --cuobjdump "$cuobjdump" --nvdisasm "$nvdisasm" --launches "$launches" "${pass[@]}"
