@@ -431,6 +431,8 @@ fn run_training(mut cfg: TrainConfig, be: &dyn Backend) -> Result<(TrainReport, 
     {
         cfg.interrupt = Some(Interrupt::on_signals()?);
     }
+    #[cfg(not(unix))]
+    let _ = &mut cfg;
     let mut progress = Progress::new();
     let r = train_observed(&cfg, be, &mut progress);
     progress.finish();
@@ -526,7 +528,17 @@ fn backend_for(device: &str) -> Result<Box<dyn Backend>> {
         }
         return prefix_attn::device::backend(Device::Cpu);
     }
-    prefix_attn::device::backend(device.parse()?)
+    prefix_attn::device::backend(parse_device(device)?)
+}
+
+/// A `--device` value (`auto` is handled by [`backend_for`]).
+fn parse_device(device: &str) -> Result<Device> {
+    device.parse().map_err(|_| {
+        Error::index(
+            "--device",
+            format!("{device:?}: expected cpu, cuda, cuda:N, emu or auto"),
+        )
+    })
 }
 
 /// The model, its tokenizer and the adapter's prefix, loaded and checked against each other.
@@ -938,7 +950,7 @@ fn run_tools(cmd: Cmd) -> Result<()> {
                     0 => None,
                     _ => Some(prefix_attn::device::cuda::CudaBackend::new(0)?),
                 },
-                other => match other.parse::<Device>()? {
+                other => match parse_device(other)? {
                     Device::Cuda(n) => Some(prefix_attn::device::cuda::CudaBackend::new(n)?),
                     _ => None,
                 },
@@ -1132,7 +1144,7 @@ fn run_tools(cmd: Cmd) -> Result<()> {
             device,
             seed,
         } => {
-            let device: Device = device.parse()?;
+            let device: Device = parse_device(&device)?;
             if device != Device::Cpu {
                 prefix_attn::device::backend(device)?;
             }

@@ -295,7 +295,7 @@ fn bad_generate_arguments() {
             "--device",
             "tpu",
         ]),
-        &["tpu"],
+        &["--device", "tpu"],
     );
 }
 

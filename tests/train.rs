@@ -1171,6 +1171,25 @@ fn no_prefix_projection_matches_peft() {
             assert_eq!(v["prefix_projection"], false);
             assert!(v["encoder_hidden_size"].is_null());
         }
+        // An adapter's prompt_embeddings (here PEFT's own adapter folder) start a run too.
+        let out = tmp(&format!("noproj-{model}-from-adapter"));
+        let cfg = TrainConfig {
+            init: Some(fixture(model).join("adapter/adapter_model.safetensors")),
+            prefix_projection: false,
+            length: Length::Steps(1),
+            ..base_config(model, out.clone())
+        };
+        let r = train(&cfg, &CpuBackend, &mut |_| true).unwrap();
+        let loss = SafetensorsFile::open(&fixture(model).join("expected.safetensors"))
+            .unwrap()
+            .f64("loss")
+            .unwrap()
+            .1[0];
+        assert!(
+            (r.losses[0] - loss).abs() < 1e-5 * loss,
+            "{} vs {loss}",
+            r.losses[0]
+        );
         // One SGD step of lr 1 against the MLP fixture's own prefix gradient: a second,
         // independent reference (PEFT's `grad.prefix` is the gradient of the mean loss with
         // respect to the prefix).
