@@ -1356,3 +1356,42 @@ fn evaluation_during_training_keeps_the_best_adapter() {
         );
     }
 }
+
+/// The library side of an interrupt: a flag set from anywhere (here the step callback) stops
+/// the run after the current step with a checkpoint of it; resuming ends as an uninterrupted
+/// run.
+#[test]
+fn an_interrupt_request_checkpoints_the_step_reached() {
+    use prefix_attn::train::trainer::Interrupt;
+    let full = tmp("intr-full");
+    train(&small_batch_config(full.clone()), &CpuBackend, &mut |_| {
+        true
+    })
+    .unwrap();
+    let want = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
+    let out = tmp("intr");
+    let flag = Interrupt::new();
+    let cfg = TrainConfig {
+        interrupt: Some(flag.clone()),
+        ..small_batch_config(out.clone())
+    };
+    // save_every 2: without the interrupt the last checkpoint would be step 2.
+    let r = train(&cfg, &CpuBackend, &mut |s| {
+        if s.step == 3 {
+            flag.request();
+        }
+        true
+    })
+    .unwrap();
+    assert!(r.interrupted && !r.completed && r.signal.is_none());
+    assert_eq!((r.steps, r.checkpoint_step), (3, Some(3)));
+    assert!(!out.join("adapter_model.safetensors").exists());
+    let mut c = small_batch_config(out.clone());
+    c.resume = true;
+    let r = train(&c, &CpuBackend, &mut |_| true).unwrap();
+    assert!(r.completed && r.steps_run == 4);
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        want
+    );
+}
