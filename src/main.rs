@@ -347,9 +347,11 @@ impl Progress {
         }
     }
 
+    /// Leaves the bar as it is and moves what follows to a line of its own.
     fn finish(&mut self) {
         if let Some(b) = self.bar.take() {
             b.abandon();
+            eprintln!();
         }
     }
 }
