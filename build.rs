@@ -217,7 +217,8 @@ fn compile_kernel(nvcc: &Path, src: &str, stem: &str, out: &Path) -> Result<Path
         if let Some(rest) = l.strip_prefix("Compiling entry function") {
             entry = rest.trim().to_string();
         } else if l.contains("spill") {
-            let spills = !l.contains(" 0 bytes spill stores") || !l.contains(" 0 bytes spill loads");
+            let spills =
+                !l.contains(" 0 bytes spill stores") || !l.contains(" 0 bytes spill loads");
             if verbose || spills {
                 println!("cargo:warning=ptxas {entry}: {l}");
             }

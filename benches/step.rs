@@ -30,6 +30,7 @@ fn bench(c: &mut Criterion) {
             token_dim: cfg.n_embd,
             hidden: s.mid_dim,
             num_layers: cfg.n_layer,
+            projection: true,
         };
         let enc = PrefixEncoder::init(dims, 0, &be).expect("encoder");
         let adamw = OptimizerKind::AdamW {

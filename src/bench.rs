@@ -129,6 +129,7 @@ pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
         token_dim: cfg.n_embd,
         hidden: s.mid_dim,
         num_layers: cfg.n_layer,
+        projection: true,
     };
     let enc = PrefixEncoder::init(dims, 0, be)?;
     let opt = Optimizer::new(

@@ -10,21 +10,22 @@ use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::gpt2::random::{small_config, write_random_model};
 use crate::gpt2::tokenizer::Tokenizer;
-use crate::gpt2::{generate, Activations, Gpt2, LossSum};
+use crate::gpt2::{generate, Gpt2};
 use crate::io::write_atomic;
 use crate::prefix::PrefixAdapter;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
-use crate::train::data::{batch_of, load_jsonl, DataLimits, Example};
-use crate::train::optim::{OptimizerKind, Schedule};
-use crate::train::{train, Length, StepInfo, TrainConfig};
+use crate::train::data::{load_jsonl, DataLimits, Example};
+use crate::train::optim::Schedule;
+use crate::train::trainer::{evaluate, train_observed, TrainObserver};
+use crate::train::{train, Length, TrainConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Settings of a demo run.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
-    /// Output folder (recreated if it holds an earlier demo).
+    /// Output folder (recreated if it holds an earlier demo; [`default_out`] by default).
     pub out: PathBuf,
     /// Training steps.
     pub steps: usize,
@@ -39,12 +40,24 @@ pub struct DemoOptions {
 impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
-            out: PathBuf::from("prefix-attn-demo"),
+            out: default_out(),
             steps: 300,
             train_examples: 400,
             eval_examples: 40,
             seed: 0,
         }
+    }
+}
+
+/// Where the demo writes by default: `target/prefix-attn-demo` when the current folder has
+/// a `target/` folder (a cargo checkout), else `prefix-attn-demo` in the system's temporary
+/// folder. Never the current folder itself.
+pub fn default_out() -> PathBuf {
+    let target = Path::new("target");
+    if target.is_dir() {
+        target.join("prefix-attn-demo")
+    } else {
+        std::env::temp_dir().join("prefix-attn-demo")
     }
 }
 
@@ -161,17 +174,7 @@ fn mean_loss(
     prefix: Option<&Tensor>,
     data: &[Example],
 ) -> Result<f64> {
-    let mut total = LossSum { sum: 0.0, count: 0 };
-    for chunk in data.chunks(16) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let batch = batch_of(&refs)?;
-        let mut acts =
-            Activations::new(model, be, batch.batch_size, batch.seq_len, false)?.counted_only();
-        let l = model.forward(be, &batch, prefix, &mut acts, None)?;
-        total.sum += l.sum;
-        total.count += l.count;
-    }
-    Ok(total.mean())
+    Ok(evaluate(model, be, prefix, data, 16)?.mean())
 }
 
 fn prefix_of(dir: &Path, model: &Gpt2, be: &dyn Backend) -> Result<Tensor> {
@@ -184,12 +187,15 @@ fn prefix_of(dir: &Path, model: &Gpt2, be: &dyn Backend) -> Result<Tensor> {
     )?)
 }
 
-/// Runs the demo; `on_step` sees every training step.
+/// Runs the demo; `observer` sees the training run.
 pub fn run_demo(
     opts: &DemoOptions,
     be: &dyn Backend,
-    on_step: &mut dyn FnMut(&StepInfo) -> bool,
+    observer: &mut dyn TrainObserver,
 ) -> Result<DemoReport> {
+    if opts.steps == 0 {
+        return Err(Error::index("--steps", "must be at least 1"));
+    }
     let out = &opts.out;
     if out.exists() {
         let is_demo = out.join(MARKER).exists();
@@ -244,10 +250,6 @@ pub fn run_demo(
 
     let (prefix_len, mid_dim) = (8, 128);
     let tc = TrainConfig {
-        model: model_dir.clone(),
-        data: train_path,
-        out: out.join("run"),
-        init: None,
         prefix_len,
         mid_dim,
         length: Length::Steps(opts.steps),
@@ -255,24 +257,16 @@ pub fn run_demo(
         lr: 3e-3,
         schedule: Schedule::Linear,
         warmup_steps: opts.steps / 20,
-        optimizer: OptimizerKind::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
         seed: opts.seed,
         save_every: 100,
-        log: None,
-        resume: false,
+        eval_data: Some(eval_path.clone()),
+        eval_every: (opts.steps / 10).max(1),
+        ..TrainConfig::new(model_dir.clone(), train_path, out.join("run"))
     };
 
     let model = Gpt2::load(&model_dir, be)?;
     let tok = Tokenizer::load(&model_dir.join("tokenizer.json"))?;
-    let limits = DataLimits {
-        vocab_size: vocab,
-        max_len: cfg.n_positions - prefix_len,
-    };
+    let limits = DataLimits::new(vocab, cfg.n_positions - prefix_len);
     let eval = load_jsonl(&eval_path, Some(&tok), Some(0), limits)?;
     // The untrained prefix: the same seeded initialisation, zero steps.
     let init_cfg = TrainConfig {
@@ -285,7 +279,7 @@ pub fn run_demo(
     let loss_no_prefix = mean_loss(&model, be, None, &eval)?;
     let loss_before = mean_loss(&model, be, Some(&untrained), &eval)?;
 
-    train(&tc, be, on_step)?;
+    train_observed(&tc, be, observer)?;
     let trained = prefix_of(&tc.out, &model, be)?;
     let loss_after = mean_loss(&model, be, Some(&trained), &eval)?;
 

@@ -8,28 +8,35 @@ use prefix_attn::attn::testing::{
 };
 use prefix_attn::attn::{cpu, naive};
 use prefix_attn::bench::{bench_attn_cpu, bench_attn_device, bench_step, cpu_ceilings, StepBench};
-use prefix_attn::demo::{run_demo, DemoOptions};
+use prefix_attn::demo::{default_out, run_demo, DemoOptions};
 use prefix_attn::device::{Backend, Device};
+use prefix_attn::gpt2::generate::{self, Finish};
 use prefix_attn::gpt2::tokenizer::Tokenizer;
-use prefix_attn::gpt2::{generate, Activations, Gpt2, LossSum};
+use prefix_attn::gpt2::Gpt2;
 use prefix_attn::prefix::PrefixAdapter;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::DType;
 use prefix_attn::tensor::Tensor;
-use prefix_attn::train::data::{batch_of, load_jsonl, DataLimits, Example};
+use prefix_attn::train::data::{load_jsonl_stats, DataLimits, DataStats, Truncation};
 use prefix_attn::train::optim::OptimizerKind;
-use prefix_attn::train::{train, Length, StepInfo, TrainConfig, TrainReport};
+use prefix_attn::train::trainer::{
+    evaluate, train_observed, EvalInfo, Interrupt, RunStart, TrainObserver,
+};
+use prefix_attn::train::{Length, StepInfo, TrainConfig, TrainReport};
 use prefix_attn::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-/// Fused prefix attention (prefix-tuning) kernels and tools.
+/// Prefix-tuning of a frozen GPT-2, and the fused prefix-attention kernels it runs on.
 ///
-/// What exists so far: evaluation and greedy generation with a GPT-2 (Hugging Face folder)
-/// and an optional PEFT prefix-tuning adapter, on the CPU; the CPU prefix attention with
-/// its f64 oracle and the naive-concat baseline. The frozen model runs in eval form: no
-/// dropout. Training and the CUDA kernels are being built.
+/// Trains prefixes (PEFT prefix tuning, with or without the MLP reparameterisation) on a
+/// Hugging Face GPT-2 folder, evaluates and generates with them, and reads and writes PEFT
+/// adapter folders (`PeftModel.from_pretrained` loads ours, ours load theirs). Runs on the CPU
+/// (f32, the reference), on CUDA GPUs (fp16, our kernels) and on a CPU emulator of those
+/// kernels. The frozen model runs in eval form: no dropout.
+///
+/// Start with `prefix-attn demo` (no download), then `train`, `eval`, `generate`.
 #[derive(Parser)]
 #[command(name = "prefix-attn", version)]
 struct Cli {
@@ -37,8 +44,104 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The device flag's help, shared by every command that runs the model.
+const DEVICE_HELP: &str =
+    "Device: cpu, cuda[:N], emu (the CUDA kernels on the CPU emulator; slow) or auto";
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Train a prefix (PEFT prefix tuning) on a frozen GPT-2 and write a PEFT adapter to
+    /// --out. The model runs in eval form: no dropout. Ctrl-C (or SIGTERM) writes a
+    /// checkpoint and stops; --resume continues.
+    Train(Box<TrainArgs>),
+    /// Evaluate a GPT-2 (with an optional prefix adapter) on a JSONL file and print one
+    /// JSON object: loss (token-weighted mean over every counted target), tokens, perplexity.
+    Eval {
+        /// Hugging Face model folder (config.json, model.safetensors or its shards, and a
+        /// tokenizer for text data).
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT prefix-tuning adapter folder (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// JSONL data: {"input_ids", "labels"}, {"prompt", "completion"} or {"text"} per line.
+        #[arg(long)]
+        data: PathBuf,
+        /// Sequences per forward pass (memory, not results).
+        #[arg(long, default_value_t = 10)]
+        batch_size: usize,
+        /// Longest example in tokens (default: n_positions minus the prefix length); longer
+        /// ones are truncated (see --truncate).
+        #[arg(long)]
+        max_length: Option<usize>,
+        /// Truncate long examples: left or right (the prompt first, from that side; then the
+        /// end of the completion). Default right when --max-length is given; without either,
+        /// a long example is an error.
+        #[arg(long)]
+        truncate: Option<String>,
+        #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
+        device: String,
+    },
+    /// Greedy generation with a KV cache that keeps the prefix; stops at EOS, after
+    /// --max-new-tokens, or at the end of the model's context.
+    Generate {
+        /// Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT prefix-tuning adapter folder.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Prompt text (needs the model folder's tokenizer).
+        #[arg(
+            long,
+            conflicts_with = "input_ids",
+            required_unless_present = "input_ids"
+        )]
+        prompt: Option<String>,
+        /// Prompt token ids, separated by commas and/or spaces ("1,2", "1, 2", "[1, 2]").
+        #[arg(long, allow_hyphen_values = true)]
+        input_ids: Option<String>,
+        /// Most new tokens (fewer when the context ends first).
+        #[arg(long, default_value_t = 20)]
+        max_new_tokens: usize,
+        /// Print {"ids", "text", "finish_reason"} instead of the text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
+        device: String,
+    },
+    /// The main job on an embedded default: build a small random GPT-2 and a table-to-text
+    /// data set, train a prefix, and show held-out loss and generations (no download).
+    Demo {
+        /// Output folder (an earlier demo there is replaced) [default: target/prefix-attn-demo
+        /// in a cargo checkout, else prefix-attn-demo in the temporary folder].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Training steps.
+        #[arg(long, default_value_t = 300)]
+        steps: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
+        device: String,
+    },
+    /// Print the token ids of a text with a model folder's tokenizer (what --input-ids takes).
+    Tokenize {
+        /// Hugging Face model folder (tokenizer.json, or vocab.json + merges.txt).
+        #[arg(long)]
+        model: PathBuf,
+        /// The text.
+        text: String,
+        /// Print {"ids", "tokens"} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Run prefix attention on random inputs and print its error against the f64 oracle and
     /// the naive concat, as one JSON object.
     CheckAttn {
@@ -51,14 +154,13 @@ enum Cmd {
         /// Element type: f32, f16 or bf16.
         #[arg(long, default_value = "f16")]
         dtype: String,
-        /// Device: cpu, cuda[:N], emu (the kernels on the CPU emulator; slow) or auto.
-        #[arg(long, default_value = "cpu")]
+        #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
         device: String,
         /// Random seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// List the named attention shapes of the benchmarks (DESIGN.md §6) with their FLOPs.
+    /// List the named attention shapes of the benchmarks with their FLOPs.
     Shapes,
     /// List every CUDA kernel's launch geometry (threads per block, dynamic shared memory)
     /// as the planners compute it; `scripts/kernel-report.sh` reads `--json`.
@@ -67,109 +169,50 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Evaluate a GPT-2 (with an optional prefix adapter) on a JSONL file and print one
-    /// JSON object: loss (token-weighted mean over every counted target), tokens, perplexity.
-    Eval {
-        /// Hugging Face model folder (config.json, model.safetensors, optional tokenizer.json).
-        #[arg(long)]
-        model: PathBuf,
-        /// PEFT prefix-tuning adapter folder (adapter_config.json, adapter_model.safetensors).
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// JSONL data: {"input_ids": [...], "labels": [...]} or {"prompt": ..., "completion": ...} per line.
-        #[arg(long)]
-        data: PathBuf,
-        /// Sequences per forward pass.
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        /// Device: cpu, cuda[:N], emu (the kernels on the CPU emulator; slow) or auto.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
-    /// The main job on an embedded default: build a small random GPT-2 and a table-to-text
-    /// data set, train a prefix, and show held-out loss and generations (no download).
-    Demo {
-        /// Output folder (an earlier demo there is replaced).
-        #[arg(long, default_value = "prefix-attn-demo")]
-        out: PathBuf,
-        /// Training steps.
-        #[arg(long, default_value_t = 300)]
-        steps: usize,
-        /// Seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Device: cpu, cuda[:N], emu (the kernels on the CPU emulator; slow) or auto.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
-    /// Train a prefix (MLP-reparameterised, PEFT prefix tuning) on a frozen GPT-2. The model
-    /// runs in eval form: no dropout. Writes a PEFT adapter to --out.
-    Train(TrainArgs),
-    /// Benchmarks.
-    Bench {
-        #[command(subcommand)]
-        what: BenchCmd,
-    },
-    /// Greedy generation with a KV cache that keeps the prefix; stops at EOS.
-    Generate {
-        /// Hugging Face model folder.
-        #[arg(long)]
-        model: PathBuf,
-        /// PEFT prefix-tuning adapter folder.
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// Prompt text (needs tokenizer.json in the model folder).
-        #[arg(
-            long,
-            conflicts_with = "input_ids",
-            required_unless_present = "input_ids"
-        )]
-        prompt: Option<String>,
-        /// Prompt token ids, comma-separated.
-        #[arg(long, value_delimiter = ',')]
-        input_ids: Option<Vec<u32>>,
-        /// Most new tokens.
-        #[arg(long, default_value_t = 20)]
-        max_new_tokens: usize,
-        /// Print {"ids": [...new tokens...], "text": ...} instead of the text.
-        #[arg(long)]
-        json: bool,
-        /// Device: cpu, cuda[:N], emu (the kernels on the CPU emulator; slow) or auto.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
 }
 
 /// Arguments of `train`.
 #[derive(clap::Args, Clone)]
 struct TrainArgs {
-    /// Hugging Face model folder (frozen during training).
+    /// Hugging Face model folder (frozen during training): config.json, model.safetensors
+    /// (or model.safetensors.index.json and its shards), and a tokenizer for text data.
     #[arg(long)]
     model: PathBuf,
-    /// JSONL training data ({"input_ids", "labels"} or {"prompt", "completion"} per line).
+    /// JSONL training data: {"input_ids", "labels"}, {"prompt", "completion"} or {"text"}
+    /// per line.
     #[arg(long)]
     data: PathBuf,
-    /// Output folder: adapter, prefix_encoder.safetensors, checkpoint, log.jsonl, loss.svg.
+    /// Output folder (new, empty, or a run of ours): adapter, prefix_encoder.safetensors,
+    /// checkpoint, log.jsonl, loss.svg, best/.
     #[arg(long)]
     out: PathBuf,
-    /// Initial prefix-encoder weights (safetensors with PEFT PrefixEncoder names).
+    /// Initial encoder weights: a PEFT PrefixEncoder state dict (safetensors); without the
+    /// MLP also an adapter_model.safetensors.
     #[arg(long)]
     init: Option<PathBuf>,
     /// Prefix length P (PEFT num_virtual_tokens).
     #[arg(long, default_value_t = 10)]
     prefix_len: usize,
     /// Width of the reparameterisation MLP (PEFT encoder_hidden_size).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, conflicts_with = "no_prefix_projection")]
     mid_dim: usize,
-    /// Optimiser steps (overrides --epochs).
+    /// Train the prefix itself, without the MLP (PEFT prefix_projection=False, PEFT's
+    /// default; the paper's method is the MLP).
+    #[arg(long)]
+    no_prefix_projection: bool,
+    /// Optimiser steps [default: as many as --epochs take].
     #[arg(long, conflicts_with = "epochs")]
     steps: Option<usize>,
     /// Passes over the data.
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Sequences per step.
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
+    /// Sequences per forward pass; a step takes --batch-size × --grad-accum of them.
     #[arg(long, default_value_t = 10)]
     batch_size: usize,
+    /// Micro-batches per optimiser step (gradient accumulation): the same step as one batch
+    /// --grad-accum times larger, in less memory.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
     /// Learning rate.
     #[arg(long, default_value_t = 5e-5)]
     lr: f64,
@@ -188,18 +231,46 @@ struct TrainArgs {
     /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Checkpoint every N steps (and always at the end); 0: only at the end.
+    /// Checkpoint every N steps (and always at the end and at Ctrl-C); 0: only then.
     #[arg(long, default_value_t = 100)]
     save_every: usize,
-    /// Log file (default OUT/log.jsonl): one JSON line per step.
+    /// Held-out JSONL data: its loss every --eval-every steps goes to log.jsonl and
+    /// loss.svg, and the adapter of the best one to OUT/best/.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Evaluate --eval-data every N steps (and at the end); 0: only at the end.
+    #[arg(long, default_value_t = 100, requires = "eval_data")]
+    eval_every: usize,
+    /// Longest example in tokens (default: n_positions minus the prefix length); longer
+    /// ones are truncated (see --truncate).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Truncate long examples: left or right (the prompt first, from that side; then the
+    /// end of the completion). Default right when --max-length is given; without either, a
+    /// long example is an error.
+    #[arg(long)]
+    truncate: Option<String>,
+    /// base_model_name_or_path for adapter_config.json [default: --model as given].
+    #[arg(long)]
+    base_model_name: Option<String>,
+    /// Log file (default OUT/log.jsonl): one JSON line per step and per evaluation.
     #[arg(long)]
     log: Option<PathBuf>,
-    /// Continue the run in --out from its last checkpoint.
+    /// Continue the run in --out from its last checkpoint (same settings; the data, model
+    /// and init files are checked by content).
     #[arg(long)]
     resume: bool,
-    /// Device: cpu, cuda[:N], emu (the kernels on the CPU emulator; slow) or auto.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
     device: String,
+}
+
+/// `--truncate` and `--max-length` as the data loader takes them.
+fn truncation(truncate: Option<&str>, max_length: Option<usize>) -> Result<Truncation> {
+    match (truncate, max_length) {
+        (Some(t), _) => t.parse(),
+        (None, Some(_)) => Ok(Truncation::Right),
+        (None, None) => Ok(Truncation::Error),
+    }
 }
 
 impl TrainArgs {
@@ -215,24 +286,32 @@ impl TrainArgs {
                 weight_decay: self.weight_decay,
             },
             o => {
-                return Err(Error::Unsupported(format!(
-                    "--optimizer {o}: expected adamw or sgd"
-                )))
+                return Err(Error::index(
+                    "--optimizer",
+                    format!("{o:?}: expected adamw or sgd"),
+                ))
             }
         };
+        let length = match self.steps {
+            Some(0) => return Err(Error::index("--steps", "must be at least 1")),
+            Some(s) => Length::Steps(s),
+            None if self.epochs == 0 => return Err(Error::index("--epochs", "must be at least 1")),
+            None => Length::Epochs(self.epochs),
+        };
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::index(
+                "--weight-decay",
+                format!("{}, expected a non-negative number", self.weight_decay),
+            ));
+        }
         Ok(TrainConfig {
-            model: self.model.clone(),
-            data: self.data.clone(),
-            out: self.out.clone(),
             init: self.init.clone(),
             prefix_len: self.prefix_len,
             mid_dim: self.mid_dim,
-            length: match (self.steps, self.epochs) {
-                (Some(s), _) => Length::Steps(s),
-                (None, Some(e)) => Length::Epochs(e),
-                (None, None) => Length::Epochs(5),
-            },
+            prefix_projection: !self.no_prefix_projection,
+            length,
             batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
             lr: self.lr,
             schedule: self.lr_schedule.parse()?,
             warmup_steps: self.warmup_steps,
@@ -241,61 +320,160 @@ impl TrainArgs {
             save_every: self.save_every,
             log: self.log.clone(),
             resume: self.resume,
+            max_length: self.max_length,
+            truncation: truncation(self.truncate.as_deref(), self.max_length)?,
+            eval_data: self.eval_data.clone(),
+            eval_every: self.eval_every,
+            base_model_name: self.base_model_name.clone(),
+            interrupt: None,
+            ..TrainConfig::new(self.model.clone(), self.data.clone(), self.out.clone())
         })
     }
 }
 
-/// A per-step reporter: a progress bar on a terminal, plain lines otherwise.
-fn progress() -> (
-    impl FnMut(&StepInfo) -> bool,
-    std::rc::Rc<std::cell::RefCell<Option<indicatif::ProgressBar>>>,
-) {
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal();
-    let bar = std::rc::Rc::new(std::cell::RefCell::new(None::<indicatif::ProgressBar>));
-    let handle = bar.clone();
-    let on_step = move |s: &StepInfo| {
-        if tty {
-            let mut slot = bar.borrow_mut();
-            let b = slot.get_or_insert_with(|| {
-                let b = indicatif::ProgressBar::new(s.total as u64);
-                b.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:30} step {pos}/{len}  {msg}  eta {eta}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-                b.set_position(s.step as u64 - 1);
-                b
-            });
+/// What the command line shows of a run: a progress bar on a terminal (plain lines
+/// otherwise), the resume point, truncation, evaluations.
+struct Progress {
+    tty: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            bar: None,
+        }
+    }
+
+    fn say(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    /// Leaves the bar as it is and moves what follows to a line of its own.
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.abandon();
+            eprintln!();
+        }
+    }
+}
+
+fn say_truncated(what: &str, s: &DataStats, max_length: usize) {
+    if s.truncated > 0 {
+        eprintln!(
+            "{what}: {} of {} examples truncated to {max_length} tokens ({} tokens dropped)",
+            s.truncated, s.examples, s.tokens_dropped
+        );
+    }
+}
+
+impl TrainObserver for Progress {
+    fn start(&mut self, s: &RunStart) {
+        say_truncated("--data", &s.data, s.max_length);
+        if let Some(e) = &s.eval_data {
+            say_truncated("--eval-data", e, s.max_length);
+        }
+        if s.resumed {
+            eprintln!("resuming at step {} of {}", s.step, s.total);
+        }
+        if self.tty && s.total > 0 {
+            let b = indicatif::ProgressBar::new(s.total as u64).with_position(s.step as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} step {pos}/{len}  {msg}  eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            // The estimator has seen the jump to the resume point; it starts from here.
+            b.tick();
+            b.reset_eta();
+            self.bar = Some(b);
+        }
+    }
+
+    fn step(&mut self, s: &StepInfo) -> bool {
+        if let Some(b) = &self.bar {
             b.set_message(format!("loss {:.4}  {:.0} tok/s", s.loss, s.tokens_per_s));
             b.set_position(s.step as u64);
-        } else if s.step == s.total || s.step % (s.total / 20).max(1) == 0 || s.step == 1 {
+        } else if s.step == s.total
+            || s.step % (s.total / 20).max(1) == 0
+            || s.step == s.start_step + 1
+        {
             eprintln!(
                 "step {}/{}  loss {:.4}  lr {:.3e}  {:.0} tok/s",
                 s.step, s.total, s.loss, s.lr, s.tokens_per_s
             );
         }
         true
-    };
-    (on_step, handle)
+    }
+
+    fn eval(&mut self, e: &EvalInfo) {
+        self.say(&format!(
+            "step {}: held-out loss {:.4} over {} tokens{}",
+            e.step,
+            e.loss,
+            e.tokens,
+            if e.best { " (best so far: best/)" } else { "" }
+        ));
+    }
 }
 
-/// Runs training with a progress bar on a terminal, plain lines otherwise.
-fn run_training(cfg: &TrainConfig, be: &dyn Backend) -> Result<TrainReport> {
-    let (mut on_step, bar) = progress();
-    let r = train(cfg, be, &mut on_step);
-    if let Some(b) = bar.borrow_mut().take() {
-        b.finish();
+/// The name of a signal for messages.
+fn signal_name(sig: Option<i32>) -> &'static str {
+    match sig {
+        Some(2) => "SIGINT (Ctrl-C)",
+        Some(15) => "SIGTERM",
+        Some(_) => "a signal",
+        None => "a stop request",
     }
-    r
+}
+
+/// Runs training with the progress display and Ctrl-C / SIGTERM handling; returns the exit
+/// status (128 + the signal after an interrupt).
+fn run_training(mut cfg: TrainConfig, be: &dyn Backend) -> Result<(TrainReport, ExitCode)> {
+    #[cfg(unix)]
+    {
+        cfg.interrupt = Some(Interrupt::on_signals()?);
+    }
+    #[cfg(not(unix))]
+    let _ = &mut cfg;
+    let mut progress = Progress::new();
+    let r = train_observed(&cfg, be, &mut progress);
+    progress.finish();
+    let r = r?;
+    if r.interrupted {
+        let saved = match r.checkpoint_step {
+            Some(s) if s == r.steps && r.steps_run > 0 => format!(
+                "checkpoint of step {s} written to {}",
+                cfg.out
+                    .join(prefix_attn::train::trainer::CHECKPOINT)
+                    .display()
+            ),
+            Some(s) => format!("nothing new to save; the checkpoint of step {s} stays"),
+            None => "no step was done, so there is nothing to save".to_string(),
+        };
+        eprintln!(
+            "interrupted by {} at step {} of {}: {saved}. Run the same command with --resume to continue.",
+            signal_name(r.signal),
+            r.steps,
+            r.total
+        );
+        let code = r.signal.map_or(130, |s| 128 + s).clamp(1, 255) as u8;
+        return Ok((r, ExitCode::from(code)));
+    }
+    Ok((r, ExitCode::SUCCESS))
 }
 
 /// What to benchmark.
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Time fused prefix attention against the naive concat on the named shapes (DESIGN.md
-    /// §6; CPU-scaled on the CPU) with FLOP/s, GB/s and the fraction of the measured roofline.
+    /// Time fused prefix attention against the naive concat on the named shapes (CPU-scaled
+    /// on the CPU) with FLOP/s, GB/s and the fraction of the measured roofline.
     Attn {
         /// A named shape (see `shapes`), or all of them.
         #[arg(long, default_value = "all")]
@@ -306,7 +484,7 @@ enum BenchCmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
-        /// Device: cpu (CPU-scaled shapes), cuda[:N] (full shapes) or auto.
+        /// Device: cpu (CPU-scaled shapes), cuda[:N] (full shapes) or auto; never the emulator.
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -315,29 +493,28 @@ enum BenchCmd {
         /// tiny or gpt2-small.
         #[arg(long, default_value = "tiny")]
         shape: String,
-        /// Sequences per step (default: the shape's).
-        #[arg(long)]
-        batch: Option<usize>,
-        /// Tokens per sequence (default: the shape's).
+        /// Sequences per step [default: the shape's].
+        #[arg(long, alias = "batch")]
+        batch_size: Option<usize>,
+        /// Tokens per sequence [default: the shape's].
         #[arg(long)]
         seq: Option<usize>,
-        /// Prefix length (default: the shape's).
+        /// Prefix length [default: the shape's].
         #[arg(long)]
         prefix_len: Option<usize>,
-        /// Encoder MLP width (default: the shape's).
+        /// Encoder MLP width [default: the shape's].
         #[arg(long)]
         mid_dim: Option<usize>,
         /// Untimed warm-up steps.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
-        /// Timed steps (default: 20 for tiny, 5 for gpt2-small).
+        /// Timed steps [default: 20 for tiny, 5 for gpt2-small].
         #[arg(long)]
         steps: Option<usize>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
-        /// Device: cpu.
-        #[arg(long, default_value = "cpu")]
+        #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
         device: String,
     },
 }
@@ -360,7 +537,17 @@ fn backend_for(device: &str) -> Result<Box<dyn Backend>> {
         }
         return prefix_attn::device::backend(Device::Cpu);
     }
-    prefix_attn::device::backend(device.parse()?)
+    prefix_attn::device::backend(parse_device(device)?)
+}
+
+/// A `--device` value (`auto` is handled by [`backend_for`]).
+fn parse_device(device: &str) -> Result<Device> {
+    device.parse().map_err(|_| {
+        Error::index(
+            "--device",
+            format!("{device:?}: expected cpu, cuda, cuda:N, emu or auto"),
+        )
+    })
 }
 
 /// The model, its tokenizer and the adapter's prefix, loaded and checked against each other.
@@ -373,7 +560,7 @@ struct Loaded {
 
 fn load(model_dir: &Path, adapter: Option<&Path>, be: &dyn Backend) -> Result<Loaded> {
     let model = Gpt2::load(model_dir, be)?;
-    let tokenizer = Tokenizer::load_optional(model_dir)?;
+    let tokenizer = Tokenizer::for_model(model_dir, model.config.vocab_size)?;
     let prefix = match adapter {
         Some(dir) => {
             let ad = PrefixAdapter::load(dir)?;
@@ -400,9 +587,35 @@ fn load(model_dir: &Path, adapter: Option<&Path>, be: &dyn Backend) -> Result<Lo
     })
 }
 
+/// Token ids from `--input-ids`: integers separated by commas and/or whitespace, optionally
+/// in brackets.
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let inner = s.trim();
+    let inner = inner
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(inner);
+    let ids = inner
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>().map_err(|_| {
+                Error::index(
+                    "--input-ids",
+                    format!("{t:?} is not a token id (expected non-negative integers separated by commas or spaces)"),
+                )
+            })
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    if ids.is_empty() {
+        return Err(Error::index("--input-ids", "no token ids given"));
+    }
+    Ok(ids)
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -436,8 +649,284 @@ fn spec_of(s: NamedShape, dtype: DType) -> ProblemSpec {
     p
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        Cmd::Train(args) => {
+            let cfg = args.config()?;
+            let be = backend_for(&args.device)?;
+            let (r, code) = run_training(cfg, be.as_ref())?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "steps": r.steps,
+                    "total_steps": r.total,
+                    "steps_run": r.steps_run,
+                    "completed": r.completed,
+                    "first_loss": r.first_loss,
+                    "last_loss": r.last_loss,
+                    "best_eval": r.best_eval.map(|(s, l)| serde_json::json!({"step": s, "loss": l})),
+                    "out": r.out.to_string_lossy(),
+                })
+            );
+            Ok(code)
+        }
+        Cmd::Eval {
+            model,
+            adapter,
+            data,
+            batch_size,
+            max_length,
+            truncate,
+            device,
+        } => {
+            if batch_size == 0 {
+                return Err(Error::index("--batch-size", "must be at least 1"));
+            }
+            if max_length == Some(0) {
+                return Err(Error::index("--max-length", "must be at least 1"));
+            }
+            let how = truncation(truncate.as_deref(), max_length)?;
+            let be = backend_for(&device)?;
+            let m = load(&model, adapter.as_deref(), be.as_ref())?;
+            let p = m.prefix.as_ref().map_or(0, |t| t.dims()[0]);
+            let room = m.model.config.n_positions - p;
+            if max_length.is_some_and(|l| l > room) {
+                return Err(Error::index(
+                    "--max-length",
+                    format!(
+                        "{}, but only {room} tokens fit after a prefix of {p} (n_positions = {})",
+                        max_length.unwrap_or(0),
+                        m.model.config.n_positions
+                    ),
+                ));
+            }
+            let max_len = max_length.unwrap_or(room);
+            let limits = DataLimits {
+                vocab_size: m.model.config.vocab_size,
+                max_len,
+                truncation: how,
+            };
+            let (examples, stats) = load_jsonl_stats(&data, m.tokenizer.as_ref(), m.eos, limits)?;
+            say_truncated("--data", &stats, max_len);
+            let total = evaluate(
+                &m.model,
+                be.as_ref(),
+                m.prefix.as_ref(),
+                &examples,
+                batch_size,
+            )?;
+            if total.count == 0 {
+                return Err(Error::Format {
+                    path: data,
+                    msg: "no counted targets (every label is -100 or every example has one token)"
+                        .into(),
+                });
+            }
+            let loss = total.mean();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "loss": loss,
+                    "tokens": total.count,
+                    "perplexity": loss.exp(),
+                    "examples": examples.len(),
+                    "truncated": stats.truncated,
+                    "device": be.device().to_string(),
+                })
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Generate {
+            model,
+            adapter,
+            prompt,
+            input_ids,
+            max_new_tokens,
+            json,
+            device,
+        } => {
+            let ids_arg = input_ids.as_deref().map(parse_ids).transpose()?;
+            let be = backend_for(&device)?;
+            let m = load(&model, adapter.as_deref(), be.as_ref())?;
+            let ids = match (prompt, ids_arg) {
+                (Some(text), _) => {
+                    let ids = m
+                        .tokenizer
+                        .as_ref()
+                        .ok_or_else(|| Error::Format {
+                            path: model.join("tokenizer.json"),
+                            msg: "missing: --prompt needs a tokenizer (tokenizer.json, or vocab.json + merges.txt; or pass --input-ids)".into(),
+                        })?
+                        .encode(&text)?;
+                    if ids.is_empty() {
+                        return Err(Error::index(
+                            "--prompt",
+                            format!("{text:?} gives no tokens"),
+                        ));
+                    }
+                    ids
+                }
+                (None, Some(ids)) => ids,
+                (None, None) => {
+                    return Err(Error::index("--prompt", "give --prompt or --input-ids"))
+                }
+            };
+            if let Some(&bad) = ids
+                .iter()
+                .find(|&&i| i as usize >= m.model.config.vocab_size)
+            {
+                return Err(Error::index(
+                    "--input-ids",
+                    format!(
+                        "token id {bad} is outside the vocabulary 0..{}",
+                        m.model.config.vocab_size
+                    ),
+                ));
+            }
+            let p = m.prefix.as_ref().map_or(0, |t| t.dims()[0]);
+            let npos = m.model.config.n_positions;
+            if p + ids.len() > npos {
+                return Err(Error::index(
+                    "--prompt",
+                    format!(
+                        "{} prompt tokens after a prefix of {p} exceed n_positions = {npos} (at most {} fit)",
+                        ids.len(),
+                        npos - p
+                    ),
+                ));
+            }
+            let g = generate::greedy_until(
+                &m.model,
+                be.as_ref(),
+                m.prefix.as_ref(),
+                &ids,
+                max_new_tokens,
+                m.eos,
+            )?;
+            if g.finish == Finish::Context {
+                eprintln!(
+                    "stopped at the end of the context after {} new tokens (n_positions = {npos}, prefix {p}, prompt {})",
+                    g.ids.len(),
+                    ids.len()
+                );
+            }
+            // The text leaves out the EOS token (the ids keep it).
+            let shown = match (g.finish, g.ids.last()) {
+                (Finish::Eos, Some(_)) => &g.ids[..g.ids.len() - 1],
+                _ => &g.ids[..],
+            };
+            let text = match &m.tokenizer {
+                Some(t) => Some(t.decode(shown)?),
+                None => None,
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ids": g.ids, "text": text, "finish_reason": g.finish.as_str() })
+                );
+            } else {
+                match text {
+                    Some(t) => println!("{t}"),
+                    None => println!(
+                        "{}",
+                        shown
+                            .iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo {
+            out,
+            steps,
+            seed,
+            device,
+        } => {
+            if steps == 0 {
+                return Err(Error::index("--steps", "must be at least 1"));
+            }
+            let be = backend_for(&device)?;
+            let opts = DemoOptions {
+                out: out.unwrap_or_else(default_out),
+                steps,
+                seed,
+                ..Default::default()
+            };
+            println!(
+                "prefix-attn demo: prefix-tuning a small GPT-2 whose weights are RANDOM (seeded), \
+                 built here with its tokenizer and a table-to-text data set; nothing is downloaded."
+            );
+            println!(
+                "  {} training and {} held-out records in {}",
+                opts.train_examples,
+                opts.eval_examples,
+                opts.out.display()
+            );
+            let mut progress = Progress::new();
+            let r = run_demo(&opts, be.as_ref(), &mut progress);
+            progress.finish();
+            let r = r?;
+            println!(
+                "held-out loss: {:.3} without a prefix, {:.3} with the untrained prefix, {:.3} after training",
+                r.loss_no_prefix, r.loss_before, r.loss_after
+            );
+            for (p, g, want) in &r.samples {
+                println!("  prompt:    {p}\n  generated: {g}\n  reference: {want}");
+            }
+            let run = r.out.join("run");
+            println!(
+                "adapter (PEFT format): {}\nloss picture: {}\nlog: {}",
+                run.display(),
+                run.join("loss.svg").display(),
+                run.join("log.jsonl").display()
+            );
+            println!(
+                "The model is random, so the prefix learns the format and words of the task, not \
+                 language. On a real GPT-2 (a Hugging Face folder with config.json, model.safetensors \
+                 and tokenizer.json), from this checkout:\n  \
+                 cargo run --release -- train --model path/to/gpt2 --data train.jsonl --out run1 \
+                 --prefix-len 10 --mid-dim 512 --epochs 5 --lr 5e-5\n  \
+                 cargo run --release -- generate --model path/to/gpt2 --adapter run1 \
+                 --prompt \"name : The Eagle | food : French ||\"\n\
+                 (or `cargo install --path .` once, then `prefix-attn train ...`)"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Tokenize { model, text, json } => {
+            let cfg = prefix_attn::gpt2::Gpt2Config::load(&model.join("config.json"))?;
+            let tok = Tokenizer::for_model(&model, cfg.vocab_size)?.ok_or_else(|| {
+                Error::Format {
+                    path: model.join("tokenizer.json"),
+                    msg: "missing: the model folder has no tokenizer (tokenizer.json, or vocab.json + merges.txt)".into(),
+                }
+            })?;
+            let ids = tok.encode(&text)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ids": ids, "tokens": tok.tokens(&ids)})
+                );
+            } else {
+                println!(
+                    "{}",
+                    ids.iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => run_tools(other).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// The benchmark and kernel-check commands.
+fn run_tools(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Bench {
             what:
                 BenchCmd::Attn {
@@ -470,7 +959,7 @@ fn run(cli: Cli) -> Result<()> {
                     0 => None,
                     _ => Some(prefix_attn::device::cuda::CudaBackend::new(0)?),
                 },
-                other => match other.parse::<Device>()? {
+                other => match parse_device(other)? {
                     Device::Cuda(n) => Some(prefix_attn::device::cuda::CudaBackend::new(n)?),
                     _ => None,
                 },
@@ -586,7 +1075,7 @@ fn run(cli: Cli) -> Result<()> {
             what:
                 BenchCmd::Step {
                     shape,
-                    batch,
+                    batch_size,
                     seq,
                     prefix_len,
                     mid_dim,
@@ -598,7 +1087,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let be = backend_for(&device)?;
             let mut s = StepBench::named(&shape)?;
-            s.batch = batch.unwrap_or(s.batch);
+            s.batch = batch_size.unwrap_or(s.batch);
             s.seq = seq.unwrap_or(s.seq);
             s.prefix_len = prefix_len.unwrap_or(s.prefix_len);
             s.mid_dim = mid_dim.unwrap_or(s.mid_dim);
@@ -636,195 +1125,6 @@ fn run(cli: Cli) -> Result<()> {
                     "{} on {} (batch {} × {} tokens, P={}, MLP {}), {} threads: median {:.2} ms (min {:.2}, max {:.2}), {:.0} tokens/s, peak RSS {:.0} MB{dev}",
                     s.shape, be.device(), s.batch, s.seq, s.prefix_len, s.mid_dim, r.threads, r.median_ms, r.min_ms, r.max_ms, r.tokens_per_s, r.peak_rss_mb
                 );
-            }
-            Ok(())
-        }
-        Cmd::Demo {
-            out,
-            steps,
-            seed,
-            device,
-        } => {
-            let be = backend_for(&device)?;
-            let opts = DemoOptions {
-                out,
-                steps,
-                seed,
-                ..Default::default()
-            };
-            println!(
-                "prefix-attn demo: prefix-tuning a small GPT-2 whose weights are RANDOM (seeded), \
-                 built here with its tokenizer and a table-to-text data set; nothing is downloaded."
-            );
-            println!(
-                "  {} training and {} held-out records in {}",
-                opts.train_examples,
-                opts.eval_examples,
-                opts.out.display()
-            );
-            let (mut on_step, bar) = progress();
-            let r = run_demo(&opts, be.as_ref(), &mut on_step);
-            if let Some(b) = bar.borrow_mut().take() {
-                b.finish();
-            }
-            let r = r?;
-            println!(
-                "held-out loss: {:.3} without a prefix, {:.3} with the untrained prefix, {:.3} after training",
-                r.loss_no_prefix, r.loss_before, r.loss_after
-            );
-            for (p, g, want) in &r.samples {
-                println!("  prompt:    {p}\n  generated: {g}\n  reference: {want}");
-            }
-            let run = r.out.join("run");
-            println!(
-                "adapter (PEFT format): {}\nloss picture: {}\nlog: {}",
-                run.display(),
-                run.join("loss.svg").display(),
-                run.join("log.jsonl").display()
-            );
-            println!(
-                "The model is random, so the prefix learns the format and words of the task, not \
-                 language. On a real GPT-2 (a Hugging Face folder with config.json, model.safetensors \
-                 and tokenizer.json):\n  prefix-attn train --model gpt2 --data train.jsonl --out run \
-                 --prefix-len 10 --mid-dim 512 --epochs 5 --lr 5e-5\n  prefix-attn generate --model gpt2 \
-                 --adapter run --prompt \"name : The Eagle | food : French ||\""
-            );
-            Ok(())
-        }
-        Cmd::Train(args) => {
-            let be = backend_for(&args.device)?;
-            let cfg = args.config()?;
-            let r = run_training(&cfg, be.as_ref())?;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "steps": r.steps,
-                    "steps_run": r.steps_run,
-                    "first_loss": r.first_loss,
-                    "last_loss": r.last_loss,
-                    "out": r.out.to_string_lossy(),
-                })
-            );
-            Ok(())
-        }
-        Cmd::Eval {
-            model,
-            adapter,
-            data,
-            batch_size,
-            device,
-        } => {
-            let be = backend_for(&device)?;
-            let m = load(&model, adapter.as_deref(), be.as_ref())?;
-            if batch_size == 0 {
-                return Err(Error::index("--batch-size", "must be at least 1"));
-            }
-            let p = m.prefix.as_ref().map_or(0, |t| t.dims()[0]);
-            let limits = DataLimits {
-                vocab_size: m.model.config.vocab_size,
-                max_len: m.model.config.n_positions - p,
-            };
-            let examples = load_jsonl(&data, m.tokenizer.as_ref(), m.eos, limits)?;
-            let mut total = LossSum { sum: 0.0, count: 0 };
-            for chunk in examples.chunks(batch_size) {
-                let refs: Vec<&Example> = chunk.iter().collect();
-                let batch = batch_of(&refs)?;
-                let mut acts = Activations::new(
-                    &m.model,
-                    be.as_ref(),
-                    batch.batch_size,
-                    batch.seq_len,
-                    false,
-                )?
-                .counted_only();
-                let l = m
-                    .model
-                    .forward(be.as_ref(), &batch, m.prefix.as_ref(), &mut acts, None)?;
-                total.sum += l.sum;
-                total.count += l.count;
-            }
-            if total.count == 0 {
-                return Err(Error::Format {
-                    path: data,
-                    msg: "no counted targets (every label is -100 or every example has one token)"
-                        .into(),
-                });
-            }
-            let loss = total.mean();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "loss": loss,
-                    "tokens": total.count,
-                    "perplexity": loss.exp(),
-                    "examples": examples.len(),
-                    "device": be.device().to_string(),
-                })
-            );
-            Ok(())
-        }
-        Cmd::Generate {
-            model,
-            adapter,
-            prompt,
-            input_ids,
-            max_new_tokens,
-            json,
-            device,
-        } => {
-            let be = backend_for(&device)?;
-            let m = load(&model, adapter.as_deref(), be.as_ref())?;
-            let ids = match (prompt, input_ids) {
-                (Some(text), _) => m
-                    .tokenizer
-                    .as_ref()
-                    .ok_or_else(|| Error::Format {
-                        path: model.join("tokenizer.json"),
-                        msg: "missing: --prompt needs a tokenizer (or pass --input-ids)".into(),
-                    })?
-                    .encode(&text)?,
-                (None, Some(ids)) => ids,
-                (None, None) => {
-                    return Err(Error::index("--prompt", "give --prompt or --input-ids"))
-                }
-            };
-            if let Some(&bad) = ids
-                .iter()
-                .find(|&&i| i as usize >= m.model.config.vocab_size)
-            {
-                return Err(Error::index(
-                    "--input-ids",
-                    format!(
-                        "token id {bad} is outside the vocabulary 0..{}",
-                        m.model.config.vocab_size
-                    ),
-                ));
-            }
-            let new = generate::greedy(
-                &m.model,
-                be.as_ref(),
-                m.prefix.as_ref(),
-                &ids,
-                max_new_tokens,
-                m.eos,
-            )?;
-            let text = match &m.tokenizer {
-                Some(t) => Some(t.decode(&new)?),
-                None => None,
-            };
-            if json {
-                println!("{}", serde_json::json!({ "ids": new, "text": text }));
-            } else {
-                match text {
-                    Some(t) => println!("{t}"),
-                    None => println!(
-                        "{}",
-                        new.iter()
-                            .map(|i| i.to_string())
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    ),
-                }
             }
             Ok(())
         }
@@ -867,7 +1167,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             seed,
         } => {
-            let device: Device = device.parse()?;
+            let device: Device = parse_device(&device)?;
             if device != Device::Cpu {
                 prefix_attn::device::backend(device)?;
             }
@@ -939,5 +1239,8 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        _ => Err(Error::Unsupported(
+            "internal: a model command reached the tools dispatcher".into(),
+        )),
     }
 }

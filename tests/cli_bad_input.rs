@@ -197,14 +197,19 @@ fn bad_data_files() {
     );
     case(
         "shape.jsonl",
-        b"{\"text\": \"hello\"}\n",
-        &["line 1", "input_ids", "prompt"],
+        b"{\"txt\": \"hello\"}\n",
+        &["line 1", "input_ids", "prompt", "text"],
+    );
+    case(
+        "half.jsonl",
+        b"{\"prompt\": \"hello\"}\n",
+        &["line 1", "\"prompt\" without \"completion\""],
     );
     let long: Vec<String> = (0..65).map(|i| (i % 500).to_string()).collect();
     case(
         "long.jsonl",
         format!("{{\"input_ids\": [{}]}}\n", long.join(",")).as_bytes(),
-        &["line 1", "65 tokens", "at most 64"],
+        &["line 1", "65 tokens", "at most 64", "--max-length"],
     );
     // With a prefix of 5, only 59 tokens fit.
     let p = d.join("long60.jsonl");
@@ -235,16 +240,14 @@ fn bad_generate_arguments() {
         &["97", "vocabulary"],
     );
     has(
-        &fails(&[
-            "generate",
-            "--model",
-            &m,
-            "--input-ids",
-            "1,2",
-            "--max-new-tokens",
-            "40",
-        ]),
-        &["n_positions"],
+        &fails(&["generate", "--model", &m, "--input-ids", "1,x"]),
+        &["--input-ids", "\"x\""],
+    );
+    // A prompt that does not fit the context (tiny-b: n_positions 32).
+    let long: Vec<String> = (0..33).map(|i| (i % 90).to_string()).collect();
+    has(
+        &fails(&["generate", "--model", &m, "--input-ids", &long.join(",")]),
+        &["--prompt", "33 prompt tokens", "n_positions = 32"],
     );
     has(
         &fails(&[
@@ -292,7 +295,7 @@ fn bad_generate_arguments() {
             "--device",
             "tpu",
         ]),
-        &["tpu"],
+        &["--device", "tpu"],
     );
 }
 
@@ -310,16 +313,7 @@ fn prompt_completion_examples() {
         "{\"prompt\": \"name : The Eagle |\", \"completion\": \" The Eagle serves food.\"}\n\n",
     )
     .unwrap();
-    let ex = load_jsonl(
-        &p,
-        Some(&tok),
-        Some(0),
-        DataLimits {
-            vocab_size: 503,
-            max_len: 64,
-        },
-    )
-    .unwrap();
+    let ex = load_jsonl(&p, Some(&tok), Some(0), DataLimits::new(503, 64)).unwrap();
     assert_eq!(ex.len(), 1);
     let pi = tok.encode("name : The Eagle |").unwrap();
     let ci = tok.encode(" The Eagle serves food.").unwrap();

@@ -174,6 +174,7 @@ fn encoder_backward_matches_finite_differences() {
         token_dim: 6,
         hidden: 5,
         num_layers: 2,
+        projection: true,
     };
     let enc = PrefixEncoder::init(dims, 3, &be).unwrap();
     let mut acts = enc.acts(&be).unwrap();

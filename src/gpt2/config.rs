@@ -51,7 +51,6 @@ struct RawConfig {
     add_cross_attention: bool,
     #[serde(default = "yes")]
     tie_word_embeddings: bool,
-    model_type: Option<String>,
 }
 
 fn default_eps() -> f32 {
@@ -71,13 +70,21 @@ impl Gpt2Config {
             path: path.to_path_buf(),
             msg,
         };
-        let raw: RawConfig =
+        let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| fmt(format!("not a GPT-2 config: {e}")))?;
-        if let Some(t) = &raw.model_type {
-            if t != "gpt2" {
-                return Err(fmt(format!("model_type {t:?}, expected \"gpt2\"")));
+        // The model type first: another architecture's config (a Llama's, say) lacks GPT-2's
+        // fields, and "missing field n_positions" would hide what is really wrong.
+        match value.get("model_type") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::String(t)) if t == "gpt2" => {}
+            Some(t) => {
+                return Err(fmt(format!(
+                    "model_type {t}: only GPT-2 models (model_type \"gpt2\") are supported"
+                )))
             }
         }
+        let raw: RawConfig =
+            serde_json::from_value(value).map_err(|e| fmt(format!("not a GPT-2 config: {e}")))?;
         let unsupported =
             |what: &str| fmt(format!("{what} is not supported by this implementation"));
         match raw.activation_function.as_str() {

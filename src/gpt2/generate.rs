@@ -7,8 +7,40 @@ use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// Why a generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// The EOS token was produced (it is the last id).
+    Eos,
+    /// `max_new_tokens` were produced.
+    Length,
+    /// The context (`n_positions`, the prefix included) is full.
+    Context,
+}
+
+impl Finish {
+    /// `"eos"`, `"length"` or `"context"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Eos => "eos",
+            Finish::Length => "length",
+            Finish::Context => "context",
+        }
+    }
+}
+
+/// A greedy continuation and why it stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generation {
+    /// The new tokens (ending with EOS when `finish` is [`Finish::Eos`]).
+    pub ids: Vec<u32>,
+    /// Why it stopped.
+    pub finish: Finish,
+}
+
 /// Greedy continuation of `prompt`: at most `max_new_tokens` new tokens, stopping after
-/// `eos` if it is produced. Returns the new tokens only.
+/// `eos` if it is produced, and when the context is full (a token predicted at the last
+/// position is the last one). Returns the new tokens only.
 pub fn greedy(
     model: &Gpt2,
     be: &dyn Backend,
@@ -17,6 +49,18 @@ pub fn greedy(
     max_new_tokens: usize,
     eos: Option<u32>,
 ) -> Result<Vec<u32>> {
+    greedy_until(model, be, prefix, prompt, max_new_tokens, eos).map(|g| g.ids)
+}
+
+/// [`greedy`], also saying why it stopped.
+pub fn greedy_until(
+    model: &Gpt2,
+    be: &dyn Backend,
+    prefix: Option<&Tensor>,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    eos: Option<u32>,
+) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(Error::index("prompt", "needs at least one token"));
     }
@@ -25,20 +69,33 @@ pub fn greedy(
         None => 0,
     };
     let npos = model.config.n_positions;
-    // The last generated token is never fed back, so the cache needs prompt + new - 1.
-    let need = prompt.len() + max_new_tokens.saturating_sub(1);
-    if p + need > npos {
+    if p + prompt.len() > npos {
         return Err(Error::index(
-            "max_new_tokens",
+            "prompt",
             format!(
-                "prompt of {} tokens + {max_new_tokens} new tokens after a prefix of {p} exceed \
-                 n_positions = {npos}",
-                prompt.len()
+                "{} tokens after a prefix of {p} exceed n_positions = {npos} (at most {} fit)",
+                prompt.len(),
+                npos - p
             ),
         ));
     }
+    // The last generated token is never fed back, so the context holds at most
+    // `npos - p - prompt` fed tokens after the prompt: `npos - p - prompt + 1` new ones.
+    let room = npos - p - prompt.len() + 1;
+    let (limit, finish_at_limit) = if max_new_tokens > room {
+        (room, Finish::Context)
+    } else {
+        (max_new_tokens, Finish::Length)
+    };
+    let need = prompt.len() + limit.saturating_sub(1);
+    let mut out = Vec::with_capacity(limit);
+    if limit == 0 {
+        return Ok(Generation {
+            ids: out,
+            finish: finish_at_limit,
+        });
+    }
     let mut cache = KvCache::new(model, be, need.max(1))?;
-    let mut out = Vec::with_capacity(max_new_tokens);
     let step = |tokens: &[u32], cache: &mut KvCache| -> Result<u32> {
         let labels = vec![IGNORE; tokens.len()];
         let batch = Batch::new(&[(tokens, &labels)])?;
@@ -48,14 +105,20 @@ pub fn greedy(
         let v = model.config.vocab_size;
         Ok(argmax(&logits[(tokens.len() - 1) * v..tokens.len() * v]))
     };
-    if max_new_tokens == 0 {
-        return Ok(out);
-    }
     let mut next = step(prompt, &mut cache)?;
     loop {
         out.push(next);
-        if Some(next) == eos || out.len() == max_new_tokens {
-            return Ok(out);
+        if Some(next) == eos {
+            return Ok(Generation {
+                ids: out,
+                finish: Finish::Eos,
+            });
+        }
+        if out.len() == limit {
+            return Ok(Generation {
+                ids: out,
+                finish: finish_at_limit,
+            });
         }
         next = step(&[next], &mut cache)?;
     }

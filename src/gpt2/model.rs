@@ -285,12 +285,13 @@ impl Gpt2 {
         }
     }
 
-    /// Loads an HF model folder: `config.json`, `model.safetensors`, in the compute dtype of
-    /// `backend` ([`Gpt2::dtype_for`]).
+    /// Loads an HF model folder: `config.json` and `model.safetensors` (or the shards of
+    /// `model.safetensors.index.json`), in the compute dtype of `backend`
+    /// ([`Gpt2::dtype_for`]).
     pub fn load(dir: &Path, backend: &dyn Backend) -> Result<Gpt2> {
         let config = Gpt2Config::load(&dir.join("config.json"))?;
         let dtype = Gpt2::dtype_for(backend);
-        let weights = Weights::load(&dir.join("model.safetensors"), &config, backend, dtype)?;
+        let weights = Weights::load_dir(dir, &config, backend, dtype)?;
         Ok(Gpt2 {
             config,
             weights,

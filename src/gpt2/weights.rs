@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::io::SafetensorsFile;
 use crate::tensor::{DType, Tensor};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Weights of one transformer block. Conv1D weights are `[in, out]` (`y = x W + b`).
 #[derive(Debug)]
@@ -129,7 +129,8 @@ impl Weights {
         })
     }
 
-    /// Loads every weight of `cfg` from `path`, converting to `dtype` on `backend`.
+    /// Loads every weight of `cfg` from one safetensors file, converting to `dtype` on
+    /// `backend`.
     pub fn load(
         path: &Path,
         cfg: &Gpt2Config,
@@ -137,23 +138,78 @@ impl Weights {
         dtype: DType,
     ) -> Result<Weights> {
         let file = SafetensorsFile::open(path)?;
-        // Names with or without the `transformer.` prefix.
-        let mut by_name: BTreeMap<String, String> = BTreeMap::new();
-        for stored in file.names()? {
-            if ignored(&stored) {
-                continue;
+        Weights::load_files(&[file], path, cfg, backend, dtype)
+    }
+
+    /// Loads the weights of a model folder: `model.safetensors`, or the shards that
+    /// `model.safetensors.index.json` names (as `save_pretrained` writes large models).
+    pub fn load_dir(
+        dir: &Path,
+        cfg: &Gpt2Config,
+        backend: &dyn Backend,
+        dtype: DType,
+    ) -> Result<Weights> {
+        match WeightFiles::find(dir)? {
+            WeightFiles::Single(path) => Weights::load(&path, cfg, backend, dtype),
+            WeightFiles::Sharded { index, shards, map } => {
+                let files = shards
+                    .iter()
+                    .map(|p| SafetensorsFile::open(p))
+                    .collect::<Result<Vec<_>>>()?;
+                // Every name the index maps to a shard must be in that shard.
+                for (name, shard) in &map {
+                    let Some(f) = files
+                        .iter()
+                        .find(|f| f.path().file_name() == Some(std::ffi::OsStr::new(shard)))
+                    else {
+                        continue;
+                    };
+                    if f.shape(name).is_err() {
+                        return Err(Error::Format {
+                            path: index.clone(),
+                            msg: format!("maps tensor {name:?} to {shard}, which does not hold it"),
+                        });
+                    }
+                }
+                Weights::load_files(&files, &index, cfg, backend, dtype)
             }
-            let short = stored
-                .strip_prefix("transformer.")
-                .unwrap_or(&stored)
-                .to_string();
-            if by_name.insert(short.clone(), stored.clone()).is_some() {
-                return Err(Error::Format {
-                    path: path.to_path_buf(),
-                    msg: format!(
-                        "tensor {short:?} is stored twice (with and without `transformer.`)"
-                    ),
-                });
+        }
+    }
+
+    /// Loads the weights of `cfg` from one or more files (`what` names them in errors).
+    fn load_files(
+        files: &[SafetensorsFile],
+        what: &Path,
+        cfg: &Gpt2Config,
+        backend: &dyn Backend,
+        dtype: DType,
+    ) -> Result<Weights> {
+        // Names with or without the `transformer.` prefix: short name -> (file, stored name).
+        let mut by_name: BTreeMap<String, (usize, String)> = BTreeMap::new();
+        for (fi, file) in files.iter().enumerate() {
+            for stored in file.names()? {
+                if ignored(&stored) {
+                    continue;
+                }
+                let short = stored
+                    .strip_prefix("transformer.")
+                    .unwrap_or(&stored)
+                    .to_string();
+                if let Some((other, _)) = by_name.insert(short.clone(), (fi, stored.clone())) {
+                    return Err(Error::Format {
+                        path: file.path().to_path_buf(),
+                        msg: if other == fi {
+                            format!(
+                                "tensor {short:?} is stored twice (with and without `transformer.`)"
+                            )
+                        } else {
+                            format!(
+                                "tensor {short:?} is also stored in {}",
+                                files[other].path().display()
+                            )
+                        },
+                    });
+                }
             }
         }
         let expected = expected_tensors(cfg);
@@ -163,7 +219,7 @@ impl Weights {
             .collect();
         if !extra.is_empty() {
             return Err(Error::Format {
-                path: path.to_path_buf(),
+                path: what.to_path_buf(),
                 msg: format!(
                     "unexpected tensors for a {}-layer GPT-2: {extra:?} (does config.json match the weights?)",
                     cfg.n_layer
@@ -171,14 +227,15 @@ impl Weights {
             });
         }
         Weights::assemble(cfg, backend, dtype, &mut |name, shape| {
-            let stored = by_name.get(name).ok_or_else(|| Error::Format {
-                path: path.to_path_buf(),
+            let (fi, stored) = by_name.get(name).ok_or_else(|| Error::Format {
+                path: what.to_path_buf(),
                 msg: format!("tensor {name:?} (or \"transformer.{name}\") is missing"),
             })?;
+            let file = &files[*fi];
             let (got, data) = file.f32(stored)?;
             if got != shape {
                 return Err(Error::Format {
-                    path: path.to_path_buf(),
+                    path: file.path().to_path_buf(),
                     msg: format!(
                         "tensor {stored:?} has shape {got:?}, config.json implies {shape:?}"
                     ),
@@ -186,5 +243,93 @@ impl Weights {
             }
             Ok(data)
         })
+    }
+}
+
+/// Where a model folder keeps its weights.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WeightFiles {
+    /// One `model.safetensors`.
+    Single(PathBuf),
+    /// `model.safetensors.index.json` and the shards its `weight_map` names.
+    Sharded {
+        /// The index file.
+        index: PathBuf,
+        /// The shard files, in the order of their first mention.
+        shards: Vec<PathBuf>,
+        /// Tensor name -> shard file name, as the index says.
+        map: BTreeMap<String, String>,
+    },
+}
+
+impl WeightFiles {
+    /// Finds the weights of `dir`: `model.safetensors` if present, else the sharded form.
+    pub fn find(dir: &Path) -> Result<WeightFiles> {
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            return Ok(WeightFiles::Single(single));
+        }
+        let index = dir.join("model.safetensors.index.json");
+        if !index.exists() {
+            let pytorch = dir.join("pytorch_model.bin");
+            let hint = if pytorch.exists() {
+                " (pytorch_model.bin is there: convert it with `save_pretrained(..., safe_serialization=True)`)"
+            } else {
+                ""
+            };
+            return Err(Error::Format {
+                path: single,
+                msg: format!(
+                    "missing: a model folder needs model.safetensors or model.safetensors.index.json with its shards{hint}"
+                ),
+            });
+        }
+        let bad = |msg: String| Error::Format {
+            path: index.clone(),
+            msg,
+        };
+        let v: serde_json::Value = serde_json::from_str(&crate::io::read_text(&index)?)
+            .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let obj = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no \"weight_map\" object (tensor name -> shard file)".into()))?;
+        let mut map = BTreeMap::new();
+        let mut shards: Vec<PathBuf> = vec![];
+        for (name, file) in obj {
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name")))?;
+            // A shard is a file beside the index, never a path elsewhere.
+            if file.is_empty() || Path::new(file).components().count() != 1 || file == ".." {
+                return Err(bad(format!(
+                    "weight_map[{name:?}] = {file:?}: expected a file name in the model folder"
+                )));
+            }
+            let p = dir.join(file);
+            if !shards.contains(&p) {
+                if !p.exists() {
+                    return Err(bad(format!("names the shard {file}, which is missing")));
+                }
+                shards.push(p);
+            }
+            map.insert(name.clone(), file.to_string());
+        }
+        if shards.is_empty() {
+            return Err(bad("\"weight_map\" is empty".into()));
+        }
+        Ok(WeightFiles::Sharded { index, shards, map })
+    }
+
+    /// Every file the weights are read from (the index first when sharded).
+    pub fn paths(&self) -> Vec<PathBuf> {
+        match self {
+            WeightFiles::Single(p) => vec![p.clone()],
+            WeightFiles::Sharded { index, shards, .. } => {
+                let mut v = vec![index.clone()];
+                v.extend(shards.iter().cloned());
+                v
+            }
+        }
     }
 }

@@ -22,7 +22,7 @@ pub struct AdapterConfig {
     pub num_attention_heads: usize,
     /// Whether the prefix was trained through the MLP.
     pub prefix_projection: bool,
-    /// MLP width `E`.
+    /// MLP width `E` (0: none recorded).
     pub encoder_hidden_size: usize,
     /// The base model, if recorded.
     pub base_model_name_or_path: Option<String>,
@@ -41,7 +41,9 @@ pub struct PrefixAdapter {
 }
 
 impl AdapterConfig {
-    /// A config for `model` with a prefix of `prefix_len` trained through an MLP of `hidden`.
+    /// A config for `model` with a prefix of `prefix_len` trained through an MLP of `hidden`
+    /// (PEFT `prefix_projection=True`); [`AdapterConfig::without_projection`] for the other
+    /// kind, [`AdapterConfig::base_model`] to record the base model.
     pub fn for_model(model: &Gpt2Config, prefix_len: usize, hidden: usize) -> AdapterConfig {
         AdapterConfig {
             num_virtual_tokens: prefix_len,
@@ -52,6 +54,21 @@ impl AdapterConfig {
             encoder_hidden_size: hidden,
             base_model_name_or_path: None,
         }
+    }
+
+    /// The same config for a prefix trained directly (PEFT `prefix_projection=False`, no
+    /// `encoder_hidden_size`).
+    pub fn without_projection(mut self) -> AdapterConfig {
+        self.prefix_projection = false;
+        self.encoder_hidden_size = 0;
+        self
+    }
+
+    /// The same config naming its base model (`base_model_name_or_path`: a hub name or a
+    /// folder, which `AutoPeftModelForCausalLM.from_pretrained(adapter)` loads).
+    pub fn base_model(mut self, name_or_path: Option<String>) -> AdapterConfig {
+        self.base_model_name_or_path = name_or_path;
+        self
     }
 
     /// Width of the prefix, `L·2·C`.
@@ -100,7 +117,12 @@ impl AdapterConfig {
         json!({
             "auto_mapping": null,
             "base_model_name_or_path": self.base_model_name_or_path,
-            "encoder_hidden_size": self.encoder_hidden_size,
+            // PEFT leaves it null unless the MLP is used (its default is None).
+            "encoder_hidden_size": if self.prefix_projection || self.encoder_hidden_size > 0 {
+                Value::from(self.encoder_hidden_size)
+            } else {
+                Value::Null
+            },
             "inference_mode": true,
             "init_weights": null,
             "modules_to_save": null,

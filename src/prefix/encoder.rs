@@ -1,9 +1,10 @@
-//! The MLP prefix encoder of prefix-tuning, as PEFT's `PrefixEncoder` with
-//! `prefix_projection=True`:
-//! `prefix [P, L·2·C] = tanh(embedding [P, C] · W0ᵀ + b0) · W2ᵀ + b2`,
-//! laid out `[P][layer][key=0 / value=1][head][head_dim]`. The prefix is computed once per
-//! step (it is the same for every sequence), and its backward yields the gradients of all
-//! five parameters. Parameters, gradients and optimiser state are f32.
+//! The prefix encoder of prefix-tuning, as PEFT's `PrefixEncoder`. With
+//! `prefix_projection=True` (the paper's reparameterisation) it is an MLP,
+//! `prefix [P, L·2·C] = tanh(embedding [P, C] · W0ᵀ + b0) · W2ᵀ + b2`; without (PEFT's
+//! default) the prefix is itself the one parameter, `embedding [P, L·2·C]`. The prefix is
+//! laid out `[P][layer][key=0 / value=1][head][head_dim]`, computed once per step (it is the
+//! same for every sequence), and its backward yields the gradients of every parameter.
+//! Parameters, gradients and optimiser state are f32.
 
 use crate::device::{Backend, MatmulOpts};
 use crate::error::{Error, Result};
@@ -12,7 +13,7 @@ use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 use std::path::Path;
 
-/// PEFT's state-dict names, in the order of [`PrefixEncoder::params`].
+/// PEFT's state-dict names of the MLP encoder, in the order of [`PrefixEncoder::params`].
 pub const PARAM_NAMES: [&str; 5] = [
     "embedding.weight",
     "transform.0.weight",
@@ -28,10 +29,13 @@ pub struct EncoderDims {
     pub prefix_len: usize,
     /// Model width `C` (PEFT `token_dim`).
     pub token_dim: usize,
-    /// MLP width `E` (PEFT `encoder_hidden_size`).
+    /// MLP width `E` (PEFT `encoder_hidden_size`; unused without the projection).
     pub hidden: usize,
     /// Model layers `L`.
     pub num_layers: usize,
+    /// Whether the prefix goes through the MLP (PEFT `prefix_projection`); without it the
+    /// prefix `[P, L·2·C]` is trained directly.
+    pub projection: bool,
 }
 
 impl EncoderDims {
@@ -39,10 +43,23 @@ impl EncoderDims {
     pub fn out_dim(&self) -> usize {
         self.num_layers * 2 * self.token_dim
     }
-    /// Shapes of the five parameters, in [`PARAM_NAMES`] order.
-    pub fn shapes(&self) -> [Vec<usize>; 5] {
+    /// PEFT's names of the parameters: the five of [`PARAM_NAMES`] with the projection,
+    /// `embedding.weight` alone without.
+    pub fn param_names(&self) -> &'static [&'static str] {
+        if self.projection {
+            &PARAM_NAMES
+        } else {
+            &PARAM_NAMES[..1]
+        }
+    }
+    /// Shapes of the parameters, in [`EncoderDims::param_names`] order.
+    pub fn shapes(&self) -> Vec<Vec<usize>> {
         let (p, c, e, o) = (self.prefix_len, self.token_dim, self.hidden, self.out_dim());
-        [vec![p, c], vec![e, c], vec![e], vec![o, e], vec![o]]
+        if self.projection {
+            vec![vec![p, c], vec![e, c], vec![e], vec![o, e], vec![o]]
+        } else {
+            vec![vec![p, o]]
+        }
     }
 }
 
@@ -51,8 +68,9 @@ impl EncoderDims {
 pub struct PrefixEncoder {
     /// Sizes.
     pub dims: EncoderDims,
-    /// `[embedding [P,C], W0 [E,C], b0 [E], W2 [O,E], b2 [O]]`, f32.
-    pub params: [Tensor; 5],
+    /// `[embedding [P,C], W0 [E,C], b0 [E], W2 [O,E], b2 [O]]` with the projection,
+    /// `[embedding [P, O]]` without; f32.
+    pub params: Vec<Tensor>,
 }
 
 /// Intermediate values of one encoder forward, kept for its backward.
@@ -69,19 +87,28 @@ pub struct EncoderActs {
 impl PrefixEncoder {
     /// Zero-filled parameters (e.g. gradient buffers).
     pub fn zeros(dims: EncoderDims, be: &dyn Backend) -> Result<PrefixEncoder> {
-        let s = dims.shapes();
-        let z = |i: usize| be.zeros(&s[i], DType::F32);
-        Ok(PrefixEncoder {
-            dims,
-            params: [z(0)?, z(1)?, z(2)?, z(3)?, z(4)?],
-        })
+        let params = dims
+            .shapes()
+            .iter()
+            .map(|s| be.zeros(s, DType::F32))
+            .collect::<Result<_>>()?;
+        Ok(PrefixEncoder { dims, params })
     }
 
     /// A seeded initialisation with torch's defaults: embedding `N(0, 1)`, each `Linear`
     /// weight and bias `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
     pub fn init(dims: EncoderDims, seed: u64, be: &dyn Backend) -> Result<PrefixEncoder> {
-        let mut rng = Rng::new(seed);
         let s = dims.shapes();
+        if !dims.projection {
+            let n = s[0].iter().product::<usize>();
+            let data = Rng::new(seed ^ 0x5eed).normal_vec(n, 1.0);
+            let emb = be.upload(&Tensor::from_f32(&s[0], &data, DType::F32)?)?;
+            return Ok(PrefixEncoder {
+                dims,
+                params: vec![emb],
+            });
+        }
+        let mut rng = Rng::new(seed);
         let mut uniform = |n: usize, fan_in: usize| -> Vec<f32> {
             let b = 1.0 / (fan_in as f64).sqrt();
             (0..n)
@@ -96,52 +123,66 @@ impl PrefixEncoder {
             uniform(n(3), dims.hidden),
             uniform(n(4), dims.hidden),
         ];
-        let up = |i: usize| be.upload(&Tensor::from_f32(&s[i], &data[i], DType::F32)?);
-        Ok(PrefixEncoder {
-            dims,
-            params: [up(0)?, up(1)?, up(2)?, up(3)?, up(4)?],
-        })
+        let params = (0..5)
+            .map(|i| be.upload(&Tensor::from_f32(&s[i], &data[i], DType::F32)?))
+            .collect::<Result<_>>()?;
+        Ok(PrefixEncoder { dims, params })
     }
 
     /// Loads PEFT-named parameters from a safetensors file (e.g. `--init`), checking every
-    /// shape against `dims`.
+    /// shape against `dims`. Without the projection, the prefix may also come from an
+    /// adapter's `adapter_model.safetensors` (`prompt_embeddings`).
     pub fn load(path: &Path, dims: EncoderDims, be: &dyn Backend) -> Result<PrefixEncoder> {
         let file = SafetensorsFile::open(path)?;
         let shapes = dims.shapes();
-        let mut params = Vec::with_capacity(5);
-        for (name, shape) in PARAM_NAMES.iter().zip(&shapes) {
+        let names = dims.param_names();
+        let mut params = Vec::with_capacity(names.len());
+        for (name, shape) in names.iter().zip(&shapes) {
             // PEFT saves the encoder under `prompt_encoder.default.` in some contexts.
-            let stored = [name.to_string(), format!("prompt_encoder.default.{name}")]
+            let mut candidates = vec![name.to_string(), format!("prompt_encoder.default.{name}")];
+            if !dims.projection {
+                candidates.push("prompt_embeddings".into());
+            }
+            let stored = candidates
                 .into_iter()
                 .find(|n| file.shape(n).is_ok())
                 .ok_or_else(|| Error::Format {
                     path: path.to_path_buf(),
-                    msg: format!(
-                        "tensor {name:?} is missing; a prefix encoder needs {}",
-                        PARAM_NAMES.join(", ")
-                    ),
+                    msg: if dims.projection {
+                        format!(
+                            "tensor {name:?} is missing; a prefix encoder with the MLP needs {}",
+                            PARAM_NAMES.join(", ")
+                        )
+                    } else {
+                        format!(
+                            "tensor {name:?} (or an adapter's \"prompt_embeddings\") is missing; a prefix without the MLP (--no-prefix-projection) needs it as [P, L*2*C]"
+                        )
+                    },
                 })?;
             let (got, data) = file.f32(&stored)?;
             if &got != shape {
+                let sizes = if dims.projection {
+                    format!(
+                        "P={}, C={}, E={}, L={}",
+                        dims.prefix_len, dims.token_dim, dims.hidden, dims.num_layers
+                    )
+                } else {
+                    format!("P={}, L*2*C={} (no MLP)", dims.prefix_len, dims.out_dim())
+                };
                 return Err(Error::Format {
                     path: path.to_path_buf(),
                     msg: format!(
-                        "tensor {stored:?} has shape {got:?}, expected {shape:?} for P={}, C={}, E={}, L={}",
-                        dims.prefix_len, dims.token_dim, dims.hidden, dims.num_layers
+                        "tensor {stored:?} has shape {got:?}, expected {shape:?} for {sizes}"
                     ),
                 });
             }
             params.push(be.upload(&Tensor::from_f32(shape, &data, DType::F32)?)?);
         }
-        let params: [Tensor; 5] = params.try_into().map_err(|_| Error::Format {
-            path: path.to_path_buf(),
-            msg: "expected five tensors".into(),
-        })?;
         Ok(PrefixEncoder { dims, params })
     }
 
-    /// Reads the sizes of the encoder stored in `path` (P, C and E from the shapes; `L` from
-    /// the output width).
+    /// Reads the sizes of the MLP encoder stored in `path` (P, C and E from the shapes; `L`
+    /// from the output width).
     pub fn dims_in(path: &Path) -> Result<EncoderDims> {
         let file = SafetensorsFile::open(path)?;
         let emb = file.shape(PARAM_NAMES[0])?;
@@ -152,6 +193,7 @@ impl PrefixEncoder {
                 token_dim: *c,
                 hidden: *e,
                 num_layers: o / (2 * c),
+                projection: true,
             }),
             _ => Err(Error::Format {
                 path: path.to_path_buf(),
@@ -168,8 +210,13 @@ impl PrefixEncoder {
             .map(|t| be.download(t).map(|t| t.to_f32_vec()))
             .collect::<Result<_>>()?;
         let shapes = self.dims.shapes();
-        let entries: Vec<(&str, Vec<usize>, &[f32])> = (0..5)
-            .map(|i| (PARAM_NAMES[i], shapes[i].clone(), host[i].as_slice()))
+        let entries: Vec<(&str, Vec<usize>, &[f32])> = self
+            .dims
+            .param_names()
+            .iter()
+            .zip(&shapes)
+            .zip(&host)
+            .map(|((n, s), h)| (*n, s.clone(), h.as_slice()))
             .collect();
         write_safetensors_f32(path, &entries)
     }
@@ -177,6 +224,17 @@ impl PrefixEncoder {
     /// Buffers for [`PrefixEncoder::forward`] and [`PrefixEncoder::backward`].
     pub fn acts(&self, be: &dyn Backend) -> Result<EncoderActs> {
         let d = self.dims;
+        if !d.projection {
+            // No MLP: only the prefix and its scaled gradient are needed.
+            let one = || be.zeros(&[1], DType::F32);
+            return Ok(EncoderActs {
+                hidden: one()?,
+                d_scaled: be.zeros(&[d.prefix_len, d.out_dim()], DType::F32)?,
+                d_hidden: one()?,
+                d_pre: one()?,
+                prefix: be.zeros(&[d.prefix_len, d.out_dim()], DType::F32)?,
+            });
+        }
         Ok(EncoderActs {
             hidden: be.zeros(&[d.prefix_len, d.hidden], DType::F32)?,
             d_scaled: be.zeros(&[d.prefix_len, d.out_dim()], DType::F32)?,
@@ -188,7 +246,10 @@ impl PrefixEncoder {
 
     /// Computes `acts.prefix`.
     pub fn forward(&self, be: &dyn Backend, acts: &mut EncoderActs) -> Result<()> {
-        let [emb, w0, b0, w2, b2] = &self.params;
+        let [emb, w0, b0, w2, b2] = &self.params[..] else {
+            // No MLP: the prefix is the parameter.
+            return be.copy(&self.params[0].view(), &mut acts.prefix.view_mut());
+        };
         be.matmul(
             &emb.view(),
             &w0.view(),
@@ -216,8 +277,22 @@ impl PrefixEncoder {
         scale: f32,
         grads: &mut PrefixEncoder,
     ) -> Result<()> {
-        let [emb, w0, _b0, w2, _b2] = &self.params;
-        let [g_emb, g_w0, g_b0, g_w2, g_b2] = &mut grads.params;
+        if grads.params.len() != self.params.len() {
+            return Err(Error::shape(
+                "grads",
+                format!("{} tensors like the encoder", self.params.len()),
+                &[grads.params.len()],
+            ));
+        }
+        let [emb, w0, _b0, w2, _b2] = &self.params[..] else {
+            // No MLP: the gradient of the prefix is the parameter's.
+            let g = &mut grads.params[0];
+            be.copy(&d_prefix.view(), &mut g.view_mut())?;
+            return be.scale(&mut g.view_mut(), scale);
+        };
+        let [g_emb, g_w0, g_b0, g_w2, g_b2] = &mut grads.params[..] else {
+            return Err(Error::shape("grads", "5 tensors", &[grads.params.len()]));
+        };
         be.copy(&d_prefix.view(), &mut acts.d_scaled.view_mut())?;
         be.scale(&mut acts.d_scaled.view_mut(), scale)?;
         let dp = acts.d_scaled.view();
