@@ -1,5 +1,5 @@
 //! Fused prefix attention against the naive concat, forward and backward, on the named shapes
-//! of DESIGN.md §6: on the CPU always (the long shapes CPU-scaled), and on a CUDA device when
+//! of docs/ARCHITECTURE.md §6: on the CPU always (the long shapes CPU-scaled), and on a CUDA device when
 //! one is usable (full shapes, CUDA-event times of single calls, inputs rotated through
 //! 256 MiB so that L2 does not hold them). Never on the emulator. Run with
 //! `cargo bench --bench attn`; the ratio fused/naive is the figure that matters.

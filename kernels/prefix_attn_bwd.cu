@@ -1,4 +1,4 @@
-// Fused prefix attention, backward (DESIGN.md §1), deterministic: no float atomics.
+// Fused prefix attention, backward (docs/ARCHITECTURE.md §1), deterministic: no float atomics.
 //
 // Five kernels, launched in this order by the Rust wrapper:
 //   1. delta:     D[b, h, i] = rowsum(dO ∘ O) in fp32 (the softmax Jacobian's correction).

@@ -1,5 +1,5 @@
 // Fused prefix attention, forward: attention over [prefix K/V ; sequence K/V] without
-// materialising the concatenation (DESIGN.md §1), FlashAttention-2 style.
+// materialising the concatenation (docs/ARCHITECTURE.md §1), FlashAttention-2 style.
 //
 // A block of 4 warps owns 64 query rows of one (sequence b, query head h); each warp owns 16
 // rows. The block walks the key tiles that its rows can see: first the prefix tiles (read

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs nvcc from PyPI, pinned so that its PTX is no newer than a CUDA 13.0 driver loads
-# (DESIGN.md §7), into a virtual environment, and prints the CUDA_HOME to use:
+# (docs/ARCHITECTURE.md §7), into a virtual environment, and prints the CUDA_HOME to use:
 #   export CUDA_HOME=$(scripts/install-nvcc.sh)
 # The venv defaults to ~/.cache/prefix-attn/nvcc-venv (first argument to override).
 set -euo pipefail

@@ -197,7 +197,7 @@ pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
 }
 
 /// One row of `prefix-attn bench attn`: fused and naive-concat timings of one named shape,
-/// with FLOP and byte counts as DESIGN.md §6 defines them.
+/// with FLOP and byte counts as docs/ARCHITECTURE.md §6 defines them.
 #[derive(Clone, Debug)]
 pub struct AttnBenchRow {
     /// The shape as run (CPU-scaled on the CPU).

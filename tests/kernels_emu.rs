@@ -1,6 +1,6 @@
 //! The CUDA kernels on the CPU emulator: the emulator's self-tests, the parameter-struct
 //! layout against its C mirror, and the forward kernel against the f64 oracle on random shapes
-//! and every edge case, with the tolerance rule of DESIGN.md §5. The same file runs in the
+//! and every edge case, with the tolerance rule of docs/ARCHITECTURE.md §5. The same file runs in the
 //! sanitizer mode (`--features emu-sanitize`, see .ci/run).
 
 mod common;

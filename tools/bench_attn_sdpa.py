@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """PyTorch baselines for `prefix-attn bench attn`: attention over pre-concatenated prefix K/V.
 
-For each named shape of DESIGN.md §6 (src/attn/shapes.rs) it times, in fp16 on a CUDA GPU:
+For each named shape of docs/ARCHITECTURE.md §6 (src/attn/shapes.rs) it times, in fp16 on a CUDA GPU:
 
 * concat       the naive method's materialisation: the prefix table [1, P, Hkv, D] expanded
                over the batch and concatenated before each sequence's K and V along the key
                axis, `torch.cat([k_pre.expand(B, P, Hkv, D), k], dim=1)`, for K and for V;
 * sdpa fwd     `torch.nn.functional.scaled_dot_product_attention` on the pre-concatenated K/V
                (keys P + Tk) with `attn_mask=causal_lower_right(Tq, P + Tk)` (bottom-right
-               aligned causal mask, the contract of DESIGN.md §1; plain `is_causal=True` is
+               aligned causal mask, the contract of docs/ARCHITECTURE.md §1; plain `is_causal=True` is
                top-left aligned when Tq != P + Tk) and `enable_gqa=True` where Hq != Hkv;
 * sdpa fwd+bwd the same forward with autograd, `torch.autograd.grad` w.r.t. q and the
                concatenated k, v, then the expanded prefix gradient reduced over the batch in
@@ -55,7 +55,7 @@ import warnings
 T_START = time.perf_counter()
 
 # ---------------------------------------------------------------------------------------------
-# Shapes and FLOP counts (src/attn/shapes.rs, DESIGN.md §6)
+# Shapes and FLOP counts (src/attn/shapes.rs, docs/ARCHITECTURE.md §6)
 # ---------------------------------------------------------------------------------------------
 
 # Copied from `shapes::SHAPES` (src/attn/shapes.rs).
@@ -99,7 +99,7 @@ def fwd_flops(s):
     return 4.0 * s["head_dim"] * per_seq * s["batch"] * s["heads_q"]
 
 
-BWD_FACTOR = 2.5  # src/bench.rs: bwd_flops = 2.5 * fwd_flops (DESIGN.md §6)
+BWD_FACTOR = 2.5  # src/bench.rs: bwd_flops = 2.5 * fwd_flops (docs/ARCHITECTURE.md §6)
 
 
 def dims_str(s):
@@ -125,7 +125,7 @@ def import_torch():
 
 def contract_mask(s, device):
     """Bool [Tq, P + Tk], True = visible: every prefix key, and sequence key j iff
-    j <= i + (Tk - Tq) when causal (DESIGN.md §1, no padding). Built independently of
+    j <= i + (Tk - Tq) when causal (docs/ARCHITECTURE.md §1, no padding). Built independently of
     causal_lower_right so the unfused baseline doubles as a check of it."""
     tq, tk, p = s["tq"], s["tk"], s["prefix_len"]
     i = torch.arange(tq, device=device)[:, None]
@@ -718,7 +718,7 @@ def compare(ours_path, sdpa_path):
 
 
 def hand_mask(s):
-    """The contract's mask from explicit loops (DESIGN.md §1, no padding)."""
+    """The contract's mask from explicit loops (docs/ARCHITECTURE.md §1, no padding)."""
     tq, tk, p = s["tq"], s["tk"], s["prefix_len"]
     rows = []
     for i in range(tq):

@@ -68,8 +68,8 @@ ARCH_LIMITS = {
     "sm_90": {"smem_per_sm": 228 * 1024, "smem_per_block_optin": 227 * 1024},
 }
 ARCHS = tuple(ARCH_LIMITS)
-# PTX of the fatbin: compute_80, at most the PTX ISA that a CUDA 13.0 driver loads (DESIGN
-# §7: the pinned nvcc 13.0 writes 9.0).
+# PTX of the fatbin: compute_80, at most the PTX ISA that a CUDA 13.0 driver loads
+# (docs/ARCHITECTURE.md §7: the pinned nvcc 13.0 writes 9.0).
 PTX_ARCH = "sm_80"  # cuobjdump names compute_80 PTX "sm_80"
 PTX_MAX_ISA = (9, 0)
 # The fatbins the crate builds (build.rs KERNELS) and which of them hold attention kernels.

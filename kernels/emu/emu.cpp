@@ -1,4 +1,4 @@
-// CPU emulator of the CUDA kernels: the runtime behind emu.h (DESIGN.md §4).
+// CPU emulator of the CUDA kernels: the runtime behind emu.h (docs/ARCHITECTURE.md §4).
 //
 // Every CUDA thread of a block is a fiber (a 64 KiB stack above a guard page). One OS thread runs
 // a whole launch: blocks one after another, the fibers of a block by deterministic

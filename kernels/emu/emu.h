@@ -1,6 +1,6 @@
 // CPU emulator of the CUDA kernels: the shim that lets the same `.cu` sources compile with g++
 // (-std=c++20 -x c++ -DPREFIX_ATTN_EMU -fno-strict-aliasing) and run on the CPU inside
-// `cargo test`. See DESIGN.md §4 for the why; this header is the "device side" API.
+// `cargo test`. See docs/ARCHITECTURE.md §4 for the why; this header is the "device side" API.
 //
 // Execution model (implemented in emu.cpp):
 //   * Every CUDA thread of a block is a fiber with its own stack, so __syncthreads() is a real

@@ -209,7 +209,7 @@ impl AttnProblem {
     }
 
     /// Exact count of visible (query, key) pairs over the batch and all query heads, the
-    /// FLOP basis of DESIGN.md §6 (forward FLOPs = `4 * D * pairs`).
+    /// FLOP basis of docs/ARCHITECTURE.md §6 (forward FLOPs = `4 * D * pairs`).
     pub fn visible_pairs(&self) -> u64 {
         let mut pairs = 0u64;
         for b in 0..self.batch {

@@ -4,7 +4,7 @@
 //!
 //! The same loops, with every stored intermediate rounded to a lower precision
 //! ([`Precision::Round`]), are the "naive implementation in the same precision" of the
-//! tolerance rule (DESIGN.md §5): a kernel's error against the exact oracle must stay within
+//! tolerance rule (docs/ARCHITECTURE.md §5): a kernel's error against the exact oracle must stay within
 //! twice that naive implementation's error.
 
 use super::{AttnFwdArgs, AttnProblem};

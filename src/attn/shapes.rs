@@ -1,4 +1,4 @@
-//! The named problem shapes of DESIGN.md §6, used by every benchmark and goal.
+//! The named problem shapes of docs/ARCHITECTURE.md §6, used by every benchmark and goal.
 
 use super::AttnProblem;
 use crate::tensor::{DType, Location};
@@ -101,7 +101,7 @@ impl NamedShape {
         }
     }
 
-    /// Forward FLOPs counted as in DESIGN.md §6: `4 * D` per visible (query, key) pair.
+    /// Forward FLOPs counted as in docs/ARCHITECTURE.md §6: `4 * D` per visible (query, key) pair.
     pub fn fwd_flops(self) -> f64 {
         4.0 * self.head_dim as f64 * self.problem(DType::F16).visible_pairs() as f64
     }

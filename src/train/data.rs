@@ -4,7 +4,7 @@
 //!   input_ids, `-100` ignored);
 //! - `{"prompt": "...", "completion": "..."}`: prompt and completion are tokenized
 //!   separately, concatenated, and the EOS id appended; labels are `-100` on the prompt
-//!   (DESIGN.md §2);
+//!   (docs/ARCHITECTURE.md §2);
 //! - `{"text": "..."}`: tokenized, the EOS id appended, every token counted.
 //!
 //! Examples longer than the limit are an error unless a [`Truncation`] is chosen.

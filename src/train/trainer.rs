@@ -5,7 +5,7 @@
 //! Every step: the encoder computes the prefix once; the model's forward gives the summed
 //! token loss of each micro-batch and its backward the prefix gradient of that sum (summed
 //! over the micro-batches of a step); the encoder's backward scales it by `1 / tokens` (the
-//! mean loss over the whole step, DESIGN.md §2) and the optimiser updates the encoder.
+//! mean loss over the whole step, docs/ARCHITECTURE.md §2) and the optimiser updates the encoder.
 //!
 //! What a run leaves in its output folder, and what it refuses to touch, is decided before
 //! anything is written ([`train`]): a folder that holds anything but one of our runs is

@@ -1,4 +1,4 @@
-//! Shared test helpers: error measures and the tolerance rule of DESIGN.md §5.
+//! Shared test helpers: error measures and the tolerance rule of docs/ARCHITECTURE.md §5.
 #![allow(dead_code)]
 
 pub mod fp16;
