@@ -12,6 +12,7 @@ use prefix_attn::attn::testing::{
 };
 use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use prefix_attn::device::cuda::{device_count, loaded_libraries, CudaBackend};
+use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
 use std::sync::Arc;
@@ -264,7 +265,6 @@ fn main() {
     }
     println!("GPU forward and backward kernels vs f64 oracle on cuda:0");
     println!("{passed} passed, {failed} failed");
-    use prefix_attn::device::Backend;
     // The half-precision training path (dense kernels, cuBLAS, attention, AdamW, generation)
     // against the Hugging Face + PEFT fixture and its fp16 PyTorch run.
     println!("{}", be.describe());

@@ -581,6 +581,20 @@ mod faulty {
         fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
             C.attn_bwd(args, grads)
         }
+        fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+            C.gelu(x, out)
+        }
+        fn add_assign(&self, out: &mut TensorViewMut, x: &TensorView) -> Result<()> {
+            C.add_assign(out, x)
+        }
+        fn cross_entropy_inplace(
+            &self,
+            logits: &mut TensorViewMut,
+            targets: &[i32],
+            losses: &mut TensorViewMut,
+        ) -> Result<()> {
+            C.cross_entropy_inplace(logits, targets, losses)
+        }
         fn matmul(
             &self,
             a: &TensorView,

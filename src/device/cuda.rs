@@ -7,10 +7,10 @@
 //! accumulation). Attention also runs on views of foreign device memory (an inference
 //! engine's own buffers, wrapped with [`crate::tensor::TensorView::from_raw_parts`]).
 
-use super::dense::{self, dense_backend_ops, DenseLaunch, DenseParams, DenseRunner, GridCap};
-use super::kernels::{fatbin, plan_bwd, plan_fwd, BwdParams, FwdParams, KernelLaunch};
-use super::{AdamWStep, Backend, Device, MatmulOpts};
-use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
+use super::dense::{self, DenseLaunch, DenseParams, GridCap};
+use super::kernel_device::{AttnParams, KernelRunner};
+use super::kernels::{fatbin, BwdParams, FwdParams, KernelLaunch};
+use super::{Device, MatmulOpts};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, DeviceMemory, Location, Tensor, TensorView, TensorViewMut};
 use cudarc::cublas::sys as blas;
@@ -459,67 +459,6 @@ impl CudaBackend {
         times.sort_by(f64::total_cmp);
         Ok((flops, 2.0 * bytes as f64 / (times[2] / 1e3)))
     }
-
-    fn check_location(&self, loc: Location) -> Result<()> {
-        if loc != Location::Cuda(self.ordinal) {
-            return Err(Error::device(
-                "q",
-                format!(
-                    "the tensors are on {loc}, this backend is cuda:{}",
-                    self.ordinal
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The backward kernels on views of this device's memory. Scratch and metadata are reused
-    /// from call to call in stream order (see `AttnCache`), so the call returns without waiting
-    /// for the kernels.
-    pub fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
-        let mut plan = plan_bwd(args, &grads)?;
-        self.check_location(plan.problem.location)?;
-        let mut cache = self.attn.lock().unwrap_or_else(|p| p.into_inner());
-        let m = self.attn_meta(&mut cache, &plan.meta)?;
-        // delta, then the partials at the next 256-byte boundary (the prefix kernel writes
-        // 8-byte pairs).
-        let delta_bytes = (4 * plan.delta_len).next_multiple_of(256);
-        let scratch = self.attn_scratch(&mut cache, delta_bytes + 4 * plan.partial_len.max(1))?;
-        let b = plan.problem.batch as u64;
-        plan.params.f.prefix_index = m;
-        plan.params.f.seqlen_q = m + 4 * b;
-        plan.params.f.seqlen_k = m + 8 * b;
-        plan.params.delta = scratch;
-        plan.params.partial = scratch + delta_bytes as u64;
-        let _keep = grads;
-        for l in &plan.launches {
-            self.launch(l, &plan.params)?;
-        }
-        Ok(())
-    }
-
-    /// The forward kernel on views of this device's memory (returns without waiting).
-    pub fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
-        let mut plan = plan_fwd(args, &out)?;
-        self.check_location(plan.problem.location)?;
-        if plan.is_empty() {
-            return Ok(());
-        }
-        let mut cache = self.attn.lock().unwrap_or_else(|p| p.into_inner());
-        let base = self.attn_meta(&mut cache, &plan.meta)?;
-        let b = plan.problem.batch as u64;
-        plan.params.prefix_index = base;
-        plan.params.seqlen_q = base + 4 * b;
-        plan.params.seqlen_k = base + 8 * b;
-        let launch = KernelLaunch {
-            entry: plan.entry,
-            grid: plan.grid,
-            threads: plan.threads,
-            smem_bytes: plan.smem_bytes,
-        };
-        let _keep = out;
-        self.launch(&launch, &plan.params)
-    }
 }
 
 fn blas_type(dt: DType, arg: &str) -> Result<blas::cudaDataType> {
@@ -563,7 +502,7 @@ fn matrix(arg: &str, t: &TensorView, loc: Location) -> Result<(u64, usize, usize
     ))
 }
 
-impl Backend for CudaBackend {
+impl KernelRunner for CudaBackend {
     fn device(&self) -> Device {
         Device::Cuda(self.ordinal)
     }
@@ -615,11 +554,32 @@ impl Backend for CudaBackend {
             .peak
             .store(self.mem.now.load(Ordering::Relaxed), Ordering::Relaxed);
     }
-    fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
-        CudaBackend::attn_fwd(self, args, out)
+    fn grid_cap(&self) -> GridCap {
+        GridCap(8192)
     }
-    fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
-        CudaBackend::attn_bwd(self, args, grads)
+
+    /// The metadata is uploaded only when it differs from the last call's and the scratch
+    /// grows but is reused (see `AttnCache`); the launches are queued without waiting.
+    fn run_attn<P: AttnParams>(
+        &self,
+        meta: &[i32],
+        scratch_bytes: usize,
+        scratch_split: usize,
+        mut params: P,
+        launches: &[KernelLaunch],
+    ) -> Result<()> {
+        let mut cache = self.attn.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.attn_meta(&mut cache, meta)?;
+        let scratch = if scratch_bytes > 0 {
+            self.attn_scratch(&mut cache, scratch_bytes)?
+        } else {
+            0
+        };
+        params.place(m, meta.len() / 3, scratch, scratch_split);
+        for l in launches {
+            self.launch(l, &params)?;
+        }
+        Ok(())
     }
 
     /// `cublasGemmEx` with `CUBLAS_COMPUTE_32F` (fp16/bf16 inputs, fp32 accumulation; f32
@@ -663,7 +623,7 @@ impl Backend for CudaBackend {
                 return Err(Error::shape("matmul bias", format!("[{n}]"), bias.dims()));
             }
             let rows = bias.as_strided(&[m, n], &[0, 1], bias.layout().offset())?;
-            let l = dense::copy(&rows, out, opts.accumulate, loc, self.dense_cap())?;
+            let l = dense::copy(&rows, out, opts.accumulate, loc, self.grid_cap())?;
             self.run_dense(l)?;
             beta = 1.0;
         }
@@ -676,7 +636,7 @@ impl Backend for CudaBackend {
         let alpha = opts.alpha;
         if k == 0 {
             // cuBLAS leaves C untouched for k = 0: scale by beta ourselves.
-            let l = dense::axpby(out, 0.0, None, beta, loc, self.dense_cap())?;
+            let l = dense::axpby(out, 0.0, None, beta, loc, self.grid_cap())?;
             return self.run_dense(l);
         }
         // Row-major out = op(a) op(b) is column-major outᵀ = op(b)ᵀ op(a)ᵀ: cuBLAS's A is our
@@ -728,16 +688,6 @@ impl Backend for CudaBackend {
         })
     }
 
-    dense_backend_ops!();
-}
-
-impl DenseRunner for CudaBackend {
-    fn dense_location(&self) -> Location {
-        Location::Cuda(self.ordinal)
-    }
-    fn dense_cap(&self) -> GridCap {
-        GridCap(8192)
-    }
     fn run_dense(&self, mut l: DenseLaunch) -> Result<()> {
         let idx = match &l.idx {
             Some(v) => Some(self.upload_i32(v)?),

@@ -5,9 +5,10 @@
 //! return [`Error::Unsupported`] rather than falling back to another implementation.
 
 use super::cpu::CpuBackend;
-use super::dense::{self, dense_backend_ops, DenseLaunch, DenseRunner, GridCap};
-use super::kernels::{plan_bwd, plan_fwd};
-use super::{AdamWStep, Backend, Device, MatmulOpts};
+use super::dense::{DenseLaunch, GridCap};
+use super::kernel_device::{AttnParams, KernelRunner};
+use super::kernels::KernelLaunch;
+use super::{Backend, Device, MatmulOpts};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
@@ -102,34 +103,9 @@ fn read_layout(report: unsafe extern "C" fn(*mut usize, usize) -> usize) -> Vec<
     v
 }
 
-/// The backward kernels on the emulator.
+/// The backward kernels on the emulator (the `emu` device's [`Backend::attn_bwd`]).
 pub fn attn_bwd(args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
-    let mut plan = plan_bwd(args, &grads)?;
-    if plan.problem.location != Location::Host {
-        return Err(Error::device(
-            "q",
-            format!(
-                "the emu device needs host tensors, these are on {}",
-                plan.problem.location
-            ),
-        ));
-    }
-    let b = plan.problem.batch as u64;
-    let base = plan.meta.as_ptr() as u64;
-    plan.params.f.prefix_index = base;
-    plan.params.f.seqlen_q = base + 4 * b;
-    plan.params.f.seqlen_k = base + 8 * b;
-    // f64 storage: the prefix kernel writes its f32 partials in 8-byte pairs.
-    let mut delta = vec![0f64; plan.delta_len.div_ceil(2).max(1)];
-    let mut partial = vec![0f64; plan.partial_len.div_ceil(2).max(1)];
-    plan.params.delta = delta.as_mut_ptr() as u64;
-    plan.params.partial = partial.as_mut_ptr() as u64;
-    let _keep = grads;
-    for l in &plan.launches {
-        // SAFETY: as in `attn_fwd`; the scratch buffers live until the end of this function.
-        unsafe { launch(l.entry, &plan.params, l.grid, l.threads, l.smem_bytes)? };
-    }
-    Ok(())
+    EmuBackend.attn_bwd(args, grads)
 }
 
 /// Chooses the emulator's fiber schedule for launches from the calling thread: round robin in
@@ -194,47 +170,16 @@ pub fn planted_oob(write_out_of_bounds: bool) -> Result<()> {
     })
 }
 
-/// The forward kernel on the emulator.
+/// The forward kernel on the emulator (the `emu` device's [`Backend::attn_fwd`]).
 pub fn attn_fwd(args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
-    let mut plan = plan_fwd(args, &out)?;
-    if plan.problem.location != Location::Host {
-        return Err(Error::device(
-            "q",
-            format!(
-                "the emu device needs host tensors, these are on {}",
-                plan.problem.location
-            ),
-        ));
-    }
-    if plan.is_empty() {
-        return Ok(());
-    }
-    let b = plan.problem.batch;
-    let base = plan.meta.as_ptr() as u64;
-    plan.params.prefix_index = base;
-    plan.params.seqlen_q = base + 4 * b as u64;
-    plan.params.seqlen_k = base + 8 * b as u64;
-    // `out` is borrowed for the duration: the kernel writes through the addresses in `params`.
-    let _keep = out;
-    // SAFETY: every address in `params` was derived from a checked view that outlives the
-    // call (args and out), and `meta` lives in `plan`; the kernel reads and writes only within
-    // the shapes and strides the plan validated.
-    unsafe {
-        launch(
-            plan.entry,
-            &plan.params,
-            plan.grid,
-            plan.threads,
-            plan.smem_bytes,
-        )
-    }
+    EmuBackend.attn_fwd(args, out)
 }
 
 /// The `emu` device.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EmuBackend;
 
-impl Backend for EmuBackend {
+impl KernelRunner for EmuBackend {
     fn device(&self) -> Device {
         Device::Emu
     }
@@ -250,11 +195,51 @@ impl Backend for EmuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
-    fn attn_fwd(&self, args: &AttnFwdArgs, out: AttnFwdOut) -> Result<()> {
-        attn_fwd(args, out)
+    fn memory(&self) -> Option<(usize, usize)> {
+        None
     }
-    fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
-        attn_bwd(args, grads)
+    fn reset_peak_memory(&self) {}
+    fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let t0 = std::time::Instant::now();
+        f()?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    }
+    fn grid_cap(&self) -> GridCap {
+        // Few blocks: fewer fibers, and every grid-stride loop runs several iterations.
+        GridCap(16)
+    }
+    fn run_dense(&self, l: DenseLaunch) -> Result<()> {
+        run_dense(l)
+    }
+
+    /// The metadata is passed from the caller's slice; the scratch is fresh and poisoned
+    /// (all bits set: NaN as f32) at every call, so a kernel that read scratch it had not
+    /// written would give NaN rather than a stale value.
+    fn run_attn<P: AttnParams>(
+        &self,
+        meta: &[i32],
+        scratch_bytes: usize,
+        scratch_split: usize,
+        mut params: P,
+        launches: &[KernelLaunch],
+    ) -> Result<()> {
+        // u64 storage: the prefix kernel writes its f32 partials in 8-byte pairs.
+        let scratch = vec![u64::MAX; scratch_bytes.div_ceil(8).max(1)];
+        let batch = meta.len() / 3;
+        params.place(
+            meta.as_ptr() as u64,
+            batch,
+            scratch.as_ptr() as u64,
+            scratch_split,
+        );
+        for l in launches {
+            // SAFETY: every address in `params` was derived from checked views that the
+            // caller borrows for the duration of the call, or points into `meta` and
+            // `scratch`, which live until the end of this function; the kernels read and
+            // write only within the shapes and strides the plan validated.
+            unsafe { launch(l.entry, &params, l.grid, l.threads, l.smem_bytes)? };
+        }
+        Ok(())
     }
 
     /// fp16/bf16 inputs are widened exactly to f32, multiplied by `gemm` with f32
@@ -298,20 +283,5 @@ impl Backend for EmuBackend {
             opts,
         )?;
         out.scatter_f32(o32.as_slice::<f32>()?)
-    }
-
-    dense_backend_ops!();
-}
-
-impl DenseRunner for EmuBackend {
-    fn dense_location(&self) -> Location {
-        Location::Host
-    }
-    fn dense_cap(&self) -> GridCap {
-        // Few blocks: fewer fibers, and every grid-stride loop runs several iterations.
-        GridCap(16)
-    }
-    fn run_dense(&self, l: DenseLaunch) -> Result<()> {
-        run_dense(l)
     }
 }

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dense;
 pub mod emu;
+pub mod kernel_device;
 pub mod kernels;
 pub mod launch_table;
 pub mod registry;
@@ -74,9 +75,8 @@ impl FromStr for Device {
 
 /// The operations the model and the attention API need from a device. Every method checks
 /// its arguments (shapes, dtypes, devices) and returns an error rather than panicking.
-/// Dense operations have default bodies that report a missing kernel, so a device can start
-/// with attention alone; the cpu device implements all of them.
-#[allow(unused_variables)]
+/// Every device implements every operation: `cpu` directly, `emu` and `cuda` through
+/// [`kernel_device::KernelRunner`].
 pub trait Backend: Send + Sync {
     /// The device this backend runs on.
     fn device(&self) -> Device;
@@ -129,9 +129,7 @@ pub trait Backend: Send + Sync {
         bias: Option<&TensorView>,
         out: &mut TensorViewMut,
         opts: MatmulOpts,
-    ) -> Result<()> {
-        Err(missing_op(self.device(), "matmul"))
-    }
+    ) -> Result<()>;
 
     /// Layer norm over the last dimension of `x [M, C]`: `out = (x - mean) * rstd * w + b`,
     /// also storing `mean [M]` and `rstd [M]` (f32) for the backward.
@@ -145,9 +143,7 @@ pub trait Backend: Send + Sync {
         out: &mut TensorViewMut,
         mean: &mut TensorViewMut,
         rstd: &mut TensorViewMut,
-    ) -> Result<()> {
-        Err(missing_op(self.device(), "layernorm"))
-    }
+    ) -> Result<()>;
 
     /// Input gradient of layer norm (the weights are frozen): `dx (+)= d LN(x) / dx · dy`.
     #[allow(clippy::too_many_arguments)]
@@ -160,14 +156,10 @@ pub trait Backend: Send + Sync {
         rstd: &TensorView,
         dx: &mut TensorViewMut,
         accumulate: bool,
-    ) -> Result<()> {
-        Err(missing_op(self.device(), "layernorm_bwd"))
-    }
+    ) -> Result<()>;
 
     /// `out = gelu(x)`, tanh form (`gelu_new`).
-    fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
-        Err(missing_op(self.device(), "gelu"))
-    }
+    fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()>;
     /// Bias and GELU of an MLP's first layer in one pass: `h += bias` (row-broadcast, kept
     /// for the backward) and `out = gelu(h)`.
     fn bias_gelu(
@@ -175,30 +167,20 @@ pub trait Backend: Send + Sync {
         h: &mut TensorViewMut,
         bias: &TensorView,
         out: &mut TensorViewMut,
-    ) -> Result<()> {
-        Err(missing_op(self.device(), "bias_gelu"))
-    }
+    ) -> Result<()>;
     /// A projection's bias and the residual in one pass: `out += bias + residual`.
     fn bias_residual(
         &self,
         out: &mut TensorViewMut,
         bias: &TensorView,
         residual: &TensorView,
-    ) -> Result<()> {
-        Err(missing_op(self.device(), "bias_residual"))
-    }
+    ) -> Result<()>;
     /// `dx = gelu'(x) · dy`.
-    fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
-        Err(missing_op(self.device(), "gelu_bwd"))
-    }
+    fn gelu_bwd(&self, x: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()>;
     /// `out = tanh(x)`.
-    fn tanh(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
-        Err(missing_op(self.device(), "tanh"))
-    }
+    fn tanh(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()>;
     /// `dx = (1 - y²) · dy` where `y = tanh(x)`.
-    fn tanh_bwd(&self, y: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()> {
-        Err(missing_op(self.device(), "tanh_bwd"))
-    }
+    fn tanh_bwd(&self, y: &TensorView, dy: &TensorView, dx: &mut TensorViewMut) -> Result<()>;
     /// One AdamW update exactly as `torch.optim.AdamW` (f32): decoupled weight decay
     /// `p *= 1 - lr·wd`, moments `m = β1 m + (1-β1) g`, `v = β2 v + (1-β2) g²`, then
     /// `p -= lr / (1-β1^t) · m / (sqrt(v) / sqrt(1-β2^t) + eps)`.
@@ -209,39 +191,23 @@ pub trait Backend: Send + Sync {
         m: &mut TensorViewMut,
         v: &mut TensorViewMut,
         hp: AdamWStep,
-    ) -> Result<()> {
-        Err(missing_op(self.device(), "adamw"))
-    }
+    ) -> Result<()>;
     /// `y += alpha · x`.
-    fn axpy(&self, y: &mut TensorViewMut, alpha: f32, x: &TensorView) -> Result<()> {
-        Err(missing_op(self.device(), "axpy"))
-    }
+    fn axpy(&self, y: &mut TensorViewMut, alpha: f32, x: &TensorView) -> Result<()>;
     /// `x *= alpha`.
-    fn scale(&self, x: &mut TensorViewMut, alpha: f32) -> Result<()> {
-        Err(missing_op(self.device(), "scale"))
-    }
+    fn scale(&self, x: &mut TensorViewMut, alpha: f32) -> Result<()>;
     /// `out += x` (same shapes).
-    fn add_assign(&self, out: &mut TensorViewMut, x: &TensorView) -> Result<()> {
-        Err(missing_op(self.device(), "add_assign"))
-    }
+    fn add_assign(&self, out: &mut TensorViewMut, x: &TensorView) -> Result<()>;
     /// `out[n] (+)= sum over rows of x [M, N]` (bias gradients).
-    fn sum_rows(&self, x: &TensorView, out: &mut TensorViewMut, accumulate: bool) -> Result<()> {
-        Err(missing_op(self.device(), "sum_rows"))
-    }
+    fn sum_rows(&self, x: &TensorView, out: &mut TensorViewMut, accumulate: bool) -> Result<()>;
     /// Copies `src` into `dst` (same shapes, any strides).
-    fn copy(&self, src: &TensorView, dst: &mut TensorViewMut) -> Result<()> {
-        Err(missing_op(self.device(), "copy"))
-    }
+    fn copy(&self, src: &TensorView, dst: &mut TensorViewMut) -> Result<()>;
 
     /// `dst [n, C]` row `i` = `src [M, C]` row `rows[i]`.
-    fn gather_rows(&self, src: &TensorView, rows: &[i32], dst: &mut TensorViewMut) -> Result<()> {
-        Err(missing_op(self.device(), "gather_rows"))
-    }
+    fn gather_rows(&self, src: &TensorView, rows: &[i32], dst: &mut TensorViewMut) -> Result<()>;
 
     /// `dst [M, C]` row `rows[i]` = `src [n, C]` row `i`; the other rows of `dst` become 0.
-    fn scatter_rows(&self, src: &TensorView, rows: &[i32], dst: &mut TensorViewMut) -> Result<()> {
-        Err(missing_op(self.device(), "scatter_rows"))
-    }
+    fn scatter_rows(&self, src: &TensorView, rows: &[i32], dst: &mut TensorViewMut) -> Result<()>;
 
     /// Token + position embedding: `out [B·T, C]` row `b·T + t` is
     /// `wte[ids[b·T + t]] + wpe[pos_offset + t]`.
@@ -253,9 +219,7 @@ pub trait Backend: Send + Sync {
         wpe: &TensorView,
         pos_offset: usize,
         out: &mut TensorViewMut,
-    ) -> Result<()> {
-        Err(missing_op(self.device(), "embed"))
-    }
+    ) -> Result<()>;
 
     /// Softmax cross-entropy per row of `logits [M, V]` against `targets [M]` (`-100`:
     /// ignored, loss 0): writes `losses [M]` (f32) and, if given, `dlogits = softmax - onehot`
@@ -266,9 +230,7 @@ pub trait Backend: Send + Sync {
         targets: &[i32],
         losses: &mut TensorViewMut,
         dlogits: Option<&mut TensorViewMut>,
-    ) -> Result<()> {
-        Err(missing_op(self.device(), "cross_entropy"))
-    }
+    ) -> Result<()>;
 
     /// As [`Backend::cross_entropy`] with the gradient written **over the logits** (no second
     /// `[M, V]` buffer): after the call `logits` holds `softmax - onehot` (0 on ignored rows).
@@ -277,16 +239,7 @@ pub trait Backend: Send + Sync {
         logits: &mut TensorViewMut,
         targets: &[i32],
         losses: &mut TensorViewMut,
-    ) -> Result<()> {
-        Err(missing_op(self.device(), "cross_entropy_inplace"))
-    }
-}
-
-/// The error of an operation a device has no kernel for yet.
-fn missing_op(device: Device, op: &str) -> Error {
-    Error::Unsupported(format!(
-        "{device}: {op} has no kernel on this device yet (use the cpu device)"
-    ))
+    ) -> Result<()>;
 }
 
 /// Hyper-parameters of one [`Backend::adamw`] update.
