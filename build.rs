@@ -40,7 +40,12 @@ const EMU_HEADERS: &[&str] = &["kernels/emu/racecheck.h"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    for f in KERNELS.iter().chain(HEADERS).chain(EMU_SOURCES).chain(EMU_HEADERS) {
+    for f in KERNELS
+        .iter()
+        .chain(HEADERS)
+        .chain(EMU_SOURCES)
+        .chain(EMU_HEADERS)
+    {
         println!("cargo:rerun-if-changed={f}");
     }
     for v in [

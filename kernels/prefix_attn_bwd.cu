@@ -260,12 +260,14 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
                 krs = f.k_row_stride;
                 vrs = f.v_row_stride;
             }
-            __syncthreads();
+            // No barrier before this load and no wait after it: it runs once per block (a dkv_seq
+            // block has one sequence; dkv_pre loads its prefix keys once) before any other
+            // shared-memory access, and the first query tile below (there is one: some row sees
+            // key0 < nkeys) completes these copies with its cp_async_wait<0>() and publishes
+            // them with its __syncthreads() before sK, sV are read (tests/racecheck_emu.rs).
             load_tile<kHeadDim, Tr::kBlockN, kThreads>(sK, ks, krs, key0, nkeys, tid);
             load_tile<kHeadDim, Tr::kBlockN, kThreads>(sV, vs, vrs, key0, nkeys, tid);
             cp_async_commit();
-            cp_async_wait<0>();
-            __syncthreads();
             loaded_kv = true;
         }
         // This warp's keys (rows of Sᵀ): g and g + 8.
@@ -356,7 +358,7 @@ PA_DEVICE void dkv_tile(const PrefixAttnBwdParams& p, bool prefix, int key_tile,
             }
         }
     }
-    cp_async_wait<0>();
+    // Every cp.async group is complete here: each query tile waits for all of them.
 }
 
 template <int kHeadDim, typename T>

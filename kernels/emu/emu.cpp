@@ -369,12 +369,17 @@ Text pc_token(uintptr_t pc) { return textf("{pc:%" PRIxPTR "}", pc); }
     if (f == nullptr) return "";
     std::string r = f;
     if (f[0] == '_' && f[1] == 'Z') {
+        // Without the optimiser's clone suffix (".isra.0", ".constprop.0", ".part.0", ...), and
+        // with _Float16 (DF16_, which gcc 12's demangler does not know) as IEEE half (Dh).
+        std::string mangled = r.substr(0, r.find('.'));
+        for (size_t at; (at = mangled.find("DF16_")) != std::string::npos;) mangled.replace(at, 5, "Dh");
         int status = 0;
-        char* d = abi::__cxa_demangle(f, nullptr, nullptr, &status);
+        char* d = abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status);
         if (d != nullptr && status == 0) r = d;
         std::free(d);
     }
     // Drop the argument list and the return type: "void pa::f<64>(int)" -> "pa::f<64>".
+    if (r.size() > 6 && r.compare(r.size() - 6, 6, " const") == 0) r.resize(r.size() - 6);
     if (!r.empty() && r.back() == ')') {
         int depth = 0;
         for (size_t i = r.size(); i-- > 0;) {
@@ -462,14 +467,6 @@ std::string symbolize(uintptr_t pc) {
     if (!fr[j].func.empty()) s += " in " + fr[j].func;
     if (k > 0) appendf(s, " (via %s:%d)", base_name(fr[k - 1].file.c_str()), fr[k - 1].line);
     return s;
-}
-
-// The kernel that pc belongs to: its outermost frame (the kernel's entry function), if known.
-[[maybe_unused]] std::string kernel_of(uintptr_t pc) {
-    const std::vector<Frame> fr = frames_of(pc);
-    for (size_t i = fr.size(); i-- > 0;)
-        if (fr[i].func.compare(0, 7, "pa_emu_") != 0 && !fr[i].func.empty()) return fr[i].func;
-    return "";
 }
 
 // Replaces every {pc:HEX} token of s by symbolize(pc).
@@ -758,10 +755,8 @@ const char* rc_kind_name(rc::Kind k) {
 std::string rc_report(const Launch& L) {
     const rc::Hazards& hz = g_rc.hazards;
     std::string s;
-    const std::string kernel = hz.list.empty() ? "" : kernel_of(hz.list[0].cur.pc);
-    appendf(s, "racecheck: %" PRIu64 " hazard%s (%zu distinct pair%s of source lines) in %s%s%s:", hz.total,
-            hz.total == 1 ? "" : "s", hz.list.size(), hz.list.size() == 1 ? "" : "s", block_name(L).c_str(),
-            kernel.empty() ? "" : ", kernel ", kernel.c_str());
+    appendf(s, "racecheck: %" PRIu64 " hazard%s (%zu distinct pair%s of source lines) in %s:", hz.total,
+            hz.total == 1 ? "" : "s", hz.list.size(), hz.list.size() == 1 ? "" : "s", block_name(L).c_str());
     constexpr size_t kShown = 8;
     for (size_t i = 0; i < hz.list.size() && i < kShown; ++i) {
         const rc::Hazard& h = hz.list[i];

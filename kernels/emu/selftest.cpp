@@ -1438,7 +1438,7 @@ extern "C" int pa_emu_planted_race(int race, unsigned* lines, char* err, size_t 
             const unsigned i = threadIdx.x;
             buf[i] = static_cast<float>(i) * 0.5f; if (i == 0) wl = __LINE__;
             if (race == 0) __syncthreads();
-            g_planted_sink[i] = buf[63 - i]; if (i == 0) rl = __LINE__;
+            opaque(g_planted_sink)[i] = buf[63 - i]; if (i == 0) rl = __LINE__;
         },
         err, err_len);
     lines[0] = wl;

@@ -29,7 +29,8 @@ extern "C" {
     fn pa_emu_selftest(name: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
     fn pa_emu_selftest_names() -> *const c_char;
     fn pa_emu_planted_oob(write_out_of_bounds: c_int) -> c_int;
-    fn pa_emu_planted_race(race: c_int, lines: *mut u32, err: *mut c_char, err_len: usize) -> c_int;
+    fn pa_emu_planted_race(race: c_int, lines: *mut u32, err: *mut c_char, err_len: usize)
+        -> c_int;
     fn pa_emu_set_schedule_reverse(reverse: c_int);
     fn pa_emu_set_drop_sync(site: *const c_char);
     fn pa_emu_dropped_syncs() -> u64;
