@@ -191,8 +191,8 @@ fn dense_workload() -> Result<(), String> {
         .unwrap();
     let close = |what: &str, got: &Tensor, want: &Tensor, tol: f32| -> Result<(), String> {
         for (i, (a, b)) in got.to_f32_vec().iter().zip(want.to_f32_vec()).enumerate() {
-            // NaN fails too.
-            if !((a - b).abs() <= tol * (1.0 + b.abs())) {
+            let ok = (a - b).abs() <= tol * (1.0 + b.abs()); // false for NaN
+            if !ok {
                 return Err(format!("wrong result: {what}[{i}] = {a}, want {b}"));
             }
         }
