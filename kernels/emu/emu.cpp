@@ -380,7 +380,11 @@ Text pc_token(uintptr_t pc) { return textf("{pc:%" PRIxPTR "}", pc); }
     }
     // Drop the argument list and the return type: "void pa::f<64>(int)" -> "pa::f<64>".
     if (r.size() > 6 && r.compare(r.size() - 6, 6, " const") == 0) r.resize(r.size() - 6);
-    if (!r.empty() && r.back() == ')') {
+    const auto ends_with = [&r](const char* e) {
+        const size_t n = std::strlen(e);
+        return r.size() >= n && r.compare(r.size() - n, n, e) == 0;
+    };
+    if (!r.empty() && r.back() == ')' && !ends_with("operator()")) {  // "operator()" has no arguments left
         int depth = 0;
         for (size_t i = r.size(); i-- > 0;) {
             if (r[i] == ')') ++depth;
@@ -433,6 +437,28 @@ std::vector<Frame> frames_of(uintptr_t pc) {
     return v;
 }
 
+// The static variable that holds addr, as "name+offset", or "" when unknown.
+[[maybe_unused]] std::string data_symbol(uintptr_t addr) {
+    std::string out;
+#if defined(PREFIX_ATTN_EMU_LIBBACKTRACE)
+    std::lock_guard<std::mutex> lock(g_bt_mutex);
+    if (g_bt == nullptr) g_bt = backtrace_create_state(nullptr, 1, bt_error, nullptr);
+    struct Found {
+        uintptr_t addr;
+        std::string* out;
+    } f{addr, &out};
+    auto cb = [](void* data, uintptr_t, const char* name, uintptr_t value, uintptr_t size) {
+        auto* fd = static_cast<Found*>(data);
+        if (name != nullptr && fd->addr >= value && fd->addr < value + (size ? size : 1))
+            *fd->out = demangle(name) + "+" + std::to_string(fd->addr - value);
+    };
+    if (g_bt != nullptr) backtrace_syminfo(g_bt, addr, cb, bt_error, &f);
+#else
+    (void)addr;
+#endif
+    return out;
+}
+
 bool is_header(const std::string& f) {
     auto ends = [&f](const char* e) {
         const size_t n = std::strlen(e);
@@ -460,7 +486,10 @@ std::string symbolize(uintptr_t pc) {
     std::string s;
     appendf(s, "%s:%d", base_name(fr[k].file.c_str()), fr[k].line);
     size_t j = k;
-    while (fr[j].func.find("{lambda") != std::string::npos && j + 1 < fr.size() && fr[j + 1].file == fr[k].file) {
+    auto lambda = [](const std::string& f) {
+        return f.find("{lambda") != std::string::npos || f == "operator()";  // (inlined: DWARF's short name)
+    };
+    while (lambda(fr[j].func) && j + 1 < fr.size() && fr[j + 1].file == fr[k].file) {
         ++j;
         appendf(s, " <- :%d", fr[j].line);
     }
@@ -764,7 +793,8 @@ std::string rc_report(const Launch& L) {
         if (h.region == rc::Region::Dynamic)
             appendf(where, "dynamic shared memory, byte %zu of %zu", h.offset, g_rc.dyn_len);
         else if (h.region == rc::Region::Static)
-            appendf(where, "a static __shared__ array, %p", reinterpret_cast<void*>(h.addr));
+            appendf(where, "a static __shared__ array, %s%s%p", data_symbol(h.addr).c_str(),
+                    data_symbol(h.addr).empty() ? "" : " at ", reinterpret_cast<void*>(h.addr));
         else
             appendf(where, "global memory at %p", reinterpret_cast<void*>(h.addr));
         appendf(s, "\n  [%zu] %s on %s (%" PRIu64 " time%s):", i + 1, rc_kind_name(h.kind), where.c_str(), h.count,
