@@ -9,7 +9,10 @@
 //!    `PREFIX_ATTN_REQUIRE_NVCC=1` turns that into a build error.
 //! 2. Compiles the same kernel sources with the system C++ compiler against the CPU emulator
 //!    (`kernels/emu/`) into a static library, so `cargo test` runs the kernels everywhere.
-//!    Feature `emu-sanitize` builds it with ASan + UBSan.
+//!    Feature `emu-sanitize` builds it with ASan + UBSan; feature `emu-racecheck` compiles the
+//!    kernels and the emulator's self-tests with gcc's ThreadSanitizer instrumentation, whose
+//!    hooks the emulator itself implements (racecheck, initcheck; see README "Racecheck"). gcc's
+//!    libbacktrace, where the compiler has one, gives the emulator's reports their source lines.
 //!
 //! No build step downloads anything.
 
@@ -32,16 +35,26 @@ const HEADERS: &[&str] = &[
     "kernels/common/registry.h",
     "kernels/emu/emu.h",
 ];
-/// The emulator runtime and its self-tests.
+/// The emulator runtime and the kernel registry (the first `EMU_RUNTIME` files: never
+/// instrumented by racecheck, since they implement its hooks), then the self-tests.
+const EMU_RUNTIME: usize = 2;
+/// See [`EMU_RUNTIME`].
 const EMU_SOURCES: &[&str] = &[
     "kernels/emu/emu.cpp",
     "kernels/emu/registry.cpp",
     "kernels/emu/selftest.cpp",
 ];
+/// The emulator's internal headers.
+const EMU_HEADERS: &[&str] = &["kernels/emu/racecheck.h"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    for f in KERNELS.iter().chain(HEADERS).chain(EMU_SOURCES) {
+    for f in KERNELS
+        .iter()
+        .chain(HEADERS)
+        .chain(EMU_SOURCES)
+        .chain(EMU_HEADERS)
+    {
         println!("cargo:rerun-if-changed={f}");
     }
     for v in [
@@ -61,37 +74,97 @@ fn main() {
 
 fn build_emulator() {
     let sanitize = env::var_os("CARGO_FEATURE_EMU_SANITIZE").is_some();
-    let mut b = cc::Build::new();
-    b.cpp(true)
-        .std("c++20")
-        .define("PREFIX_ATTN_EMU", None)
-        .include("kernels")
-        .flag("-fno-strict-aliasing")
-        // Kernel frames larger than a page must not jump a fiber stack's guard page.
-        .flag_if_supported("-fstack-clash-protection")
-        .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-unknown-pragmas")
-        .opt_level(2)
-        .warnings(true);
-    // The kernel files are CUDA C++; under the emulator they are plain C++.
-    b.flag("-x").flag("c++");
-    for f in EMU_SOURCES.iter().chain(KERNELS) {
-        b.file(f);
+    let racecheck = env::var_os("CARGO_FEATURE_EMU_RACECHECK").is_some();
+    if sanitize && racecheck {
+        panic!(
+            "features emu-sanitize and emu-racecheck cannot be combined: AddressSanitizer and the \
+             ThreadSanitizer instrumentation of racecheck exclude each other"
+        );
     }
-    if sanitize {
-        b.flag("-fsanitize=address,undefined")
-            .flag("-fno-omit-frame-pointer")
-            .flag("-fno-sanitize-recover=undefined");
+    let base = || {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .std("c++20")
+            .define("PREFIX_ATTN_EMU", None)
+            .include("kernels")
+            .flag("-fno-strict-aliasing")
+            // Kernel frames larger than a page must not jump a fiber stack's guard page.
+            .flag_if_supported("-fstack-clash-protection")
+            .flag_if_supported("-Wno-unused-parameter")
+            .flag_if_supported("-Wno-unknown-pragmas")
+            .opt_level(2)
+            .warnings(true);
+        // The kernel files are CUDA C++; under the emulator they are plain C++.
+        b.flag("-x").flag("c++");
+        if racecheck {
+            b.define("PREFIX_ATTN_EMU_RACECHECK", None);
+        }
+        if sanitize {
+            b.flag("-fsanitize=address,undefined")
+                .flag("-fno-omit-frame-pointer")
+                .flag("-fno-sanitize-recover=undefined");
+        }
+        b
+    };
+    let mut b = base();
+    let backtrace = find_libbacktrace(&b);
+    if backtrace.is_some() {
+        b.define("PREFIX_ATTN_EMU_LIBBACKTRACE", None);
+    }
+    if racecheck {
+        // The kernels and self-tests get the instrumentation (every load and store calls a
+        // __tsan_* hook, with line tables for the reports); the emulator runtime, which
+        // implements the hooks, does not.
+        let mut k = base();
+        k.flag("-fsanitize=thread")
+            .flag("--param=tsan-instrument-func-entry-exit=0")
+            .flag("-g");
+        let (runtime, rest) = EMU_SOURCES.split_at(EMU_RUNTIME);
+        for f in rest.iter().chain(KERNELS) {
+            k.file(f);
+        }
+        b.objects(k.compile_intermediates());
+        b.files(runtime);
+    } else {
+        for f in EMU_SOURCES.iter().chain(KERNELS) {
+            b.file(f);
+        }
     }
     // Whole archive: the kernel files are reached only through the registry they fill at
     // static-initialisation time, so no symbol of theirs is referenced by name.
     b.link_lib_modifier("+whole-archive");
     b.compile("prefix_attn_emu");
+    if let Some(lib) = backtrace {
+        let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+        std::fs::copy(&lib, out.join("libpa_emu_backtrace.a")).expect("copy libbacktrace.a");
+        println!("cargo:rustc-link-search=native={}", out.display());
+        println!("cargo:rustc-link-lib=static=pa_emu_backtrace");
+    }
     println!("cargo:rustc-link-lib=dylib=stdc++");
     if sanitize {
         println!("cargo:rustc-link-lib=dylib=asan");
         println!("cargo:rustc-link-lib=dylib=ubsan");
     }
+}
+
+/// gcc's libbacktrace (`libbacktrace.a` beside libgcc, with `backtrace.h` on the compiler's
+/// include path), or None: the emulator then names code addresses by module and offset.
+fn find_libbacktrace(b: &cc::Build) -> Option<PathBuf> {
+    let cc = b.try_get_compiler().ok()?;
+    let o = Command::new(cc.path())
+        .arg("-print-file-name=libbacktrace.a")
+        .output()
+        .ok()?;
+    let lib = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    if !lib.is_absolute() || !lib.exists() {
+        return None;
+    }
+    let header = Command::new(cc.path())
+        .arg("-print-file-name=include/backtrace.h")
+        .output()
+        .ok()?;
+    let header = PathBuf::from(String::from_utf8_lossy(&header.stdout).trim());
+    (header.is_absolute() && header.exists()).then_some(lib)
 }
 
 fn find_nvcc() -> Option<PathBuf> {

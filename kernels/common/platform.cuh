@@ -10,6 +10,9 @@
 #define PA_LAUNCH_BOUNDS(threads, min_blocks)
 // Dynamic shared memory: one buffer per block, owned by the emulator.
 #define PA_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(emu::dynamic_smem())
+// A wrapper's last, defaulted parameter: its caller's source location (the emulator's reports
+// and its set_drop_sync name the kernel's line, not the wrapper's). Nothing under nvcc.
+#define PA_CALL_SITE std::source_location loc = std::source_location::current()
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,6 +20,7 @@
 #define PA_DEVICE __device__ __forceinline__
 #define PA_GLOBAL __global__
 #define PA_LAUNCH_BOUNDS(threads, min_blocks) __launch_bounds__(threads, min_blocks)
+#define PA_CALL_SITE
 #define PA_DYNAMIC_SMEM(type, name) \
     extern __shared__ __align__(16) unsigned char pa_dynamic_smem_[]; \
     type* name = reinterpret_cast<type*>(pa_dynamic_smem_)

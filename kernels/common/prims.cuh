@@ -135,9 +135,9 @@ PA_DEVICE void cp_async_commit() {
 
 // cp.async.wait_group N: waits until at most N of this thread's groups are pending.
 template <int N>
-PA_DEVICE void cp_async_wait() {
+PA_DEVICE void cp_async_wait(PA_CALL_SITE) {
 #if defined(PREFIX_ATTN_EMU)
-    emu::cp_async_wait(N);
+    emu::cp_async_wait(N, loc);
 #else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif

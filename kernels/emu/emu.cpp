@@ -19,20 +19,40 @@
 //
 // Launches are serialised by a process-wide mutex because the kernels' `__shared__` arrays are
 // plain static storage (emu.h); a launch must not start another launch.
+//
+// Racecheck (PREFIX_ATTN_EMU_RACECHECK, cargo feature emu-racecheck): the kernels are compiled
+// with -fsanitize=thread, and this file (compiled without it) implements the __tsan_* hooks the
+// instrumentation calls, feeding every load and store of a running block into the shadow memory
+// of racecheck.h; ldmatrix and cp.async, which move memory here, feed it themselves. Why not
+// ThreadSanitizer's own runtime: see README "Racecheck".
 
 #include "emu.h"
 
+#include <dlfcn.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cinttypes>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <cxxabi.h>
 #include <mutex>
 #include <string>
 #include <vector>
+
+#if defined(PREFIX_ATTN_EMU_RACECHECK)
+#define EMU_RACECHECK 1
+#include "racecheck.h"
+#else
+#define EMU_RACECHECK 0
+#endif
+#if defined(PREFIX_ATTN_EMU_LIBBACKTRACE)
+#include <backtrace.h>
+#endif
 
 #if defined(__x86_64__) && !defined(PREFIX_ATTN_EMU_UCONTEXT)
 #define EMU_X86_SWITCH 1
@@ -143,6 +163,12 @@ pa_emu_fiber_start:
 
 extern "C" void pa_emu_fiber_main();
 
+#if defined(PREFIX_ATTN_EMU_RACECHECK)
+// The linker's bounds of the section that holds the static __shared__ arrays (emu.h).
+extern "C" __attribute__((weak)) unsigned char __start_pa_emu_shared[];
+extern "C" __attribute__((weak)) unsigned char __stop_pa_emu_shared[];
+#endif
+
 namespace emu {
 namespace {
 
@@ -185,6 +211,7 @@ struct PendingCopy {
     const unsigned char* src;
     bool valid;
     uint32_t group;  // index of the commit group it belongs to
+    uintptr_t pc;    // where it was issued (for reports)
 };
 
 struct Thread {
@@ -194,6 +221,7 @@ struct Thread {
     uint8_t phase = 0;
     uint3 tid{0, 0, 0};
     std::source_location loc;  // where it waits (barrier or collective), for reports
+    uintptr_t pc = 0;          // the kernel's call site of that wait (a return address)
     std::vector<PendingCopy> copies;
     uint32_t open_group = 0;  // groups committed so far = index of the group being filled
 };
@@ -209,6 +237,7 @@ struct Slot {
     float c[4];
     uint32_t out[4];  // mma: d (as bits), ldmatrix: registers
     uint64_t out_val;  // shfl / ballot result
+    uintptr_t pc;  // the lane's call site in the kernel (a return address)
 };
 
 // Warp scratch is double-buffered: after a collective completes, the lane that completed it
@@ -225,6 +254,7 @@ struct WarpPhase {
     std::source_location loc;
     unsigned mask = 0;
     int param = 0;  // shfl width, ldmatrix num | trans << 8, mma element type
+    uintptr_t pc = 0;  // the first lane's call site in the kernel
     Slot slot[32];
 };
 
@@ -232,6 +262,8 @@ struct Warp {
     unsigned size = 0;   // lanes that exist (the last warp of a block may be partial)
     unsigned alive = 0;  // lanes that have not exited
     uint32_t alive_mask = 0;
+    uint32_t exist_mask = 0;
+    uint32_t completed = 0;  // collectives completed since the launch started (racecheck's clock)
     WarpPhase ph[2];
 };
 
@@ -261,6 +293,9 @@ struct Launch {
     bool failed = false;
     std::string err;
     LaunchStats stats{};
+    // set_drop_sync: the call site whose synchronisations are skipped (line 0: none).
+    std::string drop_file;
+    unsigned drop_line = 0;
 };
 
 // The running launch. Launches are serialised (g_launch_mutex), so a plain global.
@@ -269,6 +304,11 @@ std::mutex g_launch_mutex;
 thread_local bool t_in_launch = false;
 thread_local int t_schedule = -1;  // -1: not set, read PREFIX_ATTN_EMU_SCHEDULE
 thread_local LaunchStats t_last_stats{};
+// set_drop_sync of this OS thread: -1 not set (read PREFIX_ATTN_EMU_DROP_SYNC), 0 off, 1 on.
+thread_local int t_drop_state = -1;
+thread_local std::string t_drop_file;
+thread_local unsigned t_drop_line = 0;
+thread_local uint64_t t_dropped_total = 0;
 
 constexpr unsigned kNone = ~0u;
 constexpr size_t kMaxThreads = 1024;
@@ -313,6 +353,166 @@ struct Text {
 Text loc_str(const std::source_location& l) {
     return textf("%s:%u:%u", base_name(l.file_name()), static_cast<unsigned>(l.line()),
                  static_cast<unsigned>(l.column()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Source lines of code addresses. Reports name the kernel's line of an access or a call from
+// the return address the emulator's entry point (or the instrumentation hook) sees. Messages
+// built inside a fiber carry a token ({pc:HEX}) that launch() replaces once the launch is over:
+// reading the executable's DWARF wants more than a 64 KiB fiber stack. With gcc's libbacktrace
+// (found by build.rs) the line comes with its inline chain; without it, module + offset (for
+// addr2line).
+// ---------------------------------------------------------------------------------------------
+Text pc_token(uintptr_t pc) { return textf("{pc:%" PRIxPTR "}", pc); }
+
+[[maybe_unused]] std::string demangle(const char* f) {
+    if (f == nullptr) return "";
+    std::string r = f;
+    if (f[0] == '_' && f[1] == 'Z') {
+        // Without the optimiser's clone suffix (".isra.0", ".constprop.0", ".part.0", ...), and
+        // with _Float16 (DF16_, which gcc 12's demangler does not know) as IEEE half (Dh).
+        std::string mangled = r.substr(0, r.find('.'));
+        for (size_t at; (at = mangled.find("DF16_")) != std::string::npos;) mangled.replace(at, 5, "Dh");
+        int status = 0;
+        char* d = abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status);
+        if (d != nullptr && status == 0) r = d;
+        std::free(d);
+    }
+    // Drop the argument list and the return type: "void pa::f<64>(int)" -> "pa::f<64>".
+    if (r.size() > 6 && r.compare(r.size() - 6, 6, " const") == 0) r.resize(r.size() - 6);
+    const auto ends_with = [&r](const char* e) {
+        const size_t n = std::strlen(e);
+        return r.size() >= n && r.compare(r.size() - n, n, e) == 0;
+    };
+    if (!r.empty() && r.back() == ')' && !ends_with("operator()")) {  // "operator()" has no arguments left
+        int depth = 0;
+        for (size_t i = r.size(); i-- > 0;) {
+            if (r[i] == ')') ++depth;
+            if (r[i] == '(' && --depth == 0) {
+                r.resize(i);
+                break;
+            }
+        }
+    }
+    int depth = 0;
+    for (size_t i = 0; i < r.size(); ++i) {
+        if (r[i] == '<' || r[i] == '(') ++depth;
+        if (r[i] == '>' || r[i] == ')') --depth;
+        if (r[i] == ' ' && depth == 0 && r.compare(0, 8, "operator") != 0) {
+            r.erase(0, i + 1);
+            break;
+        }
+    }
+    return r;
+}
+
+struct Frame {
+    std::string file;
+    int line;
+    std::string func;
+};
+
+#if defined(PREFIX_ATTN_EMU_LIBBACKTRACE)
+std::mutex g_bt_mutex;
+backtrace_state* g_bt = nullptr;
+void bt_error(void*, const char*, int) {}
+int bt_frame(void* data, uintptr_t, const char* file, int line, const char* func) {
+    static_cast<std::vector<Frame>*>(data)->push_back(Frame{file ? file : "", line, demangle(func)});
+    return 0;
+}
+#endif
+
+// The frames of pc, innermost (inlined) first; empty when unknown.
+std::vector<Frame> frames_of(uintptr_t pc) {
+    std::vector<Frame> v;
+#if defined(PREFIX_ATTN_EMU_LIBBACKTRACE)
+    std::lock_guard<std::mutex> lock(g_bt_mutex);
+    if (g_bt == nullptr) g_bt = backtrace_create_state(nullptr, 1, bt_error, nullptr);
+    // pc is a return address: pc - 1 lies in the call (or access) instruction.
+    if (g_bt != nullptr) backtrace_pcinfo(g_bt, pc - 1, bt_frame, bt_error, &v);
+    while (!v.empty() && v.back().file.empty()) v.pop_back();
+#else
+    (void)pc;
+#endif
+    return v;
+}
+
+// The static variable that holds addr, as "name+offset", or "" when unknown.
+[[maybe_unused]] std::string data_symbol(uintptr_t addr) {
+    std::string out;
+#if defined(PREFIX_ATTN_EMU_LIBBACKTRACE)
+    std::lock_guard<std::mutex> lock(g_bt_mutex);
+    if (g_bt == nullptr) g_bt = backtrace_create_state(nullptr, 1, bt_error, nullptr);
+    struct Found {
+        uintptr_t addr;
+        std::string* out;
+    } f{addr, &out};
+    auto cb = [](void* data, uintptr_t, const char* name, uintptr_t value, uintptr_t size) {
+        auto* fd = static_cast<Found*>(data);
+        if (name != nullptr && fd->addr >= value && fd->addr < value + (size ? size : 1))
+            *fd->out = demangle(name) + "+" + std::to_string(fd->addr - value);
+    };
+    if (g_bt != nullptr) backtrace_syminfo(g_bt, addr, cb, bt_error, &f);
+#else
+    (void)addr;
+#endif
+    return out;
+}
+
+bool is_header(const std::string& f) {
+    auto ends = [&f](const char* e) {
+        const size_t n = std::strlen(e);
+        return f.size() >= n && f.compare(f.size() - n, n, e) == 0;
+    };
+    return ends(".cuh") || ends(".h");
+}
+
+// "prefix_attn_fwd.cu:91 <- :120 in pa::fwd_kernel<64, __half> (via tile.cuh:33)": the line in
+// the kernel's own source (the innermost frame outside the headers), the lines of the calls of
+// the lambdas it sits in, its function, and the header frame just inside it.
+std::string symbolize(uintptr_t pc) {
+    const std::vector<Frame> fr = frames_of(pc);
+    if (fr.empty()) {
+        Dl_info info;
+        if (dladdr(reinterpret_cast<void*>(pc), &info) != 0 && info.dli_fname != nullptr)
+            return textf("%s+0x%" PRIxPTR " (no line information: addr2line -f -i -C -e %s 0x%" PRIxPTR ")",
+                         base_name(info.dli_fname), pc - 1 - reinterpret_cast<uintptr_t>(info.dli_fbase),
+                         info.dli_fname, pc - 1 - reinterpret_cast<uintptr_t>(info.dli_fbase))
+                .c_str();
+        return textf("pc 0x%" PRIxPTR, pc).c_str();
+    }
+    size_t k = 0;
+    while (k + 1 < fr.size() && is_header(fr[k].file)) ++k;
+    std::string s;
+    appendf(s, "%s:%d", base_name(fr[k].file.c_str()), fr[k].line);
+    size_t j = k;
+    auto lambda = [](const std::string& f) {
+        return f.find("{lambda") != std::string::npos || f == "operator()";  // (inlined: DWARF's short name)
+    };
+    while (lambda(fr[j].func) && j + 1 < fr.size() && fr[j + 1].file == fr[k].file) {
+        ++j;
+        appendf(s, " <- :%d", fr[j].line);
+    }
+    if (!fr[j].func.empty()) s += " in " + fr[j].func;
+    if (k > 0) appendf(s, " (via %s:%d)", base_name(fr[k - 1].file.c_str()), fr[k - 1].line);
+    return s;
+}
+
+// Replaces every {pc:HEX} token of s by symbolize(pc).
+std::string expand_pcs(const std::string& s) {
+    std::string out;
+    size_t i = 0;
+    while (true) {
+        const size_t at = s.find("{pc:", i);
+        if (at == std::string::npos) break;
+        const size_t end = s.find('}', at);
+        if (end == std::string::npos) break;
+        out.append(s, i, at - i);
+        out += symbolize(static_cast<uintptr_t>(std::strtoull(s.c_str() + at + 4, nullptr, 16)));
+        i = end + 1;
+    }
+    out.append(s, i, std::string::npos);
+    return out;
 }
 
 inline bool same_loc(const std::source_location& a, const std::source_location& b) {
@@ -437,6 +637,201 @@ void yield_blocked(Launch& L) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Racecheck glue: the running block's clocks, its shadow regions, the hooks' entry, reports.
+// ---------------------------------------------------------------------------------------------
+#if EMU_RACECHECK
+// The anchor makes sure the section of the static __shared__ arrays exists.
+__attribute__((section("pa_emu_shared"), used, aligned(16))) unsigned char g_shared_anchor[16];
+
+struct RcState {
+    uint32_t counter = 0;  // barrier intervals handed out (grows over launches)
+    uint32_t base = 0;     // the running block's first interval
+    uint32_t bar = 0;      // its current interval
+    uintptr_t dyn_lo = 0;  // the block's dynamic shared memory
+    size_t dyn_len = 0;
+    std::vector<rc::Cell> dyn;
+    uintptr_t sec_lo = 0;  // the static __shared__ section
+    size_t sec_len = 0;
+    std::vector<rc::Cell> sec;
+    uintptr_t skip_lo[2] = {};  // not shadowed: the fiber stacks, the launching thread's stack
+    size_t skip_len[2] = {};
+    rc::GlobalShadow global;
+    rc::Hazards hazards;
+};
+RcState g_rc;
+// True on the launching OS thread while one of its blocks runs: only then do the hooks look at
+// an access (other OS threads run instrumented code outside launches at the same time).
+thread_local bool t_rc_active = false;
+
+rc::Acc rc_now(const Launch& L, unsigned t, uintptr_t pc, rc::What what) {
+    rc::Acc a;
+    a.pc = pc;
+    a.bar = g_rc.bar;
+    a.wgen = 2 * L.warps[t / 32].completed;
+    a.tid = static_cast<uint16_t>(t);
+    a.what = what;
+    return a;
+}
+
+void rc_block_start(Launch& L) {
+    if (g_rc.counter >= 0xfffff000u) {  // the clock wraps: forget everything
+        std::fill(g_rc.dyn.begin(), g_rc.dyn.end(), rc::Cell{});
+        std::fill(g_rc.sec.begin(), g_rc.sec.end(), rc::Cell{});
+        g_rc.counter = 0;
+    }
+    g_rc.base = g_rc.bar = ++g_rc.counter;
+    g_rc.dyn_lo = reinterpret_cast<uintptr_t>(L.smem);
+    g_rc.dyn_len = L.smem_bytes;
+    if (g_rc.dyn.size() < g_rc.dyn_len) g_rc.dyn.resize(g_rc.dyn_len);
+    if (+__start_pa_emu_shared != nullptr && +__stop_pa_emu_shared > +__start_pa_emu_shared) {
+        g_rc.sec_lo = reinterpret_cast<uintptr_t>(__start_pa_emu_shared);
+        g_rc.sec_len = static_cast<size_t>(__stop_pa_emu_shared - __start_pa_emu_shared);
+        if (g_rc.sec.size() < g_rc.sec_len) g_rc.sec.resize(g_rc.sec_len);
+        std::memset(__start_pa_emu_shared, 0xff, g_rc.sec_len);  // poisoned like the dynamic memory
+    }
+    g_rc.skip_lo[0] = reinterpret_cast<uintptr_t>(L.stacks);
+    g_rc.skip_len[0] = L.stacks_bytes;
+    g_rc.global.new_block();
+    t_rc_active = true;
+}
+
+// Checks one access of n bytes at a against the shadow and records it; c is the access.
+void rc_check(Launch& L, uintptr_t a, size_t n, bool write, const rc::Acc& c) {
+    rc::Region region = rc::Region::Global;
+    rc::Cell* cells = nullptr;
+    uintptr_t lo = 0;
+    if (a - g_rc.dyn_lo < g_rc.dyn_len) {
+        region = rc::Region::Dynamic;
+        lo = g_rc.dyn_lo;
+        cells = g_rc.dyn.data() + (a - lo);
+        n = std::min(n, g_rc.dyn_len - (a - lo));
+    } else if (a - g_rc.sec_lo < g_rc.sec_len) {
+        region = rc::Region::Static;
+        lo = g_rc.sec_lo;
+        cells = g_rc.sec.data() + (a - lo);
+        n = std::min(n, g_rc.sec_len - (a - lo));
+    } else {
+        for (int i = 0; i < 2; ++i)
+            if (a - g_rc.skip_lo[i] < g_rc.skip_len[i]) return;
+    }
+    rc::Found f;
+    for (size_t i = 0; i < n; ++i) {
+        rc::Cell& x = cells != nullptr ? cells[i] : g_rc.global.at(a + i);
+        if (write)
+            rc::on_write(x, c, g_rc.base, i, f);
+        else
+            rc::on_read(x, c, g_rc.base, region != rc::Region::Global, i, f);
+    }
+    if (!f.any) return;
+    for (int k = 0; k < rc::kKinds; ++k) {
+        if (!f.seen[k]) continue;
+        rc::Hazard h;
+        h.kind = static_cast<rc::Kind>(k);
+        h.region = region;
+        h.addr = a + f.at[k];
+        h.offset = a + f.at[k] - lo;
+        h.prev = f.prev[k];
+        h.cur = c;
+        h.block[0] = blockIdx.x;
+        h.block[1] = blockIdx.y;
+        h.block[2] = blockIdx.z;
+        h.count = 1;
+        g_rc.hazards.add(h);
+        ++L.stats.hazards;
+    }
+}
+
+// One of this thread's copies completes at its cp.async.wait_group.
+void rc_complete(Launch& L, const PendingCopy& cp) {
+    const auto d = reinterpret_cast<uintptr_t>(cp.dst);
+    rc::Cell* cells = nullptr;
+    if (d - g_rc.dyn_lo < g_rc.dyn_len)
+        cells = g_rc.dyn.data() + (d - g_rc.dyn_lo);
+    else if (d - g_rc.sec_lo < g_rc.sec_len)
+        cells = g_rc.sec.data() + (d - g_rc.sec_lo);
+    const rc::Acc c = rc_now(L, L.cur, cp.pc, rc::What::CpAsyncDone);
+    for (uintptr_t i = 0; i < 16; ++i) {
+        rc::Cell& x = cells != nullptr ? cells[i] : g_rc.global.at(d + i);
+        if (x.w.inflight && x.w.tid == c.tid) rc::on_complete(x, c);
+    }
+}
+
+const char* rc_verb(rc::What w) {
+    switch (w) {
+        case rc::What::Load: return "load";
+        case rc::What::Store: return "store";
+        case rc::What::Ldmatrix: return "ldmatrix read";
+        case rc::What::CpAsync: return "cp.async";
+        case rc::What::CpAsyncDone: return "cp.async completed by the cp.async.wait_group";
+    }
+    return "?";
+}
+
+const char* rc_kind_name(rc::Kind k) {
+    switch (k) {
+        case rc::Kind::ReadAfterWrite: return "read-after-write hazard";
+        case rc::Kind::WriteAfterRead: return "write-after-read hazard";
+        case rc::Kind::WriteAfterWrite: return "write-after-write hazard";
+        case rc::Kind::Uninitialized: return "uninitialized shared-memory read (initcheck)";
+        case rc::Kind::InflightRead: return "read of a cp.async destination in flight";
+        case rc::Kind::InflightWrite: return "write to a cp.async destination in flight";
+        case rc::Kind::OwnInflightRead: return "read of the thread's own cp.async destination in flight";
+    }
+    return "?";
+}
+
+// The launch's racecheck report (pc tokens unexpanded).
+std::string rc_report(const Launch& L) {
+    const rc::Hazards& hz = g_rc.hazards;
+    std::string s;
+    appendf(s, "racecheck: %" PRIu64 " hazard%s (%zu distinct pair%s of source lines) in %s:", hz.total,
+            hz.total == 1 ? "" : "s", hz.list.size(), hz.list.size() == 1 ? "" : "s", block_name(L).c_str());
+    constexpr size_t kShown = 8;
+    for (size_t i = 0; i < hz.list.size() && i < kShown; ++i) {
+        const rc::Hazard& h = hz.list[i];
+        std::string where;
+        if (h.region == rc::Region::Dynamic)
+            appendf(where, "dynamic shared memory, byte %zu of %zu", h.offset, g_rc.dyn_len);
+        else if (h.region == rc::Region::Static)
+            appendf(where, "a static __shared__ array, %s%s%p", data_symbol(h.addr).c_str(),
+                    data_symbol(h.addr).empty() ? "" : " at ", reinterpret_cast<void*>(h.addr));
+        else
+            appendf(where, "global memory at %p", reinterpret_cast<void*>(h.addr));
+        appendf(s, "\n  [%zu] %s on %s (%" PRIu64 " time%s):", i + 1, rc_kind_name(h.kind), where.c_str(), h.count,
+                h.count == 1 ? "" : "s");
+        appendf(s, "\n      %s by %s at %s", rc_verb(h.cur.what), thread_name(L, h.cur.tid).c_str(),
+                pc_token(h.cur.pc).c_str());
+        const bool same_warp = (h.prev.tid >> 5) == (h.cur.tid >> 5);
+        switch (h.kind) {
+            case rc::Kind::Uninitialized:
+                s += "\n      no thread of the block has written it since the block started (shared memory "
+                     "starts as 0xFF bytes)";
+                break;
+            case rc::Kind::InflightRead:
+            case rc::Kind::InflightWrite:
+            case rc::Kind::OwnInflightRead:
+                appendf(s, "\n      while the cp.async of %s issued at %s may still be copying into it",
+                        thread_name(L, h.prev.tid).c_str(), pc_token(h.prev.pc).c_str());
+                s += h.kind == rc::Kind::OwnInflightRead
+                         ? "\n      (no cp.async.wait_group completed that copy before the read)"
+                         : "\n      (a copy is complete for its own thread after its cp.async.wait_group, and for the "
+                           "others after a __syncthreads() that follows that wait)";
+                break;
+            default:
+                appendf(s, "\n      and the %s by %s at %s", rc_verb(h.prev.what), thread_name(L, h.prev.tid).c_str(),
+                        pc_token(h.prev.pc).c_str());
+                s += same_warp ? "\n      nothing orders them: the same warp, but no __syncthreads() and no warp "
+                                 "collective (__syncwarp, shuffle, vote, mma, ldmatrix) between them"
+                               : "\n      nothing orders them: different warps and no __syncthreads() between them";
+                break;
+        }
+    }
+    if (hz.list.size() > kShown) appendf(s, "\n  ... and %zu more distinct pairs", hz.list.size() - kShown);
+    return s;
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // Thread-state report (deadlocks, divergent barriers): one line per run of consecutive threads
 // in the same state.
 // ---------------------------------------------------------------------------------------------
@@ -450,8 +845,8 @@ std::string describe(const Launch& L, unsigned t) {
         case St::AtWarp: {
             const Warp& w = L.warps[t / 32];
             const WarpPhase& ph = w.ph[th.phase];
-            appendf(s, "at %s %s (warp %u: %u of its %u live lanes arrived)", kind_name(ph.kind),
-                    loc_str(th.loc).c_str(), t / 32, ph.arrived, w.alive);
+            appendf(s, "at %s %s, called at %s (warp %u: %u of its %u live lanes arrived)", kind_name(ph.kind),
+                    loc_str(th.loc).c_str(), pc_token(th.pc).c_str(), t / 32, ph.arrived, w.alive);
             return s;
         }
     }
@@ -505,6 +900,9 @@ void release_barrier(Launch& L, const std::source_location* site) {
     L.ready += L.bar_arrived;
     L.bar_arrived = 0;
     ++L.stats.block_barriers;
+#if EMU_RACECHECK
+    g_rc.bar = ++g_rc.counter;  // a new barrier interval: everything before is ordered before it
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -540,29 +938,39 @@ Text call_str(WKind kind, unsigned mask, int param, const std::source_location& 
     return textf("%s%s with mask 0x%08x at %s", kind_name(kind), p.c_str(), mask, loc_str(loc).c_str());
 }
 
-// Joins the running lane to its warp's next collective; returns its slot for the inputs.
-Slot& begin_collective(Launch& L, WKind kind, unsigned mask, int param, const std::source_location& loc) {
+// Joins the running lane to its warp's next collective; returns its slot for the inputs. pc: the
+// lane's call site in the kernel.
+Slot& begin_collective(Launch& L, WKind kind, unsigned mask, int param, const std::source_location& loc,
+                       uintptr_t pc) {
     Thread& me = L.th[L.cur];
     Warp& w = L.warps[L.cur / 32];
     const unsigned lane = lane_of(L.cur);
     if ((w.alive_mask & ~mask) != 0)
-        fail_launch(L, "%s at %s with mask 0x%08x, but the warp's live lanes are 0x%08x (the emulator "
-                    "requires every live lane of the warp in the mask)",
-                    kind_name(kind), loc_str(loc).c_str(), mask, w.alive_mask);
+        fail_launch(L, "%s at %s, called at %s, with mask 0x%08x, but the warp's live lanes are 0x%08x (the "
+                    "emulator requires every live lane of the warp in the mask)",
+                    kind_name(kind), loc_str(loc).c_str(), pc_token(pc).c_str(), mask, w.alive_mask);
+    const uint32_t exited = w.exist_mask & ~w.alive_mask;
+    if ((mask & exited) != 0)
+        fail_launch(L, "synccheck: %s, called at %s, names lanes %s in its mask, which have exited: every lane "
+                    "of the mask must execute the warp collective",
+                    call_str(kind, mask, param, loc).c_str(), pc_token(pc).c_str(), lanes_str(mask & exited).c_str());
     WarpPhase& ph = w.ph[me.phase];
     if (ph.arrived == 0) {
         ph.kind = kind;
         ph.loc = loc;
         ph.mask = mask;
         ph.param = param;
+        ph.pc = pc;
     } else if (ph.kind != kind || (kind != WKind::Syncwarp && !same_loc(ph.loc, loc)) ||
                ph.mask != mask || ph.param != param) {
-        fail_launch(L, "divergent warp collective: this lane calls %s while lanes %s of its warp wait at %s "
-                    "(every live lane must execute the same warp collective)",
-                    call_str(kind, mask, param, loc).c_str(), lanes_str(ph.arrived_mask).c_str(),
-                    call_str(ph.kind, ph.mask, ph.param, ph.loc).c_str());
+        fail_launch(L, "divergent warp collective: this lane calls %s (called at %s) while lanes %s of its warp "
+                    "wait at %s (called at %s; every live lane must execute the same warp collective)",
+                    call_str(kind, mask, param, loc).c_str(), pc_token(pc).c_str(), lanes_str(ph.arrived_mask).c_str(),
+                    call_str(ph.kind, ph.mask, ph.param, ph.loc).c_str(), pc_token(ph.pc).c_str());
     }
     me.loc = loc;
+    me.pc = pc;
+    ph.slot[lane].pc = pc;
     return ph.slot[lane];
 }
 
@@ -574,6 +982,7 @@ void compute_collective(Launch& L, Warp& w, WarpPhase& ph);
 void release_warp(Launch& L, Warp& w, unsigned p) {
     WarpPhase& ph = w.ph[p];
     compute_collective(L, w, ph);
+    ++w.completed;  // racecheck's warp clock: everything before is ordered before what follows
     const unsigned base = static_cast<unsigned>(&w - L.warps.data()) * 32;
     for (unsigned l = 0; l < 32; ++l)
         if (ph.arrived_mask >> l & 1u) L.st[base + l] = St::Ready;
@@ -705,6 +1114,18 @@ void compute_ldmatrix(Launch& L, Warp& w, WarpPhase& ph) {
                         trans ? ".trans" : "", loc_str(ph.loc).c_str(), l, base + static_cast<unsigned>(l),
                         ph.slot[l].ptr, a == 0 ? "null" : "not 16-byte aligned");
     }
+#if EMU_RACECHECK
+    // The rows are read inside the collective: after everything the warp's lanes did before it,
+    // before everything they do after it (an odd warp clock), each by the lane that gave it.
+    if (t_rc_active) {
+        for (int l = 0; l < 8 * num; ++l) {
+            const uintptr_t a = reinterpret_cast<uintptr_t>(ph.slot[l].ptr);
+            rc::Acc c = rc_now(L, base + static_cast<unsigned>(l), ph.slot[l].pc, rc::What::Ldmatrix);
+            c.wgen += 1;
+            rc_check(L, a, 16, false, c);
+        }
+    }
+#endif
     // Element (row, col) of matrix j: the col-th 16-bit value of the row whose address lane
     // 8j + row gave.
     auto at = [&ph](int j, int row, int col) -> uint32_t {
@@ -749,8 +1170,25 @@ void compute_collective(Launch& L, Warp& w, WarpPhase& ph) {
 [[noreturn]] void thread_exit(Launch& L) {
     Thread& me = L.th[L.cur];
     Warp& w = L.warps[L.cur / 32];
+    // Synccheck: the lanes waiting at a collective whose mask names this lane would wait forever
+    // on a GPU (or read garbage), and copies still in flight could land in the next block's
+    // shared memory.
+    for (const WarpPhase& ph : w.ph)
+        if (ph.arrived != 0 && (ph.mask >> lane_of(L.cur) & 1u))
+            fail_launch(L, "synccheck: the thread exits while lanes %s of its warp wait at %s (called at %s), whose "
+                        "mask names it: every lane of the mask must execute the warp collective",
+                        lanes_str(ph.arrived_mask).c_str(), call_str(ph.kind, ph.mask, ph.param, ph.loc).c_str(),
+                        pc_token(ph.pc).c_str());
+    if (!me.copies.empty()) {
+        const PendingCopy& c = me.copies.front();
+        const bool committed = me.copies.back().group < me.open_group;
+        fail_launch(L, "synccheck: the thread exits with %zu cp.async cop%s pending (%s), the first issued at %s: "
+                    "a thread must complete its copies with cp.async.wait_group before it exits",
+                    me.copies.size(), me.copies.size() == 1 ? "y" : "ies",
+                    committed ? "committed, never waited for" : "some never committed",
+                    pc_token(c.pc).c_str());
+    }
     L.st[L.cur] = St::Exited;
-    me.copies.clear();  // pending cp.async copies are dropped
     --L.ready;
     --L.live;
     --w.alive;
@@ -971,6 +1409,7 @@ void init_block(Launch& L) {
         wp.size = std::min<unsigned>(32, L.n - static_cast<unsigned>(w) * 32);
         wp.alive = wp.size;
         wp.alive_mask = wp.size == 32 ? 0xffffffffu : (1u << wp.size) - 1u;
+        wp.exist_mask = wp.alive_mask;
         for (WarpPhase& ph : wp.ph) {
             ph.arrived = 0;
             ph.arrived_mask = 0;
@@ -979,6 +1418,26 @@ void init_block(Launch& L) {
     L.live = L.n;
     L.ready = L.n;
     L.bar_arrived = 0;
+#if EMU_RACECHECK
+    rc_block_start(L);
+#endif
+}
+
+// Synccheck's reading of a deadlock: each warp collective that some lanes of its mask wait at
+// while the others are elsewhere (at the block barrier, or at the warp's other collective).
+std::string partial_collectives(const Launch& L) {
+    std::string s;
+    for (size_t wi = 0; wi < L.warps.size(); ++wi) {
+        const Warp& w = L.warps[wi];
+        for (const WarpPhase& ph : w.ph) {
+            if (ph.arrived == 0) continue;
+            const uint32_t missing = ph.mask & w.alive_mask & ~ph.arrived_mask;
+            appendf(s, "\n  synccheck: warp %zu: %s (called at %s) is reached by lanes %s of its mask only; lanes %s "
+                    "never reach it", wi, call_str(ph.kind, ph.mask, ph.param, ph.loc).c_str(),
+                    pc_token(ph.pc).c_str(), lanes_str(ph.arrived_mask).c_str(), lanes_str(missing).c_str());
+        }
+    }
+    return s;
 }
 
 // Runs the current block to completion (or failure). Returns false on failure.
@@ -988,17 +1447,28 @@ bool run_block(Launch& L) {
     const unsigned first = L.reverse ? L.n - 1 : 0;
     resume(L, L.sched, first, false);
     L.in_block = false;
+#if EMU_RACECHECK
+    t_rc_active = false;
+    if (L.failed && g_rc.hazards.total != 0) L.err += "\n" + rc_report(L);
+#endif
     if (L.failed) return false;
     if (L.live != 0) {
         std::string m = block_name(L) + ": deadlock: no thread can make progress (" +
                         std::to_string(L.bar_arrived) + " of " + std::to_string(L.live) +
                         " live threads wait at the block barrier; a __syncthreads() or warp collective is "
                         "not reached by every thread that has not exited):" +
-                        thread_states(L);
+                        partial_collectives(L) + thread_states(L);
         L.err = std::move(m);
         L.failed = true;
         return false;
     }
+#if EMU_RACECHECK
+    if (g_rc.hazards.total != 0) {  // the block ran to its end; report what it found and stop
+        L.err = rc_report(L);
+        L.failed = true;
+        return false;
+    }
+#endif
     ++L.stats.blocks;
     return true;
 }
@@ -1014,6 +1484,55 @@ bool env_reverse() {
     const char* e = std::getenv("PREFIX_ATTN_EMU_SCHEDULE");
     return e != nullptr && std::strcmp(e, "reverse") == 0;
 }
+
+// "file:line" -> (file, line); false when it is not of that form.
+bool parse_site(const char* site, std::string& file, unsigned& line) {
+    if (site == nullptr) return false;
+    const char* colon = std::strrchr(site, ':');
+    if (colon == nullptr || colon == site) return false;
+    char* end = nullptr;
+    const unsigned long v = std::strtoul(colon + 1, &end, 10);
+    if (end == colon + 1 || *end != '\0' || v == 0 || v > 0xffffffu) return false;
+    file.assign(site, static_cast<size_t>(colon - site));
+    line = static_cast<unsigned>(v);
+    return true;
+}
+
+// The calling OS thread's set_drop_sync (or PREFIX_ATTN_EMU_DROP_SYNC) for a launch.
+void drop_sync_of_thread(Launch& L) {
+    if (t_drop_state < 0) {
+        t_drop_state = parse_site(std::getenv("PREFIX_ATTN_EMU_DROP_SYNC"), t_drop_file, t_drop_line) ? 1 : 0;
+    }
+    if (t_drop_state == 1) {
+        L.drop_file = t_drop_file;
+        L.drop_line = t_drop_line;
+    }
+}
+
+// set_drop_sync: this synchronisation is skipped (counted).
+inline bool drop_here(Launch& L, const std::source_location& loc) {
+    if (L.drop_line == 0 || loc.line() != L.drop_line) return false;
+    if (std::strcmp(base_name(loc.file_name()), L.drop_file.c_str()) != 0) return false;
+    ++L.stats.dropped_syncs;
+    return true;
+}
+
+#if EMU_RACECHECK
+void rc_launch_start() {
+    g_rc.hazards.clear();
+    // Kernels reach their arguments through the launching thread's stack (the launch wrapper's
+    // copy of the parameter struct): private to the launch, not device memory.
+    pthread_attr_t attr;
+    void* lo = nullptr;
+    size_t len = 0;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+        if (pthread_attr_getstack(&attr, &lo, &len) != 0) len = 0;
+        pthread_attr_destroy(&attr);
+    }
+    g_rc.skip_lo[1] = reinterpret_cast<uintptr_t>(lo);
+    g_rc.skip_len[1] = len;
+}
+#endif
 
 }  // namespace
 
@@ -1053,6 +1572,10 @@ int launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function
     L.reverse = t_schedule >= 0 ? t_schedule == 1 : env_reverse();
     L.body = &kernel_body;
     L.fpctl = current_fpctl();
+    drop_sync_of_thread(L);
+#if EMU_RACECHECK
+    rc_launch_start();
+#endif
     L.th.resize(L.n);
     L.st.assign(L.n, St::Ready);
     L.warps.resize((L.n + 31) / 32);
@@ -1089,9 +1612,10 @@ int launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function
     free_stacks(L);
     std::free(L.smem);
     t_last_stats = L.stats;
+    t_dropped_total += L.stats.dropped_syncs;
     t_in_launch = false;
     if (ok) return 0;
-    copy_err(setup_err.empty() ? std::string("emulated launch failed") : setup_err, err, err_len);
+    copy_err(setup_err.empty() ? std::string("emulated launch failed") : expand_pcs(setup_err), err, err_len);
     return 1;
 }
 
@@ -1109,13 +1633,34 @@ extern "C" void pa_emu_set_schedule_reverse(int reverse) { set_schedule_reverse(
 bool schedule_reverse() { return t_schedule >= 0 ? t_schedule == 1 : env_reverse(); }
 LaunchStats last_launch_stats() { return t_last_stats; }
 
+void set_drop_sync(const char* file, unsigned line) {
+    t_drop_state = file != nullptr && *file != '\0' && line != 0 ? 1 : 0;
+    t_drop_file = t_drop_state == 1 ? file : "";
+    t_drop_line = t_drop_state == 1 ? line : 0;
+    t_dropped_total = 0;
+}
+extern "C" void pa_emu_set_drop_sync(const char* site) {
+    std::string file;
+    unsigned line = 0;
+    if (parse_site(site, file, line))
+        set_drop_sync(file.c_str(), line);
+    else
+        set_drop_sync(nullptr, 0);
+}
+extern "C" uint64_t pa_emu_dropped_syncs() { return t_dropped_total; }
+extern "C" int pa_emu_racecheck_enabled() { return EMU_RACECHECK; }
+
+// The caller's return address: the kernel's call site of an entry point below (the wrappers in
+// kernels/common are inline).
+#define EMU_CALLER reinterpret_cast<uintptr_t>(__builtin_return_address(0))
+
 void* dynamic_smem() { return running("emu::dynamic_smem").smem; }
 size_t dynamic_smem_size() { return running("emu::dynamic_smem_size").smem_bytes; }
 
 void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], Elem e,
                   std::source_location loc) {
     Launch& L = running("mma_m16n8k16");
-    Slot& in = begin_collective(L, WKind::Mma, 0xffffffffu, static_cast<int>(e), loc);
+    Slot& in = begin_collective(L, WKind::Mma, 0xffffffffu, static_cast<int>(e), loc, EMU_CALLER);
     std::memcpy(in.a, a, sizeof in.a);
     std::memcpy(in.b, b, sizeof in.b);
     std::memcpy(in.c, c, sizeof in.c);  // copied before d is written: d may alias c
@@ -1126,7 +1671,7 @@ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const fl
 void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr, std::source_location loc) {
     Launch& L = running("ldmatrix");
     if (num != 1 && num != 2 && num != 4) fail_launch(L, "ldmatrix with %d matrices (must be 1, 2 or 4)", num);
-    Slot& in = begin_collective(L, WKind::Ldmatrix, 0xffffffffu, num | (trans ? 1 << 8 : 0), loc);
+    Slot& in = begin_collective(L, WKind::Ldmatrix, 0xffffffffu, num | (trans ? 1 << 8 : 0), loc, EMU_CALLER);
     in.ptr = row_addr;
     const Slot& out = finish_collective(L);
     for (int j = 0; j < num; ++j) r[j] = out.out[j];
@@ -1143,8 +1688,18 @@ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
         fail_launch(L, "cp.async: global source %p is not 16-byte aligned", gmem_src);
     Thread& me = L.th[L.cur];
     auto* dst = static_cast<unsigned char*>(smem_dst);
+    const uintptr_t pc = EMU_CALLER;
+#if EMU_RACECHECK
+    if (t_rc_active) {
+        const auto d = reinterpret_cast<uintptr_t>(smem_dst);
+        rc::Acc c = rc_now(L, L.cur, pc, rc::What::CpAsync);
+        if (valid) rc_check(L, reinterpret_cast<uintptr_t>(gmem_src), 16, false, c);  // the source, read now
+        c.inflight = 1;  // the destination: written from now until the wait that completes the copy
+        rc_check(L, d, 16, true, c);
+    }
+#endif
     std::memset(dst, 0xff, 16);  // poison: reading before the wait sees NaN
-    me.copies.push_back(PendingCopy{dst, static_cast<const unsigned char*>(gmem_src), valid, me.open_group});
+    me.copies.push_back(PendingCopy{dst, static_cast<const unsigned char*>(gmem_src), valid, me.open_group, pc});
 }
 
 void cp_async_commit() {
@@ -1152,9 +1707,10 @@ void cp_async_commit() {
     ++L.th[L.cur].open_group;
 }
 
-void cp_async_wait(int n) {
+void cp_async_wait(int n, std::source_location loc) {
     Launch& L = running("cp_async_wait");
     if (n < 0) fail_launch(L, "cp.async.wait_group %d", n);
+    if (drop_here(L, loc)) return;
     Thread& me = L.th[L.cur];
     const uint32_t committed = me.open_group;
     const uint32_t done_below = committed > static_cast<uint32_t>(n) ? committed - static_cast<uint32_t>(n) : 0;
@@ -1166,6 +1722,9 @@ void cp_async_wait(int n) {
                 std::memcpy(c.dst, c.src, 16);
             else
                 std::memset(c.dst, 0, 16);
+#if EMU_RACECHECK
+            if (t_rc_active) rc_complete(L, c);
+#endif
         } else {
             me.copies[keep++] = c;
         }
@@ -1177,6 +1736,7 @@ namespace detail {
 
 void syncthreads(const std::source_location& loc) {
     Launch& L = running("__syncthreads");
+    if (drop_here(L, loc)) return;
     Thread& me = L.th[L.cur];
     L.st[L.cur] = St::AtBarrier;
     me.loc = loc;
@@ -1190,7 +1750,8 @@ void syncthreads(const std::source_location& loc) {
 
 void syncwarp(unsigned mask, const std::source_location& loc) {
     Launch& L = running("__syncwarp");
-    begin_collective(L, WKind::Syncwarp, mask, 0, loc);
+    if (drop_here(L, loc)) return;
+    begin_collective(L, WKind::Syncwarp, mask, 0, loc, EMU_CALLER);
     finish_collective(L);
 }
 
@@ -1201,7 +1762,7 @@ uint64_t shfl(unsigned mask, uint64_t bits, int lane_arg, int width, Shfl mode, 
     if (width < 1 || width > 32 || (width & (width - 1)) != 0)
         fail_launch(L, "%s at %s with width %d (must be a power of two <= 32)", kind_name(kind),
                     loc_str(loc).c_str(), width);
-    Slot& in = begin_collective(L, kind, mask, width, loc);
+    Slot& in = begin_collective(L, kind, mask, width, loc, EMU_CALLER);
     in.val = bits;
     in.arg = lane_arg;
     return finish_collective(L).out_val;
@@ -1209,7 +1770,7 @@ uint64_t shfl(unsigned mask, uint64_t bits, int lane_arg, int width, Shfl mode, 
 
 uint32_t ballot(unsigned mask, bool pred, const std::source_location& loc) {
     Launch& L = running("__ballot_sync");
-    Slot& in = begin_collective(L, WKind::Ballot, mask, 0, loc);
+    Slot& in = begin_collective(L, WKind::Ballot, mask, 0, loc, EMU_CALLER);
     in.val = pred ? 1 : 0;
     return static_cast<uint32_t>(finish_collective(L).out_val);
 }
@@ -1235,3 +1796,86 @@ extern "C" void pa_emu_fiber_main() {
 #endif
     emu::thread_exit(L);
 }
+
+// =============================================================================================
+// Racecheck: the hooks of gcc's -fsanitize=thread instrumentation. The kernels (and the
+// self-tests) are compiled with it; this file is not. Every load and store of instrumented code
+// calls one of these with its address; they look at it only while a block runs on this OS
+// thread, and pass it to the shadow memory with the access's return address (the kernel's
+// line). ThreadSanitizer's own runtime is not linked: these are the whole runtime.
+// =============================================================================================
+#if EMU_RACECHECK
+namespace emu {
+namespace {
+inline void rc_hook(const void* a, size_t n, bool write, uintptr_t pc) {
+    if (!t_rc_active) return;
+    Launch& L = *g_launch;
+    rc_check(L, reinterpret_cast<uintptr_t>(a), n, write,
+             rc_now(L, L.cur, pc, write ? rc::What::Store : rc::What::Load));
+}
+}  // namespace
+}  // namespace emu
+
+extern "C" {
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_read(void**) {}
+void __tsan_vptr_update(void**, void*) {}
+
+#define EMU_RC_HOOKS(n)                                                                   \
+    void __tsan_read##n(void* a) { emu::rc_hook(a, n, false, EMU_CALLER); }               \
+    void __tsan_write##n(void* a) { emu::rc_hook(a, n, true, EMU_CALLER); }               \
+    void __tsan_volatile_read##n(void* a) { emu::rc_hook(a, n, false, EMU_CALLER); }      \
+    void __tsan_volatile_write##n(void* a) { emu::rc_hook(a, n, true, EMU_CALLER); }
+EMU_RC_HOOKS(1)
+EMU_RC_HOOKS(2)
+EMU_RC_HOOKS(4)
+EMU_RC_HOOKS(8)
+EMU_RC_HOOKS(16)
+#define EMU_RC_UNALIGNED_HOOKS(n)                                                         \
+    void __tsan_unaligned_read##n(void* a) { emu::rc_hook(a, n, false, EMU_CALLER); }     \
+    void __tsan_unaligned_write##n(void* a) { emu::rc_hook(a, n, true, EMU_CALLER); }     \
+    void __tsan_unaligned_volatile_read##n(void* a) { emu::rc_hook(a, n, false, EMU_CALLER); } \
+    void __tsan_unaligned_volatile_write##n(void* a) { emu::rc_hook(a, n, true, EMU_CALLER); }
+EMU_RC_UNALIGNED_HOOKS(2)
+EMU_RC_UNALIGNED_HOOKS(4)
+EMU_RC_UNALIGNED_HOOKS(8)
+EMU_RC_UNALIGNED_HOOKS(16)
+void __tsan_read_range(void* a, unsigned long n) { emu::rc_hook(a, n, false, EMU_CALLER); }
+void __tsan_write_range(void* a, unsigned long n) { emu::rc_hook(a, n, true, EMU_CALLER); }
+
+// Atomic operations of instrumented code (std::atomic, static-initialisation guards): performed
+// as sequentially consistent atomics (never weaker than asked), invisible to the shadow.
+#define EMU_RC_ATOMICS(bits, T)                                                                              \
+    T __tsan_atomic##bits##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+    void __tsan_atomic##bits##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) {                                              \
+        return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                  \
+    }                                                                                                        \
+    T __tsan_atomic##bits##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##bits##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##bits##_fetch_and(volatile T* a, T v, int) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##bits##_fetch_or(volatile T* a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }   \
+    T __tsan_atomic##bits##_fetch_xor(volatile T* a, T v, int) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##bits##_fetch_nand(volatile T* a, T v, int) {                                            \
+        return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST);                                                  \
+    }                                                                                                        \
+    int __tsan_atomic##bits##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                  \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);              \
+    }                                                                                                        \
+    int __tsan_atomic##bits##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                    \
+        return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);               \
+    }                                                                                                        \
+    T __tsan_atomic##bits##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                        \
+        __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                    \
+        return c;                                                                                            \
+    }
+EMU_RC_ATOMICS(8, unsigned char)
+EMU_RC_ATOMICS(16, unsigned short)
+EMU_RC_ATOMICS(32, unsigned int)
+EMU_RC_ATOMICS(64, unsigned long long)
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+}  // extern "C"
+#endif

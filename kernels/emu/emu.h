@@ -14,6 +14,16 @@
 //     scratch area behind a 32-party warp barrier, never the block barrier.
 //   * cp.async is a deferred copy: performed at cp.async.wait_group, destination poisoned
 //     until then.
+//   * Synccheck (always on): a __syncthreads() not reached by every live thread of the block, a
+//     warp collective not reached by every lane of its mask (a lane that waits elsewhere or has
+//     exited), and a thread that exits with cp.async copies still pending are launch errors.
+//   * Racecheck (cargo feature `emu-racecheck`, PREFIX_ATTN_EMU_RACECHECK): the kernels are
+//     compiled with gcc's ThreadSanitizer instrumentation (-fsanitize=thread), whose hooks the
+//     emulator implements itself (emu.cpp): a shadow memory of every shared-memory byte (and,
+//     per block, of global memory) reports pairs of accesses by two CUDA threads that no block
+//     barrier or warp collective orders, reads of shared memory no thread of the block has
+//     written (initcheck), and accesses to a cp.async destination between the copy's issue and
+//     its cp.async.wait_group. See README "Racecheck".
 //
 // Nothing here defines __CUDA_ARCH__; kernels test PREFIX_ATTN_EMU.
 #pragma once
@@ -40,9 +50,18 @@
 #define __align__(n) __attribute__((aligned(n)))
 // One block runs at a time and launches are serialised, so per-block shared storage is plain
 // static storage. Static arrays also get AddressSanitizer redzones, so an out-of-bounds access
-// to a `__shared__` array is caught in the sanitizer build. They are NOT re-poisoned between
-// blocks (the emulator cannot see them): a block may read what the previous block left there.
+// to a `__shared__` array is caught in the sanitizer build. In the racecheck build they live in
+// one section (pa_emu_shared), which the emulator poisons (0xFF) at the start of every block
+// and shadows like the dynamic shared memory; otherwise they are NOT re-poisoned between blocks
+// (the emulator cannot see them): a block may read what the previous block left there.
+#if defined(PREFIX_ATTN_EMU_RACECHECK)
+#define __shared__ static __attribute__((section("pa_emu_shared"), aligned(16)))
+// Code the racecheck instrumentation must not see (atomics: they never race).
+#define PA_EMU_NO_RACECHECK __attribute__((no_sanitize("thread")))
+#else
 #define __shared__ static
+#define PA_EMU_NO_RACECHECK
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Built-in vector types and index variables.
@@ -256,38 +275,39 @@ inline T __ldg(const T* p) {
 
 // Atomics: blocks and threads of a launch run on one OS thread and only switch at blocking
 // calls, so a plain read-modify-write is atomic here. They return the old value, like CUDA.
+// Racecheck does not see them (atomics do not race with each other).
 template <class T>
-inline T atomicAdd(T* p, std::type_identity_t<T> v) {
+PA_EMU_NO_RACECHECK inline T atomicAdd(T* p, std::type_identity_t<T> v) {
     const T old = *p;
     *p = old + v;
     return old;
 }
 template <class T>
-inline T atomicSub(T* p, std::type_identity_t<T> v) {
+PA_EMU_NO_RACECHECK inline T atomicSub(T* p, std::type_identity_t<T> v) {
     const T old = *p;
     *p = old - v;
     return old;
 }
 template <class T>
-inline T atomicMax(T* p, std::type_identity_t<T> v) {
+PA_EMU_NO_RACECHECK inline T atomicMax(T* p, std::type_identity_t<T> v) {
     const T old = *p;
     *p = old < v ? v : old;
     return old;
 }
 template <class T>
-inline T atomicMin(T* p, std::type_identity_t<T> v) {
+PA_EMU_NO_RACECHECK inline T atomicMin(T* p, std::type_identity_t<T> v) {
     const T old = *p;
     *p = v < old ? v : old;
     return old;
 }
 template <class T>
-inline T atomicExch(T* p, std::type_identity_t<T> v) {
+PA_EMU_NO_RACECHECK inline T atomicExch(T* p, std::type_identity_t<T> v) {
     const T old = *p;
     *p = v;
     return old;
 }
 template <class T>
-inline T atomicCAS(T* p, std::type_identity_t<T> compare, std::type_identity_t<T> v) {
+PA_EMU_NO_RACECHECK inline T atomicCAS(T* p, std::type_identity_t<T> compare, std::type_identity_t<T> v) {
     const T old = *p;
     if (old == compare) *p = v;
     return old;
@@ -335,9 +355,10 @@ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid);
 void cp_async_commit();
 // cp.async.wait_group n: performs, in issue order, the copies of all but the n most recent
 // committed groups of this thread. Copies issued but not yet committed are not waited for.
-// Copies still pending when a thread exits are dropped (the hardware needs a wait before the
-// data is used anyway).
-void cp_async_wait(int n);
+// A thread that exits with copies still pending fails the launch (synccheck: the copy could
+// land in the shared memory of the block that runs next on the SM). `loc` is the kernel's call
+// site (see set_drop_sync).
+void cp_async_wait(int n, std::source_location loc = std::source_location::current());
 
 // The block's dynamic shared memory: exactly the size given at launch (a heap allocation, so
 // AddressSanitizer sees its bounds), 16-byte aligned, filled with 0xFF before every block.
@@ -348,7 +369,9 @@ size_t dynamic_smem_size();
 // y, then z), blockDim.x*y*z (<= 1024) threads per block as fibers. Returns 0 on success;
 // otherwise non-zero with a human-readable, NUL-terminated message in err (truncated to
 // err_len): a divergent or deadlocked barrier (with every thread's state), a misaligned
-// ldmatrix/cp.async address, a warp collective with missing lanes, an emu::fail() call, a bad
+// ldmatrix/cp.async address, a warp collective with missing lanes, a thread that exits with
+// cp.async copies pending, racecheck hazards (racecheck build: every distinct pair of source
+// lines, with both threads; the launch runs to its end first), an emu::fail() call, a bad
 // launch configuration. The process is never aborted for these. Launches are serialised
 // (process-wide mutex); a kernel must not launch. Each fiber has a 64 KiB stack (256 KiB under
 // ASan; PREFIX_ATTN_EMU_STACK_KIB overrides) above a guard page: an overflow kills the process
@@ -376,8 +399,23 @@ struct LaunchStats {
     uint64_t fiber_switches;
     uint64_t block_barriers;    // released __syncthreads phases
     uint64_t warp_collectives;  // completed warp collectives (one per warp, not per lane)
+    uint64_t dropped_syncs;     // calls skipped by set_drop_sync (per thread, not per warp)
+    uint64_t hazards;           // racecheck hazards found (every access, not only distinct ones)
 };
 LaunchStats last_launch_stats();
+
+// A test instrument for proving every synchronisation necessary: launches from the calling OS
+// thread skip every __syncthreads(), __syncwarp() and cp_async_wait<N>() called at the source
+// line `file`:`line` (file: the base name, e.g. "prefix_attn_fwd.cu"), as if that line had been
+// deleted from the kernel. file == nullptr (or "") restores normal operation. The environment
+// variable PREFIX_ATTN_EMU_DROP_SYNC=file:line does the same for threads that never called it.
+void set_drop_sync(const char* file, unsigned line);
+// C entry points for the Rust side: `site` is "file:line" or empty; the counter is the number of
+// skipped calls of the calling OS thread's launches since its last pa_emu_set_drop_sync.
+extern "C" void pa_emu_set_drop_sync(const char* site);
+extern "C" uint64_t pa_emu_dropped_syncs();
+// 1 when this build has racecheck (feature emu-racecheck), else 0.
+extern "C" int pa_emu_racecheck_enabled();
 
 namespace detail {
 enum class Shfl { Idx, Up, Down, Xor };
@@ -418,8 +456,10 @@ inline T shfl_value(unsigned mask, T v, int lane_arg, int width, Shfl mode, cons
 // ("divergent __syncthreads()"), as it does when no thread can make progress ("deadlock").
 // Warp intrinsics: every live lane of the warp must be in the mask (partial-warp masks are not
 // emulated) and every live lane must call the same intrinsic at the same source location
-// (__syncwarp: any location); lanes that have exited drop out, and a shuffle that reads an
-// exited lane is an error. Each call records its source location for error reports.
+// (__syncwarp: any location). The mask must not name a lane that has exited or exits while the
+// others wait (synccheck: the CUDA rule that every thread named in the mask executes it); lanes
+// beyond the end of a partial last warp do not count. Each call records its source location
+// for error reports.
 // ---------------------------------------------------------------------------------------------
 inline void __syncthreads(std::source_location loc = std::source_location::current()) {
     emu::detail::syncthreads(loc);

@@ -2,7 +2,7 @@
 // primitive or behaviour against its documented semantics with fresh pseudo-random inputs
 // (never zeros). The fragment layouts are written out here again, independently of emu.cpp,
 // from the PTX ISA text. Exposed to Rust as pa_emu_selftest(name) / pa_emu_selftest_names(),
-// plus pa_emu_planted_oob() for the sanitizer check.
+// plus pa_emu_planted_oob() for the sanitizer check and pa_emu_planted_race() for racecheck.
 //
 // Seeds: each run draws a fresh seed (time and a counter) unless PREFIX_ATTN_EMU_SELFTEST_SEED
 // is set; failures name the seed.
@@ -160,7 +160,7 @@ bool test_block_barrier(Test& t) {
 }
 
 // The same exchange without its barrier must come out wrong under both schedules: the emulator
-// is adversarial for a missing __syncthreads().
+// is adversarial for a missing __syncthreads(). (With racecheck, the launch reports it.)
 bool test_missing_barrier_caught(Test& t) {
     ScheduleGuard guard;
     for (bool rev : {false, true}) {
@@ -168,16 +168,22 @@ bool test_missing_barrier_caught(Test& t) {
         std::vector<uint32_t> data(kXchgThreads);
         for (auto& x : data) x = t.rng.u32() | 1u;
         const auto want = exchange_reference(data, 1);
+#if defined(PREFIX_ATTN_EMU_RACECHECK)
+        if (!run_expect_error(t, dim3(1), dim3(kXchgThreads), 0, exchange_kernel(data, false),
+                              {"racecheck", "hazard", "selftest.cpp:"}))
+            return false;
+#else
         if (!run(t, dim3(1), dim3(kXchgThreads), 0, exchange_kernel(data, false))) return false;
         CHECK(data != want, "%s schedule: a kernel missing its __syncthreads() gave the right answer",
               rev ? "reverse" : "forward");
+#endif
     }
     return true;
 }
 
 // Threads that exit drop out of the barrier: 96 threads; 70-95 exit at once, 40-69 after two
 // rounds, 0-39 run five rounds. Lanes 64-69 (the rest of warp 2) then shuffle and vote among
-// themselves.
+// themselves, with the mask of the lanes left (0x3f).
 bool test_early_exit(Test& t) {
     constexpr unsigned n = 96;
     auto alive_in_round = [](int r) { return r < 2 ? 70u : 40u; };
@@ -203,8 +209,8 @@ bool test_early_exit(Test& t) {
             __syncthreads();
             v = mix(v, pub[r & 1][(i * 5 + r) % alive], 0);
             if (r == 1 && i >= 64) {  // warp 2 now has lanes 0-5 only
-                shfl_out[i] = __shfl_xor_sync(0xffffffffu, v, 1);
-                ballot_out[i] = __ballot_sync(0xffffffffu, v & 1u);
+                shfl_out[i] = __shfl_xor_sync(0x3fu, v, 1);
+                ballot_out[i] = __ballot_sync(0x3fu, v & 1u);
             }
         }
         data[i] = v;
@@ -224,14 +230,15 @@ bool test_early_exit(Test& t) {
         CHECK(ballot_out[i] == bits, "thread %u: ballot among the surviving lanes got %08x, want %08x", i,
               ballot_out[i], bits);
     }
-    // Lanes 0-15 wait at a shuffle while lanes 16-31 exit: the last exit completes it (forward
-    // schedule), or the lanes have exited before it starts (reverse schedule).
+    // Lanes 16-31 exit; lanes 0-15 shuffle among themselves once the others are gone (the
+    // barrier completes when they have exited).
     std::vector<float> vals(32), got(32, 0.0f);
     for (auto& x : vals) x = t.rng.nonzero(5.0f);
     auto half_warp = [&] {
         const unsigned i = threadIdx.x;
         if (i >= 16) return;
-        got[i] = __shfl_xor_sync(0xffffffffu, vals[i], 1);
+        __syncthreads();
+        got[i] = __shfl_xor_sync(0xffffu, vals[i], 1);
     };
     if (!run(t, dim3(1), dim3(32), 0, half_warp)) return false;
     for (unsigned i = 0; i < 16; ++i)
@@ -268,7 +275,9 @@ bool test_deadlock_reported(Test& t) {
     return run_expect_error(t, dim3(1), dim3(96), 0, body,
                             {"deadlock", "threads 0-15: at __syncthreads()",
                              "threads 16-31: at __shfl_xor_sync", "16 of its 32 live lanes",
-                             "threads 32-95: at __syncthreads()"});
+                             "threads 32-95: at __syncthreads()",
+                             "synccheck: warp 0: __shfl_xor_sync (width 32) with mask 0xffffffff",
+                             "is reached by lanes 16-31 of its mask only; lanes 0-15 never reach it"});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,20 +457,41 @@ bool test_syncwarp(Test& t) {
     return true;
 }
 
-// Lanes that exited cannot take part: mma.sync needs all 32 lanes, and a shuffle that reads an
-// exited lane is an error.
+// Lanes that exited cannot take part (synccheck, under both schedules: the lane exits before or
+// while the others wait); mma.sync needs all 32 lanes (a partial last warp cannot run it); a
+// shuffle that reads a lane outside its mask that has exited is an error.
 bool test_warp_exited_lanes(Test& t) {
-    auto mma_body = [] {
-        if (threadIdx.x == 31) return;
+    ScheduleGuard guard;
+    auto mma = [] {
         uint32_t a[4] = {0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u}, b[2] = {0x3c003c00u, 0x3c003c00u};
         float c[4] = {1, 2, 3, 4}, d[4];
         emu::mma_m16n8k16(d, a, b, c, emu::Elem::F16);
     };
-    if (!run_expect_error(t, dim3(1), dim3(32), 0, mma_body, {"mma.sync", "lanes 0-30 only", "all 32 lanes"}))
+    auto mma_exited = [&mma] {
+        if (threadIdx.x == 31) return;
+        mma();
+    };
+    for (bool rev : {false, true}) {
+        emu::set_schedule_reverse(rev);
+        if (!run_expect_error(t, dim3(1), dim3(32), 0, mma_exited, {"synccheck", "mma.sync", "mask"})) return false;
+        auto shfl_exited = [] {
+            if (threadIdx.x >= 16) return;
+            float v = __shfl_xor_sync(0xffffffffu, 1.0f + static_cast<float>(threadIdx.x), 1);
+            (void)v;
+        };
+        const char* needle = rev ? "names lanes 16-31 in its mask, which have exited"
+                                 : "exits while lanes 0-15 of its warp wait at __shfl_xor_sync";
+        if (!run_expect_error(t, dim3(1), dim3(32), 0, shfl_exited,
+                              {"synccheck", needle, rev ? "thread 15 (15,0,0)" : "thread 16 (16,0,0)"}))
+            return false;
+    }
+    emu::set_schedule_reverse(false);
+    if (!run_expect_error(t, dim3(1), dim3(31), 0, mma, {"mma.sync", "lanes 0-30 only", "all 32 lanes"}))
         return false;
     auto shfl_body = [] {
         if (threadIdx.x == 31) return;
-        float v = __shfl_down_sync(0xffffffffu, 1.0f + static_cast<float>(threadIdx.x), 1);
+        __syncthreads();
+        float v = __shfl_down_sync(0x7fffffffu, 1.0f + static_cast<float>(threadIdx.x), 1);
         (void)v;
     };
     return run_expect_error(t, dim3(1), dim3(32), 0, shfl_body,
@@ -704,7 +734,8 @@ bool test_ldmatrix_misaligned(Test& t) {
 // ---------------------------------------------------------------------------------------------
 // cp.async: deferred copies, poison before the wait, wait_group N, zero fill.
 // ---------------------------------------------------------------------------------------------
-bool all_bytes(const void* p, unsigned char v, size_t n) {
+// Peeks at memory without racecheck seeing it (the tests look at poison on purpose).
+PA_EMU_NO_RACECHECK bool all_bytes(const void* p, unsigned char v, size_t n) {
     const auto* b = static_cast<const unsigned char*>(p);
     for (size_t i = 0; i < n; ++i)
         if (b[i] != v) return false;
@@ -737,7 +768,7 @@ bool test_cp_async(Test& t) {
         for (unsigned c = 0; c < chunks; ++c) std::memset(dst(c), 0x11, 16);  // not the poison
         pa::cp_async_16(dst(0), from(0), true);
         f[kPoisonedAtIssue] = all_bytes(dst(0), 0xff, 16);
-        f[kPoisonIsNan] = std::isnan(dst(0)[0]) &&
+        f[kPoisonIsNan] = all_bytes(dst(0), 0xff, 4) && std::isnan(std::bit_cast<float>(0xffffffffu)) &&
                           std::isnan(__half2float(std::bit_cast<__half>(uint16_t{0xffff}))) &&
                           std::isnan(__bfloat162float(std::bit_cast<__nv_bfloat16>(uint16_t{0xffff})));
         pa::cp_async_commit();
@@ -790,6 +821,266 @@ bool test_cp_async_misaligned(Test& t) {
     };
     return run_expect_error(t, dim3(1), dim3(32), 1024, src_body, {"cp.async", "source", "not 16-byte aligned"});
 }
+
+// Synccheck: a thread must complete its copies (cp.async.wait_group) before it exits, whether
+// it committed them or not. The report names the thread and the line that issued the copy.
+bool test_cp_async_pending_exit(Test& t) {
+    alignas(16) float src[4] = {1, 2, 3, 4};
+    for (bool commit : {true, false}) {
+        unsigned line = 0;
+        auto body = [&src, &line, commit] {
+            PA_DYNAMIC_SMEM(unsigned char, smem);
+            if (threadIdx.x != 5) return;
+            pa::cp_async_16(smem, src, true); line = __LINE__;
+            if (commit) pa::cp_async_commit();
+        };
+        char want_line[64];
+        // The line is known once the kernel ran; run it once to learn it (the error is the same).
+        char err[8192];
+        emu::launch(dim3(1), dim3(64), 64, body, err, sizeof err);
+        snprintf(want_line, sizeof want_line, "issued at selftest.cpp:%u", line);
+        if (!run_expect_error(t, dim3(1), dim3(64), 64, body,
+                              {"synccheck", "thread 5 (5,0,0)", "exits with 1 cp.async copy pending",
+                               commit ? "committed, never waited for" : "some never committed", want_line}))
+            return false;
+    }
+    return true;
+}
+
+// set_drop_sync skips the synchronisations of one source line, as if it had been deleted: the
+// exchange loses its barrier (wrong results, or a racecheck report), and comes back right when
+// the drop is lifted.
+bool test_drop_sync(Test& t) {
+    struct Restore {
+        ~Restore() { emu::set_drop_sync(nullptr, 0); }
+    } restore;
+    std::vector<uint32_t> data(kXchgThreads);
+    unsigned line = 0;
+    auto body = [&data, &line] {
+        __shared__ uint32_t pub[2][kXchgThreads];
+        const unsigned i = threadIdx.x;
+        uint32_t v = data[i];
+        for (int r = 0; r < kXchgRounds; ++r) {
+            uint32_t* p = pub[r & 1];
+            p[i] = v;
+            __syncthreads(); if (i == 0) line = __LINE__;
+            v = mix(v, p[(i * 7 + r + 1) % kXchgThreads], p[(i + 37) % kXchgThreads]);
+        }
+        data[i] = v;
+    };
+    auto init = [&] {
+        for (auto& x : data) x = t.rng.u32() | 1u;
+        return exchange_reference(data, 1);
+    };
+    auto want = init();
+    if (!run(t, dim3(1), dim3(kXchgThreads), 0, body)) return false;
+    CHECK(data == want, "the exchange with its barrier gave a wrong result");
+    CHECK(line != 0, "the kernel did not record its barrier's line");
+    emu::set_drop_sync("selftest.cpp", line);
+    want = init();
+    char err[8192];
+    const int rc = emu::launch(dim3(1), dim3(kXchgThreads), 0, body, err, sizeof err);
+    CHECK(emu::pa_emu_dropped_syncs() == kXchgThreads * kXchgRounds, "%" PRIu64 " synchronisations dropped, want %u",
+          emu::pa_emu_dropped_syncs(), kXchgThreads * kXchgRounds);
+    CHECK(rc != 0 || data != want, "the exchange without its barrier gave the right result");
+    emu::set_drop_sync("selftest.cpp", line + 1000);  // a line without a synchronisation: nothing dropped
+    want = init();
+    if (!run(t, dim3(1), dim3(kXchgThreads), 0, body)) return false;
+    CHECK(data == want && emu::pa_emu_dropped_syncs() == 0, "a drop of another line changed the exchange");
+    return true;
+}
+
+#if defined(PREFIX_ATTN_EMU_RACECHECK)
+// ---------------------------------------------------------------------------------------------
+// Racecheck: planted hazards of every kind are reported with both lines and both threads, and
+// the same kernels with their synchronisation are clean (so is every other self-test).
+// ---------------------------------------------------------------------------------------------
+std::string at_line(unsigned line) { return "selftest.cpp:" + std::to_string(line); }
+
+// Runs body once with each schedule; each must fail with every needle (needles may depend on
+// the schedule and on lines the kernel recorded: they are built after the run).
+bool expect_hazard(Test& t, unsigned threads, size_t smem, const std::function<void()>& body,
+                   const std::function<std::vector<std::string>(bool)>& needles, unsigned blocks = 1) {
+    ScheduleGuard guard;
+    for (bool rev : {false, true}) {
+        emu::set_schedule_reverse(rev);
+        char err[8192];
+        if (emu::launch(dim3(blocks), dim3(threads), smem, body, err, sizeof err) == 0)
+            return failf(t, "%s schedule: the launch succeeded but must report a hazard", rev ? "reverse" : "forward");
+        for (const std::string& n : needles(rev))
+            if (std::strstr(err, n.c_str()) == nullptr)
+                return failf(t, "%s schedule: error message lacks \"%s\": %s", rev ? "reverse" : "forward", n.c_str(),
+                             err);
+    }
+    return true;
+}
+
+bool expect_clean(Test& t, unsigned threads, size_t smem, const std::function<void()>& body, unsigned blocks = 1) {
+    ScheduleGuard guard;
+    for (bool rev : {false, true}) {
+        emu::set_schedule_reverse(rev);
+        if (!run(t, dim3(blocks), dim3(threads), smem, body)) return false;
+    }
+    return true;
+}
+
+// Two warps exchange through a static __shared__ array: thread i reads what thread i ^ 32 (the
+// other warp) wrote. Without the barrier: the forward schedule reads before the other warp has
+// written (uninitialised, then write-after-read), the reverse one after (read-after-write).
+bool test_racecheck_block_barrier(Test& t) {
+    unsigned wline = 0, rline = 0;
+    std::vector<float> out(64);
+    auto kernel = [&](bool barrier) {
+        return [&, barrier] {
+            __shared__ float buf[64];
+            const unsigned i = threadIdx.x;
+            buf[i] = static_cast<float>(i); if (i == 0) wline = __LINE__;
+            if (barrier) __syncthreads();
+            out[i] = buf[i ^ 32u]; if (i == 0) rline = __LINE__;
+        };
+    };
+    if (!expect_clean(t, 64, 0, kernel(true))) return false;
+    return expect_hazard(t, 64, 0, kernel(false), [&](bool rev) {
+        std::vector<std::string> n = {"racecheck:", "a static __shared__ array", at_line(wline), at_line(rline),
+                                      "different warps and no __syncthreads() between them", "warp 0", "warp 1"};
+        n.push_back(rev ? "read-after-write hazard" : "write-after-read hazard");
+        if (!rev) n.push_back("uninitialized shared-memory read (initcheck)");
+        return n;
+    });
+}
+
+// Lanes of one warp: lane 1 reads what lane 0 wrote. Ordered by __syncwarp (or any collective),
+// racing without.
+bool test_racecheck_warp(Test& t) {
+    unsigned wline = 0, rline = 0;
+    std::vector<uint32_t> out(32);
+    auto kernel = [&](int sync) {
+        return [&, sync] {
+            PA_DYNAMIC_SMEM(uint32_t, sh);
+            const unsigned i = threadIdx.x;
+            sh[i] = i * 3u + 1u; if (i == 0) wline = __LINE__;
+            if (sync == 1) __syncwarp();
+            if (sync == 2) (void)__shfl_xor_sync(0xffffffffu, 1.0f, 1);
+            out[i] = sh[(i + 1) % 32]; if (i == 0) rline = __LINE__;
+        };
+    };
+    if (!expect_clean(t, 32, 128, kernel(1)) || !expect_clean(t, 32, 128, kernel(2))) return false;
+    return expect_hazard(t, 32, 128, kernel(0), [&](bool) {
+        return std::vector<std::string>{"racecheck:", "dynamic shared memory, byte", at_line(wline), at_line(rline),
+                                        "the same warp, but no __syncthreads() and no warp collective"};
+    });
+}
+
+// cp.async: the destination is written from the issue to the issuing thread's wait. Thread 0
+// copies 16 bytes; thread 40 (another warp) reads them after a barrier, before (hazard) or after
+// (clean) thread 0's wait; thread 0 reads them before its wait (hazard); thread 40 writes them
+// while the copy is in flight (hazard); a wait with no barrier before the other warp reads
+// (read-after-write hazard on the completed copy).
+bool test_racecheck_cp_async(Test& t) {
+    alignas(16) static float src[4] = {1, 2, 3, 4};
+    unsigned issue = 0, use = 0;
+    float sink[64] = {};
+    enum Mode { kCorrect, kReadInFlight, kOwnRead, kWriteInFlight, kNoBarrierAfterWait };
+    auto kernel = [&](Mode m) {
+        return [&, m] {
+            PA_DYNAMIC_SMEM(float, sh);
+            const unsigned i = threadIdx.x;
+            if (i == 0) { pa::cp_async_16(sh, src, true); issue = __LINE__; }
+            pa::cp_async_commit();
+            if (m == kOwnRead && i == 0) { sink[i] = sh[1]; use = __LINE__; }
+            if (m == kCorrect || m == kNoBarrierAfterWait) pa::cp_async_wait<0>();
+            if (m != kNoBarrierAfterWait) __syncthreads();
+            if (i == 40 && m == kWriteInFlight) { sh[2] = 5.0f; use = __LINE__; }
+            if (i == 40 && m != kWriteInFlight && m != kOwnRead) { sink[i] = sh[1]; use = __LINE__; }
+            __syncthreads();
+            pa::cp_async_wait<0>();
+        };
+    };
+    if (!expect_clean(t, 64, 64, kernel(kCorrect))) return false;
+    struct Case {
+        Mode m;
+        const char* kind;
+    };
+    const Case cases[] = {{kReadInFlight, "read of a cp.async destination in flight"},
+                          {kOwnRead, "read of the thread's own cp.async destination in flight"},
+                          {kWriteInFlight, "write to a cp.async destination in flight"},
+                          {kNoBarrierAfterWait, "read-after-write hazard"}};
+    for (const Case& c : cases) {
+        if (!expect_hazard(t, 64, 64, kernel(c.m), [&](bool rev) {
+                // Without any barrier, the reverse schedule reads before the copy is issued.
+                const char* kind = c.m == kNoBarrierAfterWait && rev ? "write-after-read hazard" : c.kind;
+                std::vector<std::string> n = {"racecheck:", kind, at_line(issue), at_line(use), "thread 0 (0,0,0)"};
+                if (c.m != kOwnRead) n.push_back("thread 40 (40,0,0)");
+                return n;
+            }))
+            return false;
+    }
+    return true;
+}
+
+// Initcheck: shared memory is uninitialised at the start of every block; reading a byte no
+// thread of this block has written is reported, in dynamic and static shared memory, even when
+// an earlier block wrote it.
+bool test_racecheck_initcheck(Test& t) {
+    unsigned rline = 0;
+    std::vector<float> out(64);
+    auto dynamic = [&] {
+        PA_DYNAMIC_SMEM(float, sh);
+        const unsigned i = threadIdx.x;
+        if (i < 32) sh[i] = 1.0f;  // bytes 0-127 written, 128-255 not
+        __syncthreads();
+        out[i] = sh[i]; if (i == 0) rline = __LINE__;
+    };
+    if (!expect_hazard(t, 64, 256, dynamic, [&](bool) {
+            return std::vector<std::string>{"racecheck:", "uninitialized shared-memory read (initcheck)",
+                                            "of 256 (32 times)", at_line(rline)};
+        }))
+        return false;
+    auto stat = [&] {
+        __shared__ float arr[64];
+        const unsigned i = threadIdx.x;
+        if (blockIdx.x == 0) arr[i] = 2.0f;  // block 1 reads what block 0 wrote: not its own
+        __syncthreads();
+        out[i] = arr[i]; if (i == 0) rline = __LINE__;
+    };
+    if (!expect_hazard(
+            t, 64, 0, stat,
+            [&](bool) {
+                return std::vector<std::string>{"racecheck:", "uninitialized shared-memory read (initcheck)",
+                                                "a static __shared__ array", at_line(rline), "block (1,0,0)"};
+            },
+            2))
+        return false;
+    auto good = [&] {
+        PA_DYNAMIC_SMEM(float, sh);
+        sh[threadIdx.x] = 1.0f;
+        __syncthreads();
+        out[threadIdx.x] = sh[63 - threadIdx.x];
+    };
+    return expect_clean(t, 64, 256, good, 3);
+}
+
+// Global memory, within a block: two warps write the same word (and one reads what the other
+// wrote) with no barrier between; with one, and across blocks, nothing is reported.
+bool test_racecheck_global(Test& t) {
+    unsigned wline = 0;
+    std::vector<float> out(4);
+    auto kernel = [&](bool barrier) {
+        return [&, barrier] {
+            const unsigned i = threadIdx.x;
+            if (i == 0) { out[0] = 1.0f; wline = __LINE__; }
+            if (barrier) __syncthreads();
+            if (i == 33) out[0] = 2.0f;
+            if (i == 0) out[1] = 3.0f;  // every block writes it: blocks are not compared
+        };
+    };
+    if (!expect_clean(t, 64, 0, kernel(true), 2)) return false;
+    return expect_hazard(t, 64, 0, kernel(false), [&](bool) {
+        return std::vector<std::string>{"racecheck:", "write-after-write hazard on global memory", at_line(wline),
+                                        "thread 0 (0,0,0)", "thread 33 (33,0,0)"};
+    });
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Dynamic shared memory: 16-byte aligned, exact size, and all 0xFF at the start of every block
@@ -847,11 +1138,12 @@ bool test_reverse_schedule(Test& t) {
         emu::set_schedule_reverse(rev == 1);
         std::vector<uint32_t> data(init);
         if (!run(t, dim3(2), dim3(n), 0, exchange_kernel(data, true))) return false;
-        std::vector<unsigned> log;
+        std::vector<unsigned> log(n);
+        unsigned logged = 0;
         std::vector<float> sums(n), mma_out(32 * 4);
         auto body = [&] {
             const unsigned i = threadIdx.x;
-            if (blockIdx.x == 0) log.push_back(i);  // order of first execution
+            if (blockIdx.x == 0) log[atomicAdd(&logged, 1u)] = i;  // order of first execution
             float v = shfl_in[i];
             for (int m = 16; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
             sums[i] = v;
@@ -1048,6 +1340,15 @@ const Entry kTests[] = {
     {"ldmatrix_misaligned", test_ldmatrix_misaligned},
     {"cp_async", test_cp_async},
     {"cp_async_misaligned", test_cp_async_misaligned},
+    {"cp_async_pending_exit", test_cp_async_pending_exit},
+    {"drop_sync", test_drop_sync},
+#if defined(PREFIX_ATTN_EMU_RACECHECK)
+    {"racecheck_block_barrier", test_racecheck_block_barrier},
+    {"racecheck_warp", test_racecheck_warp},
+    {"racecheck_cp_async", test_racecheck_cp_async},
+    {"racecheck_initcheck", test_racecheck_initcheck},
+    {"racecheck_global", test_racecheck_global},
+#endif
     {"dynamic_smem_repoison", test_dynamic_smem_repoison},
     {"reverse_schedule", test_reverse_schedule},
     {"fail", test_fail},
@@ -1122,4 +1423,25 @@ extern "C" int pa_emu_planted_oob(int write_out_of_bounds) {
             g_planted_sink[i] = arr[(i + 1) % 64] + dyn[(i + 1) % 64];
         },
         err, sizeof err);
+}
+
+// A tiny kernel with a planted race, for the racecheck mode: two warps exchange values through a
+// `__shared__` array, thread i reading what thread 63 - i wrote; with race = 1 the barrier
+// between the write and the read is missing. lines[0], lines[1] receive the source lines of the
+// write and the read (the report must name both). Returns the launch's result.
+extern "C" int pa_emu_planted_race(int race, unsigned* lines, char* err, size_t err_len) {
+    unsigned wl = 0, rl = 0;
+    const int rc = emu::launch(
+        dim3(1), dim3(64), 0,
+        [race, &wl, &rl] {
+            __shared__ float buf[64];
+            const unsigned i = threadIdx.x;
+            buf[i] = static_cast<float>(i) * 0.5f; if (i == 0) wl = __LINE__;
+            if (race == 0) __syncthreads();
+            opaque(g_planted_sink)[i] = buf[63 - i]; if (i == 0) rl = __LINE__;
+        },
+        err, err_len);
+    lines[0] = wl;
+    lines[1] = rl;
+    return rc;
 }

@@ -32,7 +32,12 @@ extern "C" {
     fn pa_emu_selftest(name: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
     fn pa_emu_selftest_names() -> *const c_char;
     fn pa_emu_planted_oob(write_out_of_bounds: c_int) -> c_int;
+    fn pa_emu_planted_race(race: c_int, lines: *mut u32, err: *mut c_char, err_len: usize)
+        -> c_int;
     fn pa_emu_set_schedule_reverse(reverse: c_int);
+    fn pa_emu_set_drop_sync(site: *const c_char);
+    fn pa_emu_dropped_syncs() -> u64;
+    fn pa_emu_racecheck_enabled() -> c_int;
     fn pa_bwd_params_layout(out: *mut usize, n: usize) -> usize;
     fn pa_dense_params_layout(out: *mut usize, n: usize) -> usize;
 }
@@ -116,12 +121,53 @@ pub fn set_schedule_reverse(reverse: bool) {
     unsafe { pa_emu_set_schedule_reverse(reverse as c_int) }
 }
 
+/// A test instrument for proving every synchronisation necessary: launches from the calling
+/// thread skip each `__syncthreads()`, `__syncwarp()` and `cp_async_wait<N>()` written at
+/// `site` (`"file:line"`, the file's base name, e.g. `"prefix_attn_fwd.cu:223"`), as if that line
+/// had been deleted from the kernel; `None` restores normal operation. Resets
+/// [`dropped_syncs`]. (`PREFIX_ATTN_EMU_DROP_SYNC=file:line` does the same for threads that
+/// never call this.)
+pub fn set_drop_sync(site: Option<&str>) -> Result<()> {
+    let c = CString::new(site.unwrap_or(""))
+        .map_err(|_| Error::index("drop site", "a name with a NUL byte"))?;
+    // SAFETY: valid C string; sets thread-local state.
+    unsafe { pa_emu_set_drop_sync(c.as_ptr()) };
+    Ok(())
+}
+
+/// How many synchronisation calls [`set_drop_sync`] has skipped in the calling thread's
+/// launches since it was last called (per CUDA thread, not per block).
+pub fn dropped_syncs() -> u64 {
+    // SAFETY: reads thread-local state.
+    unsafe { pa_emu_dropped_syncs() }
+}
+
+/// Whether the emulator was built with racecheck (feature `emu-racecheck`).
+pub fn racecheck_enabled() -> bool {
+    // SAFETY: no arguments.
+    unsafe { pa_emu_racecheck_enabled() != 0 }
+}
+
+/// Runs the planted-race kernel: two warps exchange values through a `__shared__` array, with
+/// (`race == false`) or without the barrier between the write and the read. Returns the
+/// launch's result and the source lines (in `kernels/emu/selftest.cpp`) of the write and the
+/// read, which a racecheck report must name.
+pub fn planted_race(race: bool) -> (Result<()>, [u32; 2]) {
+    let mut lines = [0u32; 2];
+    let r = run_emu("planted_race", |err, len| {
+        // SAFETY: `lines` has room for the two values; valid error buffer.
+        unsafe { pa_emu_planted_race(race as c_int, lines.as_mut_ptr(), err, len) }
+    });
+    (r, lines)
+}
+
 /// The emulator runs one launch at a time: kernels' `__shared__` arrays are static storage.
 static EMU_LOCK: Mutex<()> = Mutex::new(());
 
 fn run_emu(kernel: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
     let _guard = EMU_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let mut err = vec![0u8; 4096];
+    // Room for a racecheck report (up to eight distinct hazards with their source lines).
+    let mut err = vec![0u8; 16384];
     let rc = f(err.as_mut_ptr() as *mut c_char, err.len());
     if rc == 0 {
         return Ok(());
