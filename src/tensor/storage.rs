@@ -176,26 +176,14 @@ impl Tensor {
     fn host(&self, what: &str) -> Result<&HostBuffer> {
         match &self.buf {
             Storage::Host(h) => Ok(h),
-            Storage::Device(d) => Err(Error::device(
-                what,
-                format!(
-                    "the tensor is on {}; download it to the host first (Backend::download)",
-                    d.location()
-                ),
-            )),
+            Storage::Device(d) => Err(not_on_host(what, d.location())),
         }
     }
 
     fn host_mut(&mut self, what: &str) -> Result<&mut HostBuffer> {
         match &mut self.buf {
             Storage::Host(h) => Ok(h),
-            Storage::Device(d) => Err(Error::device(
-                what,
-                format!(
-                    "the tensor is on {}; download it to the host first (Backend::download)",
-                    d.location()
-                ),
-            )),
+            Storage::Device(d) => Err(not_on_host(what, d.location())),
         }
     }
 
@@ -354,4 +342,12 @@ impl Tensor {
             layout: self.layout,
         })
     }
+}
+
+/// The error of a host access (`what`) to a tensor whose storage is on device `loc`.
+fn not_on_host(what: &str, loc: Location) -> Error {
+    Error::device(
+        what,
+        format!("the tensor is on {loc}; download it to the host first (Backend::download)"),
+    )
 }
