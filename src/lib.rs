@@ -5,6 +5,7 @@
 //! that without materialising the concatenation, forward and backward.
 //!
 //! - [`tensor`]: tensor handles and strided views (read GPT-2's fused `qkv` in place).
+//! - [`simd`]: the vectorisable elementwise math (`exp`, `tanh`, GELU) of the CPU paths.
 //! - [`attn`]: the attention contract, its argument types, the fused CPU implementation, the
 //!   f64 oracle and the naive-concat baseline.
 //! - [`device`]: the backend interface that the model and the attention API run on.
@@ -43,6 +44,7 @@ pub mod gpt2;
 pub mod io;
 pub mod prefix;
 pub mod rng;
+pub mod simd;
 pub mod tensor;
 pub mod train;
 

@@ -1,29 +1,15 @@
 //! Bad files and arguments through the command line: a clear error that names the file,
 //! line or tensor, a non-zero exit, and never a panic.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn fixture(name: &str) -> PathBuf {
-    let rel = Path::new("tests/fixtures/gpt2").join(name);
-    if rel.exists() {
-        rel
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-    }
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prefix-attn-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::files::{cli, fixture, s, tmp_dir, TmpPath};
+use std::path::Path;
 
 /// Copies the tiny-a model folder so a test can break one file.
-fn model_copy(name: &str) -> PathBuf {
+fn model_copy(name: &str) -> TmpPath {
     let src = fixture("tiny-a/model");
-    let dst = tmp(name);
+    let dst = tmp_dir(name);
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
@@ -32,12 +18,8 @@ fn model_copy(name: &str) -> PathBuf {
 
 /// Runs the CLI and returns stderr, asserting a clean failure (exit 1, no panic).
 fn fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected failure for {args:?}");
+    let (status, _, stderr) = cli(args);
+    assert!(!status.success(), "expected failure for {args:?}");
     assert!(!stderr.contains("panicked"), "panic for {args:?}: {stderr}");
     stderr
 }
@@ -46,10 +28,6 @@ fn has(msg: &str, words: &[&str]) {
     for w in words {
         assert!(msg.contains(w), "{msg:?} should mention {w:?}");
     }
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
 }
 
 fn eval_err(model: &Path, adapter: Option<&Path>, data: &Path) -> String {
@@ -132,7 +110,7 @@ fn bad_adapters() {
         ],
     );
     // Wrong peft_type, and a prompt_embeddings of the wrong shape.
-    let a = tmp("adapter");
+    let a = tmp_dir("adapter");
     let cfg = std::fs::read_to_string(fixture("tiny-a/adapter/adapter_config.json")).unwrap();
     std::fs::copy(
         fixture("tiny-a/adapter/adapter_model.safetensors"),
@@ -163,7 +141,7 @@ fn bad_adapters() {
 #[test]
 fn bad_data_files() {
     let model = fixture("tiny-a/model");
-    let d = tmp("data");
+    let d = tmp_dir("data");
     let case = |name: &str, content: &[u8], words: &[&str]| {
         let p = d.join(name);
         std::fs::write(&p, content).unwrap();
@@ -275,12 +253,17 @@ fn bad_generate_arguments() {
         &["head dim 16", "64 and 128"],
     );
     // auto says which device it took (the cpu here unless a GPU is present).
-    let out = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
-        .args(["generate", "--model", &m, "--input-ids", "1,2"])
-        .args(["--max-new-tokens", "2", "--device", "auto"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (_, _, stderr) = cli(&[
+        "generate",
+        "--model",
+        &m,
+        "--input-ids",
+        "1,2",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "auto",
+    ]);
     assert!(
         stderr.contains("device auto:"),
         "auto should say which device it took: {stderr}"
@@ -306,7 +289,7 @@ fn prompt_completion_examples() {
     use prefix_attn::gpt2::tokenizer::Tokenizer;
     use prefix_attn::train::data::{load_jsonl, DataLimits};
     let tok = Tokenizer::load(&fixture("tiny-a/model/tokenizer.json")).unwrap();
-    let d = tmp("pc");
+    let d = tmp_dir("pc");
     let p = d.join("pc.jsonl");
     std::fs::write(
         &p,

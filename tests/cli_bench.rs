@@ -1,18 +1,13 @@
 //! The benchmark commands run and report what they promise (timings are never asserted).
 
-use std::process::Command;
+mod common;
+
+use common::files::cli;
 
 fn json_of(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+    let (status, stdout, stderr) = cli(args);
+    assert!(status.success(), "{args:?}: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap()
 }
 
 #[test]

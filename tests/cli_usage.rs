@@ -2,43 +2,18 @@
 //! command, sharded checkpoints and `vocab.json` + `merges.txt`, generation up to the end of
 //! the context, the help texts and the flags' errors.
 
+mod common;
+
+use common::files::{cli, copy_dir, fixture, s, tmp_dir};
 use prefix_attn::gpt2::tokenizer::Tokenizer;
 use prefix_attn::train::data::{load_jsonl, truncate, DataLimits, Example, Truncation};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn fixture(name: &str) -> PathBuf {
-    let rel = Path::new("tests/fixtures/gpt2").join(name);
-    if rel.exists() {
-        rel
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-    }
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prefix-attn-usage-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
+use std::path::Path;
 
 /// Runs the CLI: (success, stdout, stderr); never a panic.
 fn run(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
-        .args(args)
-        .output()
-        .unwrap();
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
+    let (status, out, err) = cli(args);
     assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    (o.status.success(), out, err)
+    (status.success(), out, err)
 }
 
 fn ok(args: &[&str]) -> String {
@@ -58,16 +33,6 @@ fn fails(args: &[&str], words: &[&str]) -> String {
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{text:?}: {e}"))
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
-        }
-    }
 }
 
 fn ex(ids: &[u32], prompt: usize) -> Example {
@@ -115,7 +80,7 @@ fn truncation_cuts_the_prompt_first() {
 fn text_lines_and_max_length() {
     let model = fixture("tiny-a/model");
     let tok = Tokenizer::load(&model.join("tokenizer.json")).unwrap();
-    let d = tmp("text");
+    let d = tmp_dir("text");
     let p = d.join("text.jsonl");
     let text = "name : The Eagle | food : French || The Eagle serves French food .";
     std::fs::write(&p, serde_json::json!({ "text": text }).to_string() + "\n").unwrap();
@@ -269,7 +234,7 @@ fn generate_stops_at_the_context_and_strips_eos() {
     }
     // EOS: make the first generated token the EOS of a copy of tiny-a (which has a
     // tokenizer): generation stops there and the text leaves it out.
-    let d = tmp("eos");
+    let d = tmp_dir("eos");
     let model = d.join("model");
     copy_dir(&fixture("tiny-a/model"), &model);
     let first = json(&ok(&[
@@ -314,7 +279,7 @@ fn generate_stops_at_the_context_and_strips_eos() {
 #[test]
 fn sharded_checkpoints() {
     use prefix_attn::io::{write_safetensors_f32, SafetensorsFile};
-    let d = tmp("shards");
+    let d = tmp_dir("shards");
     let model = d.join("model");
     std::fs::create_dir_all(&model).unwrap();
     for f in ["config.json", "tokenizer.json"] {
@@ -419,7 +384,7 @@ fn sharded_checkpoints() {
 fn vocab_and_merges_tokenizers() {
     let src = fixture("tiny-a/model");
     let tj = json(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap());
-    let d = tmp("bpe");
+    let d = tmp_dir("bpe");
     let model = d.join("model");
     std::fs::create_dir_all(&model).unwrap();
     for f in ["config.json", "model.safetensors"] {
@@ -494,7 +459,7 @@ fn vocab_and_merges_tokenizers() {
 
 #[test]
 fn other_model_types_get_the_model_type_message() {
-    let d = tmp("llama");
+    let d = tmp_dir("llama");
     std::fs::write(
         d.join("config.json"),
         r#"{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100}"#,
@@ -561,7 +526,7 @@ fn help_and_flag_errors() {
     assert!(step.contains("cuda") && step.contains("emu") && step.contains("--batch-size"));
     let m = s(&fixture("tiny-a/model"));
     let data = s(&fixture("tiny-a/eval.jsonl"));
-    let out = s(&tmp("flags").join("run"));
+    let out = s(&tmp_dir("flags").join("run"));
     let base = ["train", "--model", &m, "--data", &data, "--out", &out];
     let with = |extra: &[&str]| -> Vec<String> {
         base.iter().chain(extra).map(|x| x.to_string()).collect()

@@ -1,6 +1,9 @@
 //! GPT-2 on the CPU backend against the f64 oracle model: logits, loss, the prefix gradient
 //! by finite differences, the encoder's backward, cached generation; adapter files.
 
+mod common;
+
+use common::files::tmp_dir;
 use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::gpt2::oracle::Gpt2Oracle;
 use prefix_attn::gpt2::random::{small_config, write_random_model};
@@ -9,14 +12,6 @@ use prefix_attn::prefix::encoder::{EncoderDims, PrefixEncoder};
 use prefix_attn::prefix::{AdapterConfig, PrefixAdapter};
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Tensor};
-use std::path::PathBuf;
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prefix-attn-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 struct Setup {
     model: Gpt2,
@@ -27,7 +22,7 @@ struct Setup {
 
 fn setup(name: &str, seed: u64, prefix_len: usize) -> Setup {
     let cfg = small_config(2, 2, 8, 37, 32);
-    let dir = tmpdir(name);
+    let dir = tmp_dir(name);
     write_random_model(&dir, &cfg, seed, 0.3).unwrap();
     let be = CpuBackend;
     let model = Gpt2::load(&dir, &be).unwrap();
@@ -264,7 +259,7 @@ fn cached_generation_equals_full_recompute() {
 #[test]
 fn adapter_round_trip_and_mismatch() {
     let s = setup("adapter", 5, 3);
-    let dir = tmpdir("adapter-out");
+    let dir = tmp_dir("adapter-out");
     let cfg = AdapterConfig::for_model(&s.model.config, 3, 16);
     let ad = PrefixAdapter {
         config: cfg.clone(),

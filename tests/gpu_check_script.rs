@@ -1,6 +1,9 @@
 //! `scripts/gpu-check.sh`: its library discovery against a fake pip layout, and its answer on a
 //! machine without a GPU (one clear line, within seconds, written to `$OUT` too).
 
+mod common;
+
+use common::files::tmp_dir;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -9,16 +12,9 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu-check.sh")
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pa-gpu-check-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 #[test]
 fn libdirs_finds_every_nvidia_lib_of_a_namespace_package_and_the_toolkit() {
-    let root = temp_dir("libdirs");
+    let root = tmp_dir("gpu-check-libdirs");
     // Two site-packages folders both holding part of the `nvidia` namespace package (as pip
     // lays out torch's CUDA wheels), none with an __init__.py; a folder without lib/ and a
     // plain file named lib must not be listed.
@@ -69,7 +65,6 @@ fn libdirs_finds_every_nvidia_lib_of_a_namespace_package_and_the_toolkit() {
             .all(|l| l.starts_with("/usr/local/cuda/")),
         "{got:?}"
     );
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]
@@ -79,12 +74,12 @@ fn run_without_a_gpu_says_so_in_one_line_within_seconds() {
         eprintln!("skipped: a CUDA device is present");
         return;
     }
-    let out_dir = temp_dir("run");
+    let out_dir = tmp_dir("gpu-check-run");
     let t0 = Instant::now();
     let out = Command::new("bash")
         .arg(script())
         .arg("run")
-        .env("OUT", &out_dir)
+        .env("OUT", out_dir.as_path())
         .output()
         .unwrap();
     let took = t0.elapsed();
@@ -101,5 +96,4 @@ fn run_without_a_gpu_says_so_in_one_line_within_seconds() {
     // The same line is in $OUT as it happened.
     let log = std::fs::read_to_string(out_dir.join("gpu-check.log")).unwrap();
     assert_eq!(log.trim_end(), lines[0]);
-    let _ = std::fs::remove_dir_all(&out_dir);
 }

@@ -1,6 +1,10 @@
 //! Parity with Hugging Face transformers 5.24 + PEFT 0.21: fixtures written by
 //! `tools/make_fixtures.py` from small random GPT-2s (computed in f64; see versions.json).
 
+mod common;
+
+use common::files::{cli, fixture, tmp_out};
+use common::rel_err;
 use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::device::Backend;
 use prefix_attn::gpt2::tokenizer::Tokenizer;
@@ -10,17 +14,6 @@ use prefix_attn::prefix::encoder::{PrefixEncoder, PARAM_NAMES};
 use prefix_attn::prefix::{AdapterConfig, PrefixAdapter};
 use prefix_attn::tensor::{DType, Tensor};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-/// The fixture folder, found from the working directory (cargo runs tests in the package
-/// root) or, failing that, the manifest directory.
-fn fixtures() -> PathBuf {
-    let rel = Path::new("tests/fixtures/gpt2");
-    if rel.exists() {
-        return rel.to_path_buf();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
 
 struct Fixture {
     dir: PathBuf,
@@ -29,7 +22,7 @@ struct Fixture {
 
 impl Fixture {
     fn new(name: &str) -> Fixture {
-        let dir = fixtures().join(name);
+        let dir = fixture(name);
         let expected = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
         Fixture { dir, expected }
     }
@@ -58,15 +51,6 @@ impl Fixture {
 }
 
 /// Max |got - want| relative to max |want|.
-fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (g, w)| m.max((g - w).abs()))
-        / scale
-}
-
 fn f64s(t: &Tensor) -> Vec<f64> {
     t.to_f32_vec().into_iter().map(f64::from).collect()
 }
@@ -173,8 +157,7 @@ fn check_model(name: &str) {
         &fx.f64("prefix"),
     );
     assert!(e < TOL, "{name}: adapter prompt_embeddings differ by {e}");
-    let ours =
-        std::env::temp_dir().join(format!("prefix-attn-parity-{}-{name}", std::process::id()));
+    let ours = tmp_out(&format!("parity-{name}"));
     let cfg = AdapterConfig::for_model(&c, dims.prefix_len, dims.hidden);
     PrefixAdapter {
         config: cfg,
@@ -236,7 +219,7 @@ fn tiny_c_f16_checkpoint_head_dim_64_matches_transformers_and_peft() {
 
 #[test]
 fn tokenizer_matches_python_tokenizers() {
-    let dir = fixtures().join("tiny-a");
+    let dir = fixture("tiny-a");
     let tok = Tokenizer::load(&dir.join("model/tokenizer.json")).unwrap();
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("versions.json")).unwrap()).unwrap();
@@ -249,18 +232,6 @@ fn tokenizer_matches_python_tokenizers() {
         .collect();
     assert_eq!(tok.encode(text).unwrap(), want);
     assert_eq!(tok.decode(&want).unwrap(), text);
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]
@@ -285,8 +256,8 @@ fn eval_and_generate_commands_match_the_fixtures() {
                 args.extend(["--adapter".to_string(), d("adapter")]);
             }
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-            let (ok, stdout, stderr) = cli(&argv);
-            assert!(ok, "{name}: eval failed: {stderr}");
+            let (status, stdout, stderr) = cli(&argv);
+            assert!(status.success(), "{name}: eval failed: {stderr}");
             let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
             let want = fx.f64(loss_name)[0];
             let got = v["loss"].as_f64().unwrap();
@@ -312,7 +283,7 @@ fn eval_and_generate_commands_match_the_fixtures() {
         let want: Vec<u64> = fx.i64("gen.ids").1.iter().map(|&x| x as u64).collect();
         let n = want.len().to_string();
         let joined = prompt.join(",");
-        let (ok, stdout, stderr) = cli(&[
+        let (status, stdout, stderr) = cli(&[
             "generate",
             "--model",
             &d("model"),
@@ -324,7 +295,7 @@ fn eval_and_generate_commands_match_the_fixtures() {
             &n,
             "--json",
         ]);
-        assert!(ok, "{name}: generate failed: {stderr}");
+        assert!(status.success(), "{name}: generate failed: {stderr}");
         let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         let ids: Vec<u64> = v["ids"]
             .as_array()
@@ -336,7 +307,7 @@ fn eval_and_generate_commands_match_the_fixtures() {
         if name == "tiny-c" {
             // The same command on the emu device (f16 model, the CUDA kernels on the CPU):
             // the fixture records top-1/top-2 gaps > 0.1 along this path, safe for fp16.
-            let (ok, stdout, stderr) = cli(&[
+            let (status, stdout, stderr) = cli(&[
                 "generate",
                 "--model",
                 &d("model"),
@@ -350,7 +321,10 @@ fn eval_and_generate_commands_match_the_fixtures() {
                 "--device",
                 "emu",
             ]);
-            assert!(ok, "{name}: generate --device emu failed: {stderr}");
+            assert!(
+                status.success(),
+                "{name}: generate --device emu failed: {stderr}"
+            );
             let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
             let ids: Vec<u64> = v["ids"]
                 .as_array()
@@ -360,7 +334,7 @@ fn eval_and_generate_commands_match_the_fixtures() {
                 .collect();
             assert_eq!(ids, want, "{name}: generate --device emu ids");
             // eval on emu: within 3× the fp16 PyTorch run's loss error.
-            let (ok, stdout, stderr) = cli(&[
+            let (status, stdout, stderr) = cli(&[
                 "eval",
                 "--model",
                 &d("model"),
@@ -371,7 +345,10 @@ fn eval_and_generate_commands_match_the_fixtures() {
                 "--device",
                 "emu",
             ]);
-            assert!(ok, "{name}: eval --device emu failed: {stderr}");
+            assert!(
+                status.success(),
+                "{name}: eval --device emu failed: {stderr}"
+            );
             let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
             let (got, want) = (v["loss"].as_f64().unwrap(), fx.f64("loss")[0]);
             let torch16 = (fx.f64("fp16.loss")[0] - want).abs();

@@ -1,6 +1,10 @@
 //! The trainer: optimiser steps against torch (fixtures), kill-and-resume equality, the NaN
 //! stop, output-folder protection.
 
+mod common;
+
+use common::files::{cli, copy_dir, fixture, tmp_out};
+use common::rel_err;
 use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::io::SafetensorsFile;
 use prefix_attn::prefix::encoder::PARAM_NAMES;
@@ -10,21 +14,6 @@ use prefix_attn::train::{train, Length, StepInfo, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn fixture(name: &str) -> PathBuf {
-    let rel = Path::new("tests/fixtures/gpt2").join(name);
-    if rel.exists() {
-        rel
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-    }
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prefix-attn-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 fn adamw(wd: f64) -> OptimizerKind {
     OptimizerKind::AdamW {
@@ -63,15 +52,6 @@ fn base_config(model: &str, out: PathBuf) -> TrainConfig {
     }
 }
 
-fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (g, w)| m.max((g - w).abs()))
-        / scale
-}
-
 #[test]
 fn three_steps_match_torch_optim() {
     for model in ["tiny-a", "tiny-b"] {
@@ -88,7 +68,7 @@ fn three_steps_match_torch_optim() {
             ("adamw_linear", adamw(0.0), Schedule::Linear, 0, 1e-2),
         ];
         for (run, opt, schedule, warmup, lr) in runs {
-            let out = tmp(&format!("{model}-{run}"));
+            let out = tmp_out(&format!("{model}-{run}"));
             let mut cfg = base_config(model, out.clone());
             cfg.optimizer = opt;
             cfg.schedule = schedule;
@@ -166,7 +146,7 @@ fn small_batch_config(out: PathBuf) -> TrainConfig {
 
 #[test]
 fn resumed_run_ends_with_the_same_adapter() {
-    let full = tmp("full");
+    let full = tmp_out("full");
     let r = train(&small_batch_config(full.clone()), &CpuBackend, &mut |_| {
         true
     })
@@ -175,7 +155,7 @@ fn resumed_run_ends_with_the_same_adapter() {
     let want = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
     let want_log = std::fs::read_to_string(full.join("log.jsonl")).unwrap();
     for stop_after in [1usize, 2, 3, 5, 6] {
-        let out = tmp(&format!("resume{stop_after}"));
+        let out = tmp_out(&format!("resume{stop_after}"));
         let r = train(&small_batch_config(out.clone()), &CpuBackend, &mut |s| {
             s.step < stop_after
         })
@@ -236,14 +216,14 @@ fn killed_process_resumes_to_the_same_adapter() {
         .map(|s| s.to_string())
         .collect()
     };
-    let full = tmp("cli-full");
+    let full = tmp_out("cli-full");
     assert!(Command::new(bin)
         .args(args(&full))
         .output()
         .unwrap()
         .status
         .success());
-    let out = tmp("cli-killed");
+    let out = tmp_out("cli-killed");
     let mut child = Command::new(bin)
         .args(args(&out))
         .stdout(std::process::Stdio::null())
@@ -285,7 +265,7 @@ fn killed_process_resumes_to_the_same_adapter() {
 
 #[test]
 fn non_finite_loss_stops_and_keeps_the_checkpoint() {
-    let out = tmp("nan");
+    let out = tmp_out("nan");
     let mut cfg = base_config("tiny-a", out.clone());
     cfg.optimizer = OptimizerKind::Sgd { weight_decay: 0.0 };
     cfg.lr = 1e30;
@@ -312,7 +292,7 @@ fn non_finite_loss_stops_and_keeps_the_checkpoint() {
 
 #[test]
 fn output_folder_protection() {
-    let out = tmp("protect");
+    let out = tmp_out("protect");
     train(
         &base_config("tiny-a", out.clone()),
         &CpuBackend,
@@ -340,7 +320,8 @@ fn output_folder_protection() {
         .to_string();
     assert!(e.contains("other settings") && e.contains("lr"), "{e}");
     // A bad --init.
-    let mut cfg = base_config("tiny-a", tmp("badinit"));
+    let badinit = tmp_out("badinit");
+    let mut cfg = base_config("tiny-a", badinit.to_path_buf());
     cfg.init = Some(fixture("tiny-b").join("prefix_encoder.safetensors"));
     let e = train(&cfg, &CpuBackend, &mut |_| true)
         .unwrap_err()
@@ -363,8 +344,9 @@ fn output_folder_protection() {
 #[test]
 fn demo_runs_and_learns() {
     use prefix_attn::demo::{run_demo, DemoOptions};
+    let out = tmp_out("demo");
     let opts = DemoOptions {
-        out: tmp("demo"),
+        out: out.to_path_buf(),
         steps: 40,
         train_examples: 64,
         eval_examples: 8,
@@ -389,12 +371,9 @@ fn demo_runs_and_learns() {
         assert!(opts.out.join(f).exists(), "{f} missing");
     }
     // The command line runs it too (and replaces an earlier demo in the same folder).
-    let o = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
-        .args(["demo", "--out", &opts.out.to_string_lossy(), "--steps", "3"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (status, stdout, stderr) =
+        cli(&["demo", "--out", &opts.out.to_string_lossy(), "--steps", "3"]);
+    assert!(status.success(), "{stderr}");
     assert!(
         stdout.contains("RANDOM")
             && stdout.contains("held-out loss")
@@ -402,14 +381,11 @@ fn demo_runs_and_learns() {
         "{stdout}"
     );
     // A folder that is not a demo is left alone.
-    let other = tmp("not-demo");
+    let other = tmp_out("not-demo");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("keep.txt"), "x").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
-        .args(["demo", "--out", &other.to_string_lossy(), "--steps", "1"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success() && other.join("keep.txt").exists());
+    let (status, _, _) = cli(&["demo", "--out", &other.to_string_lossy(), "--steps", "1"]);
+    assert!(!status.success() && other.join("keep.txt").exists());
 }
 
 /// `prefix-attn train --device emu` (f16 model, the CUDA kernels on the emulator) against
@@ -422,7 +398,7 @@ fn train_on_emu_reproduces_the_cpu_backend_within_fp16_tolerance() {
     // micro-batches: the device path of gradient accumulation) or "noproj" (no MLP, seeded
     // init: the device path of a directly trained prefix).
     let run = |device: &str, kind: &str| -> (Vec<f64>, Vec<f32>) {
-        let out = tmp(&format!("emu-vs-cpu-{device}-{kind}"));
+        let out = tmp_out(&format!("emu-vs-cpu-{device}-{kind}"));
         let mut args: Vec<String> = [
             "train",
             "--model",
@@ -466,14 +442,10 @@ fn train_on_emu_reproduces_the_cpu_backend_within_fp16_tolerance() {
             }
             _ => args.push("--no-prefix-projection".into()),
         }
-        let o = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let (status, _, stderr) = cli(&args);
         assert!(
-            o.status.success(),
-            "train --device {device} ({kind}): {}",
-            String::from_utf8_lossy(&o.stderr)
+            status.success(),
+            "train --device {device} ({kind}): {stderr}"
         );
         let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
         let losses = log
@@ -710,13 +682,13 @@ mod faulty {
 /// run that never failed.
 #[test]
 fn a_device_fault_keeps_the_last_checkpoint_and_resume_recovers() {
-    let full = tmp("fault-full");
+    let full = tmp_out("fault-full");
     train(&small_batch_config(full.clone()), &CpuBackend, &mut |_| {
         true
     })
     .unwrap();
     let want = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
-    let out = tmp("fault");
+    let out = tmp_out("fault");
     // 3 layers: attention forward call 16 is in step 6 (5 full steps of 3 calls each).
     let be = Faulty {
         fail_at: 16,
@@ -742,19 +714,6 @@ fn a_device_fault_keeps_the_last_checkpoint_and_resume_recovers() {
 
 // ---- the output folder, resume checks, signals (issue: data safety) ----------------------------
 
-/// Runs the CLI; returns (status, stdout, stderr).
-fn cli(args: &[String]) -> (std::process::ExitStatus, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_prefix-attn"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status,
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -772,16 +731,6 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .collect();
     v.sort();
     v
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
-        }
-    }
 }
 
 /// Replaces the value after `flag` in an argument list.
@@ -818,7 +767,7 @@ fn tiny_train_args(model: &Path, data: &Path, out: &Path) -> Vec<String> {
 /// over an input; `--resume` without a checkpoint creates nothing.
 #[test]
 fn train_never_writes_into_foreign_folders() {
-    let root = tmp("foreign");
+    let root = tmp_out("foreign");
     let model = root.join("model");
     copy_dir(&fixture("tiny-a").join("model"), &model);
     let data = fixture("tiny-a").join("eval.jsonl");
@@ -908,7 +857,7 @@ fn train_never_writes_into_foreign_folders() {
 /// same name is refused with a message that says which file changed and how.
 #[test]
 fn resume_checks_the_content_of_its_files() {
-    let root = tmp("hash");
+    let root = tmp_out("hash");
     let model = root.join("model");
     copy_dir(&fixture("tiny-a").join("model"), &model);
     let data = root.join("data.jsonl");
@@ -1038,12 +987,12 @@ fn sigint_and_sigterm_keep_the_work() {
         set_flag(&mut a, "--save-every", "0");
         a
     };
-    let full = tmp("sig-full");
+    let full = tmp_out("sig-full");
     let (st, _, err) = cli(&args(&full));
     assert!(st.success(), "{err}");
     let want = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
     for (signal, code, name) in [("INT", 130, "SIGINT"), ("TERM", 143, "SIGTERM")] {
-        let out = tmp(&format!("sig-{signal}"));
+        let out = tmp_out(&format!("sig-{signal}"));
         let o = interrupt_run(&args(&out), &out, signal, 5);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(code), "{signal}: {stderr}");
@@ -1108,7 +1057,7 @@ fn random_data(path: &Path, n: usize, seed: u64) {
 /// adapter (up to the order of float sums).
 #[test]
 fn gradient_accumulation_equals_a_larger_batch() {
-    let root = tmp("accum");
+    let root = tmp_out("accum");
     std::fs::create_dir_all(&root).unwrap();
     let data = root.join("data.jsonl");
     random_data(&data, 14, 9);
@@ -1176,7 +1125,7 @@ fn no_prefix_projection_matches_peft() {
             ("adamw_linear", adamw(0.0), Schedule::Linear, 0, 1e-2),
         ];
         for (run, opt, schedule, warmup, lr) in runs {
-            let out = tmp(&format!("noproj-{model}-{run}"));
+            let out = tmp_out(&format!("noproj-{model}-{run}"));
             let cfg = TrainConfig {
                 init: Some(fixture(model).join("noproj_init.safetensors")),
                 prefix_projection: false,
@@ -1229,7 +1178,7 @@ fn no_prefix_projection_matches_peft() {
             assert!(v["encoder_hidden_size"].is_null());
         }
         // An adapter's prompt_embeddings (here PEFT's own adapter folder) start a run too.
-        let out = tmp(&format!("noproj-{model}-from-adapter"));
+        let out = tmp_out(&format!("noproj-{model}-from-adapter"));
         let cfg = TrainConfig {
             init: Some(fixture(model).join("adapter/adapter_model.safetensors")),
             prefix_projection: false,
@@ -1251,7 +1200,7 @@ fn no_prefix_projection_matches_peft() {
         // independent reference (PEFT's `grad.prefix` is the gradient of the mean loss with
         // respect to the prefix).
         let exp = SafetensorsFile::open(&fixture(model).join("expected.safetensors")).unwrap();
-        let out = tmp(&format!("noproj-{model}-sgd1"));
+        let out = tmp_out(&format!("noproj-{model}-sgd1"));
         let cfg = TrainConfig {
             init: Some(fixture(model).join("noproj_init.safetensors")),
             prefix_projection: false,
@@ -1290,7 +1239,7 @@ fn no_prefix_projection_matches_peft() {
 /// run ends with the same log and the same `best/`.
 #[test]
 fn evaluation_during_training_keeps_the_best_adapter() {
-    let root = tmp("evals");
+    let root = tmp_out("evals");
     std::fs::create_dir_all(&root).unwrap();
     let (data, held) = (root.join("train.jsonl"), root.join("held.jsonl"));
     random_data(&data, 10, 1);
@@ -1377,13 +1326,13 @@ fn evaluation_during_training_keeps_the_best_adapter() {
 #[test]
 fn an_interrupt_request_checkpoints_the_step_reached() {
     use prefix_attn::train::trainer::Interrupt;
-    let full = tmp("intr-full");
+    let full = tmp_out("intr-full");
     train(&small_batch_config(full.clone()), &CpuBackend, &mut |_| {
         true
     })
     .unwrap();
     let want = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
-    let out = tmp("intr");
+    let out = tmp_out("intr");
     let flag = Interrupt::new();
     let cfg = TrainConfig {
         interrupt: Some(flag.clone()),

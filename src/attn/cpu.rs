@@ -10,8 +10,8 @@
 //! deterministic and independent of the thread count.
 
 use super::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, AttnProblem};
-use crate::device::simd::{self, multiversion};
 use crate::error::{Error, Result};
+use crate::simd::{self, multiversion};
 use crate::tensor::{Location, RowWriter, TensorView, TensorViewMut};
 use rayon::prelude::*;
 

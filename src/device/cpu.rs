@@ -7,9 +7,10 @@
 use super::check::{
     cross_entropy_args, dims2, embed_args, rows_in_range as check_rows, same_shape,
 };
-use super::{simd, AdamWStep, Backend, Device, MatmulOpts};
+use super::{AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::{cpu, AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
+use crate::simd;
 use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
 use rayon::prelude::*;
 
@@ -397,8 +398,7 @@ impl Backend for CpuBackend {
         );
         // The order of operations follows torch's single-tensor AdamW: scalars are computed in
         // f64 (Python floats there), the tensor arithmetic in f32.
-        let [decay, one_b1, b2, one_b2, step_size, bc2_sqrt, eps, _] =
-            super::dense::adamw_constants(hp);
+        let [decay, one_b1, b2, one_b2, step_size, bc2_sqrt, eps, _] = hp.constants();
         for i in 0..p.len() {
             p[i] *= decay;
             mv[i] += (g[i] - mv[i]) * one_b1;

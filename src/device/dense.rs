@@ -11,7 +11,7 @@ use super::check::{
 };
 use super::AdamWStep;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Location, TensorView, TensorViewMut, MAX_RANK};
+use crate::tensor::{check_dtype, DType, Location, TensorView, TensorViewMut, MAX_RANK};
 
 /// Mirror of `DenseParams` (kernels/common/params.h), passed by value to every dense kernel.
 #[repr(C)]
@@ -155,17 +155,6 @@ fn contig_mut<'v>(arg: &str, t: &'v TensorViewMut, loc: Location) -> Result<(u64
     Ok((a, t.dims()))
 }
 
-fn want_dtype(arg: &str, got: DType, want: DType) -> Result<()> {
-    if got != want {
-        return Err(Error::DType {
-            arg: arg.into(),
-            expected: want.name().into(),
-            got: got.name().into(),
-        });
-    }
-    Ok(())
-}
-
 fn flat_blocks(n: usize, cap: GridCap) -> u32 {
     (n.div_ceil(THREADS as usize).max(1)).min(cap.0 as usize) as u32
 }
@@ -218,7 +207,7 @@ pub fn binary(
     let (oa, od) = contig_mut("dx", out, loc)?;
     same("dy", bd, ad)?;
     same("dx", od, ad)?;
-    want_dtype("dy", b.dtype(), a.dtype())?;
+    check_dtype("dy", b.dtype(), a.dtype())?;
     let n = a.numel();
     let p = DenseParams {
         in0: aa,
@@ -247,7 +236,7 @@ pub fn bias_gelu(
     same("bias_gelu bias", bd, &[n])?;
     let (oa, od) = contig_mut("bias_gelu out", out, loc)?;
     same("bias_gelu out", od, &[m, n])?;
-    want_dtype("bias_gelu out", out.dtype(), h.dtype())?;
+    check_dtype("bias_gelu out", out.dtype(), h.dtype())?;
     let p = DenseParams {
         in0: ba,
         out0: ha,
@@ -280,7 +269,7 @@ pub fn bias_residual(
     same("bias_residual bias", bd, &[n])?;
     let (ra, rd) = contig("bias_residual residual", residual, loc)?;
     same("bias_residual residual", rd, &[m, n])?;
-    want_dtype("bias_residual residual", residual.dtype(), out.dtype())?;
+    check_dtype("bias_residual residual", residual.dtype(), out.dtype())?;
     let p = DenseParams {
         in0: ba,
         in1: ra,
@@ -353,16 +342,16 @@ pub fn layernorm(
     let (ba, bd) = contig("layernorm bias", bias, loc)?;
     same("layernorm weight", wd, &[c])?;
     same("layernorm bias", bd, &[c])?;
-    want_dtype("layernorm bias", bias.dtype(), weight.dtype())?;
+    check_dtype("layernorm bias", bias.dtype(), weight.dtype())?;
     let (oa, od) = contig_mut("layernorm out", out, loc)?;
     same("layernorm out", od, &[m, c])?;
-    want_dtype("layernorm out", out.dtype(), x.dtype())?;
+    check_dtype("layernorm out", out.dtype(), x.dtype())?;
     let (ma, md) = contig_mut("layernorm mean", mean, loc)?;
     same("layernorm mean", md, &[m])?;
-    want_dtype("layernorm mean", mean.dtype(), DType::F32)?;
+    check_dtype("layernorm mean", mean.dtype(), DType::F32)?;
     let (ra, rd) = contig_mut("layernorm rstd", rstd, loc)?;
     same("layernorm rstd", rd, &[m])?;
-    want_dtype("layernorm rstd", rstd.dtype(), DType::F32)?;
+    check_dtype("layernorm rstd", rstd.dtype(), DType::F32)?;
     let mut p = DenseParams {
         in0: xa,
         in1: wa,
@@ -399,15 +388,15 @@ pub fn layernorm_bwd(
     let (m, c) = dims2("layernorm_bwd x", xd)?;
     let (ga, gd) = contig("layernorm_bwd dy", dy, loc)?;
     same("layernorm_bwd dy", gd, &[m, c])?;
-    want_dtype("layernorm_bwd dy", dy.dtype(), x.dtype())?;
+    check_dtype("layernorm_bwd dy", dy.dtype(), x.dtype())?;
     let (wa, wd) = contig("layernorm_bwd weight", weight, loc)?;
     same("layernorm_bwd weight", wd, &[c])?;
     let (ma, md) = contig("layernorm_bwd mean", mean, loc)?;
     same("layernorm_bwd mean", md, &[m])?;
-    want_dtype("layernorm_bwd mean", mean.dtype(), DType::F32)?;
+    check_dtype("layernorm_bwd mean", mean.dtype(), DType::F32)?;
     let (ra, rd) = contig("layernorm_bwd rstd", rstd, loc)?;
     same("layernorm_bwd rstd", rd, &[m])?;
-    want_dtype("layernorm_bwd rstd", rstd.dtype(), DType::F32)?;
+    check_dtype("layernorm_bwd rstd", rstd.dtype(), DType::F32)?;
     let (da, dd) = contig_mut("layernorm_bwd dx", dx, loc)?;
     same("layernorm_bwd dx", dd, &[m, c])?;
     let p = DenseParams {
@@ -587,7 +576,7 @@ pub fn embed(
     let (pa, pd) = contig("wpe", wpe, loc)?;
     let (oa, od) = contig_mut("embed out", out, loc)?;
     let c = embed_args(ids, seq_len, td, pd, pos_offset, od)?;
-    want_dtype("wpe", wpe.dtype(), wte.dtype())?;
+    check_dtype("wpe", wpe.dtype(), wte.dtype())?;
     let p = DenseParams {
         in0: ta,
         in1: pa,
@@ -627,7 +616,7 @@ pub fn cross_entropy(
     let (la, ld) = contig("logits", logits, loc)?;
     let (sa, sd) = contig_mut("losses", losses, loc)?;
     let (m, v) = cross_entropy_args(ld, targets, sd)?;
-    want_dtype("losses", losses.dtype(), DType::F32)?;
+    check_dtype("losses", losses.dtype(), DType::F32)?;
     let in_dt = code(logits.dtype(), "logits")?;
     let (out0, out_dt) = match grad {
         CeGrad::None => (0, in_dt),
@@ -682,7 +671,7 @@ pub fn adamw(
         ("adamw m", m.dtype()),
         ("adamw v", v.dtype()),
     ] {
-        want_dtype(arg, dt, DType::F32)?;
+        check_dtype(arg, dt, DType::F32)?;
     }
     let mut p = DenseParams {
         in0: ga,
@@ -695,29 +684,11 @@ pub fn adamw(
         out_dt: 2,
         ..Default::default()
     };
-    p.f = adamw_constants(hp);
+    p.f = hp.constants();
     Ok(launch(
         "dense_adamw",
         p,
         flat_blocks(param.numel(), cap),
         THREADS,
     ))
-}
-
-/// `{1 - lr·wd, 1 - β1, β2, 1 - β2, lr / (1 - β1^t), sqrt(1 - β2^t), eps, 0}`: the scalars of
-/// torch's single-tensor AdamW, computed in f64 (Python floats there) and rounded to f32.
-pub fn adamw_constants(hp: AdamWStep) -> [f32; 8] {
-    let step = hp.step.min(i32::MAX as u64) as i32;
-    let bc1 = 1.0 - hp.beta1.powi(step);
-    let bc2 = 1.0 - hp.beta2.powi(step);
-    [
-        (1.0 - hp.lr * hp.weight_decay) as f32,
-        (1.0 - hp.beta1) as f32,
-        hp.beta2 as f32,
-        (1.0 - hp.beta2) as f32,
-        (hp.lr / bc1) as f32,
-        bc2.sqrt() as f32,
-        hp.eps as f32,
-        0.0,
-    ]
 }

@@ -13,7 +13,6 @@ pub mod kernel_device;
 pub mod kernels;
 pub mod launch_table;
 pub mod registry;
-pub mod simd;
 
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
@@ -257,6 +256,28 @@ pub struct AdamWStep {
     pub weight_decay: f64,
     /// 1-based step count (for the bias corrections).
     pub step: u64,
+}
+
+impl AdamWStep {
+    /// `{1 - lr·wd, 1 - β1, β2, 1 - β2, lr / (1 - β1^t), sqrt(1 - β2^t), eps, 0}`: the scalars
+    /// of torch's single-tensor AdamW, computed in f64 (Python floats there) and rounded to
+    /// f32. The one definition of the update's constants: the `cpu` device's loop and the
+    /// kernel devices' `dense_adamw` launch (its `f` parameters) both read them from here.
+    pub fn constants(&self) -> [f32; 8] {
+        let step = self.step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - self.beta1.powi(step);
+        let bc2 = 1.0 - self.beta2.powi(step);
+        [
+            (1.0 - self.lr * self.weight_decay) as f32,
+            (1.0 - self.beta1) as f32,
+            self.beta2 as f32,
+            (1.0 - self.beta2) as f32,
+            (self.lr / bc1) as f32,
+            bc2.sqrt() as f32,
+            self.eps as f32,
+            0.0,
+        ]
+    }
 }
 
 /// Options of [`Backend::matmul`].

@@ -13,18 +13,9 @@ use prefix_attn::prefix::encoder::{PrefixEncoder, PARAM_NAMES};
 use prefix_attn::tensor::DType;
 use prefix_attn::train::optim::{Optimizer, OptimizerKind};
 use prefix_attn::train::trainer::Stepper;
-use std::path::{Path, PathBuf};
 
 /// Multiple of the PyTorch fp16 run's error that ours may have.
 pub const FP16_FACTOR: f64 = 3.0;
-
-pub fn fixture_dir(name: &str) -> PathBuf {
-    let rel = Path::new("tests/fixtures/gpt2").join(name);
-    if rel.exists() {
-        return rel;
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
 
 struct Fx {
     st: SafetensorsFile,
@@ -90,7 +81,7 @@ fn check(
 
 /// Runs the whole comparison on `be` (which must compute in f16).
 pub fn tiny_c_fp16_parity(be: &dyn Backend) -> Result<Vec<String>, String> {
-    let dir = fixture_dir("tiny-c");
+    let dir = super::files::fixture("tiny-c");
     let fx = Fx {
         st: SafetensorsFile::open(&dir.join("expected.safetensors")).map_err(|e| e.to_string())?,
     };

@@ -1,6 +1,10 @@
-//! Shared test helpers: error measures and the tolerance rule of docs/ARCHITECTURE.md §5.
+//! Shared test helpers: error measures and the tolerance rule of docs/ARCHITECTURE.md §5;
+//! `files` holds the fixtures, temporary folders and the CLI runner, `fp16` the half-precision
+//! training check. Each helper is defined here once; every test crate that needs one says
+//! `mod common;`.
 #![allow(dead_code)]
 
+pub mod files;
 pub mod fp16;
 
 use prefix_attn::attn::oracle::{Dense, Grads, Outputs, Precision};
@@ -28,12 +32,24 @@ pub fn max_err(got: &[f64], want: &[f64]) -> f64 {
     m
 }
 
+/// Max |x| over the finite elements.
 pub fn max_abs(x: &[f64]) -> f64 {
     x.iter()
         .filter(|v| v.is_finite())
         .fold(0.0, |m, v| m.max(v.abs()))
 }
 
+/// Max |got - want| relative to max |want| (floored at 1e-30).
+pub fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (g, w)| m.max((g - w).abs()))
+        / scale
+}
+
+/// A tensor's elements as f64.
 pub fn f64s(t: &Tensor) -> Vec<f64> {
     t.to_f32_vec().into_iter().map(f64::from).collect()
 }

@@ -1,6 +1,8 @@
-//! Vectorisable elementwise math for the CPU backend: `exp` and `tanh` as plain-arithmetic
+//! Vectorisable elementwise math for the CPU code paths: `exp` and `tanh` as plain-arithmetic
 //! polynomials (no libm calls, so loops over slices vectorise), compiled twice — for AVX2+FMA,
-//! chosen at run time when the CPU has it, and for the baseline target.
+//! chosen at run time when the CPU has it, and for the baseline target. A leaf module beside
+//! `tensor`: both of its users, the fused CPU attention (`attn::cpu`) and the `cpu` device's
+//! dense operations, sit above it, so neither layer reaches into the other for it.
 //!
 //! `exp` follows the classic Cephes `expf` scheme: `exp(x) = 2^n · p(r)` with
 //! `n = round(x / ln 2)`, `r = x - n ln 2` (ln 2 split in two for exactness) and a degree-6
