@@ -2,7 +2,7 @@
 //! command, sharded checkpoints and `vocab.json` + `merges.txt`, generation up to the end of
 //! the context, the help texts and the flags' errors.
 
-use prefix_attn::gpt2::tokenizer::Tokenizer;
+use prefix_attn::tokenizer::Tokenizer;
 use prefix_attn::train::data::{load_jsonl, truncate, DataLimits, Example, Truncation};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,8 @@
 use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::gpt2::oracle::Gpt2Oracle;
 use prefix_attn::gpt2::random::{small_config, write_random_model};
-use prefix_attn::gpt2::{generate, Activations, Batch, Gpt2, Gradients};
+use prefix_attn::gpt2::{Activations, Gpt2, Gradients};
+use prefix_attn::lm::{generate, Batch};
 use prefix_attn::prefix::encoder::{EncoderDims, PrefixEncoder};
 use prefix_attn::prefix::{AdapterConfig, PrefixAdapter};
 use prefix_attn::rng::Rng;

@@ -10,8 +10,8 @@
 //! Examples longer than the limit are an error unless a [`Truncation`] is chosen.
 
 use crate::error::{Error, Result};
-use crate::gpt2::model::{Batch, IGNORE};
-use crate::gpt2::tokenizer::Tokenizer;
+use crate::lm::{Batch, IGNORE};
+use crate::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::path::Path;
 
