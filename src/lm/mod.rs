@@ -203,10 +203,11 @@ enum Family {
 /// read as GPT-2, as transformers' oldest GPT-2 configs are).
 fn family(dir: &Path) -> Result<Family> {
     let path = dir.join("config.json");
+    // Not JSON at all: the message names the one family there is.
     let value: serde_json::Value =
         serde_json::from_str(&crate::io::read_text(&path)?).map_err(|e| Error::Format {
             path: path.clone(),
-            msg: format!("not a model config: {e}"),
+            msg: format!("not a GPT-2 config: {e}"),
         })?;
     // The model type first: another architecture's config lacks GPT-2's fields, and
     // "missing field n_positions" would hide what is really wrong.
