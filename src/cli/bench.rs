@@ -218,25 +218,14 @@ fn attn(args: AttnArgs) -> Result<()> {
 
 /// `bench step`: full training steps on a random-weight model.
 fn step(args: StepArgs) -> Result<()> {
-    let StepArgs {
-        shape,
-        batch_size,
-        seq,
-        prefix_len,
-        mid_dim,
-        warmup,
-        steps,
-        json,
-        device,
-    } = args;
-    let be = backend_for(&device)?;
-    let mut s = StepBench::named(&shape)?;
-    s.batch = batch_size.unwrap_or(s.batch);
-    s.seq = seq.unwrap_or(s.seq);
-    s.prefix_len = prefix_len.unwrap_or(s.prefix_len);
-    s.mid_dim = mid_dim.unwrap_or(s.mid_dim);
-    s.warmup = warmup;
-    s.steps = steps.unwrap_or(s.steps);
+    let be = backend_for(&args.device)?;
+    let mut s = StepBench::named(&args.shape)?;
+    s.batch = args.batch_size.unwrap_or(s.batch);
+    s.seq = args.seq.unwrap_or(s.seq);
+    s.prefix_len = args.prefix_len.unwrap_or(s.prefix_len);
+    s.mid_dim = args.mid_dim.unwrap_or(s.mid_dim);
+    s.warmup = args.warmup;
+    s.steps = args.steps.unwrap_or(s.steps);
     let r = bench_step(&s, be.as_ref())?;
     let v = serde_json::json!({
         "impl": "prefix-attn",
@@ -258,7 +247,7 @@ fn step(args: StepArgs) -> Result<()> {
         "model_device_mb": r.model_device_mb,
         "rss_before_model_mb": r.rss_before_model_mb,
     });
-    if json {
+    if args.json {
         println!("{v}");
     } else {
         let dev = r

@@ -25,20 +25,14 @@ pub(super) struct DemoArgs {
 
 /// Runs the demo and prints what it measured.
 pub(super) fn run(args: DemoArgs) -> Result<ExitCode> {
-    let DemoArgs {
-        out,
-        steps,
-        seed,
-        device,
-    } = args;
-    if steps == 0 {
+    if args.steps == 0 {
         return Err(Error::index("--steps", "must be at least 1"));
     }
-    let be = backend_for(&device)?;
+    let be = backend_for(&args.device)?;
     let opts = DemoOptions {
-        out: out.unwrap_or_else(default_out),
-        steps,
-        seed,
+        out: args.out.unwrap_or_else(default_out),
+        steps: args.steps,
+        seed: args.seed,
         ..Default::default()
     };
     println!(

@@ -38,55 +38,31 @@ pub(super) struct EvalArgs {
 
 /// Runs `eval`: the token-weighted mean loss of `--data`, as one JSON object.
 pub(super) fn run(args: EvalArgs) -> Result<ExitCode> {
-    let EvalArgs {
-        model,
-        adapter,
-        data,
-        batch_size,
-        max_length,
-        truncate,
-        device,
-    } = args;
-    if batch_size == 0 {
+    if args.batch_size == 0 {
         return Err(Error::index("--batch-size", "must be at least 1"));
     }
-    if max_length == Some(0) {
+    if args.max_length == Some(0) {
         return Err(Error::index("--max-length", "must be at least 1"));
     }
-    let how = truncation(truncate.as_deref(), max_length)?;
-    let be = backend_for(&device)?;
-    let m = load(&model, adapter.as_deref(), be.as_ref())?;
+    let how = truncation(args.truncate.as_deref(), args.max_length)?;
+    let be = backend_for(&args.device)?;
+    let m = load(&args.model, args.adapter.as_deref(), be.as_ref())?;
     let g = m.model.geometry();
     let p = m.prefix.as_ref().map_or(0, |t| t.dims()[0]);
-    let room = g.max_positions - p;
-    if max_length.is_some_and(|l| l > room) {
-        return Err(Error::index(
-            "--max-length",
-            format!(
-                "{}, but only {room} tokens fit after a prefix of {p} (n_positions = {})",
-                max_length.unwrap_or(0),
-                g.max_positions
-            ),
-        ));
-    }
-    let max_len = max_length.unwrap_or(room);
-    let limits = DataLimits {
-        vocab_size: g.vocab_size,
-        max_len,
-        truncation: how,
-    };
-    let (examples, stats) = load_jsonl_stats(&data, m.tokenizer.as_ref(), m.eos, limits)?;
+    let limits = DataLimits::for_model(&g, p, args.max_length, how)?;
+    let max_len = limits.max_len;
+    let (examples, stats) = load_jsonl_stats(&args.data, m.tokenizer.as_ref(), m.eos, limits)?;
     say_truncated("--data", &stats, max_len);
     let total = evaluate(
         m.model.as_ref(),
         be.as_ref(),
         m.prefix.as_ref(),
         &examples,
-        batch_size,
+        args.batch_size,
     )?;
     if total.count == 0 {
         return Err(Error::Format {
-            path: data,
+            path: args.data,
             msg: "no counted targets (every label is -100 or every example has one token)".into(),
         });
     }

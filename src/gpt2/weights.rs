@@ -130,18 +130,6 @@ impl Weights {
         })
     }
 
-    /// Loads every weight of `cfg` from one safetensors file, converting to `dtype` on
-    /// `backend`.
-    pub fn load(
-        path: &Path,
-        cfg: &Gpt2Config,
-        backend: &dyn Backend,
-        dtype: DType,
-    ) -> Result<Weights> {
-        let file = SafetensorsFile::open(path)?;
-        Weights::load_files(&[file], path, cfg, backend, dtype)
-    }
-
     /// Loads the weights of a model folder: `model.safetensors`, or the shards that
     /// `model.safetensors.index.json` names (as `save_pretrained` writes large models).
     pub fn load_dir(

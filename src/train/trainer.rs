@@ -939,29 +939,12 @@ pub fn train_observed(
             ),
         ));
     }
-    let room = g.max_positions - cfg.prefix_len;
-    let max_length = match cfg.max_length {
-        Some(m) if m > room => {
-            return Err(Error::index(
-                "--max-length",
-                format!(
-                    "{m}, but only {room} tokens fit after a prefix of {} (n_positions = {})",
-                    cfg.prefix_len, g.max_positions
-                ),
-            ))
-        }
-        Some(m) => m,
-        None => room,
-    };
+    let limits = DataLimits::for_model(&g, cfg.prefix_len, cfg.max_length, cfg.truncation)?;
+    let max_length = limits.max_len;
     let tokenizer = Tokenizer::for_model(&cfg.model, g.vocab_size)?;
     let eos = model
         .eos_token_id()
         .or_else(|| tokenizer.as_ref().and_then(|t| t.token_id("<|endoftext|>")));
-    let limits = DataLimits {
-        vocab_size: g.vocab_size,
-        max_len: max_length,
-        truncation: cfg.truncation,
-    };
     let (examples, data_stats) = load_jsonl_stats(&cfg.data, tokenizer.as_ref(), eos, limits)?;
     let (eval_examples, eval_stats) = match &cfg.eval_data {
         Some(p) => {
