@@ -6,7 +6,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prefix_attn::bench::StepBench;
 use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::gpt2::random::{random_model, small_config};
-use prefix_attn::gpt2::Batch;
+use prefix_attn::lm::Batch;
 use prefix_attn::prefix::encoder::{EncoderDims, PrefixEncoder};
 use prefix_attn::rng::Rng;
 use prefix_attn::train::optim::{Optimizer, OptimizerKind};

@@ -7,7 +7,7 @@ use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::gpt2::random::{random_model, small_config};
-use crate::gpt2::Batch;
+use crate::lm::{Batch, PrefixLm};
 use crate::prefix::encoder::{EncoderDims, PrefixEncoder};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -113,24 +113,19 @@ pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
         }
         other => return Err(Error::Unsupported(format!("--shape {other}"))),
     };
-    if s.prefix_len + s.seq > cfg.n_positions || s.batch == 0 || s.seq < 2 || s.steps == 0 {
+    let g = cfg.geometry();
+    if s.prefix_len + s.seq > g.max_positions || s.batch == 0 || s.seq < 2 || s.steps == 0 {
         return Err(Error::index(
             "bench step",
             format!(
                 "batch {} × seq {} with prefix {} and {} steps does not fit n_positions {}",
-                s.batch, s.seq, s.prefix_len, s.steps, cfg.n_positions
+                s.batch, s.seq, s.prefix_len, s.steps, g.max_positions
             ),
         ));
     }
     let (_, rss_before) = rss_mb();
-    let model = random_model(&cfg, 0, 0.02, be)?;
-    let dims = EncoderDims {
-        prefix_len: s.prefix_len,
-        token_dim: cfg.n_embd,
-        hidden: s.mid_dim,
-        num_layers: cfg.n_layer,
-        projection: true,
-    };
+    let model: Box<dyn PrefixLm> = Box::new(random_model(&cfg, 0, 0.02, be)?);
+    let dims = EncoderDims::for_model(&g, s.prefix_len, s.mid_dim, true);
     let enc = PrefixEncoder::init(dims, 0, be)?;
     let opt = Optimizer::new(
         OptimizerKind::AdamW {
@@ -142,12 +137,12 @@ pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
         &dims.shapes(),
         be,
     )?;
-    let mut stepper = Stepper::new(&model, enc, opt, be)?;
+    let mut stepper = Stepper::new(model.as_ref(), enc, opt, be)?;
     let mut rng = Rng::new(1);
     let seqs: Vec<Vec<u32>> = (0..s.batch)
         .map(|_| {
             (0..s.seq)
-                .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+                .map(|_| rng.below(g.vocab_size as u64) as u32)
                 .collect()
         })
         .collect();

@@ -9,13 +9,12 @@
 use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::gpt2::random::{small_config, write_random_model};
-use crate::gpt2::tokenizer::Tokenizer;
-use crate::gpt2::{generate, Gpt2};
 use crate::io::write_atomic;
+use crate::lm::generate;
 use crate::prefix::PrefixAdapter;
 use crate::rng::Rng;
-use crate::tensor::Tensor;
-use crate::train::data::{load_jsonl, DataLimits, Example};
+use crate::tokenizer::Tokenizer;
+use crate::train::data::{load_jsonl, DataLimits};
 use crate::train::optim::Schedule;
 use crate::train::trainer::{evaluate, train_observed, TrainObserver};
 use crate::train::{train, Length, TrainConfig};
@@ -168,25 +167,6 @@ fn write_jsonl(path: &Path, rows: &[(String, String)]) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-fn mean_loss(
-    model: &Gpt2,
-    be: &dyn Backend,
-    prefix: Option<&Tensor>,
-    data: &[Example],
-) -> Result<f64> {
-    Ok(evaluate(model, be, prefix, data, 16)?.mean())
-}
-
-fn prefix_of(dir: &Path, model: &Gpt2, be: &dyn Backend) -> Result<Tensor> {
-    let ad = PrefixAdapter::load(dir)?;
-    let dims = [ad.config.num_virtual_tokens, ad.config.out_dim()];
-    be.upload(&Tensor::from_f32(
-        &dims,
-        &ad.prompt_embeddings,
-        model.dtype,
-    )?)
-}
-
 /// Runs the demo; `observer` sees the training run.
 pub fn run_demo(
     opts: &DemoOptions,
@@ -264,7 +244,7 @@ pub fn run_demo(
         ..TrainConfig::new(model_dir.clone(), train_path, out.join("run"))
     };
 
-    let model = Gpt2::load(&model_dir, be)?;
+    let model = crate::lm::load(&model_dir, be)?;
     let tok = Tokenizer::load(&model_dir.join("tokenizer.json"))?;
     let limits = DataLimits::new(vocab, cfg.n_positions - prefix_len);
     let eval = load_jsonl(&eval_path, Some(&tok), Some(0), limits)?;
@@ -275,18 +255,21 @@ pub fn run_demo(
         ..tc.clone()
     };
     train(&init_cfg, be, &mut |_| true)?;
-    let untrained = prefix_of(&init_cfg.out, &model, be)?;
-    let loss_no_prefix = mean_loss(&model, be, None, &eval)?;
-    let loss_before = mean_loss(&model, be, Some(&untrained), &eval)?;
+    let untrained = PrefixAdapter::load_for(&init_cfg.out, model.as_ref(), be)?;
+    // Held-out loss in chunks of 16 sequences.
+    let mean_loss =
+        |prefix| -> Result<f64> { Ok(evaluate(model.as_ref(), be, prefix, &eval, 16)?.mean()) };
+    let loss_no_prefix = mean_loss(None)?;
+    let loss_before = mean_loss(Some(&untrained))?;
 
     train_observed(&tc, be, observer)?;
-    let trained = prefix_of(&tc.out, &model, be)?;
-    let loss_after = mean_loss(&model, be, Some(&trained), &eval)?;
+    let trained = PrefixAdapter::load_for(&tc.out, model.as_ref(), be)?;
+    let loss_after = mean_loss(Some(&trained))?;
 
     let mut samples = vec![];
     for (p, c) in eval_rows.iter().take(3) {
         let ids = tok.encode(p)?;
-        let new = generate::greedy(&model, be, Some(&trained), &ids, 24, Some(0))?;
+        let new = generate::greedy(model.as_ref(), be, Some(&trained), &ids, 24, Some(0))?;
         let text = tok.decode(new.strip_suffix(&[0]).unwrap_or(&new))?;
         samples.push((p.clone(), text, c.trim().to_string()));
     }

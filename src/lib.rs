@@ -9,6 +9,9 @@
 //! - [`attn`]: the attention contract, its argument types, the fused CPU implementation, the
 //!   f64 oracle and the naive-concat baseline.
 //! - [`device`]: the backend interface that the model and the attention API run on.
+//! - [`lm`]: the model seam (what training and decoding need of a model family), with the
+//!   batch, loss, KV cache, generation; [`gpt2`] is the one family today.
+//! - [`prefix`], [`train`]: the prefix encoder and PEFT adapters, and the training loop.
 //!
 //! ```
 //! use prefix_attn::attn::{AttnFwdArgs, AttnFwdOut};
@@ -41,11 +44,14 @@ pub mod demo;
 pub mod device;
 pub mod error;
 pub mod gpt2;
+pub mod hf;
 pub mod io;
+pub mod lm;
 pub mod prefix;
 pub mod rng;
 pub mod simd;
 pub mod tensor;
+pub mod tokenizer;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -286,7 +286,7 @@ fn bad_generate_arguments() {
 /// the completion and EOS counted.
 #[test]
 fn prompt_completion_examples() {
-    use prefix_attn::gpt2::tokenizer::Tokenizer;
+    use prefix_attn::tokenizer::Tokenizer;
     use prefix_attn::train::data::{load_jsonl, DataLimits};
     let tok = Tokenizer::load(&fixture("tiny-a/model/tokenizer.json")).unwrap();
     let d = tmp_dir("pc");

@@ -5,7 +5,7 @@
 mod common;
 
 use common::files::{cli, copy_dir, fixture, s, tmp_dir};
-use prefix_attn::gpt2::tokenizer::Tokenizer;
+use prefix_attn::tokenizer::Tokenizer;
 use prefix_attn::train::data::{load_jsonl, truncate, DataLimits, Example, Truncation};
 use std::path::Path;
 

@@ -7,12 +7,13 @@ use common::files::{cli, fixture, tmp_out};
 use common::rel_err;
 use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::device::Backend;
-use prefix_attn::gpt2::tokenizer::Tokenizer;
-use prefix_attn::gpt2::{generate, Activations, Batch, Gpt2, Gradients};
+use prefix_attn::gpt2::{Activations, Gpt2, Gradients};
 use prefix_attn::io::SafetensorsFile;
+use prefix_attn::lm::{generate, Batch};
 use prefix_attn::prefix::encoder::{PrefixEncoder, PARAM_NAMES};
 use prefix_attn::prefix::{AdapterConfig, PrefixAdapter};
 use prefix_attn::tensor::{DType, Tensor};
+use prefix_attn::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
 struct Fixture {

@@ -1,6 +1,7 @@
 //! GPT-2 `config.json` as Hugging Face transformers writes it.
 
 use crate::error::{Error, Result};
+use crate::lm::Geometry;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -158,6 +159,18 @@ impl Gpt2Config {
         self.n_embd / self.n_head
     }
 
+    /// The prefix geometry: GPT-2 has as many key/value heads as query heads.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            layers: self.n_layer,
+            heads: self.n_head,
+            kv_heads: self.n_head,
+            head_dim: self.head_dim(),
+            max_positions: self.n_positions,
+            vocab_size: self.vocab_size,
+        }
+    }
+
     /// The config as JSON in Hugging Face's format (for models this crate writes).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -180,5 +193,11 @@ impl Gpt2Config {
             "eos_token_id": self.eos_token_id,
             "tie_word_embeddings": true,
         })
+    }
+}
+
+impl From<&Gpt2Config> for Geometry {
+    fn from(c: &Gpt2Config) -> Geometry {
+        c.geometry()
     }
 }

@@ -7,6 +7,7 @@ use super::weights::Weights;
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::{Backend, MatmulOpts};
 use crate::error::{Error, Result};
+use crate::lm::{Batch, Geometry, KvCache, LossSum, PrefixLm, Workspace, IGNORE};
 use crate::tensor::{DType, Tensor, TensorView, TensorViewMut};
 use std::path::{Path, PathBuf};
 
@@ -23,110 +24,12 @@ pub struct Gpt2 {
     pub dir: PathBuf,
 }
 
-/// The label value that is not counted.
-pub const IGNORE: i32 = -100;
-
-/// A right-padded batch of token sequences.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Batch {
-    /// Token ids `[B, T]` (padding = 0).
-    pub ids: Vec<i32>,
-    /// Next-token targets `[B, T]`: `targets[b, t]` is the label of token `t + 1` (HF's
-    /// in-model shift), `-100` where nothing is counted.
-    pub targets: Vec<i32>,
-    /// Valid tokens of each sequence.
-    pub lens: Vec<usize>,
-    /// `B`.
-    pub batch_size: usize,
-    /// `T` (the longest sequence).
-    pub seq_len: usize,
-}
-
-impl Batch {
-    /// Builds a batch from `(input_ids, labels)` pairs (labels aligned with the inputs, as
-    /// Hugging Face expects them; `-100` ignored).
-    pub fn new(examples: &[(&[u32], &[i32])]) -> Result<Batch> {
-        let batch_size = examples.len();
-        let seq_len = examples.iter().map(|e| e.0.len()).max().unwrap_or(0);
-        if batch_size == 0 || seq_len == 0 {
-            return Err(Error::index(
-                "batch",
-                "needs at least one non-empty sequence",
-            ));
-        }
-        let mut ids = vec![0i32; batch_size * seq_len];
-        let mut targets = vec![IGNORE; batch_size * seq_len];
-        let mut lens = Vec::with_capacity(batch_size);
-        for (b, (inp, lab)) in examples.iter().enumerate() {
-            if inp.len() != lab.len() {
-                return Err(Error::shape(
-                    "labels",
-                    format!("{} labels, one per input id", inp.len()),
-                    &[lab.len()],
-                ));
-            }
-            if inp.is_empty() {
-                return Err(Error::index("batch", format!("sequence {b} is empty")));
-            }
-            for (t, &id) in inp.iter().enumerate() {
-                ids[b * seq_len + t] = i32::try_from(id)
-                    .map_err(|_| Error::index("input_ids", format!("token id {id} too large")))?;
-                if t + 1 < inp.len() {
-                    targets[b * seq_len + t] = lab[t + 1];
-                }
-            }
-            lens.push(inp.len());
-        }
-        Ok(Batch {
-            ids,
-            targets,
-            lens,
-            batch_size,
-            seq_len,
-        })
-    }
-
-    /// Number of counted targets.
-    pub fn count(&self) -> usize {
-        self.targets.iter().filter(|&&t| t != IGNORE).count()
-    }
-}
-
-/// Per-layer keys and values of earlier tokens, for incremental decoding. The prefix is not
-/// copied in: every step attends over the prefix table and this cache.
-#[derive(Debug)]
-pub struct KvCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
-    /// Tokens already in the cache.
-    pub len: usize,
-    capacity: usize,
-}
-
-impl KvCache {
-    /// An empty cache for one sequence of up to `capacity` tokens.
-    pub fn new(model: &Gpt2, backend: &dyn Backend, capacity: usize) -> Result<KvCache> {
-        let c = &model.config;
-        let dims = [1, capacity, c.n_head, c.head_dim()];
-        let mk = || -> Result<Vec<Tensor>> {
-            (0..c.n_layer)
-                .map(|_| backend.zeros(&dims, model.dtype))
-                .collect()
-        };
-        Ok(KvCache {
-            k: mk()?,
-            v: mk()?,
-            len: 0,
-            capacity,
-        })
-    }
-}
-
 /// Activations of one forward pass, kept for the backward.
 #[derive(Debug)]
 pub struct Activations {
-    batch_size: usize,
-    seq_len: usize,
+    /// Token rows `M = B·T` the buffers hold: a batch of up to that many uses their first
+    /// `B·T` rows (grow-only reuse, docs/ARCHITECTURE.md §3).
+    rows: usize,
     /// Residual stream before each layer and after the last: `L + 1` tensors `[M, C]`.
     res: Vec<Tensor>,
     // Layer-norm outputs and the GELU output feed only frozen matmuls: the backward never
@@ -171,8 +74,8 @@ impl Activations {
         self
     }
 
-    /// Buffers for batches of `batch_size × seq_len` tokens; `with_grad` adds the logit
-    /// gradient buffer the backward needs.
+    /// Buffers for batches of `batch_size × seq_len` tokens (or any batch of at most that
+    /// many); `with_grad` adds the logit gradient buffer the backward needs.
     pub fn new(
         model: &Gpt2,
         backend: &dyn Backend,
@@ -180,23 +83,33 @@ impl Activations {
         seq_len: usize,
         with_grad: bool,
     ) -> Result<Activations> {
+        Activations::with_rows(model, backend, batch_size * seq_len, with_grad)
+    }
+
+    /// Buffers for any batch of at most `rows` tokens (`B·T`, padding included).
+    pub fn with_rows(
+        model: &Gpt2,
+        backend: &dyn Backend,
+        rows: usize,
+        with_grad: bool,
+    ) -> Result<Activations> {
         let c = &model.config;
-        let (m, e, dt) = (batch_size * seq_len, c.n_embd, model.dtype);
+        let (m, e, dt) = (rows, c.n_embd, model.dtype);
         let l = c.n_layer;
         let z = |shape: &[usize], dt: DType| backend.zeros(shape, dt);
         let many = |shape: &[usize], dt: DType, n: usize| -> Result<Vec<Tensor>> {
             (0..n).map(|_| z(shape, dt)).collect()
         };
         Ok(Activations {
-            batch_size,
-            seq_len,
+            rows,
             res: many(&[m, e], dt, l + 1)?,
             ln1: z(&[m, e], dt)?,
             ln1_mean: many(&[m], DType::F32, l)?,
             ln1_rstd: many(&[m], DType::F32, l)?,
             qkv: many(&[m, 3 * e], dt, l)?,
             atty: many(&[m, e], dt, l)?,
-            lse: many(&[batch_size, c.n_head, seq_len], DType::F32, l)?,
+            // [B, H, T] of a batch, flat: any B·T <= rows fits.
+            lse: many(&[c.n_head * m], DType::F32, l)?,
             mid: many(&[m, e], dt, l)?,
             ln2: z(&[m, e], dt)?,
             ln2_mean: many(&[m], DType::F32, l)?,
@@ -219,22 +132,50 @@ impl Activations {
             grad_in_place: with_grad && dt != DType::F32,
         })
     }
+
+    /// Whether the buffers keep a logit gradient for the backward.
+    fn with_grad(&self) -> bool {
+        self.dlogits.is_some() || self.grad_in_place
+    }
 }
 
 /// Buffers of the backward pass.
 #[derive(Debug)]
 pub struct Gradients {
+    scratch: GradScratch,
+    /// Gradient of the summed token loss with respect to the prefix `[P, L·2·C]`, f32.
+    pub d_prefix: Tensor,
+}
+
+/// The activation gradients of the backward, for any batch of at most `rows` tokens.
+#[derive(Debug)]
+struct GradScratch {
+    rows: usize,
     d_res: Tensor,
     d_tmp: Tensor,
     d_qkv: Tensor,
     d_fc: Tensor,
     d_fc2: Tensor,
-    /// Gradient of the summed token loss with respect to the prefix `[P, L·2·C]`, f32.
-    pub d_prefix: Tensor,
+}
+
+impl GradScratch {
+    fn new(model: &Gpt2, backend: &dyn Backend, rows: usize) -> Result<GradScratch> {
+        let c = &model.config;
+        let (m, e, dt) = (rows, c.n_embd, model.dtype);
+        Ok(GradScratch {
+            rows,
+            d_res: backend.zeros(&[m, e], dt)?,
+            d_tmp: backend.zeros(&[m, e], dt)?,
+            d_qkv: backend.zeros(&[m, 3 * e], dt)?,
+            d_fc: backend.zeros(&[m, c.n_inner], dt)?,
+            d_fc2: backend.zeros(&[m, c.n_inner], dt)?,
+        })
+    }
 }
 
 impl Gradients {
-    /// Buffers for batches of `batch_size × seq_len` and a prefix of `prefix_len`.
+    /// Buffers for batches of `batch_size × seq_len` (or fewer tokens) and a prefix of
+    /// `prefix_len`.
     pub fn new(
         model: &Gpt2,
         backend: &dyn Backend,
@@ -243,46 +184,33 @@ impl Gradients {
         prefix_len: usize,
     ) -> Result<Gradients> {
         let c = &model.config;
-        let (m, e, dt) = (batch_size * seq_len, c.n_embd, model.dtype);
         Ok(Gradients {
-            d_res: backend.zeros(&[m, e], dt)?,
-            d_tmp: backend.zeros(&[m, e], dt)?,
-            d_qkv: backend.zeros(&[m, 3 * e], dt)?,
-            d_fc: backend.zeros(&[m, c.n_inner], dt)?,
-            d_fc2: backend.zeros(&[m, c.n_inner], dt)?,
-            d_prefix: backend.zeros(&[prefix_len, c.n_layer * 2 * e], DType::F32)?,
+            scratch: GradScratch::new(model, backend, batch_size * seq_len)?,
+            d_prefix: backend.zeros(&[prefix_len, c.n_layer * 2 * c.n_embd], DType::F32)?,
         })
     }
 }
 
-/// Loss of a forward pass.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LossSum {
-    /// Sum of the token losses (nats).
-    pub sum: f64,
-    /// Number of counted targets.
-    pub count: usize,
+/// What a [`Workspace`] holds for GPT-2: activations, and for training the gradient scratch.
+struct Gpt2Workspace {
+    acts: Activations,
+    grads: Option<GradScratch>,
 }
 
-impl LossSum {
-    /// Token-weighted mean loss.
-    pub fn mean(&self) -> f64 {
-        if self.count == 0 {
-            0.0
-        } else {
-            self.sum / self.count as f64
-        }
-    }
+/// The first `rows` rows of a buffer.
+fn rows(t: &Tensor, rows: usize) -> Result<TensorView<'_>> {
+    t.view().narrow(0, 0, rows)
+}
+
+/// The first `rows` rows of a buffer, to write.
+fn rows_mut(t: &mut Tensor, rows: usize) -> Result<TensorViewMut<'_>> {
+    t.view_mut().narrow(0, 0, rows)
 }
 
 impl Gpt2 {
-    /// The compute dtype of a model on `backend`: f32 on the cpu device (the reference),
-    /// f16 on the kernel devices (emu, cuda): weights are converted once at load.
+    /// The compute dtype of a model on `backend` ([`crate::lm::dtype_for`]).
     pub fn dtype_for(backend: &dyn Backend) -> DType {
-        match backend.device() {
-            crate::device::Device::Cpu => DType::F32,
-            _ => DType::F16,
-        }
+        crate::lm::dtype_for(backend)
     }
 
     /// Loads an HF model folder: `config.json` and `model.safetensors` (or the shards of
@@ -298,27 +226,6 @@ impl Gpt2 {
             dtype,
             dir: dir.to_path_buf(),
         })
-    }
-
-    /// Checks that a prefix tensor `[P, L·2·C]` fits this model.
-    pub fn check_prefix(&self, prefix: &Tensor) -> Result<usize> {
-        let c = &self.config;
-        let d = prefix.dims();
-        if d.len() != 2 || d[1] != c.n_layer * 2 * c.n_embd {
-            return Err(Error::shape(
-                "prefix",
-                format!("[P, L*2*C = {}]", c.n_layer * 2 * c.n_embd),
-                d,
-            ));
-        }
-        if prefix.dtype() != self.dtype {
-            return Err(Error::DType {
-                arg: "prefix".into(),
-                expected: self.dtype.name().into(),
-                got: prefix.dtype().name().into(),
-            });
-        }
-        Ok(d[0])
     }
 
     /// Views of layer `l`'s prefix keys and values `[1, P, H, D]` in a `[P, L·2·C]` tensor.
@@ -351,11 +258,12 @@ impl Gpt2 {
         let c = &self.config;
         let w = &self.weights;
         let (b, t) = (batch.batch_size, batch.seq_len);
-        if (acts.batch_size, acts.seq_len) != (b, t) {
+        let m = b * t;
+        if m > acts.rows {
             return Err(Error::shape(
                 "activations",
-                format!("buffers for [B={b}, T={t}]"),
-                &[acts.batch_size, acts.seq_len],
+                format!("buffers for at least B·T = {b}·{t} = {m} rows"),
+                &[acts.rows],
             ));
         }
         let p = match prefix {
@@ -364,12 +272,12 @@ impl Gpt2 {
         };
         let past = cache.as_ref().map_or(0, |k| k.len);
         if let Some(k) = &cache {
-            if b != 1 || past + t > k.capacity {
+            if b != 1 || past + t > k.capacity() {
                 return Err(Error::index(
                     "cache",
                     format!(
                         "holds one sequence of {} tokens; asked for batch {b} with {} tokens",
-                        k.capacity,
+                        k.capacity(),
                         past + t
                     ),
                 ));
@@ -402,7 +310,7 @@ impl Gpt2 {
             &w.wte.view(),
             &w.wpe.view(),
             p + past,
-            &mut acts.res[0].view_mut(),
+            &mut rows_mut(&mut acts.res[0], m)?,
         )?;
         for l in 0..c.n_layer {
             let lw = &w.layers[l];
@@ -410,29 +318,30 @@ impl Gpt2 {
             let res_in = &res_in[l];
             let res_out = &mut res_out[0];
             be.layernorm(
-                &res_in.view(),
+                &rows(res_in, m)?,
                 &lw.ln1_w.view(),
                 &lw.ln1_b.view(),
                 eps,
-                &mut acts.ln1.view_mut(),
-                &mut acts.ln1_mean[l].view_mut(),
-                &mut acts.ln1_rstd[l].view_mut(),
+                &mut rows_mut(&mut acts.ln1, m)?,
+                &mut rows_mut(&mut acts.ln1_mean[l], m)?,
+                &mut rows_mut(&mut acts.ln1_rstd[l], m)?,
             )?;
             be.matmul(
-                &acts.ln1.view(),
+                &rows(&acts.ln1, m)?,
                 &lw.attn_w.view(),
                 Some(&lw.attn_b.view()),
-                &mut acts.qkv[l].view_mut(),
+                &mut rows_mut(&mut acts.qkv[l], m)?,
                 MatmulOpts::default(),
             )?;
-            let qkv = acts.qkv[l].view().reshape(&[b, t, 3, h, d])?;
+            let qkv = rows(&acts.qkv[l], m)?.reshape(&[b, t, 3, h, d])?;
             let (q, k_new, v_new) = (qkv.select(2, 0)?, qkv.select(2, 1)?, qkv.select(2, 2)?);
             let (k_all, v_all);
             if let Some(kc) = cache.as_deref_mut() {
-                be.copy(&k_new, &mut kc.k[l].view_mut().narrow(1, past, t)?)?;
-                be.copy(&v_new, &mut kc.v[l].view_mut().narrow(1, past, t)?)?;
-                k_all = kc.k[l].view().narrow(1, 0, past + t)?;
-                v_all = kc.v[l].view().narrow(1, 0, past + t)?;
+                let (kl, vl) = kc.layer_mut(l)?;
+                be.copy(&k_new, &mut kl.view_mut().narrow(1, past, t)?)?;
+                be.copy(&v_new, &mut vl.view_mut().narrow(1, past, t)?)?;
+                k_all = kl.view().narrow(1, 0, past + t)?;
+                v_all = vl.view().narrow(1, 0, past + t)?;
             } else {
                 k_all = k_new;
                 v_all = v_new;
@@ -448,87 +357,86 @@ impl Gpt2 {
             be.attn_fwd(
                 &args,
                 AttnFwdOut {
-                    o: acts.atty[l].view_mut().reshape(&[b, t, h, d])?,
-                    lse: Some(acts.lse[l].view_mut()),
+                    o: rows_mut(&mut acts.atty[l], m)?.reshape(&[b, t, h, d])?,
+                    lse: Some(rows_mut(&mut acts.lse[l], h * m)?.reshape(&[b, h, t])?),
                 },
             )?;
             // Biases ride along with the next elementwise pass (bias + residual, bias +
             // GELU): no extra pass over the matmul outputs.
             be.matmul(
-                &acts.atty[l].view(),
+                &rows(&acts.atty[l], m)?,
                 &lw.proj_w.view(),
                 None,
-                &mut acts.mid[l].view_mut(),
+                &mut rows_mut(&mut acts.mid[l], m)?,
                 MatmulOpts::default(),
             )?;
             be.bias_residual(
-                &mut acts.mid[l].view_mut(),
+                &mut rows_mut(&mut acts.mid[l], m)?,
                 &lw.proj_b.view(),
-                &res_in.view(),
+                &rows(res_in, m)?,
             )?;
             be.layernorm(
-                &acts.mid[l].view(),
+                &rows(&acts.mid[l], m)?,
                 &lw.ln2_w.view(),
                 &lw.ln2_b.view(),
                 eps,
-                &mut acts.ln2.view_mut(),
-                &mut acts.ln2_mean[l].view_mut(),
-                &mut acts.ln2_rstd[l].view_mut(),
+                &mut rows_mut(&mut acts.ln2, m)?,
+                &mut rows_mut(&mut acts.ln2_mean[l], m)?,
+                &mut rows_mut(&mut acts.ln2_rstd[l], m)?,
             )?;
             be.matmul(
-                &acts.ln2.view(),
+                &rows(&acts.ln2, m)?,
                 &lw.fc_w.view(),
                 None,
-                &mut acts.fch[l].view_mut(),
+                &mut rows_mut(&mut acts.fch[l], m)?,
                 MatmulOpts::default(),
             )?;
             be.bias_gelu(
-                &mut acts.fch[l].view_mut(),
+                &mut rows_mut(&mut acts.fch[l], m)?,
                 &lw.fc_b.view(),
-                &mut acts.fcg.view_mut(),
+                &mut rows_mut(&mut acts.fcg, m)?,
             )?;
             be.matmul(
-                &acts.fcg.view(),
+                &rows(&acts.fcg, m)?,
                 &lw.fc_proj_w.view(),
                 None,
-                &mut res_out.view_mut(),
+                &mut rows_mut(res_out, m)?,
                 MatmulOpts::default(),
             )?;
             be.bias_residual(
-                &mut res_out.view_mut(),
+                &mut rows_mut(res_out, m)?,
                 &lw.fc_proj_b.view(),
-                &acts.mid[l].view(),
+                &rows(&acts.mid[l], m)?,
             )?;
         }
         if let Some(kc) = cache {
             kc.len += t;
         }
         be.layernorm(
-            &acts.res[c.n_layer].view(),
+            &rows(&acts.res[c.n_layer], m)?,
             &w.lnf_w.view(),
             &w.lnf_b.view(),
             eps,
-            &mut acts.lnf.view_mut(),
-            &mut acts.lnf_mean.view_mut(),
-            &mut acts.lnf_rstd.view_mut(),
+            &mut rows_mut(&mut acts.lnf, m)?,
+            &mut rows_mut(&mut acts.lnf_mean, m)?,
+            &mut rows_mut(&mut acts.lnf_rstd, m)?,
         )?;
-        let m = b * t;
         acts.counted_rows = (0..m as i32)
             .filter(|&r| batch.targets[r as usize] != IGNORE)
             .collect();
         let compact = acts.counted_only && acts.counted_rows.len() < m;
         let (n, targets): (usize, Vec<i32>) = if compact {
-            let rows = &acts.counted_rows;
+            let counted = &acts.counted_rows;
             (
-                rows.len(),
-                rows.iter().map(|&r| batch.targets[r as usize]).collect(),
+                counted.len(),
+                counted.iter().map(|&r| batch.targets[r as usize]).collect(),
             )
         } else {
             (m, batch.targets.clone())
         };
         if compact && n > 0 {
             be.gather_rows(
-                &acts.lnf.view(),
+                &rows(&acts.lnf, m)?,
                 &acts.counted_rows,
                 &mut acts.head_in.view_mut().narrow(0, 0, n)?,
             )?;
@@ -536,7 +444,7 @@ impl Gpt2 {
         let head_in = if compact {
             acts.head_in.view().narrow(0, 0, n)?
         } else {
-            acts.lnf.view()
+            rows(&acts.lnf, m)?
         };
         let mut sum = 0f64;
         if n > 0 {
@@ -592,22 +500,57 @@ impl Gpt2 {
         acts: &Activations,
         grads: &mut Gradients,
     ) -> Result<()> {
+        self.backward_into(
+            be,
+            batch,
+            prefix,
+            acts,
+            &mut grads.scratch,
+            &mut grads.d_prefix,
+        )
+    }
+
+    /// [`Gpt2::backward`] with its scratch and the prefix gradient apart.
+    fn backward_into(
+        &self,
+        be: &dyn Backend,
+        batch: &Batch,
+        prefix: &Tensor,
+        acts: &Activations,
+        grads: &mut GradScratch,
+        d_prefix: &mut Tensor,
+    ) -> Result<()> {
         let c = &self.config;
         let w = &self.weights;
         let p = self.check_prefix(prefix)?;
-        if grads.d_prefix.dims() != [p, c.n_layer * 2 * c.n_embd] {
+        if d_prefix.dims() != [p, c.n_layer * 2 * c.n_embd] {
             return Err(Error::shape(
                 "d_prefix",
                 format!("[{p}, {}] like the prefix", c.n_layer * 2 * c.n_embd),
-                grads.d_prefix.dims(),
+                d_prefix.dims(),
             ));
+        }
+        if d_prefix.dtype() != DType::F32 {
+            return Err(Error::DType {
+                arg: "d_prefix".into(),
+                expected: "f32".into(),
+                got: d_prefix.dtype().name().into(),
+            });
         }
         let (b, t) = (batch.batch_size, batch.seq_len);
         let (h, d) = (c.n_head, c.head_dim());
-        if acts.dlogits.is_none() && !acts.grad_in_place {
+        if !acts.with_grad() {
             return Err(Error::index(
                 "activations",
                 "the forward kept no logit gradient (with_grad = false)",
+            ));
+        }
+        let m = b * t;
+        if m > acts.rows || m > grads.rows {
+            return Err(Error::shape(
+                "gradients",
+                format!("buffers for at least B·T = {b}·{t} = {m} rows"),
+                &[acts.rows.min(grads.rows)],
             ));
         }
         let dlogits = acts.dlogits.as_ref().unwrap_or(&acts.logits);
@@ -619,10 +562,9 @@ impl Gpt2 {
         };
 
         // Head and final layer norm: d_lnf = dlogits · wte, then through ln_f.
-        let m = b * t;
-        let rows = &acts.counted_rows;
-        if acts.counted_only && rows.len() < m {
-            let n = rows.len();
+        let counted = &acts.counted_rows;
+        if acts.counted_only && counted.len() < m {
+            let n = counted.len();
             if n > 0 {
                 be.matmul(
                     &dlogits.view().narrow(0, 0, n)?,
@@ -634,29 +576,28 @@ impl Gpt2 {
             }
             be.scatter_rows(
                 &grads.d_res.view().narrow(0, 0, n)?,
-                rows,
-                &mut grads.d_tmp.view_mut(),
+                counted,
+                &mut rows_mut(&mut grads.d_tmp, m)?,
             )?;
         } else {
             be.matmul(
-                &dlogits.view(),
+                &rows(dlogits, m)?,
                 &w.wte.view(),
                 None,
-                &mut grads.d_tmp.view_mut(),
+                &mut rows_mut(&mut grads.d_tmp, m)?,
                 MatmulOpts::default(),
             )?;
         }
         be.layernorm_bwd(
-            &grads.d_tmp.view(),
-            &acts.res[c.n_layer].view(),
+            &rows(&grads.d_tmp, m)?,
+            &rows(&acts.res[c.n_layer], m)?,
             &w.lnf_w.view(),
-            &acts.lnf_mean.view(),
-            &acts.lnf_rstd.view(),
-            &mut grads.d_res.view_mut(),
+            &rows(&acts.lnf_mean, m)?,
+            &rows(&acts.lnf_rstd, m)?,
+            &mut rows_mut(&mut grads.d_res, m)?,
             false,
         )?;
-        let d_prefix_layers = grads
-            .d_prefix
+        let d_prefix_layers = d_prefix
             .view_mut()
             .reshape(&[p, c.n_layer, 2, h, d])?
             .unbind(1)?;
@@ -664,42 +605,42 @@ impl Gpt2 {
             let lw = &w.layers[l];
             // MLP branch: res[l+1] = mid + c_proj(gelu(c_fc(ln_2(mid)))).
             be.matmul(
-                &grads.d_res.view(),
+                &rows(&grads.d_res, m)?,
                 &lw.fc_proj_w.view(),
                 None,
-                &mut grads.d_fc.view_mut(),
+                &mut rows_mut(&mut grads.d_fc, m)?,
                 MatmulOpts::nt(),
             )?;
             be.gelu_bwd(
-                &acts.fch[l].view(),
-                &grads.d_fc.view(),
-                &mut grads.d_fc2.view_mut(),
+                &rows(&acts.fch[l], m)?,
+                &rows(&grads.d_fc, m)?,
+                &mut rows_mut(&mut grads.d_fc2, m)?,
             )?;
             be.matmul(
-                &grads.d_fc2.view(),
+                &rows(&grads.d_fc2, m)?,
                 &lw.fc_w.view(),
                 None,
-                &mut grads.d_tmp.view_mut(),
+                &mut rows_mut(&mut grads.d_tmp, m)?,
                 MatmulOpts::nt(),
             )?;
             be.layernorm_bwd(
-                &grads.d_tmp.view(),
-                &acts.mid[l].view(),
+                &rows(&grads.d_tmp, m)?,
+                &rows(&acts.mid[l], m)?,
                 &lw.ln2_w.view(),
-                &acts.ln2_mean[l].view(),
-                &acts.ln2_rstd[l].view(),
-                &mut grads.d_res.view_mut(),
+                &rows(&acts.ln2_mean[l], m)?,
+                &rows(&acts.ln2_rstd[l], m)?,
+                &mut rows_mut(&mut grads.d_res, m)?,
                 true,
             )?;
             // Attention branch: mid = res[l] + c_proj(attn(ln_1(res[l]))).
             be.matmul(
-                &grads.d_res.view(),
+                &rows(&grads.d_res, m)?,
                 &lw.proj_w.view(),
                 None,
-                &mut grads.d_tmp.view_mut(),
+                &mut rows_mut(&mut grads.d_tmp, m)?,
                 MatmulOpts::nt(),
             )?;
-            let qkv = acts.qkv[l].view().reshape(&[b, t, 3, h, d])?;
+            let qkv = rows(&acts.qkv[l], m)?.reshape(&[b, t, 3, h, d])?;
             let (kp, vp) = self.prefix_layer(prefix, l)?;
             let fwd = AttnFwdArgs::new(qkv.select(2, 0)?, qkv.select(2, 1)?, qkv.select(2, 2)?)
                 .prefix(kp, vp)
@@ -720,9 +661,7 @@ impl Gpt2 {
             let mut seq_grads: Vec<Option<TensorViewMut>> = if first {
                 vec![None, None, None]
             } else {
-                grads
-                    .d_qkv
-                    .view_mut()
+                rows_mut(&mut grads.d_qkv, m)?
                     .reshape(&[b, t, 3, h, d])?
                     .unbind(2)?
                     .into_iter()
@@ -735,9 +674,9 @@ impl Gpt2 {
             be.attn_bwd(
                 &AttnBwdArgs {
                     fwd,
-                    o: acts.atty[l].view().reshape(&[b, t, h, d])?,
-                    lse: acts.lse[l].view(),
-                    d_o: grads.d_tmp.view().reshape(&[b, t, h, d])?,
+                    o: rows(&acts.atty[l], m)?.reshape(&[b, t, h, d])?,
+                    lse: rows(&acts.lse[l], h * m)?.reshape(&[b, h, t])?,
+                    d_o: rows(&grads.d_tmp, m)?.reshape(&[b, t, h, d])?,
                     prefix_only: first,
                 },
                 AttnGrads {
@@ -752,22 +691,104 @@ impl Gpt2 {
                 break;
             }
             be.matmul(
-                &grads.d_qkv.view(),
+                &rows(&grads.d_qkv, m)?,
                 &lw.attn_w.view(),
                 None,
-                &mut grads.d_tmp.view_mut(),
+                &mut rows_mut(&mut grads.d_tmp, m)?,
                 MatmulOpts::nt(),
             )?;
             be.layernorm_bwd(
-                &grads.d_tmp.view(),
-                &acts.res[l].view(),
+                &rows(&grads.d_tmp, m)?,
+                &rows(&acts.res[l], m)?,
                 &lw.ln1_w.view(),
-                &acts.ln1_mean[l].view(),
-                &acts.ln1_rstd[l].view(),
-                &mut grads.d_res.view_mut(),
+                &rows(&acts.ln1_mean[l], m)?,
+                &rows(&acts.ln1_rstd[l], m)?,
+                &mut rows_mut(&mut grads.d_res, m)?,
                 true,
             )?;
         }
         Ok(())
+    }
+}
+
+impl PrefixLm for Gpt2 {
+    fn model_type(&self) -> &'static str {
+        "gpt2"
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.config.geometry()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn eos_token_id(&self) -> Option<u32> {
+        self.config.eos_token_id
+    }
+
+    fn loss(
+        &self,
+        be: &dyn Backend,
+        batch: &Batch,
+        prefix: Option<&Tensor>,
+        ws: &mut Workspace,
+    ) -> Result<LossSum> {
+        let m = batch.batch_size * batch.seq_len;
+        let w = ws.get(
+            |w: &Gpt2Workspace| w.grads.is_none() && w.acts.rows >= m,
+            || {
+                Ok(Gpt2Workspace {
+                    acts: Activations::with_rows(self, be, m, false)?.counted_only(),
+                    grads: None,
+                })
+            },
+        )?;
+        self.forward(be, batch, prefix, &mut w.acts, None)
+    }
+
+    fn loss_and_grad(
+        &self,
+        be: &dyn Backend,
+        batch: &Batch,
+        prefix: &Tensor,
+        ws: &mut Workspace,
+        d_prefix: &mut Tensor,
+    ) -> Result<LossSum> {
+        let m = batch.batch_size * batch.seq_len;
+        let w = ws.get(
+            |w: &Gpt2Workspace| w.grads.as_ref().is_some_and(|g| g.rows >= m) && w.acts.rows >= m,
+            || {
+                Ok(Gpt2Workspace {
+                    acts: Activations::with_rows(self, be, m, true)?.counted_only(),
+                    grads: Some(GradScratch::new(self, be, m)?),
+                })
+            },
+        )?;
+        let loss = self.forward(be, batch, Some(prefix), &mut w.acts, None)?;
+        if loss.sum.is_finite() && loss.count > 0 {
+            let Some(grads) = w.grads.as_mut() else {
+                return Err(Error::index("workspace", "no gradient buffers"));
+            };
+            self.backward_into(be, batch, prefix, &w.acts, grads, d_prefix)?;
+        }
+        Ok(loss)
+    }
+
+    fn decode(
+        &self,
+        be: &dyn Backend,
+        tokens: &[u32],
+        prefix: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let labels = vec![IGNORE; tokens.len()];
+        let batch = Batch::new(&[(tokens, &labels)])?;
+        let mut acts = Activations::new(self, be, 1, tokens.len(), false)?;
+        self.forward(be, &batch, prefix, &mut acts, Some(cache))?;
+        let logits = be.download(&acts.logits)?.to_f32_vec();
+        let v = self.config.vocab_size;
+        Ok(logits[(tokens.len() - 1) * v..tokens.len() * v].to_vec())
     }
 }

@@ -2,9 +2,10 @@
 //! written to be obviously right. Tests compare the model against it and take finite
 //! differences of its loss.
 
-use super::model::{Gpt2, IGNORE};
+use super::model::Gpt2;
 use crate::device::Backend;
 use crate::error::Result;
+use crate::lm::IGNORE;
 use crate::tensor::Tensor;
 
 struct Layer {

@@ -3,9 +3,11 @@
 //! output, since PEFT drops the MLP at save time. Folders written here load with
 //! `PeftModel.from_pretrained`, and adapters trained in Python serve here.
 
+use crate::device::Backend;
 use crate::error::{Error, Result};
-use crate::gpt2::Gpt2Config;
 use crate::io::{read_text, write_atomic, write_safetensors_f32, SafetensorsFile};
+use crate::lm::{Geometry, PrefixLm};
+use crate::tensor::Tensor;
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -14,11 +16,11 @@ use std::path::Path;
 pub struct AdapterConfig {
     /// Prefix length `P`.
     pub num_virtual_tokens: usize,
-    /// Model width `C`.
+    /// The key/value width of a layer `Hkv · D` (for GPT-2 the model width `C`).
     pub token_dim: usize,
     /// Model layers `L`.
     pub num_layers: usize,
-    /// Attention heads `H`.
+    /// Key/value heads `Hkv` (PEFT writes `num_key_value_heads` here; for GPT-2 the heads).
     pub num_attention_heads: usize,
     /// Whether the prefix was trained through the MLP.
     pub prefix_projection: bool,
@@ -44,12 +46,17 @@ impl AdapterConfig {
     /// A config for `model` with a prefix of `prefix_len` trained through an MLP of `hidden`
     /// (PEFT `prefix_projection=True`); [`AdapterConfig::without_projection`] for the other
     /// kind, [`AdapterConfig::base_model`] to record the base model.
-    pub fn for_model(model: &Gpt2Config, prefix_len: usize, hidden: usize) -> AdapterConfig {
+    pub fn for_model(
+        model: impl Into<Geometry>,
+        prefix_len: usize,
+        hidden: usize,
+    ) -> AdapterConfig {
+        let g: Geometry = model.into();
         AdapterConfig {
             num_virtual_tokens: prefix_len,
-            token_dim: model.n_embd,
-            num_layers: model.n_layer,
-            num_attention_heads: model.n_head,
+            token_dim: g.kv_width(),
+            num_layers: g.layers,
+            num_attention_heads: g.kv_heads,
             prefix_projection: true,
             encoder_hidden_size: hidden,
             base_model_name_or_path: None,
@@ -77,30 +84,32 @@ impl AdapterConfig {
     }
 
     /// Checks that the adapter fits `model`; `path` names the adapter in the error.
-    pub fn check_model(&self, model: &Gpt2Config, path: &Path) -> Result<()> {
+    pub fn check_model(&self, model: impl Into<Geometry>, path: &Path) -> Result<()> {
+        let g: Geometry = model.into();
         let mut bad = vec![];
-        if self.num_layers != model.n_layer {
+        if self.num_layers != g.layers {
             bad.push(format!(
                 "num_layers {} vs n_layer {}",
-                self.num_layers, model.n_layer
+                self.num_layers, g.layers
             ));
         }
-        if self.token_dim != model.n_embd {
+        if self.token_dim != g.kv_width() {
             bad.push(format!(
-                "token_dim {} vs n_embd {}",
-                self.token_dim, model.n_embd
+                "token_dim {} vs the key/value width {} (heads × head_dim)",
+                self.token_dim,
+                g.kv_width()
             ));
         }
-        if self.num_attention_heads != model.n_head {
+        if self.num_attention_heads != g.kv_heads {
             bad.push(format!(
-                "num_attention_heads {} vs n_head {}",
-                self.num_attention_heads, model.n_head
+                "num_attention_heads {} vs {} key/value heads",
+                self.num_attention_heads, g.kv_heads
             ));
         }
-        if self.num_virtual_tokens >= model.n_positions {
+        if self.num_virtual_tokens >= g.max_positions {
             bad.push(format!(
                 "num_virtual_tokens {} leaves no position of n_positions {}",
-                self.num_virtual_tokens, model.n_positions
+                self.num_virtual_tokens, g.max_positions
             ));
         }
         if bad.is_empty() {
@@ -217,6 +226,21 @@ impl PrefixAdapter {
             config,
             prompt_embeddings: data,
         })
+    }
+
+    /// Reads the adapter folder `dir`, checks it against `model` and returns its prefix
+    /// `[P, L·2·Hkv·D]` in the model's dtype on `be`: what evaluation and generation attend
+    /// over.
+    pub fn load_for(dir: &Path, model: &dyn PrefixLm, be: &dyn Backend) -> Result<Tensor> {
+        let ad = PrefixAdapter::load(dir)?;
+        ad.config
+            .check_model(model.geometry(), &dir.join("adapter_config.json"))?;
+        let dims = [ad.config.num_virtual_tokens, ad.config.out_dim()];
+        be.upload(&Tensor::from_f32(
+            &dims,
+            &ad.prompt_embeddings,
+            model.dtype(),
+        )?)
     }
 
     /// Writes an adapter folder (created if needed); each file is written atomically.

@@ -9,6 +9,7 @@
 use crate::device::{Backend, MatmulOpts};
 use crate::error::{Error, Result};
 use crate::io::{write_safetensors_f32, SafetensorsFile};
+use crate::lm::Geometry;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 use std::path::Path;
@@ -27,7 +28,8 @@ pub const PARAM_NAMES: [&str; 5] = [
 pub struct EncoderDims {
     /// Prefix length `P` (PEFT `num_virtual_tokens`).
     pub prefix_len: usize,
-    /// Model width `C` (PEFT `token_dim`).
+    /// The key/value width of one layer `Hkv · D` (PEFT `token_dim`, which PEFT sets to
+    /// `head_dim · num_key_value_heads`; for GPT-2, `Hkv = H` and this is the model width).
     pub token_dim: usize,
     /// MLP width `E` (PEFT `encoder_hidden_size`; unused without the projection).
     pub hidden: usize,
@@ -39,6 +41,23 @@ pub struct EncoderDims {
 }
 
 impl EncoderDims {
+    /// The dimensions of an encoder for a model of `geometry`: `token_dim` is its KV width
+    /// and `num_layers` its layers, as PEFT derives them from the base model's config.
+    pub fn for_model(
+        geometry: &Geometry,
+        prefix_len: usize,
+        hidden: usize,
+        projection: bool,
+    ) -> EncoderDims {
+        EncoderDims {
+            prefix_len,
+            token_dim: geometry.kv_width(),
+            hidden,
+            num_layers: geometry.layers,
+            projection,
+        }
+    }
+
     /// `L·2·C`, the width of the prefix.
     pub fn out_dim(&self) -> usize {
         self.num_layers * 2 * self.token_dim

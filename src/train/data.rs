@@ -10,8 +10,8 @@
 //! Examples longer than the limit are an error unless a [`Truncation`] is chosen.
 
 use crate::error::{Error, Result};
-use crate::gpt2::model::{Batch, IGNORE};
-use crate::gpt2::tokenizer::Tokenizer;
+use crate::lm::{Batch, Geometry, IGNORE};
+use crate::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::path::Path;
 
@@ -70,6 +70,37 @@ impl DataLimits {
             max_len,
             truncation: Truncation::Error,
         }
+    }
+
+    /// The limits of a model of `geometry` behind a prefix of `prefix_len` (below its
+    /// positions): examples of at most `max_length` tokens (default: every position after
+    /// the prefix; more is an error naming `--max-length`), longer ones treated by
+    /// `truncation`.
+    pub fn for_model(
+        geometry: &Geometry,
+        prefix_len: usize,
+        max_length: Option<usize>,
+        truncation: Truncation,
+    ) -> Result<DataLimits> {
+        let room = geometry.max_positions.saturating_sub(prefix_len);
+        let max_len = match max_length {
+            Some(m) if m > room => {
+                return Err(Error::index(
+                    "--max-length",
+                    format!(
+                        "{m}, but only {room} tokens fit after a prefix of {prefix_len} (n_positions = {})",
+                        geometry.max_positions
+                    ),
+                ))
+            }
+            Some(m) => m,
+            None => room,
+        };
+        Ok(DataLimits {
+            vocab_size: geometry.vocab_size,
+            max_len,
+            truncation,
+        })
     }
 }
 

@@ -1,4 +1,4 @@
-//! The prefix-tuning training loop: prefixes on a frozen GPT-2 (through PEFT's MLP or
+//! The prefix-tuning training loop: prefixes on a frozen model (through PEFT's MLP or
 //! trained directly), with checkpoints that make a resumed run end with exactly the adapter
 //! of an uninterrupted one.
 //!
@@ -17,14 +17,14 @@ use super::optim::{Optimizer, OptimizerKind, Schedule};
 use super::plot::write_loss_svg;
 use crate::device::Backend;
 use crate::error::{Error, Result};
-use crate::gpt2::tokenizer::Tokenizer;
-use crate::gpt2::weights::WeightFiles;
-use crate::gpt2::{Activations, Batch, Gpt2, Gradients, LossSum};
+use crate::hf::WeightFiles;
 use crate::io::{digest_file, write_atomic, write_safetensors_f32_meta, SafetensorsFile};
+use crate::lm::{Batch, LossSum, PrefixLm, Workspace};
 use crate::prefix::encoder::{EncoderActs, EncoderDims, PrefixEncoder};
 use crate::prefix::{AdapterConfig, PrefixAdapter};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+use crate::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::Write;
@@ -839,11 +839,30 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 /// Token-weighted mean loss of `examples` with `prefix` (in the model's dtype), in chunks of
 /// `batch_size` sequences.
 pub fn evaluate(
-    model: &Gpt2,
+    model: &dyn PrefixLm,
     be: &dyn Backend,
     prefix: Option<&Tensor>,
     examples: &[Example],
     batch_size: usize,
+) -> Result<LossSum> {
+    evaluate_in(
+        model,
+        be,
+        prefix,
+        examples,
+        batch_size,
+        &mut Workspace::new(),
+    )
+}
+
+/// [`evaluate`] in a workspace kept by the caller (grown to the largest chunk, reused).
+pub fn evaluate_in(
+    model: &dyn PrefixLm,
+    be: &dyn Backend,
+    prefix: Option<&Tensor>,
+    examples: &[Example],
+    batch_size: usize,
+    ws: &mut Workspace,
 ) -> Result<LossSum> {
     if batch_size == 0 {
         return Err(Error::index("--batch-size", "must be at least 1"));
@@ -852,9 +871,7 @@ pub fn evaluate(
     for chunk in examples.chunks(batch_size) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = batch_of(&refs)?;
-        let mut acts =
-            Activations::new(model, be, batch.batch_size, batch.seq_len, false)?.counted_only();
-        let l = model.forward(be, &batch, prefix, &mut acts, None)?;
+        let l = model.loss(be, &batch, prefix, ws)?;
         total.sum += l.sum;
         total.count += l.count;
     }
@@ -911,40 +928,23 @@ pub fn train_observed(
         check_files(&ckpt, &checkpoint_run(&ckpt)?, &files)?;
     }
 
-    let model = Gpt2::load(&cfg.model, be)?;
-    let c = model.config.clone();
-    if cfg.prefix_len >= c.n_positions {
+    let model = crate::lm::load(&cfg.model, be)?;
+    let g = model.geometry();
+    if cfg.prefix_len >= g.max_positions {
         return Err(Error::index(
             "--prefix-len",
             format!(
                 "{} leaves no position of n_positions = {}",
-                cfg.prefix_len, c.n_positions
+                cfg.prefix_len, g.max_positions
             ),
         ));
     }
-    let room = c.n_positions - cfg.prefix_len;
-    let max_length = match cfg.max_length {
-        Some(m) if m > room => {
-            return Err(Error::index(
-                "--max-length",
-                format!(
-                    "{m}, but only {room} tokens fit after a prefix of {} (n_positions = {})",
-                    cfg.prefix_len, c.n_positions
-                ),
-            ))
-        }
-        Some(m) => m,
-        None => room,
-    };
-    let tokenizer = Tokenizer::for_model(&cfg.model, c.vocab_size)?;
-    let eos = c
-        .eos_token_id
+    let limits = DataLimits::for_model(&g, cfg.prefix_len, cfg.max_length, cfg.truncation)?;
+    let max_length = limits.max_len;
+    let tokenizer = Tokenizer::for_model(&cfg.model, g.vocab_size)?;
+    let eos = model
+        .eos_token_id()
         .or_else(|| tokenizer.as_ref().and_then(|t| t.token_id("<|endoftext|>")));
-    let limits = DataLimits {
-        vocab_size: c.vocab_size,
-        max_len: max_length,
-        truncation: cfg.truncation,
-    };
     let (examples, data_stats) = load_jsonl_stats(&cfg.data, tokenizer.as_ref(), eos, limits)?;
     let (eval_examples, eval_stats) = match &cfg.eval_data {
         Some(p) => {
@@ -960,13 +960,7 @@ pub fn train_observed(
         Length::Steps(s) => s,
         Length::Epochs(e) => e * steps_per_epoch,
     };
-    let dims = EncoderDims {
-        prefix_len: cfg.prefix_len,
-        token_dim: c.n_embd,
-        hidden: cfg.mid_dim,
-        num_layers: c.n_layer,
-        projection: cfg.prefix_projection,
-    };
+    let dims = EncoderDims::for_model(&g, cfg.prefix_len, cfg.mid_dim, cfg.prefix_projection);
     // A resume takes its encoder from the checkpoint (the init file was checked above).
     let mut enc = match (&cfg.init, cfg.resume) {
         (_, true) => PrefixEncoder::zeros(dims, be)?,
@@ -1037,7 +1031,7 @@ pub fn train_observed(
         eval_data: eval_stats,
         max_length,
     });
-    let mut stepper = Stepper::new(&model, enc, opt, be)?;
+    let mut stepper = Stepper::new(model.as_ref(), enc, opt, be)?;
     let start_step = state.step;
     let mut checkpoint_step = if cfg.resume { Some(state.step) } else { None };
     let t0 = Instant::now();
@@ -1058,7 +1052,7 @@ pub fn train_observed(
         checkpoint_step,
     };
     let adapter_config = || {
-        let a = AdapterConfig::for_model(&c, cfg.prefix_len, cfg.mid_dim);
+        let a = AdapterConfig::for_model(g, cfg.prefix_len, cfg.mid_dim);
         let a = if cfg.prefix_projection {
             a
         } else {
@@ -1173,10 +1167,10 @@ pub fn train_observed(
     Ok(report(&state, true, false, None, Some(state.step)))
 }
 
-/// One training step's machinery: the encoder, its optimiser, and buffers reused while the
-/// batch shape stays the same.
+/// One training step's machinery: the encoder, its optimiser, and the model's workspaces
+/// (grown to the largest batch seen and reused: a shorter batch allocates nothing).
 pub struct Stepper<'m> {
-    model: &'m Gpt2,
+    model: &'m dyn PrefixLm,
     /// The prefix encoder being trained.
     pub enc: PrefixEncoder,
     /// Its optimiser.
@@ -1185,7 +1179,12 @@ pub struct Stepper<'m> {
     egrads: PrefixEncoder,
     /// The prefix in the model's dtype when that is not f32 (the encoder computes in f32).
     prefix_cast: Option<Tensor>,
-    bufs: Option<((usize, usize), Activations, Gradients)>,
+    /// The training forward and backward's buffers.
+    ws: Workspace,
+    /// The evaluation forward's buffers (no gradients).
+    eval_ws: Workspace,
+    /// The prefix gradient of one micro-batch `[P, L·2·Hkv·D]`, f32.
+    d_prefix: Tensor,
     /// The prefix gradient summed over the micro-batches of a step.
     d_accum: Option<Tensor>,
 }
@@ -1193,18 +1192,19 @@ pub struct Stepper<'m> {
 impl<'m> Stepper<'m> {
     /// Buffers for training `enc` with `opt` on `model`.
     pub fn new(
-        model: &'m Gpt2,
+        model: &'m dyn PrefixLm,
         enc: PrefixEncoder,
         opt: Optimizer,
         be: &dyn Backend,
     ) -> Result<Stepper<'m>> {
         let eacts = enc.acts(be)?;
         let egrads = PrefixEncoder::zeros(enc.dims, be)?;
-        let prefix_cast = if model.dtype == DType::F32 {
+        let prefix_cast = if model.dtype() == DType::F32 {
             None
         } else {
-            Some(be.zeros(&[enc.dims.prefix_len, enc.dims.out_dim()], model.dtype)?)
+            Some(be.zeros(&[enc.dims.prefix_len, enc.dims.out_dim()], model.dtype())?)
         };
+        let d_prefix = be.zeros(&[enc.dims.prefix_len, enc.dims.out_dim()], DType::F32)?;
         Ok(Stepper {
             model,
             enc,
@@ -1212,7 +1212,9 @@ impl<'m> Stepper<'m> {
             eacts,
             egrads,
             prefix_cast,
-            bufs: None,
+            ws: Workspace::new(),
+            eval_ws: Workspace::new(),
+            d_prefix,
             d_accum: None,
         })
     }
@@ -1253,19 +1255,10 @@ impl<'m> Stepper<'m> {
         self.model_prefix(be)?;
         let mut total = LossSum { sum: 0.0, count: 0 };
         for batch in batches {
-            let shape = (batch.batch_size, batch.seq_len);
-            if self.bufs.as_ref().map(|b| b.0) != Some(shape) {
-                self.bufs = None; // free the old buffers before allocating new ones
-                let acts = Activations::new(self.model, be, shape.0, shape.1, true)?.counted_only();
-                let grads =
-                    Gradients::new(self.model, be, shape.0, shape.1, self.enc.dims.prefix_len)?;
-                self.bufs = Some((shape, acts, grads));
-            }
-            let Some((_, acts, grads)) = self.bufs.as_mut() else {
-                return Err(Error::index("batch", "no buffers"));
-            };
             let prefix = self.prefix_cast.as_ref().unwrap_or(&self.eacts.prefix);
-            let loss = self.model.forward(be, batch, Some(prefix), acts, None)?;
+            let loss =
+                self.model
+                    .loss_and_grad(be, batch, prefix, &mut self.ws, &mut self.d_prefix)?;
             total.sum += loss.sum;
             total.count += loss.count;
             if !loss.sum.is_finite() {
@@ -1274,27 +1267,25 @@ impl<'m> Stepper<'m> {
             if loss.count == 0 {
                 continue;
             }
-            self.model.backward(be, batch, prefix, acts, grads)?;
             if batches.len() > 1 {
                 let acc = match self.d_accum.as_mut() {
                     Some(a) => a,
                     None => self
                         .d_accum
-                        .insert(be.zeros(grads.d_prefix.dims(), DType::F32)?),
+                        .insert(be.zeros(self.d_prefix.dims(), DType::F32)?),
                 };
                 if total.count == loss.count {
                     // The first micro-batch that counts tokens.
-                    be.copy(&grads.d_prefix.view(), &mut acc.view_mut())?;
+                    be.copy(&self.d_prefix.view(), &mut acc.view_mut())?;
                 } else {
-                    be.axpy(&mut acc.view_mut(), 1.0, &grads.d_prefix.view())?;
+                    be.axpy(&mut acc.view_mut(), 1.0, &self.d_prefix.view())?;
                 }
             }
         }
         if total.mean().is_finite() && total.count > 0 {
-            let d_prefix = match (&self.d_accum, batches.len() > 1, &self.bufs) {
-                (Some(acc), true, _) => acc,
-                (_, _, Some((_, _, grads))) => &grads.d_prefix,
-                _ => return Err(Error::index("batch", "no gradient buffers")),
+            let d_prefix = match (&self.d_accum, batches.len() > 1) {
+                (Some(acc), true) => acc,
+                _ => &self.d_prefix,
             };
             self.enc.backward(
                 be,
@@ -1318,7 +1309,14 @@ impl<'m> Stepper<'m> {
     ) -> Result<LossSum> {
         self.model_prefix(be)?;
         let prefix = self.prefix_cast.as_ref().unwrap_or(&self.eacts.prefix);
-        evaluate(self.model, be, Some(prefix), examples, batch_size)
+        evaluate_in(
+            self.model,
+            be,
+            Some(prefix),
+            examples,
+            batch_size,
+            &mut self.eval_ws,
+        )
     }
 
     /// The current prefix `[P, L·2·C]` on the host.

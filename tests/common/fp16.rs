@@ -7,8 +7,9 @@
 #![allow(dead_code)]
 
 use prefix_attn::device::Backend;
-use prefix_attn::gpt2::{generate, Activations, Batch, Gpt2, Gradients};
+use prefix_attn::gpt2::{Activations, Gpt2, Gradients};
 use prefix_attn::io::SafetensorsFile;
+use prefix_attn::lm::{generate, Batch};
 use prefix_attn::prefix::encoder::{PrefixEncoder, PARAM_NAMES};
 use prefix_attn::tensor::DType;
 use prefix_attn::train::optim::{Optimizer, OptimizerKind};

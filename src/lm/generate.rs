@@ -2,7 +2,7 @@
 //! table and the cached keys of the earlier tokens (the reference stack's cached `generate`
 //! silently drops the prefix; this does not).
 
-use super::model::{Activations, Batch, Gpt2, KvCache, IGNORE};
+use super::PrefixLm;
 use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -42,7 +42,7 @@ pub struct Generation {
 /// `eos` if it is produced, and when the context is full (a token predicted at the last
 /// position is the last one). Returns the new tokens only.
 pub fn greedy(
-    model: &Gpt2,
+    model: &dyn PrefixLm,
     be: &dyn Backend,
     prefix: Option<&Tensor>,
     prompt: &[u32],
@@ -54,7 +54,7 @@ pub fn greedy(
 
 /// [`greedy`], also saying why it stopped.
 pub fn greedy_until(
-    model: &Gpt2,
+    model: &dyn PrefixLm,
     be: &dyn Backend,
     prefix: Option<&Tensor>,
     prompt: &[u32],
@@ -68,7 +68,7 @@ pub fn greedy_until(
         Some(t) => model.check_prefix(t)?,
         None => 0,
     };
-    let npos = model.config.n_positions;
+    let npos = model.geometry().max_positions;
     if p + prompt.len() > npos {
         return Err(Error::index(
             "prompt",
@@ -95,15 +95,9 @@ pub fn greedy_until(
             finish: finish_at_limit,
         });
     }
-    let mut cache = KvCache::new(model, be, need.max(1))?;
-    let step = |tokens: &[u32], cache: &mut KvCache| -> Result<u32> {
-        let labels = vec![IGNORE; tokens.len()];
-        let batch = Batch::new(&[(tokens, &labels)])?;
-        let mut acts = Activations::new(model, be, 1, tokens.len(), false)?;
-        model.forward(be, &batch, prefix, &mut acts, Some(cache))?;
-        let logits = be.download(&acts.logits)?.to_f32_vec();
-        let v = model.config.vocab_size;
-        Ok(argmax(&logits[(tokens.len() - 1) * v..tokens.len() * v]))
+    let mut cache = model.new_cache(be, need.max(1))?;
+    let step = |tokens: &[u32], cache: &mut super::KvCache| -> Result<u32> {
+        Ok(argmax(&model.decode(be, tokens, prefix, cache)?))
     };
     let mut next = step(prompt, &mut cache)?;
     loop {

@@ -1,0 +1,263 @@
+//! `prefix-attn bench attn` and `prefix-attn bench step`.
+
+use super::common::{backend_for, parse_device, DEVICE_HELP};
+use clap::Subcommand;
+use prefix_attn::attn::shapes::{self, NamedShape};
+use prefix_attn::bench::{bench_attn_cpu, bench_attn_device, bench_step, cpu_ceilings, StepBench};
+use prefix_attn::device::{Backend, Device};
+use prefix_attn::{Error, Result};
+
+/// What to benchmark.
+#[derive(Subcommand)]
+pub(super) enum BenchCmd {
+    /// Time fused prefix attention against the naive concat on the named shapes (CPU-scaled
+    /// on the CPU) with FLOP/s, GB/s and the fraction of the measured roofline.
+    Attn(AttnArgs),
+    /// Time full training steps (forward, backward, AdamW) on a random-weight model.
+    Step(StepArgs),
+}
+
+// The arguments of `bench attn`.
+#[derive(clap::Args)]
+pub(super) struct AttnArgs {
+    /// A named shape (see `shapes`), or all of them.
+    #[arg(long, default_value = "all")]
+    shape: String,
+    /// Timed repetitions per measurement (median reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Device: cpu (CPU-scaled shapes), cuda[:N] (full shapes) or auto; never the emulator.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+// The arguments of `bench step`.
+#[derive(clap::Args)]
+pub(super) struct StepArgs {
+    /// tiny or gpt2-small.
+    #[arg(long, default_value = "tiny")]
+    shape: String,
+    /// Sequences per step [default: the shape's].
+    #[arg(long, alias = "batch")]
+    batch_size: Option<usize>,
+    /// Tokens per sequence [default: the shape's].
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Prefix length [default: the shape's].
+    #[arg(long)]
+    prefix_len: Option<usize>,
+    /// Encoder MLP width [default: the shape's].
+    #[arg(long)]
+    mid_dim: Option<usize>,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed steps [default: 20 for tiny, 5 for gpt2-small].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
+    device: String,
+}
+
+/// Runs a benchmark.
+pub(super) fn run(what: BenchCmd) -> Result<()> {
+    match what {
+        BenchCmd::Attn(args) => attn(args),
+        BenchCmd::Step(args) => step(args),
+    }
+}
+
+/// `bench attn`: fused against naive attention on the named shapes.
+fn attn(args: AttnArgs) -> Result<()> {
+    let AttnArgs {
+        shape,
+        reps,
+        json,
+        device,
+    } = args;
+    let shapes: Vec<NamedShape> = if shape == "all" {
+        shapes::SHAPES.to_vec()
+    } else {
+        vec![shapes::by_name(&shape).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "--shape {shape}: expected all or one of {}",
+                shapes::SHAPES.map(|s| s.name).join(", ")
+            ))
+        })?]
+    };
+    // cpu: CPU-scaled shapes, wall time; cuda: full shapes, CUDA events, inputs
+    // rotated through 256 MiB (> 2× an H200's L2). Never the emulator.
+    let cuda = match device.as_str() {
+        "cpu" => None,
+        "emu" => {
+            return Err(Error::Unsupported(
+                "bench attn --device emu: the emulator is a test instrument, never benchmarked (use cpu or cuda)".into(),
+            ))
+        }
+        "auto" => match prefix_attn::device::cuda::device_count() {
+            0 => None,
+            _ => Some(prefix_attn::device::cuda::CudaBackend::new(0)?),
+        },
+        other => match parse_device(other)? {
+            Device::Cuda(n) => Some(prefix_attn::device::cuda::CudaBackend::new(n)?),
+            _ => None,
+        },
+    };
+    let (label, ceil, rows, checks) = match &cuda {
+        None => {
+            let ceil = cpu_ceilings()?;
+            let mut rows = vec![];
+            for s in shapes {
+                rows.push(bench_attn_cpu(s.cpu_scaled(), reps)?);
+            }
+            let label = format!(
+                "cpu, f16 inputs, CPU-scaled shapes; ceilings measured now: {:.0} GFLOP/s (f32 matmul), {:.1} GB/s (copy)",
+                ceil.flops / 1e9,
+                ceil.bytes / 1e9
+            );
+            (label, ceil, rows, vec![])
+        }
+        Some(be) => {
+            let (flops, bytes) = be.ceilings()?;
+            let ceil = prefix_attn::bench::Ceilings { flops, bytes };
+            let mut rows = vec![];
+            let mut checks = vec![];
+            for s in shapes {
+                let r = bench_attn_device(be, s, reps, 256 << 20)?;
+                checks.push(serde_json::json!({
+                    "o_max_diff": r.o_diff, "dk_pre_rel_diff": r.dk_pre_rel_diff, "input_sets": r.sets,
+                }));
+                rows.push(r.row);
+            }
+            let label = format!(
+                "{}, f16, CUDA events, inputs rotated over 256 MiB; ceilings measured now: {:.0} TFLOP/s (cuBLAS fp16 8192³), {:.0} GB/s (1 GiB device copy); naive = concat kernels + our kernel without a prefix",
+                be.describe(),
+                ceil.flops / 1e12,
+                ceil.bytes / 1e9
+            );
+            (label, ceil, rows, checks)
+        }
+    };
+    let roof =
+        |flops: f64, bytes: f64, ms: f64| (flops / ceil.flops).max(bytes / ceil.bytes) / (ms / 1e3);
+    if json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut row = serde_json::json!({
+                    "shape": r.shape.name, "batch": r.shape.batch, "tq": r.shape.tq, "tk": r.shape.tk,
+                    "heads_q": r.shape.heads_q, "heads_kv": r.shape.heads_kv,
+                    "prefix_len": r.shape.prefix_len, "head_dim": r.shape.head_dim,
+                    "fwd_ms": r.fwd_ms, "bwd_ms": r.bwd_ms,
+                    "naive_fwd_ms": r.naive_fwd_ms, "naive_bwd_ms": r.naive_bwd_ms,
+                    "fwd_gflops": r.fwd_flops / r.fwd_ms / 1e6, "bwd_gflops": r.bwd_flops / r.bwd_ms / 1e6,
+                    "fwd_gbs": r.fwd_bytes / r.fwd_ms / 1e6, "bwd_gbs": r.bwd_bytes / r.bwd_ms / 1e6,
+                    "fwd_roofline": roof(r.fwd_flops, r.fwd_bytes, r.fwd_ms),
+                    "bwd_roofline": roof(r.bwd_flops, r.bwd_bytes, r.bwd_ms),
+                    "speedup_fwd": r.naive_fwd_ms / r.fwd_ms, "speedup_bwd": r.naive_bwd_ms / r.bwd_ms,
+                    "naive_extra_mb": r.naive_extra_bytes / 1e6,
+                });
+                if let (Some(c), Some(obj)) = (checks.get(i), row.as_object_mut()) {
+                    obj.insert("check".into(), c.clone());
+                }
+                row
+            })
+            .collect();
+        let dev = cuda
+            .as_ref()
+            .map_or("cpu".to_string(), |b| b.device().to_string());
+        println!(
+            "{}",
+            serde_json::json!({"device": dev, "ceiling_gflops": ceil.flops / 1e9, "ceiling_gbs": ceil.bytes / 1e9, "rows": v})
+        );
+    } else {
+        println!("{label}");
+        println!(
+            "{:<18} {:>9} {:>8} {:>7} {:>6} {:>9} {:>8} {:>6} {:>9} {:>9} {:>10}",
+            "shape",
+            "fwd ms",
+            "GFLOP/s",
+            "GB/s",
+            "roof",
+            "bwd ms",
+            "GFLOP/s",
+            "roof",
+            "×naive fwd",
+            "×naive bwd",
+            "naive +MB"
+        );
+        for r in &rows {
+            println!(
+                "{:<18} {:>9.3} {:>8.1} {:>7.1} {:>5.0}% {:>9.3} {:>8.1} {:>5.0}% {:>9.2}x {:>9.2}x {:>10.1}",
+                r.shape.name,
+                r.fwd_ms,
+                r.fwd_flops / r.fwd_ms / 1e6,
+                r.fwd_bytes / r.fwd_ms / 1e6,
+                100.0 * roof(r.fwd_flops, r.fwd_bytes, r.fwd_ms),
+                r.bwd_ms,
+                r.bwd_flops / r.bwd_ms / 1e6,
+                100.0 * roof(r.bwd_flops, r.bwd_bytes, r.bwd_ms),
+                r.naive_fwd_ms / r.fwd_ms,
+                r.naive_bwd_ms / r.bwd_ms,
+                r.naive_extra_bytes / 1e6
+            );
+        }
+        for (r, c) in rows.iter().zip(&checks) {
+            println!("{}: fused vs naive {c}", r.shape.name);
+        }
+    }
+    Ok(())
+}
+
+/// `bench step`: full training steps on a random-weight model.
+fn step(args: StepArgs) -> Result<()> {
+    let be = backend_for(&args.device)?;
+    let mut s = StepBench::named(&args.shape)?;
+    s.batch = args.batch_size.unwrap_or(s.batch);
+    s.seq = args.seq.unwrap_or(s.seq);
+    s.prefix_len = args.prefix_len.unwrap_or(s.prefix_len);
+    s.mid_dim = args.mid_dim.unwrap_or(s.mid_dim);
+    s.warmup = args.warmup;
+    s.steps = args.steps.unwrap_or(s.steps);
+    let r = bench_step(&s, be.as_ref())?;
+    let v = serde_json::json!({
+        "impl": "prefix-attn",
+        "device": be.device().to_string(),
+        "shape": s.shape,
+        "batch": s.batch,
+        "seq": s.seq,
+        "prefix_len": s.prefix_len,
+        "mid_dim": s.mid_dim,
+        "threads": r.threads,
+        "warmup": s.warmup,
+        "steps": s.steps,
+        "median_ms": r.median_ms,
+        "min_ms": r.min_ms,
+        "max_ms": r.max_ms,
+        "tokens_per_s": r.tokens_per_s,
+        "peak_rss_mb": r.peak_rss_mb,
+        "peak_device_mb": r.peak_device_mb,
+        "model_device_mb": r.model_device_mb,
+        "rss_before_model_mb": r.rss_before_model_mb,
+    });
+    if args.json {
+        println!("{v}");
+    } else {
+        let dev = r
+            .peak_device_mb
+            .map(|p| format!(", peak device memory {p:.0} MB"))
+            .unwrap_or_default();
+        println!(
+            "{} on {} (batch {} × {} tokens, P={}, MLP {}), {} threads: median {:.2} ms (min {:.2}, max {:.2}), {:.0} tokens/s, peak RSS {:.0} MB{dev}",
+            s.shape, be.device(), s.batch, s.seq, s.prefix_len, s.mid_dim, r.threads, r.median_ms, r.min_ms, r.max_ms, r.tokens_per_s, r.peak_rss_mb
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! The model seam: what the trainer, the prefix code, the benchmarks, the demo and the
+//! command line need of a frozen language model with prefix K/V, whatever its family.
+//!
+//! A family (GPT-2 today, in `src/gpt2/`) implements [`PrefixLm`]: the geometry of its prefix
+//! ([`Geometry`]), the summed token loss of a batch given the per-layer prefix K/V and the
+//! gradient of that sum with respect to the prefix (training), and the logits of new tokens
+//! over a [`KvCache`] that keeps the prefix out of the cache (decoding). [`load`] picks the
+//! family of a Hugging Face folder by `config.json`'s `model_type`. Everything here is
+//! model-independent: the batch, the loss, the cache, greedy generation and the workspace.
+//!
+//! The prefix is one tensor `[P, L·2·Hkv·D]` in the model's dtype, laid out as PEFT lays out
+//! `prompt_embeddings`: `[P][layer][key, value][kv head][head dim]`. Prefix keys enter
+//! attention as they are: a family with rotary positions rotates new keys before they are
+//! cached and never the prefix (docs/ARCHITECTURE.md §3).
+
+mod batch;
+mod cache;
+pub mod generate;
+
+pub use batch::{Batch, LossSum, IGNORE};
+pub use cache::KvCache;
+
+use crate::device::{Backend, Device};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+use std::any::Any;
+use std::path::Path;
+
+/// The shape of a model as its prefix sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Layers `L`.
+    pub layers: usize,
+    /// Query heads `Hq`.
+    pub heads: usize,
+    /// Key/value heads `Hkv` (`Hq` is a multiple of it; GPT-2: `Hkv = Hq`).
+    pub kv_heads: usize,
+    /// Head dimension `D`.
+    pub head_dim: usize,
+    /// Positions the model takes, the prefix included.
+    pub max_positions: usize,
+    /// Vocabulary size `V`.
+    pub vocab_size: usize,
+}
+
+impl Geometry {
+    /// The width of one layer's keys (or values) per position, `Hkv · D`: PEFT's
+    /// `token_dim` (for GPT-2 the model width).
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// The width of a prefix row, `L · 2 · Hkv · D`.
+    pub fn prefix_width(&self) -> usize {
+        self.layers * 2 * self.kv_width()
+    }
+}
+
+/// Buffers a model keeps between calls (activations and their gradients), allocated for the
+/// largest batch seen and reused for smaller ones: a step never reallocates or zero-fills
+/// because its longest example changed. Opaque to its users; each family keeps its own type
+/// inside.
+#[derive(Default)]
+pub struct Workspace {
+    inner: Option<Box<dyn Any + Send>>,
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workspace")
+            .field("allocated", &self.inner.is_some())
+            .finish()
+    }
+}
+
+impl Workspace {
+    /// An empty workspace: the first call that uses it allocates.
+    pub fn new() -> Workspace {
+        Workspace::default()
+    }
+
+    /// The family's buffers of type `T`: the ones held when `keep` accepts them, else (none
+    /// held, another type, or too small) new ones from `make`, the old ones freed first.
+    pub fn get<T: Any + Send>(
+        &mut self,
+        keep: impl FnOnce(&T) -> bool,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<&mut T> {
+        let fits = self
+            .inner
+            .as_ref()
+            .and_then(|b| b.downcast_ref::<T>())
+            .is_some_and(keep);
+        if !fits {
+            self.inner = None; // free the old buffers before allocating new ones
+            self.inner = Some(Box::new(make()?));
+        }
+        self.inner
+            .as_mut()
+            .and_then(|b| b.downcast_mut::<T>())
+            .ok_or_else(|| Error::index("workspace", "holds buffers of another model"))
+    }
+
+    /// Frees the buffers.
+    pub fn clear(&mut self) {
+        self.inner = None;
+    }
+}
+
+/// A frozen causal language model that attends over a prefix K/V in every layer.
+///
+/// Training calls [`PrefixLm::loss`] and [`PrefixLm::loss_and_grad`] with a [`Workspace`]
+/// they keep between calls; decoding calls [`PrefixLm::decode`] with a [`KvCache`].
+pub trait PrefixLm: std::fmt::Debug + Send + Sync {
+    /// `config.json`'s `model_type` of this family (`"gpt2"`).
+    fn model_type(&self) -> &'static str;
+
+    /// The prefix geometry.
+    fn geometry(&self) -> Geometry;
+
+    /// The compute dtype of weights and activations; the prefix comes in it.
+    fn dtype(&self) -> DType;
+
+    /// The end-of-sequence token the config names, if any.
+    fn eos_token_id(&self) -> Option<u32>;
+
+    /// The summed token loss of `batch` (real tokens at positions `P ..`, P the prefix
+    /// length, 0 without a prefix) with an optional prefix `[P, L·2·Hkv·D]`.
+    fn loss(
+        &self,
+        be: &dyn Backend,
+        batch: &Batch,
+        prefix: Option<&Tensor>,
+        ws: &mut Workspace,
+    ) -> Result<LossSum>;
+
+    /// [`PrefixLm::loss`] with a prefix, and the gradient of that sum with respect to the
+    /// prefix written to `d_prefix [P, L·2·Hkv·D]` (f32) when the sum is finite and counts
+    /// tokens (otherwise `d_prefix` is left as it was). Only activation gradients are
+    /// computed: the model is frozen.
+    fn loss_and_grad(
+        &self,
+        be: &dyn Backend,
+        batch: &Batch,
+        prefix: &Tensor,
+        ws: &mut Workspace,
+        d_prefix: &mut Tensor,
+    ) -> Result<LossSum>;
+
+    /// Feeds `tokens` of one sequence after the `cache.len` tokens in `cache` (prefill: the
+    /// prompt into an empty cache; a decode step: one token), appends their keys and values
+    /// to the cache, and returns the logits `[V]` of the last one.
+    fn decode(
+        &self,
+        be: &dyn Backend,
+        tokens: &[u32],
+        prefix: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>>;
+
+    /// An empty cache for one sequence of up to `capacity` tokens in this model's geometry.
+    fn new_cache(&self, be: &dyn Backend, capacity: usize) -> Result<KvCache> {
+        KvCache::new(&self.geometry(), self.dtype(), be, capacity)
+    }
+
+    /// Checks that a prefix tensor `[P, L·2·Hkv·D]` in the model's dtype fits; returns `P`.
+    fn check_prefix(&self, prefix: &Tensor) -> Result<usize> {
+        let width = self.geometry().prefix_width();
+        let d = prefix.dims();
+        if d.len() != 2 || d[1] != width {
+            return Err(Error::shape("prefix", format!("[P, L*2*C = {width}]"), d));
+        }
+        if prefix.dtype() != self.dtype() {
+            return Err(Error::DType {
+                arg: "prefix".into(),
+                expected: self.dtype().name().into(),
+                got: prefix.dtype().name().into(),
+            });
+        }
+        Ok(d[0])
+    }
+}
+
+/// The compute dtype of a model on `backend`: f32 on the cpu device (the reference), f16 on
+/// the kernel devices (emu, cuda): weights are converted once at load.
+pub fn dtype_for(backend: &dyn Backend) -> DType {
+    match backend.device() {
+        Device::Cpu => DType::F32,
+        _ => DType::F16,
+    }
+}
+
+/// The model types [`load`] knows.
+pub const MODEL_TYPES: [&str; 1] = ["gpt2"];
+
+/// The families [`load`] can build, by `model_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    Gpt2,
+}
+
+/// The family of a model folder, from `config.json`'s `model_type` (a config without one is
+/// read as GPT-2, as transformers' oldest GPT-2 configs are).
+fn family(dir: &Path) -> Result<Family> {
+    let path = dir.join("config.json");
+    // Not JSON at all: the message names the one family there is.
+    let value: serde_json::Value =
+        serde_json::from_str(&crate::io::read_text(&path)?).map_err(|e| Error::Format {
+            path: path.clone(),
+            msg: format!("not a GPT-2 config: {e}"),
+        })?;
+    // The model type first: another architecture's config lacks GPT-2's fields, and
+    // "missing field n_positions" would hide what is really wrong.
+    match value.get("model_type") {
+        None | Some(serde_json::Value::Null) => Ok(Family::Gpt2),
+        Some(serde_json::Value::String(t)) if t == "gpt2" => Ok(Family::Gpt2),
+        Some(t) => Err(Error::Format {
+            path,
+            msg: format!(
+                "model_type {t}: only GPT-2 models (model_type \"gpt2\") are supported (known model types: {MODEL_TYPES:?})"
+            ),
+        }),
+    }
+}
+
+/// Loads a Hugging Face model folder on `backend` in [`dtype_for`]'s dtype, choosing the
+/// family by `config.json`'s `model_type`.
+pub fn load(dir: &Path, backend: &dyn Backend) -> Result<Box<dyn PrefixLm>> {
+    match family(dir)? {
+        Family::Gpt2 => Ok(Box::new(crate::gpt2::Gpt2::load(dir, backend)?)),
+    }
+}
+
+/// The geometry of a model folder from its `config.json` alone (checked as [`load`] checks
+/// it), without reading the weights.
+pub fn geometry(dir: &Path) -> Result<Geometry> {
+    match family(dir)? {
+        Family::Gpt2 => Ok(crate::gpt2::Gpt2Config::load(&dir.join("config.json"))?.geometry()),
+    }
+}
