@@ -5,7 +5,11 @@
 pub mod beam;
 pub mod pages;
 pub mod sampling;
+pub mod scheduler;
 
 pub use beam::{BeamParams, BeamSearch, BeamStep};
 pub use pages::{PageCopy, PagePool, SeqPages};
 pub use sampling::{Sampler, SamplingParams};
+pub use scheduler::{
+    Completion, Decoding, FinishReason, Request, Scheduler, SchedulerConfig, StepModel,
+};
