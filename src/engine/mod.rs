@@ -2,11 +2,14 @@
 //! per-request token choice (greedy, seeded sampling) and beam search. Each piece is plain
 //! bookkeeping over host data, tested on its own; the batching loop drives them.
 
+pub mod adapters;
 pub mod beam;
+pub mod jsonl;
 pub mod pages;
 pub mod sampling;
 pub mod scheduler;
 
+pub use adapters::{AdapterSlots, Placed};
 pub use beam::{BeamParams, BeamSearch, BeamStep};
 pub use pages::{PageCopy, PagePool, SeqPages};
 pub use sampling::{Sampler, SamplingParams};
