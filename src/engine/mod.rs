@@ -5,6 +5,8 @@
 pub mod adapters;
 pub mod beam;
 pub mod jsonl;
+pub mod kv;
+pub mod model;
 pub mod pages;
 pub mod sampling;
 pub mod scheduler;

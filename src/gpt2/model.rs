@@ -300,6 +300,20 @@ impl Gpt2 {
         })
     }
 
+    /// Checks that a prefix tensor is `[P, L·2·C]` (any dtype); returns `P`.
+    pub fn check_prefix_shape(&self, prefix: &Tensor) -> Result<usize> {
+        let c = &self.config;
+        let d = prefix.dims();
+        if d.len() != 2 || d[1] != c.n_layer * 2 * c.n_embd {
+            return Err(Error::shape(
+                "prefix",
+                format!("[P, L*2*C = {}]", c.n_layer * 2 * c.n_embd),
+                d,
+            ));
+        }
+        Ok(d[0])
+    }
+
     /// Checks that a prefix tensor `[P, L·2·C]` fits this model.
     pub fn check_prefix(&self, prefix: &Tensor) -> Result<usize> {
         let c = &self.config;

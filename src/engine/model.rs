@@ -1,0 +1,78 @@
+//! A frozen model, its paged cache and its prefix table as the scheduler's [`StepModel`].
+
+use super::kv::{PagedKv, PrefixTable};
+use super::pages::PageCopy;
+use super::scheduler::{SeqStep, StepModel};
+use crate::device::Backend;
+use crate::error::{Error, Result};
+use crate::gpt2::Gpt2;
+use crate::tensor::Tensor;
+
+/// GPT-2 with a paged K/V cache and a prefix table of adapters.
+pub struct ModelStep<'a> {
+    model: &'a Gpt2,
+    be: &'a dyn Backend,
+    kv: PagedKv,
+    prefixes: PrefixTable,
+}
+
+impl<'a> ModelStep<'a> {
+    /// A cache of `num_pages` pages of `page_size` tokens and a prefix table of `capacity`
+    /// adapters of `prefix_len` virtual tokens each.
+    pub fn new(
+        model: &'a Gpt2,
+        be: &'a dyn Backend,
+        num_pages: usize,
+        page_size: usize,
+        capacity: usize,
+        prefix_len: usize,
+    ) -> Result<ModelStep<'a>> {
+        let shape = model.kv_shape();
+        Ok(ModelStep {
+            model,
+            be,
+            kv: PagedKv::new(be, shape, model.dtype, num_pages, page_size)?,
+            prefixes: PrefixTable::new(be, shape, model.dtype, capacity, prefix_len.max(1))?,
+        })
+    }
+
+    /// Loads an adapter's prefix `[P, L·2·Hkv·D]` (host or device, any float dtype) under
+    /// `name`; returns its slot.
+    pub fn add_adapter(&mut self, name: &str, prefix: &Tensor) -> Result<u32> {
+        self.model.check_prefix_shape(prefix)?;
+        let host = self.be.download(prefix)?;
+        let conv = Tensor::from_f32(host.dims(), &host.to_f32_vec(), self.model.dtype)?;
+        let dev = self.be.upload(&conv)?;
+        Ok(self.prefixes.insert(self.be, name, &dev)?.slot)
+    }
+
+    /// The prefix table (names and slots).
+    pub fn prefixes(&self) -> &PrefixTable {
+        &self.prefixes
+    }
+}
+
+impl StepModel for ModelStep<'_> {
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+    fn context_len(&self, adapter: Option<u32>) -> Result<usize> {
+        let n = self.model.config.n_positions;
+        match adapter {
+            None => Ok(n),
+            Some(slot) => {
+                let p = self.prefixes.slots().prefix_len(slot).ok_or_else(|| {
+                    Error::index("adapter", format!("prefix-table slot {slot} is empty"))
+                })?;
+                Ok(n.saturating_sub(p))
+            }
+        }
+    }
+    fn copy_pages(&mut self, copies: &[PageCopy]) -> Result<()> {
+        self.kv.copy_pages(self.be, copies)
+    }
+    fn step(&mut self, seqs: &[SeqStep]) -> Result<Vec<Vec<f32>>> {
+        self.model
+            .step_paged(self.be, seqs, &mut self.kv, &self.prefixes)
+    }
+}
