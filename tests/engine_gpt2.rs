@@ -189,3 +189,63 @@ fn mixed_adapters_in_one_batch_equal_one_request_at_a_time() {
         assert_eq!(a.ids, b.ids);
     }
 }
+
+/// The CUDA kernels (on the emulator, fp16) serve the fp16 tiny model's greedy and beam
+/// requests, batched with the bare model's, as transformers does in f64 (the cases' margins
+/// are far above fp16's error), and as the cpu engine does.
+#[test]
+fn emu_kernels_serve_the_same_tokens() {
+    let emu = prefix_attn::device::emu::EmuBackend;
+    let cpu = CpuBackend;
+    let name = "tiny-c";
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(name).join("decoding.json")).unwrap(),
+    )
+    .unwrap();
+    let u32s = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (shape, vals) = adapter_prefix(name);
+    let adapters = vec![(
+        "fx".to_string(),
+        Tensor::from_f32(&shape, &vals, DType::F32).unwrap(),
+    )];
+    let cases: Vec<&Value> = doc["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| ["greedy", "beam3", "beam3_base"].contains(&c["case"].as_str().unwrap()))
+        .collect();
+    let reqs: Vec<Request> = cases
+        .iter()
+        .map(|c| {
+            let beams = c["num_beams"].as_u64().unwrap() as usize;
+            Request {
+                prompt: u32s(&c["prompt"]),
+                adapter: c["adapter"].as_bool().unwrap().then_some(0),
+                max_new_tokens: c["max_new_tokens"].as_u64().unwrap() as usize,
+                stop_ids: vec![c["eos_token_id"].as_u64().unwrap() as u32],
+                decoding: if beams == 1 {
+                    Decoding::Greedy
+                } else {
+                    Decoding::Beam {
+                        num_beams: beams,
+                        length_penalty: 1.0,
+                    }
+                },
+            }
+        })
+        .collect();
+    let m_emu = Gpt2::load(&fixture(name).join("model"), &emu).unwrap();
+    let m_cpu = Gpt2::load(&fixture(name).join("model"), &cpu).unwrap();
+    let on_emu = run(&m_emu, &emu, &adapters, &reqs, CFG);
+    let on_cpu = run(&m_cpu, &cpu, &adapters, &reqs, CFG);
+    for ((c, e), k) in cases.iter().zip(&on_emu).zip(&on_cpu) {
+        assert_eq!(e.ids, u32s(&c["ids"]), "emu {}", c["case"]);
+        assert_eq!(e.ids, k.ids);
+    }
+}
