@@ -33,6 +33,17 @@ impl KvShape {
     }
 }
 
+/// How adapters' prefixes reach attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PrefixMode {
+    /// One shared prefix table, read by attention beside each sequence's pages (ours).
+    #[default]
+    Table,
+    /// The naive method, for comparison: each sequence's cache holds its own copy of its
+    /// prefix in its first `P` positions (its prompt starts with `P` placeholder tokens).
+    CopiedIntoCache,
+}
+
 /// Every layer's paged keys and values.
 #[derive(Debug)]
 pub struct PagedKv {
@@ -67,6 +78,10 @@ impl PagedKv {
         })
     }
 
+    /// The K/V shape.
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
     /// Tokens per page.
     pub fn page_size(&self) -> usize {
         self.page_size
@@ -121,8 +136,8 @@ impl PagedKv {
         Ok(())
     }
 
-    /// Writes layer `l`'s new keys and values (`[n, Hkv · D]` views, any row stride) into
-    /// cache rows `rows[i]`, one copy per run of consecutive rows.
+    /// Writes layer `l`'s new keys and values (`[n, Hkv, D]` views, any strides) into cache
+    /// rows `rows[i]`, one copy per run of consecutive rows.
     pub fn write(
         &mut self,
         be: &dyn Backend,
@@ -131,6 +146,11 @@ impl PagedKv {
         v_new: &TensorView,
         rows: &[usize],
     ) -> Result<()> {
+        let (total, h, d) = (
+            self.num_pages * self.page_size,
+            self.shape.kv_heads,
+            self.shape.head_dim,
+        );
         let mut i = 0;
         while i < rows.len() {
             let mut j = i + 1;
@@ -138,14 +158,12 @@ impl PagedKv {
                 j += 1;
             }
             let n = j - i;
-            be.copy(
-                &k_new.narrow(0, i, n)?,
-                &mut self.k[l].view_mut().narrow(0, rows[i], n)?,
-            )?;
-            be.copy(
-                &v_new.narrow(0, i, n)?,
-                &mut self.v[l].view_mut().narrow(0, rows[i], n)?,
-            )?;
+            for (src, dst) in [(k_new, &mut self.k[l]), (v_new, &mut self.v[l])] {
+                be.copy(
+                    &src.narrow(0, i, n)?,
+                    &mut dst.view_mut().reshape(&[total, h, d])?.narrow(0, rows[i], n)?,
+                )?;
+            }
             i = j;
         }
         Ok(())

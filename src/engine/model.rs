@@ -1,6 +1,6 @@
 //! A frozen model, its paged cache and its prefix table as the scheduler's [`StepModel`].
 
-use super::kv::{PagedKv, PrefixTable};
+use super::kv::{PagedKv, PrefixMode, PrefixTable};
 use super::pages::PageCopy;
 use super::scheduler::{SeqStep, StepModel};
 use crate::device::Backend;
@@ -14,6 +14,7 @@ pub struct ModelStep<'a> {
     be: &'a dyn Backend,
     kv: PagedKv,
     prefixes: PrefixTable,
+    mode: PrefixMode,
 }
 
 impl<'a> ModelStep<'a> {
@@ -33,7 +34,15 @@ impl<'a> ModelStep<'a> {
             be,
             kv: PagedKv::new(be, shape, model.dtype, num_pages, page_size)?,
             prefixes: PrefixTable::new(be, shape, model.dtype, capacity, prefix_len.max(1))?,
+            mode: PrefixMode::Table,
         })
+    }
+
+    /// Switches to the naive method (each sequence's cache holds a copy of its prefix; its
+    /// prompt must start with `P` placeholder tokens), for benchmarks.
+    pub fn with_prefix_mode(mut self, mode: PrefixMode) -> Self {
+        self.mode = mode;
+        self
     }
 
     /// Loads an adapter's prefix `[P, L·2·Hkv·D]` (host or device, any float dtype) under
@@ -64,7 +73,11 @@ impl StepModel for ModelStep<'_> {
                 let p = self.prefixes.slots().prefix_len(slot).ok_or_else(|| {
                     Error::index("adapter", format!("prefix-table slot {slot} is empty"))
                 })?;
-                Ok(n.saturating_sub(p))
+                // Copied into the cache, the prefix is part of the sequence's own tokens.
+                Ok(match self.mode {
+                    PrefixMode::Table => n.saturating_sub(p),
+                    PrefixMode::CopiedIntoCache => n,
+                })
             }
         }
     }
@@ -73,6 +86,6 @@ impl StepModel for ModelStep<'_> {
     }
     fn step(&mut self, seqs: &[SeqStep]) -> Result<Vec<Vec<f32>>> {
         self.model
-            .step_paged(self.be, seqs, &mut self.kv, &self.prefixes)
+            .step_paged(self.be, seqs, &mut self.kv, &self.prefixes, self.mode)
     }
 }

@@ -10,7 +10,7 @@
 use super::Gpt2;
 use crate::attn::{AttnFwdArgs, AttnFwdOut};
 use crate::device::{Backend, MatmulOpts};
-use crate::engine::kv::{KvShape, PagedKv, PrefixTable};
+use crate::engine::kv::{KvShape, PagedKv, PrefixMode, PrefixTable};
 use crate::engine::scheduler::SeqStep;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -28,23 +28,39 @@ impl Gpt2 {
 
     /// One engine step: feeds every sequence's uncached tokens, writes their keys and values
     /// into `kv`, and returns each sequence's last-position logits `[V]`, in order.
+    ///
+    /// With [`PrefixMode::CopiedIntoCache`] (the naive method, for comparison) a sequence
+    /// with an adapter starts with `P` placeholder tokens whose cache rows receive a copy of
+    /// its adapter's prefix instead of being computed, and attention runs without a prefix.
     pub fn step_paged(
         &self,
         be: &dyn Backend,
         seqs: &[SeqStep],
         kv: &mut PagedKv,
         prefixes: &PrefixTable,
+        mode: PrefixMode,
     ) -> Result<Vec<Vec<f32>>> {
+        let p = prefixes.prefix_len();
+        let start = |s: &SeqStep| match (mode, s.adapter) {
+            (PrefixMode::CopiedIntoCache, Some(_)) => s.cached.max(p),
+            _ => s.cached,
+        };
         let mut out: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
-        let mut fed: Vec<usize> = seqs.iter().map(|s| s.tokens.len() - s.cached).collect();
+        let mut fed: Vec<usize> = seqs.iter().map(|s| s.tokens.len() - start(s)).collect();
         fed.sort_unstable();
         fed.dedup();
         for t in fed {
+            if t == 0 {
+                return Err(Error::index(
+                    "sequence",
+                    "nothing to feed after the copied prefix (the prompt needs a real token)",
+                ));
+            }
             let group: Vec<usize> = (0..seqs.len())
-                .filter(|&i| seqs[i].tokens.len() - seqs[i].cached == t)
+                .filter(|&i| seqs[i].tokens.len() - start(&seqs[i]) == t)
                 .collect();
             let members: Vec<&SeqStep> = group.iter().map(|&i| &seqs[i]).collect();
-            let logits = self.paged_pass(be, &members, t, kv, prefixes)?;
+            let logits = self.paged_pass(be, &members, t, kv, prefixes, mode)?;
             for (i, l) in group.into_iter().zip(logits) {
                 out[i] = Some(l);
             }
@@ -62,6 +78,7 @@ impl Gpt2 {
         t: usize,
         kv: &mut PagedKv,
         prefixes: &PrefixTable,
+        mode: PrefixMode,
     ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let w = &self.weights;
@@ -72,8 +89,18 @@ impl Gpt2 {
         let mut ids = Vec::with_capacity(m);
         let mut positions = Vec::with_capacity(m);
         let mut slots = Vec::with_capacity(m);
+        let copied = mode == PrefixMode::CopiedIntoCache;
+        // (adapter slot, first prefix row, cache rows) of the prefix rows to copy.
+        let mut prefix_copies: Vec<(usize, usize, Vec<usize>)> = Vec::new();
         for s in seqs {
-            let offset = if s.adapter.is_some() { p } else { 0 };
+            let offset = if s.adapter.is_some() && !copied { p } else { 0 };
+            let first = s.tokens.len() - t;
+            if let (true, Some(a)) = (copied, s.adapter) {
+                if s.cached < p {
+                    let rows = (s.cached..p).map(|pos| kv.row(s.pages, pos)).collect();
+                    prefix_copies.push((a as usize, s.cached, rows));
+                }
+            }
             if offset + s.tokens.len() > c.n_positions {
                 return Err(Error::index(
                     "sequence",
@@ -84,7 +111,7 @@ impl Gpt2 {
                     ),
                 ));
             }
-            for pos in s.cached..s.tokens.len() {
+            for pos in first..s.tokens.len() {
                 ids.push(s.tokens[pos] as i32);
                 positions.push((offset + pos) as i32);
                 slots.push(kv.row(s.pages, pos));
@@ -96,7 +123,10 @@ impl Gpt2 {
         let lens_k: Vec<i32> = seqs.iter().map(|s| s.tokens.len() as i32).collect();
         let prefix_index: Vec<i32> = seqs
             .iter()
-            .map(|s| s.adapter.map_or(-1, |a| a as i32))
+            .map(|s| match s.adapter {
+                Some(a) if !copied => a as i32,
+                _ => -1,
+            })
             .collect();
         let scale = if c.scale_attn_weights {
             1.0 / (d as f32).sqrt()
@@ -143,19 +173,22 @@ impl Gpt2 {
                 &mut qkv.view_mut(),
                 MatmulOpts::default(),
             )?;
-            let qkv_v = qkv.view();
-            kv.write(
-                be,
-                l,
-                &qkv_v.narrow(1, e, e)?,
-                &qkv_v.narrow(1, 2 * e, e)?,
-                &slots,
+            let (kp, vp) = prefixes.layer(l)?;
+            for (a, from, rows) in &prefix_copies {
+                let n = rows.len();
+                let kr = kp.select(0, *a)?.narrow(0, *from, n)?;
+                let vr = vp.select(0, *a)?.narrow(0, *from, n)?;
+                kv.write(be, l, &kr, &vr, rows)?;
+            }
+            let qkv_v = qkv.view().reshape(&[m, 3, h, d])?;
+            kv.write(be, l, &qkv_v.select(1, 1)?, &qkv_v.select(1, 2)?, &slots)?;
+            be.copy(
+                &qkv_v.select(1, 0)?,
+                &mut q.view_mut().reshape(&[m, h, d])?,
             )?;
-            be.copy(&qkv_v.narrow(1, 0, e)?, &mut q.view_mut())?;
             let (kc, vc) = kv.layer(l);
             be.gather_rows(&kc.view(), &key_rows, &mut k_all.view_mut())?;
             be.gather_rows(&vc.view(), &key_rows, &mut v_all.view_mut())?;
-            let (kp, vp) = prefixes.layer(l)?;
             let args = AttnFwdArgs::new(
                 q.view().reshape(&[b, t, h, d])?,
                 k_all.view().reshape(&[b, len_max, h, d])?,
