@@ -161,7 +161,10 @@ impl PagedKv {
             for (src, dst) in [(k_new, &mut self.k[l]), (v_new, &mut self.v[l])] {
                 be.copy(
                     &src.narrow(0, i, n)?,
-                    &mut dst.view_mut().reshape(&[total, h, d])?.narrow(0, rows[i], n)?,
+                    &mut dst
+                        .view_mut()
+                        .reshape(&[total, h, d])?
+                        .narrow(0, rows[i], n)?,
                 )?;
             }
             i = j;

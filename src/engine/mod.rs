@@ -4,6 +4,7 @@
 
 pub mod adapters;
 pub mod beam;
+pub mod bench;
 pub mod jsonl;
 pub mod kv;
 pub mod model;

@@ -182,10 +182,7 @@ impl Gpt2 {
             }
             let qkv_v = qkv.view().reshape(&[m, 3, h, d])?;
             kv.write(be, l, &qkv_v.select(1, 1)?, &qkv_v.select(1, 2)?, &slots)?;
-            be.copy(
-                &qkv_v.select(1, 0)?,
-                &mut q.view_mut().reshape(&[m, h, d])?,
-            )?;
+            be.copy(&qkv_v.select(1, 0)?, &mut q.view_mut().reshape(&[m, h, d])?)?;
             let (kc, vc) = kv.layer(l);
             be.gather_rows(&kc.view(), &key_rows, &mut k_all.view_mut())?;
             be.gather_rows(&vc.view(), &key_rows, &mut v_all.view_mut())?;
