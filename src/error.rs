@@ -64,6 +64,16 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+    /// The paged KV cache has too few free pages for a request.
+    #[error("KV cache: {needed} pages needed, {free} free of {total}")]
+    OutOfPages {
+        /// Pages the operation needed.
+        needed: usize,
+        /// Pages free.
+        free: usize,
+        /// Pages in the pool.
+        total: usize,
+    },
     /// Training stopped (a non-finite loss).
     #[error("{0}")]
     Training(String),

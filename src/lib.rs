@@ -42,6 +42,7 @@ pub mod attn;
 pub mod bench;
 pub mod demo;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod gpt2;
 pub mod hf;

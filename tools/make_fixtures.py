@@ -1173,11 +1173,123 @@ def make_one(spec, root):
     info["notes"] = notes
     return info
 
+# ----------------------------------------------------------------------------------------------
+# decoding references (--decoding): greedy and beam search through PEFT, sampling warpers
+# ----------------------------------------------------------------------------------------------
+
+DECODING_CASES = [
+    # name, adapter?, num_beams, length_penalty, eos ("model" = the model's, or the index of the
+    # adapter's greedy token to use as the stop id, so that beams finish early), max_new_tokens
+    dict(name="greedy", adapter=True, num_beams=1, length_penalty=1.0, eos="model", max_new=10),
+    dict(name="beam3", adapter=True, num_beams=3, length_penalty=1.0, eos="model", max_new=8),
+    dict(name="beam4_lp0.5_stop", adapter=True, num_beams=4, length_penalty=0.5, eos=1, max_new=8),
+    dict(name="beam2_lp2_stop", adapter=True, num_beams=2, length_penalty=2.0, eos=2, max_new=9),
+    dict(name="beam3_base", adapter=False, num_beams=3, length_penalty=1.0, eos="model", max_new=8),
+]
+WARPER_CASES = [
+    dict(temperature=1.0, top_k=None, top_p=1.0),
+    dict(temperature=0.7, top_k=None, top_p=1.0),
+    dict(temperature=1.0, top_k=5, top_p=1.0),
+    dict(temperature=1.3, top_k=None, top_p=0.9),
+    dict(temperature=0.8, top_k=20, top_p=0.8),
+    dict(temperature=2.0, top_k=3, top_p=0.5),
+    dict(temperature=0.5, top_k=1, top_p=1.0),
+    dict(temperature=1.0, top_k=None, top_p=0.05),
+]
+
+
+def make_decoding(root):
+    """decoding.json per committed model (the models and adapters on disk are inputs, untouched)
+    and decoding/warpers.json. Every generate call is use_cache=False: the cached generate of
+    these versions drops the prefix."""
+    from transformers import GPT2LMHeadModel, LogitsProcessorList, TemperatureLogitsWarper, \
+        TopKLogitsWarper, TopPLogitsWarper
+    from peft import PeftModel
+    for spec in MODELS:
+        d = os.path.join(root, spec["name"])
+        info = json.load(open(os.path.join(d, "versions.json")))
+        base = GPT2LMHeadModel.from_pretrained(os.path.join(d, "model"), dtype=torch.float64).eval()
+        pm = PeftModel.from_pretrained(
+            GPT2LMHeadModel.from_pretrained(os.path.join(d, "model"), dtype=torch.float64).eval(),
+            os.path.join(d, "adapter")).eval()
+        g = torch.Generator().manual_seed(spec["seed"] + 7)
+        V = base.config.vocab_size
+        prompts = [info["gen_prompt_ids"],
+                   [int(i) for i in torch.randint(1, V, (6,), generator=g)]]
+        model_eos = info["eos_token_id"]
+        cases = []
+        for prompt in prompts:
+            greedy_ids = None
+            for c in DECODING_CASES:
+                m = pm if c["adapter"] else base
+                ids = torch.tensor([prompt])
+                if c["eos"] == "model":
+                    eos = model_eos
+                else:
+                    eos = greedy_ids[c["eos"]]
+                with torch.no_grad():
+                    out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
+                                     do_sample=False, num_beams=c["num_beams"],
+                                     length_penalty=c["length_penalty"], max_new_tokens=c["max_new"],
+                                     min_new_tokens=0, early_stopping=False, eos_token_id=eos,
+                                     pad_token_id=eos, num_return_sequences=1,
+                                     output_scores=False, return_dict_in_generate=False)
+                new = out[0, len(prompt):].tolist()
+                if c["name"] == "greedy":
+                    ref, _gaps = greedy(lambda x: m(input_ids=x, attention_mask=torch.ones_like(x),
+                                                    use_cache=False).logits, prompt, eos, c["max_new"])
+                    assert new == ref, (new, ref)
+                    greedy_ids = new
+                # generate pads finished beams with pad = eos: cut after the first eos
+                if eos in new:
+                    new = new[:new.index(eos) + 1]
+                cases.append(dict(case=c["name"], adapter=c["adapter"], prompt=prompt,
+                                  num_beams=c["num_beams"], length_penalty=c["length_penalty"],
+                                  eos_token_id=eos, max_new_tokens=c["max_new"], ids=new,
+                                  finish_reason="stop" if new and new[-1] == eos else "length"))
+        doc = {"generator": "tools/make_fixtures.py --decoding",
+               "what": "model.generate(use_cache=False, do_sample=False, early_stopping=False, "
+                       "num_return_sequences=1) of the f64 model (adapter: PeftModel.from_pretrained"
+                       "(adapter/)); ids are the new tokens, cut after the first eos",
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "peft": peft.__version__},
+               "cases": cases}
+        with open(os.path.join(d, "decoding.json"), "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        print(f"{spec['name']}: decoding.json, {len(cases)} cases")
+
+    g = torch.Generator().manual_seed(20261202)
+    rows = []
+    for c in WARPER_CASES:
+        for n in (7, 64):
+            logits = (torch.randn(n, generator=g, dtype=torch.float64) * 2).to(torch.float32)
+            procs = LogitsProcessorList([TemperatureLogitsWarper(c["temperature"])])
+            if c["top_k"] is not None:
+                procs.append(TopKLogitsWarper(c["top_k"]))
+            if c["top_p"] < 1.0:
+                procs.append(TopPLogitsWarper(c["top_p"]))
+            warped = procs(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0]
+            probs = torch.softmax(warped.double(), -1)
+            rows.append(dict(**c, logits=logits.tolist(), probs=probs.tolist()))
+    wd = os.path.join(os.path.dirname(os.path.normpath(root)), "decoding")
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(wd, "warpers.json"), "w") as f:
+        json.dump({"generator": "tools/make_fixtures.py --decoding",
+                   "what": "softmax (f64) of transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> "
+                           "TopPLogitsWarper applied to f32 logits, the order generate() uses",
+                   "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                   "rows": rows}, f, indent=1)
+        f.write("\n")
+    print(f"decoding/warpers.json: {len(rows)} rows")
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="tests/fixtures/gpt2")
     ap.add_argument("--only", default=None, help="build just this model (tiny-a, tiny-b or tiny-c)")
+    ap.add_argument("--decoding", action="store_true",
+                    help="write only decoding.json of each committed model and decoding/warpers.json")
     args = ap.parse_args()
 
     torch.use_deterministic_algorithms(True)
@@ -1195,6 +1307,9 @@ def main():
         if got != want:
             print(f"warning: {k} {got} != pinned {want}; fixtures may differ", file=sys.stderr)
 
+    if args.decoding:
+        make_decoding(args.out)
+        return 0
     os.makedirs(args.out, exist_ok=True)
     for spec in MODELS:
         if args.only and spec["name"] != args.only:

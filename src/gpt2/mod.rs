@@ -5,6 +5,7 @@
 pub mod config;
 pub mod model;
 pub mod oracle;
+pub mod paged;
 pub mod random;
 pub mod weights;
 

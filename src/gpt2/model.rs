@@ -716,6 +716,17 @@ impl PrefixLm for Gpt2 {
         "gpt2"
     }
 
+    fn step_paged(
+        &self,
+        be: &dyn Backend,
+        seqs: &[crate::lm::paged::PagedSeq],
+        kv: &mut crate::lm::paged::PagedKv,
+        prefixes: &crate::lm::paged::PrefixTable,
+        mode: crate::lm::paged::PrefixMode,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.step_paged_impl(be, seqs, kv, prefixes, mode)
+    }
+
     fn geometry(&self) -> Geometry {
         self.config.geometry()
     }

@@ -16,6 +16,7 @@
 mod batch;
 mod cache;
 pub mod generate;
+pub mod paged;
 
 pub use batch::{Batch, LossSum, IGNORE};
 pub use cache::KvCache;
@@ -158,6 +159,32 @@ pub trait PrefixLm: std::fmt::Debug + Send + Sync {
         cache: &mut KvCache,
     ) -> Result<Vec<f32>>;
 
+    /// One step of the serving engine: feeds every sequence's uncached tokens (a prompt, or
+    /// one token), writes their keys and values into their pages of `kv`, attends over each
+    /// one's prefix slot (or none) in `prefixes` and its cached keys, and returns each
+    /// sequence's last-position logits `[V]`, in order. With
+    /// [`PrefixMode::CopiedIntoCache`](paged::PrefixMode) (the naive method, for benchmarks) a
+    /// sequence with an adapter starts with `P` placeholder tokens whose cache rows receive a
+    /// copy of its prefix instead.
+    fn step_paged(
+        &self,
+        be: &dyn Backend,
+        seqs: &[paged::PagedSeq],
+        kv: &mut paged::PagedKv,
+        prefixes: &paged::PrefixTable,
+        mode: paged::PrefixMode,
+    ) -> Result<Vec<Vec<f32>>>;
+
+    /// Checks that a prefix tensor is `[P, L·2·Hkv·D]` (any dtype); returns `P`.
+    fn check_prefix_shape(&self, prefix: &Tensor) -> Result<usize> {
+        let width = self.geometry().prefix_width();
+        let d = prefix.dims();
+        if d.len() != 2 || d[1] != width {
+            return Err(Error::shape("prefix", format!("[P, L*2*C = {width}]"), d));
+        }
+        Ok(d[0])
+    }
+
     /// An empty cache for one sequence of up to `capacity` tokens in this model's geometry.
     fn new_cache(&self, be: &dyn Backend, capacity: usize) -> Result<KvCache> {
         KvCache::new(&self.geometry(), self.dtype(), be, capacity)
@@ -165,11 +192,7 @@ pub trait PrefixLm: std::fmt::Debug + Send + Sync {
 
     /// Checks that a prefix tensor `[P, L·2·Hkv·D]` in the model's dtype fits; returns `P`.
     fn check_prefix(&self, prefix: &Tensor) -> Result<usize> {
-        let width = self.geometry().prefix_width();
-        let d = prefix.dims();
-        if d.len() != 2 || d[1] != width {
-            return Err(Error::shape("prefix", format!("[P, L*2*C = {width}]"), d));
-        }
+        let p = self.check_prefix_shape(prefix)?;
         if prefix.dtype() != self.dtype() {
             return Err(Error::DType {
                 arg: "prefix".into(),
@@ -177,7 +200,7 @@ pub trait PrefixLm: std::fmt::Debug + Send + Sync {
                 got: prefix.dtype().name().into(),
             });
         }
-        Ok(d[0])
+        Ok(p)
     }
 }
 

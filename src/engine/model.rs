@@ -1,0 +1,111 @@
+//! A frozen model, its paged cache and its prefix table as the scheduler's [`StepModel`].
+
+use super::adapters::AdapterSlots;
+use super::pages::PageCopy;
+use super::scheduler::{PagedSeq, StepModel};
+use crate::device::Backend;
+use crate::error::{Error, Result};
+use crate::lm::paged::{KvShape, PagedKv, PrefixMode, PrefixTable};
+use crate::lm::PrefixLm;
+use crate::tensor::Tensor;
+
+/// A model behind the seam with a paged K/V cache and a prefix table of adapters.
+pub struct ModelStep<'a> {
+    model: &'a dyn PrefixLm,
+    be: &'a dyn Backend,
+    kv: PagedKv,
+    prefixes: PrefixTable,
+    slots: AdapterSlots,
+    mode: PrefixMode,
+}
+
+impl<'a> ModelStep<'a> {
+    /// A cache of `num_pages` pages of `page_size` tokens and a prefix table of `capacity`
+    /// adapters of `prefix_len` virtual tokens each.
+    pub fn new(
+        model: &'a dyn PrefixLm,
+        be: &'a dyn Backend,
+        num_pages: usize,
+        page_size: usize,
+        capacity: usize,
+        prefix_len: usize,
+    ) -> Result<ModelStep<'a>> {
+        let shape = KvShape::of(&model.geometry());
+        let p = prefix_len.max(1);
+        Ok(ModelStep {
+            model,
+            be,
+            kv: PagedKv::new(be, shape, model.dtype(), num_pages, page_size)?,
+            prefixes: PrefixTable::new(be, shape, model.dtype(), capacity, p)?,
+            slots: AdapterSlots::new(capacity, p)?,
+            mode: PrefixMode::Table,
+        })
+    }
+
+    /// Switches to the naive method (each sequence's cache holds a copy of its prefix; its
+    /// prompt must start with `P` placeholder tokens), for benchmarks.
+    pub fn with_prefix_mode(mut self, mode: PrefixMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Loads an adapter's prefix `[P, L·2·Hkv·D]` (host or device, any float dtype) under
+    /// `name`, evicting the least recently used idle adapter when the table is full; returns
+    /// its slot.
+    pub fn add_adapter(&mut self, name: &str, prefix: &Tensor) -> Result<u32> {
+        let p = self.model.check_prefix_shape(prefix)?;
+        if p != self.prefixes.prefix_len() {
+            return Err(Error::index(
+                &format!("adapter {name:?}"),
+                format!(
+                    "{p} virtual tokens; the adapters served together must all have {}",
+                    self.prefixes.prefix_len()
+                ),
+            ));
+        }
+        let host = self.be.download(prefix)?;
+        let conv = Tensor::from_f32(host.dims(), &host.to_f32_vec(), self.model.dtype())?;
+        let dev = self.be.upload(&conv)?;
+        let placed = self.slots.insert(name, p)?;
+        self.prefixes.write(self.be, placed.slot, name, &dev)?;
+        Ok(placed.slot)
+    }
+
+    /// Which adapter is in which slot.
+    pub fn slots(&self) -> &AdapterSlots {
+        &self.slots
+    }
+    /// Mutable slot book-keeping (requests acquire and release their adapter).
+    pub fn slots_mut(&mut self) -> &mut AdapterSlots {
+        &mut self.slots
+    }
+}
+
+impl StepModel for ModelStep<'_> {
+    fn vocab_size(&self) -> usize {
+        self.model.geometry().vocab_size
+    }
+    fn context_len(&self, adapter: Option<u32>) -> Result<usize> {
+        let n = self.model.geometry().max_positions;
+        match adapter {
+            None => Ok(n),
+            Some(slot) => {
+                let p = self.slots.prefix_len(slot).ok_or_else(|| {
+                    Error::index("adapter", format!("prefix-table slot {slot} is empty"))
+                })?;
+                // Copied into the cache, the prefix is part of the sequence's own tokens.
+                Ok(match self.mode {
+                    PrefixMode::Table => n.saturating_sub(p),
+                    PrefixMode::CopiedIntoCache => n,
+                })
+            }
+        }
+    }
+    fn copy_pages(&mut self, copies: &[PageCopy]) -> Result<()> {
+        self.kv.copy_pages(self.be, copies)
+    }
+    fn step(&mut self, seqs: &[PagedSeq]) -> Result<Vec<Vec<f32>>> {
+        self.model
+            .step_paged(self.be, seqs, &mut self.kv, &self.prefixes, self.mode)
+    }
+}

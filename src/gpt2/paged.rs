@@ -1,0 +1,260 @@
+//! GPT-2 over the engine's paged K/V cache: one model step for a batch of sequences that
+//! each feed their uncached tokens (a prompt, or one token), with every sequence's own
+//! adapter slot (or none) in the prefix table.
+//!
+//! Sequences feeding the same number of tokens run as one `[B, t]` pass: the new keys and
+//! values go into their pages first, then each sequence's keys are gathered from its pages
+//! and attention runs over `[its prefix ; its keys]` with the per-sequence prefix index and
+//! key lengths of the attention contract.
+
+use super::Gpt2;
+use crate::attn::{AttnFwdArgs, AttnFwdOut};
+use crate::device::{Backend, MatmulOpts};
+use crate::error::{Error, Result};
+use crate::lm::paged::{PagedKv, PagedSeq, PrefixMode, PrefixTable};
+use crate::tensor::Tensor;
+
+impl Gpt2 {
+    /// One engine step: feeds every sequence's uncached tokens, writes their keys and values
+    /// into `kv`, and returns each sequence's last-position logits `[V]`, in order.
+    ///
+    /// With [`PrefixMode::CopiedIntoCache`] (the naive method, for comparison) a sequence
+    /// with an adapter starts with `P` placeholder tokens whose cache rows receive a copy of
+    /// its adapter's prefix instead of being computed, and attention runs without a prefix.
+    pub(crate) fn step_paged_impl(
+        &self,
+        be: &dyn Backend,
+        seqs: &[PagedSeq],
+        kv: &mut PagedKv,
+        prefixes: &PrefixTable,
+        mode: PrefixMode,
+    ) -> Result<Vec<Vec<f32>>> {
+        let p = prefixes.prefix_len();
+        let start = |s: &PagedSeq| match (mode, s.adapter) {
+            (PrefixMode::CopiedIntoCache, Some(_)) => s.cached.max(p),
+            _ => s.cached,
+        };
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
+        let mut fed: Vec<usize> = seqs.iter().map(|s| s.tokens.len() - start(s)).collect();
+        fed.sort_unstable();
+        fed.dedup();
+        for t in fed {
+            if t == 0 {
+                return Err(Error::index(
+                    "sequence",
+                    "nothing to feed after the copied prefix (the prompt needs a real token)",
+                ));
+            }
+            let group: Vec<usize> = (0..seqs.len())
+                .filter(|&i| seqs[i].tokens.len() - start(&seqs[i]) == t)
+                .collect();
+            let members: Vec<&PagedSeq> = group.iter().map(|&i| &seqs[i]).collect();
+            let logits = self.paged_pass(be, &members, t, kv, prefixes, mode)?;
+            for (i, l) in group.into_iter().zip(logits) {
+                out[i] = Some(l);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|l| l.expect("every sequence is in one group"))
+            .collect())
+    }
+
+    fn paged_pass(
+        &self,
+        be: &dyn Backend,
+        seqs: &[&PagedSeq],
+        t: usize,
+        kv: &mut PagedKv,
+        prefixes: &PrefixTable,
+        mode: PrefixMode,
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let w = &self.weights;
+        let (b, e, h, d) = (seqs.len(), c.n_embd, c.n_head, c.head_dim());
+        let m = b * t;
+        let dt = self.dtype;
+        let p = prefixes.prefix_len();
+        let mut ids = Vec::with_capacity(m);
+        let mut positions = Vec::with_capacity(m);
+        let mut slots = Vec::with_capacity(m);
+        let copied = mode == PrefixMode::CopiedIntoCache;
+        // (adapter slot, first prefix row, cache rows) of the prefix rows to copy.
+        let mut prefix_copies: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+        for s in seqs {
+            let offset = if s.adapter.is_some() && !copied { p } else { 0 };
+            let first = s.tokens.len() - t;
+            if let (true, Some(a)) = (copied, s.adapter) {
+                if s.cached < p {
+                    let rows = (s.cached..p).map(|pos| kv.row(s.pages, pos)).collect();
+                    prefix_copies.push((a as usize, s.cached, rows));
+                }
+            }
+            if offset + s.tokens.len() > c.n_positions {
+                return Err(Error::index(
+                    "sequence",
+                    format!(
+                        "{} tokens after a prefix of {offset} exceed n_positions = {}",
+                        s.tokens.len(),
+                        c.n_positions
+                    ),
+                ));
+            }
+            for pos in first..s.tokens.len() {
+                ids.push(s.tokens[pos] as i32);
+                positions.push((offset + pos) as i32);
+                slots.push(kv.row(s.pages, pos));
+            }
+        }
+        let len_max = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
+        let key_rows = kv.rows_of(seqs, len_max);
+        let lens_q = vec![t as i32; b];
+        let lens_k: Vec<i32> = seqs.iter().map(|s| s.tokens.len() as i32).collect();
+        let prefix_index: Vec<i32> = seqs
+            .iter()
+            .map(|s| match s.adapter {
+                Some(a) if !copied => a as i32,
+                _ => -1,
+            })
+            .collect();
+        let scale = if c.scale_attn_weights {
+            1.0 / (d as f32).sqrt()
+        } else {
+            1.0
+        };
+        let eps = c.layer_norm_epsilon;
+
+        let z = |shape: &[usize]| be.zeros(shape, dt);
+        let mut x = z(&[m, e])?;
+        let mut pos_emb = z(&[m, e])?;
+        be.gather_rows(&w.wte.view(), &ids, &mut x.view_mut())?;
+        be.gather_rows(&w.wpe.view(), &positions, &mut pos_emb.view_mut())?;
+        be.add_assign(&mut x.view_mut(), &pos_emb.view())?;
+        drop(pos_emb);
+        let (mut ln, mut qkv, mut q) = (z(&[m, e])?, z(&[m, 3 * e])?, z(&[m, e])?);
+        let (mut k_all, mut v_all) = (z(&[b * len_max, e])?, z(&[b * len_max, e])?);
+        let (mut atty, mut mid, mut fch, mut fcg) = (
+            z(&[m, e])?,
+            z(&[m, e])?,
+            z(&[m, c.n_inner])?,
+            z(&[m, c.n_inner])?,
+        );
+        let mut next = z(&[m, e])?;
+        let (mut mean, mut rstd) = (
+            be.zeros(&[m], crate::tensor::DType::F32)?,
+            be.zeros(&[m], crate::tensor::DType::F32)?,
+        );
+        for l in 0..c.n_layer {
+            let lw = &w.layers[l];
+            be.layernorm(
+                &x.view(),
+                &lw.ln1_w.view(),
+                &lw.ln1_b.view(),
+                eps,
+                &mut ln.view_mut(),
+                &mut mean.view_mut(),
+                &mut rstd.view_mut(),
+            )?;
+            be.matmul(
+                &ln.view(),
+                &lw.attn_w.view(),
+                Some(&lw.attn_b.view()),
+                &mut qkv.view_mut(),
+                MatmulOpts::default(),
+            )?;
+            let (kp, vp) = prefixes.layer(l)?;
+            for (a, from, rows) in &prefix_copies {
+                let n = rows.len();
+                let kr = kp.select(0, *a)?.narrow(0, *from, n)?;
+                let vr = vp.select(0, *a)?.narrow(0, *from, n)?;
+                kv.write(be, l, &kr, &vr, rows)?;
+            }
+            let qkv_v = qkv.view().reshape(&[m, 3, h, d])?;
+            kv.write(be, l, &qkv_v.select(1, 1)?, &qkv_v.select(1, 2)?, &slots)?;
+            be.copy(&qkv_v.select(1, 0)?, &mut q.view_mut().reshape(&[m, h, d])?)?;
+            let (kc, vc) = kv.layer(l);
+            be.gather_rows(&kc.view(), &key_rows, &mut k_all.view_mut())?;
+            be.gather_rows(&vc.view(), &key_rows, &mut v_all.view_mut())?;
+            let args = AttnFwdArgs::new(
+                q.view().reshape(&[b, t, h, d])?,
+                k_all.view().reshape(&[b, len_max, h, d])?,
+                v_all.view().reshape(&[b, len_max, h, d])?,
+            )
+            .prefix(kp, vp)
+            .prefix_index(&prefix_index)
+            .seqlens(&lens_q, &lens_k)
+            .causal(true)
+            .scale(scale);
+            be.attn_fwd(
+                &args,
+                AttnFwdOut {
+                    o: atty.view_mut().reshape(&[b, t, h, d])?,
+                    lse: None,
+                },
+            )?;
+            be.matmul(
+                &atty.view(),
+                &lw.proj_w.view(),
+                None,
+                &mut mid.view_mut(),
+                MatmulOpts::default(),
+            )?;
+            be.bias_residual(&mut mid.view_mut(), &lw.proj_b.view(), &x.view())?;
+            be.layernorm(
+                &mid.view(),
+                &lw.ln2_w.view(),
+                &lw.ln2_b.view(),
+                eps,
+                &mut ln.view_mut(),
+                &mut mean.view_mut(),
+                &mut rstd.view_mut(),
+            )?;
+            be.matmul(
+                &ln.view(),
+                &lw.fc_w.view(),
+                None,
+                &mut fch.view_mut(),
+                MatmulOpts::default(),
+            )?;
+            be.bias_gelu(&mut fch.view_mut(), &lw.fc_b.view(), &mut fcg.view_mut())?;
+            be.matmul(
+                &fcg.view(),
+                &lw.fc_proj_w.view(),
+                None,
+                &mut next.view_mut(),
+                MatmulOpts::default(),
+            )?;
+            be.bias_residual(&mut next.view_mut(), &lw.fc_proj_b.view(), &mid.view())?;
+            std::mem::swap(&mut x, &mut next);
+        }
+        // Only the last fed token of each sequence goes through the head.
+        let last: Vec<i32> = (0..b).map(|i| (i * t + t - 1) as i32).collect();
+        let mut xl = z(&[b, e])?;
+        be.gather_rows(&x.view(), &last, &mut xl.view_mut())?;
+        let mut lnf = z(&[b, e])?;
+        let (mut mean_l, mut rstd_l) = (
+            be.zeros(&[b], crate::tensor::DType::F32)?,
+            be.zeros(&[b], crate::tensor::DType::F32)?,
+        );
+        be.layernorm(
+            &xl.view(),
+            &w.lnf_w.view(),
+            &w.lnf_b.view(),
+            eps,
+            &mut lnf.view_mut(),
+            &mut mean_l.view_mut(),
+            &mut rstd_l.view_mut(),
+        )?;
+        let v = c.vocab_size;
+        let mut logits: Tensor = z(&[b, v])?;
+        be.matmul(
+            &lnf.view(),
+            &w.wte.view(),
+            None,
+            &mut logits.view_mut(),
+            MatmulOpts::nt(),
+        )?;
+        let host = be.download(&logits)?.to_f32_vec();
+        Ok(host.chunks(v).map(|r| r.to_vec()).collect())
+    }
+}
