@@ -207,6 +207,83 @@ fn rows_mut(t: &mut Tensor, rows: usize) -> Result<TensorViewMut<'_>> {
     t.view_mut().narrow(0, 0, rows)
 }
 
+/// The buffers of a block's part after attention ([`Gpt2::block_mlp`]), `[M, ·]` rows.
+pub(crate) struct BlockMlpBufs<'a> {
+    /// `x + atty · W_proj + b_proj` `[M, C]`.
+    pub mid: TensorViewMut<'a>,
+    /// `LN2(mid)` `[M, C]`.
+    pub ln: TensorViewMut<'a>,
+    /// LN2's mean `[M]` (f32).
+    pub mean: TensorViewMut<'a>,
+    /// LN2's reciprocal standard deviation `[M]` (f32).
+    pub rstd: TensorViewMut<'a>,
+    /// The MLP's pre-GELU activations `[M, 4C]`, which the backward needs.
+    pub fch: TensorViewMut<'a>,
+    /// GELU of `fch` `[M, 4C]`.
+    pub fcg: TensorViewMut<'a>,
+    /// The block's output `mid + MLP(LN2(mid))` `[M, C]`.
+    pub out: TensorViewMut<'a>,
+}
+
+impl Gpt2 {
+    /// Block `l` up to attention: `ln = LN1(x)` (keeping its statistics) and the fused
+    /// projection `qkv = ln · W_attn + b_attn` `[M, 3C]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn block_qkv(
+        &self,
+        be: &dyn Backend,
+        l: usize,
+        x: &TensorView,
+        ln: &mut TensorViewMut,
+        mean: &mut TensorViewMut,
+        rstd: &mut TensorViewMut,
+        qkv: &mut TensorViewMut,
+    ) -> Result<()> {
+        let lw = &self.weights.layers[l];
+        let eps = self.config.layer_norm_epsilon;
+        be.layernorm(x, &lw.ln1_w.view(), &lw.ln1_b.view(), eps, ln, mean, rstd)?;
+        be.matmul(
+            &ln.as_view(),
+            &lw.attn_w.view(),
+            Some(&lw.attn_b.view()),
+            qkv,
+            MatmulOpts::default(),
+        )
+    }
+
+    /// Block `l` after attention: the output projection and residual into `mid`, then the
+    /// MLP and its residual into `out`. Biases ride along with the next elementwise pass
+    /// (bias + residual, bias + GELU): no extra pass over the matmul outputs.
+    pub(crate) fn block_mlp(
+        &self,
+        be: &dyn Backend,
+        l: usize,
+        x: &TensorView,
+        atty: &TensorView,
+        mut b: BlockMlpBufs,
+    ) -> Result<()> {
+        let lw = &self.weights.layers[l];
+        let eps = self.config.layer_norm_epsilon;
+        let mm = MatmulOpts::default();
+        be.matmul(atty, &lw.proj_w.view(), None, &mut b.mid, mm)?;
+        be.bias_residual(&mut b.mid, &lw.proj_b.view(), x)?;
+        let mid = b.mid.as_view();
+        be.layernorm(
+            &mid,
+            &lw.ln2_w.view(),
+            &lw.ln2_b.view(),
+            eps,
+            &mut b.ln,
+            &mut b.mean,
+            &mut b.rstd,
+        )?;
+        be.matmul(&b.ln.as_view(), &lw.fc_w.view(), None, &mut b.fch, mm)?;
+        be.bias_gelu(&mut b.fch, &lw.fc_b.view(), &mut b.fcg)?;
+        be.matmul(&b.fcg.as_view(), &lw.fc_proj_w.view(), None, &mut b.out, mm)?;
+        be.bias_residual(&mut b.out, &lw.fc_proj_b.view(), &mid)
+    }
+}
+
 impl Gpt2 {
     /// The compute dtype of a model on `backend` ([`crate::lm::dtype_for`]).
     pub fn dtype_for(backend: &dyn Backend) -> DType {
@@ -313,25 +390,17 @@ impl Gpt2 {
             &mut rows_mut(&mut acts.res[0], m)?,
         )?;
         for l in 0..c.n_layer {
-            let lw = &w.layers[l];
             let (res_in, res_out) = acts.res.split_at_mut(l + 1);
             let res_in = &res_in[l];
             let res_out = &mut res_out[0];
-            be.layernorm(
+            self.block_qkv(
+                be,
+                l,
                 &rows(res_in, m)?,
-                &lw.ln1_w.view(),
-                &lw.ln1_b.view(),
-                eps,
                 &mut rows_mut(&mut acts.ln1, m)?,
                 &mut rows_mut(&mut acts.ln1_mean[l], m)?,
                 &mut rows_mut(&mut acts.ln1_rstd[l], m)?,
-            )?;
-            be.matmul(
-                &rows(&acts.ln1, m)?,
-                &lw.attn_w.view(),
-                Some(&lw.attn_b.view()),
                 &mut rows_mut(&mut acts.qkv[l], m)?,
-                MatmulOpts::default(),
             )?;
             let qkv = rows(&acts.qkv[l], m)?.reshape(&[b, t, 3, h, d])?;
             let (q, k_new, v_new) = (qkv.select(2, 0)?, qkv.select(2, 1)?, qkv.select(2, 2)?);
@@ -361,52 +430,20 @@ impl Gpt2 {
                     lse: Some(rows_mut(&mut acts.lse[l], h * m)?.reshape(&[b, h, t])?),
                 },
             )?;
-            // Biases ride along with the next elementwise pass (bias + residual, bias +
-            // GELU): no extra pass over the matmul outputs.
-            be.matmul(
-                &rows(&acts.atty[l], m)?,
-                &lw.proj_w.view(),
-                None,
-                &mut rows_mut(&mut acts.mid[l], m)?,
-                MatmulOpts::default(),
-            )?;
-            be.bias_residual(
-                &mut rows_mut(&mut acts.mid[l], m)?,
-                &lw.proj_b.view(),
+            self.block_mlp(
+                be,
+                l,
                 &rows(res_in, m)?,
-            )?;
-            be.layernorm(
-                &rows(&acts.mid[l], m)?,
-                &lw.ln2_w.view(),
-                &lw.ln2_b.view(),
-                eps,
-                &mut rows_mut(&mut acts.ln2, m)?,
-                &mut rows_mut(&mut acts.ln2_mean[l], m)?,
-                &mut rows_mut(&mut acts.ln2_rstd[l], m)?,
-            )?;
-            be.matmul(
-                &rows(&acts.ln2, m)?,
-                &lw.fc_w.view(),
-                None,
-                &mut rows_mut(&mut acts.fch[l], m)?,
-                MatmulOpts::default(),
-            )?;
-            be.bias_gelu(
-                &mut rows_mut(&mut acts.fch[l], m)?,
-                &lw.fc_b.view(),
-                &mut rows_mut(&mut acts.fcg, m)?,
-            )?;
-            be.matmul(
-                &rows(&acts.fcg, m)?,
-                &lw.fc_proj_w.view(),
-                None,
-                &mut rows_mut(res_out, m)?,
-                MatmulOpts::default(),
-            )?;
-            be.bias_residual(
-                &mut rows_mut(res_out, m)?,
-                &lw.fc_proj_b.view(),
-                &rows(&acts.mid[l], m)?,
+                &rows(&acts.atty[l], m)?,
+                BlockMlpBufs {
+                    mid: rows_mut(&mut acts.mid[l], m)?,
+                    ln: rows_mut(&mut acts.ln2, m)?,
+                    mean: rows_mut(&mut acts.ln2_mean[l], m)?,
+                    rstd: rows_mut(&mut acts.ln2_rstd[l], m)?,
+                    fch: rows_mut(&mut acts.fch[l], m)?,
+                    fcg: rows_mut(&mut acts.fcg, m)?,
+                    out: rows_mut(res_out, m)?,
+                },
             )?;
         }
         if let Some(kc) = cache {

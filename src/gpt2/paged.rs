@@ -7,6 +7,7 @@
 //! and attention runs over `[its prefix ; its keys]` with the per-sequence prefix index and
 //! key lengths of the attention contract.
 
+use super::model::BlockMlpBufs;
 use super::Gpt2;
 use crate::attn::{AttnFwdArgs, AttnFwdOut};
 use crate::device::{Backend, MatmulOpts};
@@ -145,22 +146,14 @@ impl Gpt2 {
             be.zeros(&[m], crate::tensor::DType::F32)?,
         );
         for l in 0..c.n_layer {
-            let lw = &w.layers[l];
-            be.layernorm(
+            self.block_qkv(
+                be,
+                l,
                 &x.view(),
-                &lw.ln1_w.view(),
-                &lw.ln1_b.view(),
-                eps,
                 &mut ln.view_mut(),
                 &mut mean.view_mut(),
                 &mut rstd.view_mut(),
-            )?;
-            be.matmul(
-                &ln.view(),
-                &lw.attn_w.view(),
-                Some(&lw.attn_b.view()),
                 &mut qkv.view_mut(),
-                MatmulOpts::default(),
             )?;
             let (kp, vp) = prefixes.layer(l)?;
             for (a, from, rows) in &prefix_copies {
@@ -192,39 +185,21 @@ impl Gpt2 {
                     lse: None,
                 },
             )?;
-            be.matmul(
+            self.block_mlp(
+                be,
+                l,
+                &x.view(),
                 &atty.view(),
-                &lw.proj_w.view(),
-                None,
-                &mut mid.view_mut(),
-                MatmulOpts::default(),
+                BlockMlpBufs {
+                    mid: mid.view_mut(),
+                    ln: ln.view_mut(),
+                    mean: mean.view_mut(),
+                    rstd: rstd.view_mut(),
+                    fch: fch.view_mut(),
+                    fcg: fcg.view_mut(),
+                    out: next.view_mut(),
+                },
             )?;
-            be.bias_residual(&mut mid.view_mut(), &lw.proj_b.view(), &x.view())?;
-            be.layernorm(
-                &mid.view(),
-                &lw.ln2_w.view(),
-                &lw.ln2_b.view(),
-                eps,
-                &mut ln.view_mut(),
-                &mut mean.view_mut(),
-                &mut rstd.view_mut(),
-            )?;
-            be.matmul(
-                &ln.view(),
-                &lw.fc_w.view(),
-                None,
-                &mut fch.view_mut(),
-                MatmulOpts::default(),
-            )?;
-            be.bias_gelu(&mut fch.view_mut(), &lw.fc_b.view(), &mut fcg.view_mut())?;
-            be.matmul(
-                &fcg.view(),
-                &lw.fc_proj_w.view(),
-                None,
-                &mut next.view_mut(),
-                MatmulOpts::default(),
-            )?;
-            be.bias_residual(&mut next.view_mut(), &lw.fc_proj_b.view(), &mid.view())?;
             std::mem::swap(&mut x, &mut next);
         }
         // Only the last fed token of each sequence goes through the head.
