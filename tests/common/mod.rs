@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fp16;
+pub mod meta;
 
 use prefix_attn::attn::oracle::{Dense, Grads, Outputs, Precision};
 use prefix_attn::attn::testing::{FwdBuffers, GradBuffers};
