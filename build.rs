@@ -28,6 +28,7 @@ const KERNELS: &[&str] = &[
 ];
 /// Headers the kernels include.
 const HEADERS: &[&str] = &[
+    "kernels/common/meta.cuh",
     "kernels/common/platform.cuh",
     "kernels/common/prims.cuh",
     "kernels/common/tile.cuh",

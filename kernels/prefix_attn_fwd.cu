@@ -8,6 +8,7 @@
 // buffering, read into tensor-core fragments by ldmatrix, and multiplied by mma.sync m16n8k16
 // with fp32 accumulation; the softmax is online, in base 2, in fp32. Output o in the input
 // type, lse (natural log) in fp32. Rows that see no key get o = 0, lse = -inf.
+#include "common/meta.cuh"
 #include "common/params.h"
 #include "common/prims.cuh"
 #include "common/registry.h"
@@ -274,8 +275,38 @@ PA_FWD_ENTRY(prefix_attn_fwd_d128_f16, 128, __half)
 PA_FWD_ENTRY(prefix_attn_fwd_d64_bf16, 64, __nv_bfloat16)
 PA_FWD_ENTRY(prefix_attn_fwd_d128_bf16, 128, __nv_bfloat16)
 
+// Device metadata → the clamped copy the attention kernels read (kernels/common/meta.cuh):
+// one thread per sequence, grid-stride.
+constexpr int kMetaClampThreads = 256;
+extern "C" PA_GLOBAL void PA_LAUNCH_BOUNDS(kMetaClampThreads, 1) prefix_attn_meta_clamp(AttnMetaClampParams p) {
+    const int32_t* idx = reinterpret_cast<const int32_t*>(p.src_prefix_index);
+    const int32_t* sq = reinterpret_cast<const int32_t*>(p.src_seqlen_q);
+    const int32_t* sk = reinterpret_cast<const int32_t*>(p.src_seqlen_k);
+    int32_t* dst = reinterpret_cast<int32_t*>(p.dst);
+    for (int b = blockIdx.x * blockDim.x + threadIdx.x; b < p.batch; b += gridDim.x * blockDim.x) {
+        dst[b] = pa::clamp_prefix(idx[b], p.num_prefixes);
+        dst[p.batch + b] = pa::clamp_len(sq[b], p.tq);
+        dst[2 * p.batch + b] = pa::clamp_len(sk[b], p.tk);
+    }
+}
+PA_REGISTER_KERNEL(prefix_attn_meta_clamp, AttnMetaClampParams, kMetaClampThreads, 0, 0, 0)
+
 #if defined(PREFIX_ATTN_EMU)
 #include <cstddef>
+
+// Size and field offsets of the metadata clamp's parameter struct.
+extern "C" size_t pa_meta_clamp_params_layout(size_t* out, size_t n) {
+    const size_t v[] = {
+        sizeof(AttnMetaClampParams),
+        offsetof(AttnMetaClampParams, src_seqlen_k),
+        offsetof(AttnMetaClampParams, dst),
+        offsetof(AttnMetaClampParams, batch),
+        offsetof(AttnMetaClampParams, num_prefixes),
+    };
+    const size_t count = sizeof(v) / sizeof(v[0]);
+    for (size_t i = 0; i < count && i < n; ++i) out[i] = v[i];
+    return count;
+}
 
 // Size and field offsets of the parameter struct, for the layout test against the Rust mirror.
 extern "C" size_t pa_fwd_params_layout(size_t* out, size_t n) {

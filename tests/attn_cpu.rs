@@ -9,6 +9,7 @@ use prefix_attn::attn::testing::{
     random_spec, FwdBuffers, GradBuffers, KvLayout, ProblemSpec, RandomProblem,
 };
 use prefix_attn::attn::{cpu, naive, AttnFwdArgs, AttnFwdOut};
+use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Tensor};
 
@@ -411,4 +412,94 @@ fn oracle_hand_computed_case() {
     .unwrap();
     assert!((ob.to_f32_vec()[0] as f64 - o).abs() < 1e-6);
     assert!((lb.to_f32_vec()[0] as f64 - lse).abs() < 1e-6);
+}
+
+/// Random problems with padding and mixed prefix indices (including -1), for the
+/// device-metadata tests.
+fn meta_spec(rng: &mut Rng, dtype: DType) -> ProblemSpec {
+    let mut s = random_spec(rng, dtype);
+    if s.num_prefixes == 0 {
+        s.num_prefixes = 2;
+    }
+    s.prefix_index = Some(
+        (0..s.batch)
+            .map(|b| {
+                if b % 2 == 1 {
+                    -1
+                } else {
+                    rng.below(s.num_prefixes as u64) as i32
+                }
+            })
+            .collect(),
+    );
+    if s.seqlen_k.is_none() {
+        let lk: Vec<i32> = (0..s.batch)
+            .map(|_| rng.below(s.tk as u64 + 1) as i32)
+            .collect();
+        s.seqlen_q = Some(lk.iter().map(|&k| k.min(s.tq as i32)).collect());
+        s.seqlen_k = Some(lk);
+    }
+    s
+}
+
+/// Metadata passed as i32 tensors (host memory on the cpu device) gives bit for bit the
+/// results of the same metadata as host slices, forward and backward.
+#[test]
+fn device_metadata_equals_host_metadata() {
+    let mut rng = Rng::new(314);
+    for seed in 0..18 {
+        let dtype = [DType::F32, DType::F16, DType::BF16][seed % 3];
+        let spec = meta_spec(&mut rng, dtype);
+        let ctx = format!("seed {seed}, spec {spec:?}");
+        let pb = RandomProblem::new(spec, &mut Rng::new(seed as u64)).unwrap();
+        common::meta::assert_device_meta_matches_host(&CpuBackend, &pb, &ctx);
+    }
+}
+
+/// Out-of-range device metadata is clamped as the kernels clamp it (docs/ARCHITECTURE.md
+/// §1): the results equal host metadata holding the clamped values.
+#[test]
+fn out_of_range_device_metadata_is_clamped() {
+    let mut rng = Rng::new(2718);
+    for seed in 0..6 {
+        let spec = meta_spec(&mut rng, DType::F32);
+        let ctx = format!("seed {seed}, spec {spec:?}");
+        let pb = RandomProblem::new(spec, &mut Rng::new(seed)).unwrap();
+        common::meta::assert_bad_device_meta_is_clamped(&CpuBackend, &pb, &ctx);
+    }
+}
+
+/// Device metadata of the wrong dtype, shape or layout is an error naming the argument.
+#[test]
+fn bad_device_metadata_is_an_error() {
+    let mut s = ProblemSpec::new(3, 4, 4, 2, 2, 8, 2, true);
+    s.num_prefixes = 2;
+    let pb = RandomProblem::new(s, &mut Rng::new(5)).unwrap();
+    let ok = Tensor::from_slice(&[3], &[0i32, 1, -1]).unwrap();
+    let f32s = Tensor::from_f32(&[3], &[4.0, 4.0, 4.0], DType::F32).unwrap();
+    let long = Tensor::from_slice(&[4], &[4i32, 4, 4, 4]).unwrap();
+    let strided_buf = Tensor::from_slice(&[6], &[4i32, 0, 4, 0, 4, 0]).unwrap();
+    let strided = strided_buf.view().as_strided(&[3], &[2], 0).unwrap();
+    let cases: Vec<(&str, AttnFwdArgs, &str)> = vec![
+        (
+            "f32 seqlen_q",
+            pb.args().unwrap().seqlens_device(f32s.view(), ok.view()),
+            "seqlen_q",
+        ),
+        (
+            "[4] seqlen_k",
+            pb.args().unwrap().seqlens_device(ok.view(), long.view()),
+            "seqlen_k",
+        ),
+        (
+            "strided prefix_index",
+            pb.args().unwrap().prefix_index_device(strided),
+            "prefix_index",
+        ),
+    ];
+    for (name, args, arg) in cases {
+        let mut f = FwdBuffers::poisoned(&pb.spec).unwrap();
+        let err = cpu::forward(&args, f.out()).expect_err(name).to_string();
+        assert!(err.contains(arg), "{name}: {err}");
+    }
 }

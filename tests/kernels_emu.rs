@@ -30,6 +30,10 @@ fn emulator_self_tests_pass() {
 #[test]
 fn params_struct_matches_its_c_mirror() {
     assert_eq!(emu::fwd_params_layout(), kernels::fwd_params_rust_layout());
+    assert_eq!(
+        emu::meta_clamp_params_layout(),
+        kernels::meta_clamp_params_rust_layout()
+    );
 }
 
 /// Runs the emulated forward on `spec` and checks it against the oracle; returns the outputs.
@@ -558,4 +562,73 @@ fn backward_writes_a_gpt2_dqkv_buffer() {
             .collect::<Vec<_>>()
     };
     assert_eq!(bits(&g.dk_pre), bits(&separate.dk_pre));
+}
+
+/// Kernel-sized random problems with padding and mixed prefix indices (including -1).
+fn meta_kernel_spec(rng: &mut Rng, dtype: DType) -> ProblemSpec {
+    let mut s = kernel_spec(rng, dtype);
+    if s.num_prefixes == 0 {
+        s.num_prefixes = 2;
+    }
+    s.prefix_index = Some(
+        (0..s.batch)
+            .map(|b| {
+                if b % 2 == 1 {
+                    -1
+                } else {
+                    rng.below(s.num_prefixes as u64) as i32
+                }
+            })
+            .collect(),
+    );
+    if s.seqlen_k.is_none() {
+        let lk: Vec<i32> = (0..s.batch)
+            .map(|_| rng.below(s.tk as u64 + 1) as i32)
+            .collect();
+        s.seqlen_q = Some(lk.iter().map(|&k| k.min(s.tq as i32)).collect());
+        s.seqlen_k = Some(lk);
+    }
+    s
+}
+
+/// The kernels read metadata passed as device tensors (host memory on the emulator) and give
+/// bit for bit the results of the same metadata as host slices, forward and backward.
+#[test]
+fn device_metadata_equals_host_metadata() {
+    let mut rng = Rng::new(1414);
+    for seed in 0..10 {
+        let dtype = if seed % 2 == 0 {
+            DType::F16
+        } else {
+            DType::BF16
+        };
+        let spec = meta_kernel_spec(&mut rng, dtype);
+        let ctx = format!("seed {seed}, spec {spec:?}");
+        let pb = RandomProblem::new(spec, &mut Rng::new(seed)).unwrap();
+        common::meta::assert_device_meta_matches_host(&emu::EmuBackend, &pb, &ctx);
+    }
+}
+
+/// Out-of-range device metadata (lengths below 0 and past Tq/Tk, prefix indices below -1 and
+/// past NP) is clamped in the kernels: the results equal host metadata with the clamped
+/// values, and nothing is read or written out of bounds (this test runs under the
+/// sanitizer with the rest of the file).
+#[test]
+fn out_of_range_device_metadata_is_clamped_in_the_kernels() {
+    let mut rng = Rng::new(1732);
+    for seed in 0..4 {
+        let dtype = if seed % 2 == 0 {
+            DType::F16
+        } else {
+            DType::BF16
+        };
+        let mut spec = meta_kernel_spec(&mut rng, dtype);
+        spec.batch = 5;
+        spec.prefix_index = None;
+        spec.seqlen_q = None;
+        spec.seqlen_k = None;
+        let ctx = format!("seed {seed}, spec {spec:?}");
+        let pb = RandomProblem::new(spec, &mut Rng::new(seed)).unwrap();
+        common::meta::assert_bad_device_meta_is_clamped(&emu::EmuBackend, &pb, &ctx);
+    }
 }

@@ -36,6 +36,15 @@ typedef struct PrefixAttnFwdParams {
 extern "C" {
 #endif
 
+// Parameter struct of prefix_attn_meta_clamp (kernels/prefix_attn_fwd.cu), which makes
+// device metadata safe before the attention kernels read it (kernels/common/meta.cuh).
+// Mirrored by `#[repr(C)] struct MetaClampParams` in src/device/kernels.rs.
+typedef struct AttnMetaClampParams {
+    uint64_t src_prefix_index, src_seqlen_q, src_seqlen_k;  // int32 [B] each, unchecked
+    uint64_t dst;  // int32 [3B]: clamped prefix_index; seqlen_q; seqlen_k
+    int32_t batch, tq, tk, num_prefixes;
+} AttnMetaClampParams;
+
 // Parameter struct of the backward kernels. `f` holds the forward's inputs (q, k, v, the
 // prefix table, metadata, sizes) and its outputs o and lse (read here). Mirrored by
 // `#[repr(C)] struct BwdParams` in src/device/kernels.rs.

@@ -8,6 +8,9 @@
 //! - `prefix_index[b]` (default 0) picks the prefix sequence `b` uses; `-1` means none.
 //! - `seqlen_q[b]`, `seqlen_k[b]` (defaults `Tq`, `Tk`) count the valid query rows and
 //!   sequence keys of sequence `b` (right padding).
+//! - The metadata may be host slices (checked) or i32 device tensors `[B]` ([`Meta`]),
+//!   whose values every backend clamps the same way: lengths into `0..=Tq` / `0..=Tk`, a
+//!   prefix index outside `0..NP` to none.
 //! - Query row `i < seqlen_q[b]` sees every prefix key, and sequence key `j` iff
 //!   `j < seqlen_k[b]` and, when causal, `j <= i + seqlen_k[b] - seqlen_q[b]`
 //!   (bottom-right alignment: a decode step is the same call with a short `Tq`).
@@ -28,6 +31,38 @@ pub mod testing;
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Location, TensorView, TensorViewMut};
+
+/// Per-sequence metadata `[B]` (`prefix_index`, `seqlen_q` or `seqlen_k`): a host slice,
+/// validated on the host, or an i32 tensor `[B]` on the backend's device, which a caller can
+/// upload once per step or keep resident so that a launch copies nothing from the host (a
+/// precondition for CUDA-graph capture).
+///
+/// Device values are not read by the host on a GPU; every backend makes them safe the same
+/// way instead (docs/ARCHITECTURE.md §1): lengths are clamped to `0..=Tq` / `0..=Tk`, and a
+/// prefix index outside `0..NP` means no prefix.
+#[derive(Clone, Copy, Debug)]
+pub enum Meta<'a> {
+    /// Host values, checked on the host (an out-of-range value is an error).
+    Host(&'a [i32]),
+    /// An i32 tensor `[B]` on the backend's device (contiguous), clamped where it is read.
+    Device(TensorView<'a>),
+}
+
+impl<'a> From<&'a [i32]> for Meta<'a> {
+    fn from(v: &'a [i32]) -> Self {
+        Meta::Host(v)
+    }
+}
+
+impl<'a> Meta<'a> {
+    /// The device tensor, if this metadata is one.
+    pub fn device(&self) -> Option<&TensorView<'a>> {
+        match self {
+            Meta::Host(_) => None,
+            Meta::Device(t) => Some(t),
+        }
+    }
+}
 
 /// The prefix table: `k_pre, v_pre: [NP, P, Hkv, D]`.
 #[derive(Clone, Copy, Debug)]
@@ -50,11 +85,11 @@ pub struct AttnFwdArgs<'a> {
     /// The prefix table, if any.
     pub prefix: Option<PrefixKv<'a>>,
     /// Per-sequence prefix choice `[B]` in `-1..NP` (default: 0 for all). Needs `prefix`.
-    pub prefix_index: Option<&'a [i32]>,
+    pub prefix_index: Option<Meta<'a>>,
     /// Valid query rows per sequence `[B]` (default: `Tq`).
-    pub seqlen_q: Option<&'a [i32]>,
+    pub seqlen_q: Option<Meta<'a>>,
     /// Valid sequence keys per sequence `[B]` (default: `Tk`).
-    pub seqlen_k: Option<&'a [i32]>,
+    pub seqlen_k: Option<Meta<'a>>,
     /// Causal masking with bottom-right alignment.
     pub causal: bool,
     /// Score scale (default `1/sqrt(D)`).
@@ -83,13 +118,26 @@ impl<'a> AttnFwdArgs<'a> {
     }
     /// Sets the per-sequence prefix index (`-1` = none).
     pub fn prefix_index(mut self, idx: &'a [i32]) -> Self {
-        self.prefix_index = Some(idx);
+        self.prefix_index = Some(Meta::Host(idx));
         self
     }
     /// Sets the valid lengths of every sequence (right padding).
     pub fn seqlens(mut self, seqlen_q: &'a [i32], seqlen_k: &'a [i32]) -> Self {
-        self.seqlen_q = Some(seqlen_q);
-        self.seqlen_k = Some(seqlen_k);
+        self.seqlen_q = Some(Meta::Host(seqlen_q));
+        self.seqlen_k = Some(Meta::Host(seqlen_k));
+        self
+    }
+    /// Sets the per-sequence prefix index from an i32 tensor `[B]` on the backend's device
+    /// (values outside `0..NP` mean no prefix; see [`Meta`]).
+    pub fn prefix_index_device(mut self, idx: TensorView<'a>) -> Self {
+        self.prefix_index = Some(Meta::Device(idx));
+        self
+    }
+    /// Sets the valid lengths from i32 tensors `[B]` on the backend's device (clamped to
+    /// `0..=Tq` and `0..=Tk`; see [`Meta`]).
+    pub fn seqlens_device(mut self, seqlen_q: TensorView<'a>, seqlen_k: TensorView<'a>) -> Self {
+        self.seqlen_q = Some(Meta::Device(seqlen_q));
+        self.seqlen_k = Some(Meta::Device(seqlen_k));
         self
     }
     /// Turns causal masking on or off.
@@ -181,6 +229,11 @@ pub struct AttnProblem {
     pub lens_q: Vec<usize>,
     /// Valid sequence keys of each sequence.
     pub lens_k: Vec<usize>,
+    /// Whether `prefix_of`, `lens_q` and `lens_k` are the values the kernels will use: true
+    /// for host metadata and for device metadata in host memory (`cpu`, `emu`: read and
+    /// clamped as the kernels clamp them); false for device metadata on a GPU, which the host
+    /// never reads (the vectors then hold the defaults, and the device tensors decide).
+    pub meta_on_host: bool,
 }
 
 impl AttnProblem {
@@ -285,6 +338,34 @@ impl AttnProblem {
             }
         };
 
+        let mut meta_on_host = true;
+        let mut read_device = |arg: &str, m: &Meta| -> Result<Option<Vec<i32>>> {
+            let Meta::Device(t) = m else { return Ok(None) };
+            check_meta_tensor(arg, t, batch, location)?;
+            if location != Location::Host {
+                meta_on_host = false;
+                return Ok(None);
+            }
+            Ok(Some(t.contiguous_slice::<i32>()?.to_vec()))
+        };
+        let dev_idx = a
+            .prefix_index
+            .as_ref()
+            .map(|m| read_device("prefix_index", m))
+            .transpose()?
+            .flatten();
+        let dev_q = a
+            .seqlen_q
+            .as_ref()
+            .map(|m| read_device("seqlen_q", m))
+            .transpose()?
+            .flatten();
+        let dev_k = a
+            .seqlen_k
+            .as_ref()
+            .map(|m| read_device("seqlen_k", m))
+            .transpose()?
+            .flatten();
         let prefix_of = match (a.prefix_index, &a.prefix) {
             (Some(_), None) => {
                 return Err(Error::index(
@@ -302,7 +383,15 @@ impl AttnProblem {
                 }
                 vec![Some(0); batch]
             }
-            (Some(idx), Some(_)) => {
+            (Some(Meta::Device(_)), Some(_)) => match dev_idx {
+                // The kernels' rule: an index outside 0..NP means no prefix.
+                Some(v) => v
+                    .iter()
+                    .map(|&n| (n >= 0 && (n as usize) < num_prefixes).then_some(n as usize))
+                    .collect(),
+                None => vec![None; batch],
+            },
+            (Some(Meta::Host(idx)), Some(_)) => {
                 check_len("prefix_index", idx, batch)?;
                 idx.iter()
                     .enumerate()
@@ -319,8 +408,8 @@ impl AttnProblem {
                     .collect::<Result<Vec<_>>>()?
             }
         };
-        let lens_q = lengths("seqlen_q", a.seqlen_q, batch, tq)?;
-        let lens_k = lengths("seqlen_k", a.seqlen_k, batch, tk)?;
+        let lens_q = lengths("seqlen_q", a.seqlen_q, dev_q, batch, tq)?;
+        let lens_k = lengths("seqlen_k", a.seqlen_k, dev_k, batch, tk)?;
         let scale = a.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
         if !scale.is_finite() {
             return Err(Error::index(
@@ -344,6 +433,7 @@ impl AttnProblem {
             prefix_of,
             lens_q,
             lens_k,
+            meta_on_host,
         })
     }
 
@@ -431,8 +521,20 @@ fn check_len(arg: &str, v: &[i32], batch: usize) -> Result<()> {
     Ok(())
 }
 
-fn lengths(arg: &str, v: Option<&[i32]>, batch: usize, max: usize) -> Result<Vec<usize>> {
-    let Some(v) = v else {
+/// Lengths from host metadata (checked: an out-of-range value is an error), from device
+/// metadata read on the host (`dev`: clamped to `0..=max` as the kernels clamp), or the
+/// default `max` (also the stand-in for device values the host does not read).
+fn lengths(
+    arg: &str,
+    v: Option<Meta>,
+    dev: Option<Vec<i32>>,
+    batch: usize,
+    max: usize,
+) -> Result<Vec<usize>> {
+    if let Some(d) = dev {
+        return Ok(d.iter().map(|&n| (n.max(0) as usize).min(max)).collect());
+    }
+    let Some(Meta::Host(v)) = v else {
         return Ok(vec![max; batch]);
     };
     check_len(arg, v, batch)?;
@@ -449,6 +551,43 @@ fn lengths(arg: &str, v: Option<&[i32]>, batch: usize, max: usize) -> Result<Vec
             }
         })
         .collect()
+}
+
+/// Device metadata: an i32 tensor `[B]`, contiguous, where the other tensors live.
+fn check_meta_tensor(arg: &str, t: &TensorView, batch: usize, loc: Location) -> Result<()> {
+    if t.dtype() != DType::I32 {
+        return Err(Error::DType {
+            arg: arg.into(),
+            expected: "i32 (device metadata)".into(),
+            got: t.dtype().name().into(),
+        });
+    }
+    if t.dims() != [batch] {
+        return Err(Error::shape(
+            arg,
+            format!("[B={batch}] (device metadata)"),
+            t.dims(),
+        ));
+    }
+    if t.location() != loc {
+        return Err(Error::device(
+            arg,
+            format!(
+                "device metadata lives on {}, the other arguments on {loc}",
+                t.location()
+            ),
+        ));
+    }
+    if batch > 1 && t.strides()[0] != 1 {
+        return Err(Error::layout(
+            arg,
+            format!(
+                "device metadata must be contiguous, got stride {}",
+                t.strides()[0]
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_common(

@@ -98,6 +98,7 @@ impl NamedShape {
             prefix_of: vec![Some(0); self.batch],
             lens_q: vec![self.tq; self.batch],
             lens_k: vec![self.tk; self.batch],
+            meta_on_host: true,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Random attention problems for tests, checks and benchmarks, in the layouts real callers
 //! use: GPT-2's fused `qkv` buffer, a PEFT-layout prefix tensor, padded (strided) rows.
 
-use super::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
+use super::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor, TensorView};
@@ -205,9 +205,19 @@ impl RandomProblem {
         if let Some([kp, vp]) = self.prefix_views()? {
             a = a.prefix(kp, vp);
         }
-        a.prefix_index = self.spec.prefix_index.as_deref();
-        a.seqlen_q = self.spec.seqlen_q.as_deref();
-        a.seqlen_k = self.spec.seqlen_k.as_deref();
+        a.prefix_index = self.spec.prefix_index.as_deref().map(Meta::Host);
+        a.seqlen_q = self.spec.seqlen_q.as_deref().map(Meta::Host);
+        a.seqlen_k = self.spec.seqlen_k.as_deref().map(Meta::Host);
+        Ok(a)
+    }
+
+    /// The forward arguments with the metadata taken from `meta` (device tensors) instead of
+    /// the spec's host slices.
+    pub fn args_device_meta<'a>(&'a self, meta: &'a MetaTensors) -> Result<AttnFwdArgs<'a>> {
+        let mut a = self.args()?;
+        a.prefix_index = meta.prefix_index.as_ref().map(|t| Meta::Device(t.view()));
+        a.seqlen_q = Some(Meta::Device(meta.seqlen_q.view()));
+        a.seqlen_k = Some(Meta::Device(meta.seqlen_k.view()));
         Ok(a)
     }
 
@@ -224,6 +234,55 @@ impl RandomProblem {
             lse: lse.view(),
             d_o: self.d_o.view(),
             prefix_only,
+        })
+    }
+}
+
+/// A problem's metadata as i32 tensors `[B]` (host memory: the `cpu` and `emu` devices'),
+/// with the spec's defaults filled in, for calls that pass device metadata.
+#[derive(Debug)]
+pub struct MetaTensors {
+    /// `prefix_index` (absent when the problem has no prefix table).
+    pub prefix_index: Option<Tensor>,
+    /// `seqlen_q`.
+    pub seqlen_q: Tensor,
+    /// `seqlen_k`.
+    pub seqlen_k: Tensor,
+}
+
+impl MetaTensors {
+    /// The spec's metadata (defaults: prefix 0, full lengths).
+    pub fn of(spec: &ProblemSpec) -> Result<MetaTensors> {
+        let b = spec.batch;
+        let idx = spec.prefix_index.clone().unwrap_or_else(|| vec![0; b]);
+        let lq = spec
+            .seqlen_q
+            .clone()
+            .unwrap_or_else(|| vec![spec.tq as i32; b]);
+        let lk = spec
+            .seqlen_k
+            .clone()
+            .unwrap_or_else(|| vec![spec.tk as i32; b]);
+        MetaTensors::from_values(spec.num_prefixes > 0, &idx, &lq, &lk)
+    }
+
+    /// Tensors holding exactly these values (which may be out of range: device metadata is
+    /// clamped where it is read).
+    pub fn from_values(
+        with_prefix: bool,
+        prefix_index: &[i32],
+        seqlen_q: &[i32],
+        seqlen_k: &[i32],
+    ) -> Result<MetaTensors> {
+        let t = |v: &[i32]| Tensor::from_slice(&[v.len()], v);
+        Ok(MetaTensors {
+            prefix_index: if with_prefix {
+                Some(t(prefix_index)?)
+            } else {
+                None
+            },
+            seqlen_q: t(seqlen_q)?,
+            seqlen_k: t(seqlen_k)?,
         })
     }
 }

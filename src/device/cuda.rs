@@ -8,8 +8,10 @@
 //! engine's own buffers, wrapped with [`crate::tensor::TensorView::from_raw_parts`]).
 
 use super::dense::{self, DenseLaunch, DenseParams, GridCap};
-use super::kernel_device::{AttnParams, KernelRunner};
-use super::kernels::{fatbin, BwdParams, FwdParams, KernelLaunch};
+use super::kernel_device::{meta_addrs, AttnParams, KernelRunner};
+use super::kernels::{
+    fatbin, plan_meta_clamp, BwdParams, FwdParams, KernelLaunch, MetaClampParams,
+};
 use super::{Device, MatmulOpts};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, DeviceMemory, Location, Tensor, TensorView, TensorViewMut};
@@ -42,6 +44,7 @@ impl MemCounter {
 // SAFETY: the parameter structs are #[repr(C)] plain data mirrored by the kernels' structs.
 unsafe impl DeviceRepr for FwdParams {}
 unsafe impl DeviceRepr for BwdParams {}
+unsafe impl DeviceRepr for MetaClampParams {}
 unsafe impl DeviceRepr for DenseParams {}
 
 /// Whether the CUDA driver library can be loaded (never panics).
@@ -131,6 +134,8 @@ pub struct CudaBackend {
 struct AttnCache {
     meta: Option<(Vec<i32>, CudaSlice<i32>)>,
     scratch: Option<CudaMem>,
+    /// The metadata clamp's output `[3B]` int32 (grow-only), for calls with device metadata.
+    clamped: Option<CudaMem>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -563,19 +568,41 @@ impl KernelRunner for CudaBackend {
     fn run_attn<P: AttnParams>(
         &self,
         meta: &[i32],
+        meta_dev: [Option<u64>; 3],
         scratch_bytes: usize,
         scratch_split: usize,
         mut params: P,
         launches: &[KernelLaunch],
     ) -> Result<()> {
         let mut cache = self.attn.lock().unwrap_or_else(|p| p.into_inner());
-        let m = self.attn_meta(&mut cache, meta)?;
+        // All three arrays on the device: no host-to-device copy at all.
+        let m = if meta_dev.iter().all(Option::is_some) {
+            0
+        } else {
+            self.attn_meta(&mut cache, meta)?
+        };
+        let batch = meta.len() / 3;
+        let mut addrs = meta_addrs(m, batch, meta_dev);
+        if meta_dev.iter().any(Option::is_some) {
+            // Device metadata: the kernels read the clamp's copy, never the caller's values.
+            let bytes = 12 * batch.max(1);
+            if cache.clamped.as_ref().is_none_or(|c| c.buf.len() < bytes) {
+                cache.clamped = None;
+                cache.clamped = Some(self.alloc(bytes, "clamped attention metadata")?);
+            }
+            let dst = cache.clamped.as_ref().expect("set above").addr;
+            let (cp, l) = plan_meta_clamp(params.fwd(), addrs, dst)?;
+            if batch > 0 {
+                self.launch(&l, &cp)?;
+            }
+            addrs = meta_addrs(dst, batch, [None; 3]);
+        }
         let scratch = if scratch_bytes > 0 {
             self.attn_scratch(&mut cache, scratch_bytes)?
         } else {
             0
         };
-        params.place(m, meta.len() / 3, scratch, scratch_split);
+        params.place(addrs, scratch, scratch_split);
         for l in launches {
             self.launch(l, &params)?;
         }

@@ -6,8 +6,8 @@
 
 use super::cpu::CpuBackend;
 use super::dense::{DenseLaunch, GridCap};
-use super::kernel_device::{AttnParams, KernelRunner};
-use super::kernels::KernelLaunch;
+use super::kernel_device::{meta_addrs, AttnParams, KernelRunner};
+use super::kernels::{plan_meta_clamp, KernelLaunch};
 use super::{Backend, Device, MatmulOpts};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
@@ -29,6 +29,7 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn pa_fwd_params_layout(out: *mut usize, n: usize) -> usize;
+    fn pa_meta_clamp_params_layout(out: *mut usize, n: usize) -> usize;
     fn pa_emu_selftest(name: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
     fn pa_emu_selftest_names() -> *const c_char;
     fn pa_emu_planted_oob(write_out_of_bounds: c_int) -> c_int;
@@ -181,6 +182,12 @@ fn run_emu(kernel: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<
     })
 }
 
+/// Size and field offsets of the metadata clamp's `AttnMetaClampParams` as the C++ compiler
+/// lays it out (compare with [`super::kernels::meta_clamp_params_rust_layout`]).
+pub fn meta_clamp_params_layout() -> Vec<usize> {
+    read_layout(pa_meta_clamp_params_layout)
+}
+
 /// Size and field offsets of the kernels' `PrefixAttnFwdParams` as the C++ compiler lays it
 /// out (compare with [`super::kernels::fwd_params_rust_layout`]).
 pub fn fwd_params_layout() -> Vec<usize> {
@@ -264,6 +271,7 @@ impl KernelRunner for EmuBackend {
     fn run_attn<P: AttnParams>(
         &self,
         meta: &[i32],
+        meta_dev: [Option<u64>; 3],
         scratch_bytes: usize,
         scratch_split: usize,
         mut params: P,
@@ -272,16 +280,23 @@ impl KernelRunner for EmuBackend {
         // u64 storage: the prefix kernel writes its f32 partials in 8-byte pairs.
         let scratch = vec![u64::MAX; scratch_bytes.div_ceil(8).max(1)];
         let batch = meta.len() / 3;
-        params.place(
-            meta.as_ptr() as u64,
-            batch,
-            scratch.as_ptr() as u64,
-            scratch_split,
-        );
+        let mut addrs = meta_addrs(meta.as_ptr() as u64, batch, meta_dev);
+        // Device metadata: the kernels read the clamp's copy, never the caller's values.
+        let clamped = vec![0i32; 3 * batch.max(1)];
+        if meta_dev.iter().any(Option::is_some) {
+            let (cp, l) = plan_meta_clamp(params.fwd(), addrs, clamped.as_ptr() as u64)?;
+            if batch > 0 {
+                // SAFETY: `addrs` point to 3 arrays of `batch` int32 values (the checked
+                // device tensors, alive for the call, or `meta`), `clamped` holds 3B values.
+                unsafe { launch(l.entry, &cp, l.grid, l.threads, l.smem_bytes)? };
+            }
+            addrs = meta_addrs(clamped.as_ptr() as u64, batch, [None; 3]);
+        }
+        params.place(addrs, scratch.as_ptr() as u64, scratch_split);
         for l in launches {
             // SAFETY: every address in `params` was derived from checked views that the
-            // caller borrows for the duration of the call, or points into `meta` and
-            // `scratch`, which live until the end of this function; the kernels read and
+            // caller borrows for the duration of the call (the device metadata among them),
+            // or points into `meta` and `scratch`, which live until the end of this function; the kernels read and
             // write only within the shapes and strides the plan validated.
             unsafe { launch(l.entry, &params, l.grid, l.threads, l.smem_bytes)? };
         }

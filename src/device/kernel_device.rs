@@ -18,23 +18,29 @@ use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
 
 /// A parameter struct of the attention kernels, passed by value to a launch.
 pub trait AttnParams: Copy + cudarc::driver::DeviceRepr {
-    /// Points the struct at the device copy of `[prefix_index; seqlen_q; seqlen_k]` (each
-    /// `batch` int32 values from `meta`) and at `scratch` (unused by the forward).
-    fn place(&mut self, meta: u64, batch: usize, scratch: u64, scratch_split: usize);
+    /// Points the struct at the device arrays `[prefix_index, seqlen_q, seqlen_k]` (int32
+    /// `[B]` each) and at `scratch` (unused by the forward).
+    fn place(&mut self, meta: [u64; 3], scratch: u64, scratch_split: usize);
+    /// The forward part (sizes and metadata addresses).
+    fn fwd(&self) -> &FwdParams;
 }
 
 impl AttnParams for FwdParams {
-    fn place(&mut self, meta: u64, batch: usize, _scratch: u64, _split: usize) {
-        self.prefix_index = meta;
-        self.seqlen_q = meta + 4 * batch as u64;
-        self.seqlen_k = meta + 8 * batch as u64;
+    fn fwd(&self) -> &FwdParams {
+        self
+    }
+    fn place(&mut self, meta: [u64; 3], _scratch: u64, _split: usize) {
+        [self.prefix_index, self.seqlen_q, self.seqlen_k] = meta;
     }
 }
 
 impl AttnParams for BwdParams {
     /// The scratch holds `delta` first and the prefix partials from byte `scratch_split` on.
-    fn place(&mut self, meta: u64, batch: usize, scratch: u64, scratch_split: usize) {
-        self.f.place(meta, batch, 0, 0);
+    fn fwd(&self) -> &FwdParams {
+        &self.f
+    }
+    fn place(&mut self, meta: [u64; 3], scratch: u64, scratch_split: usize) {
+        self.f.place(meta, 0, 0);
         self.delta = scratch;
         self.partial = scratch + scratch_split as u64;
     }
@@ -71,17 +77,29 @@ pub trait KernelRunner: Send + Sync {
     ) -> Result<()>;
     /// Places a planned dense kernel's index array on the device and launches it.
     fn run_dense(&self, l: DenseLaunch) -> Result<()>;
-    /// Places the plan's metadata (`3B` int32 values) and `scratch_bytes` of scratch (the
-    /// partials from byte `scratch_split` on) in device memory, points `params` at them, and
-    /// launches `launches` in order.
+    /// Places the plan's metadata (`3B` int32 values `[prefix_index; seqlen_q; seqlen_k]`,
+    /// each third replaced by the device array in `meta_dev` where one is given: when all
+    /// three are, nothing is copied from the host; when any is, the metadata clamp runs
+    /// first and the kernels read its clamped copy, see [`super::kernels::plan_meta_clamp`])
+    /// and `scratch_bytes` of scratch (the partials from byte
+    /// `scratch_split` on) in device memory, points `params` at them, and launches
+    /// `launches` in order.
+    #[allow(clippy::too_many_arguments)]
     fn run_attn<P: AttnParams>(
         &self,
         meta: &[i32],
+        meta_dev: [Option<u64>; 3],
         scratch_bytes: usize,
         scratch_split: usize,
         params: P,
         launches: &[KernelLaunch],
     ) -> Result<()>;
+}
+
+/// The addresses of the three metadata arrays: each device array where given, else its third
+/// of the host-side array uploaded at `uploaded`.
+pub fn meta_addrs(uploaded: u64, batch: usize, meta_dev: [Option<u64>; 3]) -> [u64; 3] {
+    std::array::from_fn(|i| meta_dev[i].unwrap_or(uploaded + (4 * i * batch) as u64))
 }
 
 /// Where the tensors of a kernel device live.
@@ -145,7 +163,7 @@ impl<R: KernelRunner> Backend for R {
         // `out` stays borrowed until the launch is queued: the kernel writes through the
         // addresses in `params`.
         let _keep = out;
-        self.run_attn(&plan.meta, 0, 0, plan.params, &[launch])
+        self.run_attn(&plan.meta, plan.meta_dev, 0, 0, plan.params, &[launch])
     }
 
     fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
@@ -157,6 +175,7 @@ impl<R: KernelRunner> Backend for R {
         let _keep = grads;
         self.run_attn(
             &plan.meta,
+            plan.meta_dev,
             delta_bytes + 4 * plan.partial_len.max(1),
             delta_bytes,
             plan.params,

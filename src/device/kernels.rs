@@ -3,7 +3,7 @@
 //! shapes, strides, alignment and dtypes happens here, before any launch.
 
 use super::registry::kernel;
-use crate::attn::{AttnFwdArgs, AttnFwdOut, AttnProblem};
+use crate::attn::{AttnFwdArgs, AttnFwdOut, AttnProblem, Meta};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorView};
 
@@ -146,10 +146,32 @@ pub struct FwdLaunch {
     pub smem_bytes: usize,
     /// Kernel entry name.
     pub entry: &'static str,
-    /// `3B` int32 values: prefix_index, seqlen_q, seqlen_k.
+    /// `3B` int32 values: prefix_index, seqlen_q, seqlen_k (host metadata and defaults).
     pub meta: Vec<i32>,
+    /// Device addresses of the arrays passed as device tensors (`[prefix_index, seqlen_q,
+    /// seqlen_k]`); they replace the matching third of `meta`.
+    pub meta_dev: [Option<u64>; 3],
     /// The validated problem.
     pub problem: AttnProblem,
+}
+
+/// The `[prefix_index; seqlen_q; seqlen_k]` values a launch uploads (host metadata and
+/// defaults; entries given as device tensors are placeholders), and the device addresses of
+/// those given as device tensors.
+fn launch_meta(args: &AttnFwdArgs, pr: &AttnProblem) -> (Vec<i32>, [Option<u64>; 3]) {
+    let mut meta = Vec::with_capacity(3 * pr.batch);
+    meta.extend(pr.prefix_of.iter().map(|p| p.map_or(-1, |n| n as i32)));
+    meta.extend(pr.lens_q.iter().map(|&n| n as i32));
+    meta.extend(pr.lens_k.iter().map(|&n| n as i32));
+    let dev = |m: &Option<Meta>| m.as_ref().and_then(|m| m.device()).map(addr_of);
+    (
+        meta,
+        [
+            dev(&args.prefix_index),
+            dev(&args.seqlen_q),
+            dev(&args.seqlen_k),
+        ],
+    )
 }
 
 impl FwdLaunch {
@@ -338,10 +360,7 @@ pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
     let lse = out.lse.as_ref().map(|l| l.as_view());
     let params = base_params(args, &pr, &o, lse.as_ref())?;
     let d = pr.head_dim;
-    let mut meta = Vec::with_capacity(3 * pr.batch);
-    meta.extend(pr.prefix_of.iter().map(|p| p.map_or(-1, |n| n as i32)));
-    meta.extend(pr.lens_q.iter().map(|&n| n as i32));
-    meta.extend(pr.lens_k.iter().map(|&n| n as i32));
+    let (meta, meta_dev) = launch_meta(args, &pr);
     let k = kernel(match (d, params.dtype) {
         (64, 0) => "prefix_attn_fwd_d64_f16",
         (128, 0) => "prefix_attn_fwd_d128_f16",
@@ -360,8 +379,74 @@ pub fn plan_fwd(args: &AttnFwdArgs, out: &AttnFwdOut) -> Result<FwdLaunch> {
         smem_bytes: k.smem_bytes,
         entry: k.name,
         meta,
+        meta_dev,
         problem: pr,
     })
+}
+
+/// Mirror of `AttnMetaClampParams` (kernels/common/params.h): the metadata clamp that makes
+/// device metadata safe before the attention kernels read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MetaClampParams {
+    /// int32 `[B]` device arrays as the caller passed them (unchecked values).
+    pub src_prefix_index: u64,
+    /// See `src_prefix_index`.
+    pub src_seqlen_q: u64,
+    /// See `src_prefix_index`.
+    pub src_seqlen_k: u64,
+    /// int32 `[3B]` destination: clamped prefix_index; seqlen_q; seqlen_k.
+    pub dst: u64,
+    /// Sizes the values are clamped against.
+    pub batch: i32,
+    /// See `batch`.
+    pub tq: i32,
+    /// See `batch`.
+    pub tk: i32,
+    /// See `batch`.
+    pub num_prefixes: i32,
+}
+
+/// Field offsets of [`MetaClampParams`], in the order the C side reports them.
+pub fn meta_clamp_params_rust_layout() -> Vec<usize> {
+    use std::mem::{offset_of, size_of};
+    vec![
+        size_of::<MetaClampParams>(),
+        offset_of!(MetaClampParams, src_seqlen_k),
+        offset_of!(MetaClampParams, dst),
+        offset_of!(MetaClampParams, batch),
+        offset_of!(MetaClampParams, num_prefixes),
+    ]
+}
+
+/// The launch of the metadata clamp for a problem of `f`'s sizes, reading `src` (the three
+/// metadata arrays) and writing the clamped `[3B]` copy to `dst`.
+pub fn plan_meta_clamp(
+    f: &FwdParams,
+    src: [u64; 3],
+    dst: u64,
+) -> Result<(MetaClampParams, KernelLaunch)> {
+    let k = kernel("prefix_attn_meta_clamp")?;
+    let params = MetaClampParams {
+        src_prefix_index: src[0],
+        src_seqlen_q: src[1],
+        src_seqlen_k: src[2],
+        dst,
+        batch: f.batch,
+        tq: f.tq,
+        tk: f.tk,
+        num_prefixes: f.num_prefixes,
+    };
+    let blocks = (f.batch.max(0) as usize).div_ceil(k.threads as usize);
+    Ok((
+        params,
+        KernelLaunch {
+            entry: k.name,
+            grid: (grid_dim("B", blocks, u32::MAX as usize)?, 1, 1),
+            threads: k.threads,
+            smem_bytes: k.smem_bytes,
+        },
+    ))
 }
 
 /// Mirror of `PrefixAttnBwdParams` (kernels/common/params.h).
@@ -477,8 +562,10 @@ pub struct BwdLaunch {
     pub delta_len: usize,
     /// f32 elements of the prefix partial scratch.
     pub partial_len: usize,
-    /// Metadata `[prefix_index; seqlen_q; seqlen_k]`.
+    /// Metadata `[prefix_index; seqlen_q; seqlen_k]` (as [`FwdLaunch::meta`]).
     pub meta: Vec<i32>,
+    /// Device metadata addresses (as [`FwdLaunch::meta_dev`]).
+    pub meta_dev: [Option<u64>; 3],
     /// The validated problem.
     pub problem: AttnProblem,
 }
@@ -694,10 +781,7 @@ pub fn plan_bwd(
             REDUCE_THREADS,
         )?);
     }
-    let mut meta = Vec::with_capacity(3 * b);
-    meta.extend(pr.prefix_of.iter().map(|p| p.map_or(-1, |n| n as i32)));
-    meta.extend(pr.lens_q.iter().map(|&n| n as i32));
-    meta.extend(pr.lens_k.iter().map(|&n| n as i32));
+    let (meta, meta_dev) = launch_meta(&args.fwd, &pr);
     Ok(BwdLaunch {
         params,
         launches: launches
@@ -707,6 +791,7 @@ pub fn plan_bwd(
         delta_len: b * hq * tq,
         partial_len: if wants_prefix { splits * 2 * per } else { 0 },
         meta,
+        meta_dev,
         problem: pr,
     })
 }

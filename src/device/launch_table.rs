@@ -10,7 +10,7 @@
 //! problem), so one small problem per head dim gives the geometry of every launch.
 
 use super::dense::{self, CeGrad, GridCap};
-use super::kernels::{plan_bwd, plan_fwd};
+use super::kernels::{plan_bwd, plan_fwd, plan_meta_clamp};
 use super::AdamWStep;
 use crate::attn::testing::{FwdBuffers, GradBuffers, ProblemSpec, RandomProblem};
 use crate::error::Result;
@@ -63,6 +63,17 @@ fn attention_rows(d: usize, dtype: DType, rows: &mut Vec<PlannedLaunch>) -> Resu
         planner: "plan_fwd",
         problem: problem.clone(),
     });
+    // The metadata clamp runs before the attention kernels when metadata is on the device.
+    let (_, clamp) = plan_meta_clamp(&fwd.params, [0; 3], 0)?;
+    if !rows.iter().any(|r| r.entry == clamp.entry) {
+        rows.push(PlannedLaunch {
+            entry: clamp.entry,
+            threads: clamp.threads,
+            smem_bytes: clamp.smem_bytes,
+            planner: "plan_meta_clamp",
+            problem: problem.clone(),
+        });
+    }
     let mut grads = GradBuffers::poisoned(&spec)?;
     let bwd_args = prob.bwd_args(&fwd_out.o, &fwd_out.lse, false)?;
     let bwd = plan_bwd(&bwd_args, &grads.grads(true, false))?;
@@ -214,6 +225,7 @@ mod tests {
             "prefix_attn_bwd_dkv_seq_d64_bf16",
             "prefix_attn_bwd_dkv_pre_d128_bf16",
             "prefix_attn_bwd_reduce",
+            "prefix_attn_meta_clamp",
             "dense_adamw",
             "dense_cross_entropy",
         ] {
