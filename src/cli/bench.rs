@@ -1,4 +1,4 @@
-//! `prefix-attn bench attn` and `prefix-attn bench step`.
+//! `prefix-attn bench attn`, `bench step` and `bench decode`.
 
 use super::common::{backend_for, parse_device, DEVICE_HELP};
 use clap::Subcommand;
@@ -15,6 +15,34 @@ pub(super) enum BenchCmd {
     Attn(AttnArgs),
     /// Time full training steps (forward, backward, AdamW) on a random-weight model.
     Step(StepArgs),
+    /// Tokens per second of batched generation over many adapters (the engine) against one
+    /// request at a time, one adapter, no prefix and the naive copied-prefix cache.
+    Decode(DecodeArgs),
+}
+
+// The arguments of `bench decode`.
+#[derive(clap::Args)]
+pub(super) struct DecodeArgs {
+    /// tiny or gpt2-small (12 layers, 12 heads of 64, vocab 50,257).
+    #[arg(long, default_value = "tiny")]
+    shape: String,
+    /// Concurrent requests.
+    #[arg(long, default_value_t = 16)]
+    requests: usize,
+    /// Adapters the requests are spread over.
+    #[arg(long, default_value_t = 8)]
+    adapters: usize,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 16)]
+    prompt_len: usize,
+    /// New tokens per request.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Print one JSON object per configuration.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
+    device: String,
 }
 
 // The arguments of `bench attn`.
@@ -70,7 +98,53 @@ pub(super) fn run(what: BenchCmd) -> Result<()> {
     match what {
         BenchCmd::Attn(args) => attn(args),
         BenchCmd::Step(args) => step(args),
+        BenchCmd::Decode(args) => decode(args),
     }
+}
+
+/// `bench decode`: the engine's tokens/s and its ratios to the baselines, in one process.
+fn decode(args: DecodeArgs) -> Result<()> {
+    use prefix_attn::engine::bench::{bench_decode, DecodeBench};
+    let be = backend_for(&args.device)?;
+    let b = DecodeBench {
+        requests: args.requests,
+        adapters: args.adapters,
+        prompt_len: args.prompt_len,
+        new_tokens: args.new_tokens,
+        ..DecodeBench::named(&args.shape)?
+    };
+    let rows = bench_decode(&b, be.as_ref())?;
+    if args.json {
+        for r in &rows {
+            println!(
+                "{}",
+                serde_json::to_string(r).map_err(|e| Error::Unsupported(e.to_string()))?
+            );
+        }
+        return Ok(());
+    }
+    println!(
+        "bench decode: {} on {}, {} requests × {} new tokens, prompts of {}, P = {}",
+        b.shape,
+        be.device(),
+        b.requests,
+        b.new_tokens,
+        b.prompt_len,
+        b.prefix_len
+    );
+    let ours = rows[0].tokens_per_s;
+    for r in &rows {
+        println!(
+            "  {:<22} adapters {:>2}  {:>6} tokens in {:>8.3} s  {:>10.1} tokens/s  (batched/this {:.2}×)",
+            r.method,
+            r.adapters,
+            r.tokens,
+            r.seconds,
+            r.tokens_per_s,
+            ours / r.tokens_per_s
+        );
+    }
+    Ok(())
 }
 
 /// `bench attn`: fused against naive attention on the named shapes.

@@ -109,3 +109,27 @@ impl StepModel for ModelStep<'_> {
             .step_paged(self.be, seqs, &mut self.kv, &self.prefixes, self.mode)
     }
 }
+
+/// Runs `reqs` to completion in one continuous batch and returns their completions in
+/// request order. The scheduler gets `cfg`; every request must fit (see
+/// [`SchedulerConfig::for_requests`](super::scheduler::SchedulerConfig::for_requests)).
+pub fn run_batch(
+    step: &mut ModelStep,
+    reqs: Vec<super::scheduler::Request>,
+    cfg: super::scheduler::SchedulerConfig,
+) -> Result<Vec<super::scheduler::Completion>> {
+    let mut s = super::scheduler::Scheduler::new(cfg)?;
+    let ids: Vec<u64> = reqs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            s.submit(step, r, None)
+                .map_err(|e| Error::index(&format!("request {i}"), e.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let mut done = s.run_to_completion(step)?;
+    // ids are handed out in submission order: sorting by id restores it.
+    done.sort_by_key(|c| c.id);
+    debug_assert!(done.iter().map(|c| c.id).eq(ids.iter().copied()));
+    Ok(done)
+}

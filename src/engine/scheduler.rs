@@ -169,6 +169,31 @@ pub struct SchedulerConfig {
     pub max_batch: usize,
 }
 
+impl SchedulerConfig {
+    /// A pool large enough for `reqs` all running at once (no preemption), pages of
+    /// `page_size`, every sequence in one batch; `extra_per_seq` positions per sequence on top
+    /// of its prompt and new tokens (a copied prefix).
+    pub fn for_requests(reqs: &[Request], page_size: usize, extra_per_seq: usize) -> Self {
+        let mut pages = 0;
+        let mut seqs = 0;
+        for r in reqs {
+            let n = match r.decoding {
+                Decoding::Beam { num_beams, .. } => num_beams,
+                _ => 1,
+            };
+            let len = extra_per_seq + r.prompt.len() + r.max_new_tokens;
+            // A beam's private copy of a shared partial page is one more page.
+            pages += n * (len.div_ceil(page_size.max(1)) + 1);
+            seqs += n;
+        }
+        SchedulerConfig {
+            num_pages: pages.max(1),
+            page_size,
+            max_batch: seqs.max(1),
+        }
+    }
+}
+
 /// The continuous-batching loop's state.
 pub struct Scheduler {
     pool: PagePool,
