@@ -7,6 +7,7 @@
 mod check;
 pub mod cpu;
 pub mod cuda;
+pub mod decode_bench;
 pub mod dense;
 pub mod emu;
 pub mod kernel_device;
