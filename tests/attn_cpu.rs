@@ -420,29 +420,8 @@ fn oracle_hand_computed_case() {
 /// Random problems with padding and mixed prefix indices (including -1), for the
 /// device-metadata tests.
 fn meta_spec(rng: &mut Rng, dtype: DType) -> ProblemSpec {
-    let mut s = random_spec(rng, dtype);
-    if s.num_prefixes == 0 {
-        s.num_prefixes = 2;
-    }
-    s.prefix_index = Some(
-        (0..s.batch)
-            .map(|b| {
-                if b % 2 == 1 {
-                    -1
-                } else {
-                    rng.below(s.num_prefixes as u64) as i32
-                }
-            })
-            .collect(),
-    );
-    if s.seqlen_k.is_none() {
-        let lk: Vec<i32> = (0..s.batch)
-            .map(|_| rng.below(s.tk as u64 + 1) as i32)
-            .collect();
-        s.seqlen_q = Some(lk.iter().map(|&k| k.min(s.tq as i32)).collect());
-        s.seqlen_k = Some(lk);
-    }
-    s
+    let s = random_spec(rng, dtype);
+    common::meta::with_mixed_meta(s, rng)
 }
 
 /// Metadata passed as i32 tensors (host memory on the cpu device) gives bit for bit the
@@ -535,13 +514,7 @@ fn check_paged(spec: &PagedSpec, seed: u64) -> FwdBuffers {
     f
 }
 
-fn paged_buffers(s: &PagedSpec) -> FwdBuffers {
-    let mut t = ProblemSpec::new(
-        s.batch, s.tq, s.tq, s.heads_q, s.heads_kv, s.head_dim, 0, true,
-    );
-    t.dtype = s.dtype;
-    FwdBuffers::poisoned(&t).unwrap()
-}
+use common::meta::paged_buffers;
 
 /// The tolerance rule against the exact oracle, with `lowp` as the naive implementation.
 fn check_against(
@@ -550,20 +523,7 @@ fn check_against(
     lowp: &Outputs,
     dtype: DType,
 ) -> Result<(), String> {
-    within_rule(
-        "o",
-        max_err(&f64s(&f.o), &exact.o),
-        max_err(&lowp.o, &exact.o),
-        max_abs(&exact.o),
-        dtype,
-    )?;
-    within_rule(
-        "lse",
-        max_err(&f64s(&f.lse), &exact.lse),
-        max_err(&lowp.lse, &exact.lse).max(max_abs(&exact.lse) * 1.2e-7),
-        max_abs(&exact.lse),
-        DType::F32,
-    )
+    common::meta::check_outputs(&f.o, &f.lse, exact, lowp, dtype)
 }
 
 /// The edges of the paged contract: a sequence ending exactly on a page boundary and one key

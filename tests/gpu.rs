@@ -14,6 +14,7 @@ use prefix_attn::attn::testing::{
 };
 use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta};
 use prefix_attn::device::cuda::{device_count, loaded_libraries, CudaBackend};
+use prefix_attn::device::decode_bench::decode_shape;
 use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
@@ -251,20 +252,7 @@ fn run_decode_case(be: &CudaBackend, spec: &PagedSpec, seed: u64) -> Result<(), 
         )
         .map_err(e)?;
         let (o, lse) = (be.download(&o).map_err(e)?, be.download(&lse).map_err(e)?);
-        within_rule(
-            "o",
-            max_err(&f64s(&o), &exact.o),
-            max_err(&lowp.o, &exact.o),
-            max_abs(&exact.o),
-            spec.dtype,
-        )?;
-        within_rule(
-            "lse",
-            max_err(&f64s(&lse), &exact.lse),
-            max_err(&lowp.lse, &exact.lse).max(max_abs(&exact.lse) * 1.2e-7),
-            max_abs(&exact.lse),
-            DType::F32,
-        )?;
+        common::meta::check_outputs(&o, &lse, &exact, &lowp, spec.dtype)?;
         outs.push((o.to_f32_vec(), lse.to_f32_vec()));
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -368,18 +356,10 @@ fn main() {
         decode.push((
             format!("decode shape B={b}"),
             PagedSpec {
-                batch: b,
-                tq: 1,
-                heads_q: 32,
-                heads_kv: 8,
-                head_dim: 128,
-                page_size: 16,
-                seqlen_k: vec![2048; b],
-                prefix_rows: 64,
                 num_prefixes: 2,
                 prefix_index: (0..b as i32).map(|i| i % 3 - 1).collect(),
                 prefix_len: vec![64, 17],
-                dtype: DType::F16,
+                ..decode_shape(b)
             },
         ));
     }

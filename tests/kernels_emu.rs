@@ -568,29 +568,8 @@ fn backward_writes_a_gpt2_dqkv_buffer() {
 
 /// Kernel-sized random problems with padding and mixed prefix indices (including -1).
 fn meta_kernel_spec(rng: &mut Rng, dtype: DType) -> ProblemSpec {
-    let mut s = kernel_spec(rng, dtype);
-    if s.num_prefixes == 0 {
-        s.num_prefixes = 2;
-    }
-    s.prefix_index = Some(
-        (0..s.batch)
-            .map(|b| {
-                if b % 2 == 1 {
-                    -1
-                } else {
-                    rng.below(s.num_prefixes as u64) as i32
-                }
-            })
-            .collect(),
-    );
-    if s.seqlen_k.is_none() {
-        let lk: Vec<i32> = (0..s.batch)
-            .map(|_| rng.below(s.tk as u64 + 1) as i32)
-            .collect();
-        s.seqlen_q = Some(lk.iter().map(|&k| k.min(s.tq as i32)).collect());
-        s.seqlen_k = Some(lk);
-    }
-    s
+    let s = kernel_spec(rng, dtype);
+    common::meta::with_mixed_meta(s, rng)
 }
 
 /// The kernels read metadata passed as device tensors (host memory on the emulator) and give
@@ -643,13 +622,7 @@ fn decode_params_struct_matches_its_c_mirror() {
     );
 }
 
-fn decode_buffers(s: &PagedSpec) -> FwdBuffers {
-    let mut t = ProblemSpec::new(
-        s.batch, s.tq, s.tq, s.heads_q, s.heads_kv, s.head_dim, 0, true,
-    );
-    t.dtype = s.dtype;
-    FwdBuffers::poisoned(&t).unwrap()
-}
+use common::meta::paged_buffers as decode_buffers;
 
 /// Runs the decode kernel on the emulator and checks it against the oracle with the tolerance
 /// rule; returns the outputs and the number of key chunks the planner chose.
@@ -664,22 +637,8 @@ fn run_decode_and_check(spec: &PagedSpec, seed: u64) -> (FwdBuffers, i32) {
     emu::EmuBackend
         .attn_decode(&args, f.out())
         .unwrap_or_else(|e| panic!("{ctx}: {e}"));
-    within_rule(
-        "o",
-        max_err(&f64s(&f.o), &exact.o),
-        max_err(&lowp.o, &exact.o),
-        max_abs(&exact.o),
-        spec.dtype,
-    )
-    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
-    within_rule(
-        "lse",
-        max_err(&f64s(&f.lse), &exact.lse),
-        max_err(&lowp.lse, &exact.lse).max(max_abs(&exact.lse) * 1.2e-7),
-        max_abs(&exact.lse),
-        DType::F32,
-    )
-    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    common::meta::check_outputs(&f.o, &f.lse, &exact, &lowp, spec.dtype)
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
     (f, splits)
 }
 
