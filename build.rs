@@ -24,6 +24,7 @@ use std::process::Command;
 const KERNELS: &[&str] = &[
     "kernels/prefix_attn_fwd.cu",
     "kernels/prefix_attn_bwd.cu",
+    "kernels/prefix_attn_decode.cu",
     "kernels/dense.cu",
 ];
 /// Headers the kernels include.

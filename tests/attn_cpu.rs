@@ -4,12 +4,15 @@
 mod common;
 
 use common::*;
-use prefix_attn::attn::oracle::{Dense, Precision};
+use prefix_attn::attn::oracle::{Dense, Outputs, Precision};
+use prefix_attn::attn::paged::{self, PagedAttnArgs, PagedKv};
 use prefix_attn::attn::testing::{
-    random_spec, FwdBuffers, GradBuffers, KvLayout, ProblemSpec, RandomProblem,
+    random_paged_spec, random_spec, FwdBuffers, GradBuffers, KvLayout, PagedSpec, ProblemSpec,
+    RandomPaged, RandomProblem,
 };
-use prefix_attn::attn::{cpu, naive, AttnFwdArgs, AttnFwdOut};
+use prefix_attn::attn::{cpu, naive, AttnFwdArgs, AttnFwdOut, Meta};
 use prefix_attn::device::cpu::CpuBackend;
+use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Tensor};
 
@@ -417,29 +420,8 @@ fn oracle_hand_computed_case() {
 /// Random problems with padding and mixed prefix indices (including -1), for the
 /// device-metadata tests.
 fn meta_spec(rng: &mut Rng, dtype: DType) -> ProblemSpec {
-    let mut s = random_spec(rng, dtype);
-    if s.num_prefixes == 0 {
-        s.num_prefixes = 2;
-    }
-    s.prefix_index = Some(
-        (0..s.batch)
-            .map(|b| {
-                if b % 2 == 1 {
-                    -1
-                } else {
-                    rng.below(s.num_prefixes as u64) as i32
-                }
-            })
-            .collect(),
-    );
-    if s.seqlen_k.is_none() {
-        let lk: Vec<i32> = (0..s.batch)
-            .map(|_| rng.below(s.tk as u64 + 1) as i32)
-            .collect();
-        s.seqlen_q = Some(lk.iter().map(|&k| k.min(s.tq as i32)).collect());
-        s.seqlen_k = Some(lk);
-    }
-    s
+    let s = random_spec(rng, dtype);
+    common::meta::with_mixed_meta(s, rng)
 }
 
 /// Metadata passed as i32 tensors (host memory on the cpu device) gives bit for bit the
@@ -502,4 +484,357 @@ fn bad_device_metadata_is_an_error() {
         let err = cpu::forward(&args, f.out()).expect_err(name).to_string();
         assert!(err.contains(arg), "{name}: {err}");
     }
+}
+
+/// Paged decode on the cpu device against the f64 oracle with the tolerance rule, on random
+/// paged problems: shuffled pages, lengths across page boundaries (0 included), Tq up to 16,
+/// GQA, adapters of different lengths and mixed prefix indices (-1 included).
+#[test]
+fn paged_decode_matches_oracle_on_random_shapes() {
+    let mut rng = Rng::new(4242);
+    for seed in 0..30 {
+        let dtype = [DType::F32, DType::F16, DType::BF16][seed % 3];
+        let spec = random_paged_spec(&mut rng, dtype, &[8, 16, 64]);
+        check_paged(&spec, seed as u64);
+    }
+}
+
+/// Runs paged decode on the cpu device and checks it against the oracle.
+fn check_paged(spec: &PagedSpec, seed: u64) -> FwdBuffers {
+    let ctx = format!("seed {seed}, spec {spec:?}");
+    let pb = RandomPaged::new(spec, &mut Rng::new(seed)).unwrap();
+    let args = pb.args().unwrap();
+    let exact = paged::oracle(&args, Precision::Exact).unwrap();
+    let lowp = paged::oracle(&args, Precision::Round(spec.dtype)).unwrap();
+    let mut f = paged_buffers(spec);
+    CpuBackend
+        .attn_decode(&args, f.out())
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    check_against(&f, &exact, &lowp, spec.dtype).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    f
+}
+
+use common::meta::paged_buffers;
+
+/// The tolerance rule against the exact oracle, with `lowp` as the naive implementation.
+fn check_against(
+    f: &FwdBuffers,
+    exact: &Outputs,
+    lowp: &Outputs,
+    dtype: DType,
+) -> Result<(), String> {
+    common::meta::check_outputs(&f.o, &f.lse, exact, lowp, dtype)
+}
+
+/// The edges of the paged contract: a sequence ending exactly on a page boundary and one key
+/// past it, an empty sequence with a prefix (its rows see only the prefix), an empty
+/// sequence without one (o = 0, lse = -inf), Tq = 16, one page in all, prefix lengths 0 and P.
+#[test]
+fn paged_decode_edge_cases() {
+    let base = PagedSpec {
+        batch: 4,
+        tq: 1,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 16,
+        page_size: 16,
+        seqlen_k: vec![16, 17, 0, 0],
+        prefix_rows: 6,
+        num_prefixes: 2,
+        prefix_index: vec![0, 1, 1, -1],
+        prefix_len: vec![6, 3],
+        dtype: DType::F32,
+    };
+    let with = |f: &dyn Fn(&mut PagedSpec)| {
+        let mut s = base.clone();
+        f(&mut s);
+        s
+    };
+    let cases = vec![
+        ("page boundary, empty with and without prefix", base.clone()),
+        (
+            "Tq = 16",
+            with(&|s| {
+                s.tq = 16;
+                s.seqlen_k = vec![16, 33, 0, 20];
+            }),
+        ),
+        ("one page", with(&|s| s.seqlen_k = vec![3, 0, 1, 16])),
+        (
+            "prefix lengths 0 and P",
+            with(&|s| s.prefix_len = vec![0, 6]),
+        ),
+        ("page size 1", with(&|s| s.page_size = 1)),
+        (
+            "f16 GQA 4",
+            with(&|s| {
+                s.dtype = DType::F16;
+                s.heads_q = 8;
+            }),
+        ),
+    ];
+    for (i, (name, spec)) in cases.into_iter().enumerate() {
+        let f = check_paged(&spec, 900 + i as u64);
+        // The empty sequence without a prefix (b = 3 in the base case) sees no key.
+        if name.starts_with("page boundary") {
+            let lse = f.lse.to_f32_vec();
+            let per_b = spec.heads_q * spec.tq;
+            assert!(
+                lse[3 * per_b..].iter().all(|&x| x == f32::NEG_INFINITY),
+                "{name}"
+            );
+            let o = f.o.to_f32_vec();
+            let per_o = spec.tq * spec.heads_q * spec.head_dim;
+            assert!(o[3 * per_o..].iter().all(|&x| x == 0.0), "{name}");
+        }
+    }
+}
+
+/// Paged decode equals the dense `attn_fwd` over the same keys gathered out of the pages
+/// (every adapter at its full length P, seqlen_q = Tq, causal), within the tolerance rule.
+#[test]
+fn paged_decode_equals_dense_attention_on_gathered_keys() {
+    let mut rng = Rng::new(77);
+    let mut compared = 0;
+    for seed in 0..10u64 {
+        let dtype = [DType::F32, DType::F16, DType::BF16][seed as usize % 3];
+        let mut spec = random_paged_spec(&mut rng, dtype, &[8, 64]);
+        spec.prefix_len = vec![spec.prefix_rows as i32; spec.num_prefixes];
+        let ctx = format!("seed {seed}, spec {spec:?}");
+        let pb = RandomPaged::new(&spec, &mut Rng::new(seed)).unwrap();
+        let args = pb.args().unwrap();
+        let mut paged_out = paged_buffers(&spec);
+        CpuBackend.attn_decode(&args, paged_out.out()).unwrap();
+        // Gather the sequence keys: [B, Tk = max seqlen_k, Hkv, D].
+        let (b, d, hkv) = (spec.batch, spec.head_dim, spec.heads_kv);
+        let tk = spec.seqlen_k.iter().copied().max().unwrap_or(0).max(1) as usize;
+        let max_pages = pb.block_table.len() / b;
+        let gather = |cache: &Tensor| {
+            let c = cache.to_f32_vec();
+            let mut out = vec![0.5f32; b * tk * hkv * d];
+            for s in 0..b {
+                for j in 0..spec.seqlen_k[s] as usize {
+                    let page = pb.block_table[s * max_pages + j / spec.page_size] as usize;
+                    let from = ((page * spec.page_size + j % spec.page_size) * hkv) * d;
+                    let to = ((s * tk + j) * hkv) * d;
+                    out[to..to + hkv * d].copy_from_slice(&c[from..from + hkv * d]);
+                }
+            }
+            Tensor::from_f32(&[b, tk, hkv, d], &out, dtype).unwrap()
+        };
+        let (k, v) = (gather(&pb.k_cache), gather(&pb.v_cache));
+        let lq = vec![spec.tq as i32; b];
+        let mut dense = AttnFwdArgs::new(pb.q.view(), k.view(), v.view())
+            .causal(true)
+            .seqlens(&lq, &pb.seqlen_k);
+        if let Some(p) = &pb.prefix {
+            dense = dense
+                .prefix(
+                    p.view().select(0, 0).unwrap(),
+                    p.view().select(0, 1).unwrap(),
+                )
+                .prefix_index(&pb.prefix_index);
+        }
+        // Rows whose causal window starts before the cache (seqlen_k < Tq) are where the two
+        // contracts differ (dense masks them as padding of seqlen_q); compare the others.
+        if spec.seqlen_k.iter().any(|&n| (n as usize) < spec.tq) {
+            continue;
+        }
+        let x = Dense::from_args(&dense).unwrap();
+        let exact = x.forward(Precision::Exact);
+        let lowp = x.forward(Precision::Round(dtype));
+        check_against(&paged_out, &exact, &lowp, dtype).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        compared += 1;
+    }
+    assert!(compared >= 4, "only {compared} problems compared");
+}
+
+/// `kv_append` writes new rows at positions seqlen_k.. of each sequence, across page
+/// boundaries, on the cpu and emu devices alike, and touches no other slot.
+#[test]
+fn kv_append_writes_rows_into_pages() {
+    use prefix_attn::device::emu::EmuBackend;
+    use prefix_attn::device::{kv_append, Backend};
+    let (b, hkv, d, ps, pages) = (2, 2, 8, 4, 6);
+    let mut rng = Rng::new(12);
+    // Sequence 0 has 3 keys in page 4; sequence 1 has 4 keys (a full page, 1) and page 0 next.
+    let table = vec![4, 2, -1, 1, 0, 5];
+    let seqlen = vec![3, 4];
+    let t_new = 5;
+    let new_k = Tensor::from_f32(
+        &[b, t_new, hkv, d],
+        &rng.normal_vec(b * t_new * hkv * d, 1.0),
+        DType::F16,
+    )
+    .unwrap();
+    let new_v = Tensor::from_f32(
+        &[b, t_new, hkv, d],
+        &rng.normal_vec(b * t_new * hkv * d, 1.0),
+        DType::F16,
+    )
+    .unwrap();
+    let init = rng.normal_vec(pages * ps * hkv * d, 1.0);
+    let mut results = vec![];
+    for be in [&CpuBackend as &dyn Backend, &EmuBackend] {
+        let mut kc = Tensor::from_f32(&[pages, ps, hkv, d], &init, DType::F16).unwrap();
+        let mut vc = kc.clone();
+        kv_append(
+            be,
+            &new_k.view(),
+            &new_v.view(),
+            &mut kc.view_mut(),
+            &mut vc.view_mut(),
+            &table,
+            &seqlen,
+        )
+        .unwrap();
+        results.push((kc.to_f32_vec(), vc.to_f32_vec()));
+    }
+    assert_eq!(results[0], results[1], "cpu and emu differ");
+    let (kc, vc) = &results[0];
+    let (nk, nv) = (new_k.to_f32_vec(), new_v.to_f32_vec());
+    let init16 = Tensor::from_f32(&[pages * ps * hkv * d], &init, DType::F16)
+        .unwrap()
+        .to_f32_vec();
+    let mut written = vec![false; pages * ps];
+    for s in 0..b {
+        for t in 0..t_new {
+            let pos = seqlen[s] as usize + t;
+            let page = table[s * 3 + pos / ps] as usize;
+            let slot = page * ps + pos % ps;
+            written[slot] = true;
+            let (at, from) = (slot * hkv * d, (s * t_new + t) * hkv * d);
+            assert_eq!(
+                kc[at..at + hkv * d],
+                nk[from..from + hkv * d],
+                "k b={s} t={t}"
+            );
+            assert_eq!(
+                vc[at..at + hkv * d],
+                nv[from..from + hkv * d],
+                "v b={s} t={t}"
+            );
+        }
+    }
+    for (slot, &w) in written.iter().enumerate() {
+        if !w {
+            let at = slot * hkv * d;
+            assert_eq!(
+                kc[at..at + hkv * d],
+                init16[at..at + hkv * d],
+                "slot {slot} was touched"
+            );
+        }
+    }
+    // Past the block table's capacity, and into a page number out of range: errors.
+    let mut kc = Tensor::from_f32(&[pages, ps, hkv, d], &init, DType::F16).unwrap();
+    let mut vc = kc.clone();
+    let err = kv_append(
+        &CpuBackend,
+        &new_k.view(),
+        &new_v.view(),
+        &mut kc.view_mut(),
+        &mut vc.view_mut(),
+        &table,
+        &[8, 0],
+    )
+    .expect_err("capacity")
+    .to_string();
+    assert!(err.contains("seqlen_k"), "{err}");
+    let err = kv_append(
+        &CpuBackend,
+        &new_k.view(),
+        &new_v.view(),
+        &mut kc.view_mut(),
+        &mut vc.view_mut(),
+        &[4, 9, -1, 1, 0, 5],
+        &seqlen,
+    )
+    .expect_err("page range")
+    .to_string();
+    assert!(err.contains("block_table"), "{err}");
+}
+
+/// Bad paged-decode input is an error naming the argument: a page size that is not a power
+/// of two, Tq > 16, a block-table entry out of range, seqlen_k past the table's capacity, a
+/// prefix length past P.
+#[test]
+fn bad_paged_input_is_an_error() {
+    let spec = PagedSpec {
+        batch: 2,
+        tq: 1,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 8,
+        page_size: 4,
+        seqlen_k: vec![5, 2],
+        prefix_rows: 3,
+        num_prefixes: 1,
+        prefix_index: vec![0, -1],
+        prefix_len: vec![2],
+        dtype: DType::F32,
+    };
+    let pb = RandomPaged::new(&spec, &mut Rng::new(3)).unwrap();
+    let run = |args: &PagedAttnArgs, tq: usize| {
+        let mut s = spec.clone();
+        s.tq = tq;
+        let mut f = paged_buffers(&s);
+        CpuBackend
+            .attn_decode(args, f.out())
+            .expect_err("must fail")
+            .to_string()
+    };
+    let bad_table: Vec<i32> = pb
+        .block_table
+        .iter()
+        .map(|&p| if p >= 0 { p + 100 } else { p })
+        .collect();
+    let e = run(
+        &PagedAttnArgs {
+            kv: PagedKv {
+                block_table: Meta::Host(&bad_table),
+                ..pb.args().unwrap().kv
+            },
+            ..pb.args().unwrap()
+        },
+        1,
+    );
+    assert!(e.contains("block_table"), "{e}");
+    let long = [500, 2];
+    let e = run(
+        &PagedAttnArgs {
+            kv: PagedKv {
+                seqlen_k: Meta::Host(&long),
+                ..pb.args().unwrap().kv
+            },
+            ..pb.args().unwrap()
+        },
+        1,
+    );
+    assert!(e.contains("seqlen_k"), "{e}");
+    let plen = [4];
+    let e = run(&pb.args().unwrap().prefix_len(Meta::Host(&plen)), 1);
+    assert!(e.contains("prefix_len"), "{e}");
+    let kc3 = Tensor::zeros(&[4, 3, 1, 8], DType::F32).unwrap();
+    let e = run(
+        &PagedAttnArgs {
+            kv: PagedKv {
+                k_cache: kc3.view(),
+                v_cache: kc3.view(),
+                ..pb.args().unwrap().kv
+            },
+            ..pb.args().unwrap()
+        },
+        1,
+    );
+    assert!(e.contains("power of two"), "{e}");
+    let q17 = Tensor::zeros(&[2, 17, 2, 8], DType::F32).unwrap();
+    let e = run(
+        &PagedAttnArgs {
+            q: q17.view(),
+            ..pb.args().unwrap()
+        },
+        17,
+    );
+    assert!(e.contains("Tq <= 16"), "{e}");
 }

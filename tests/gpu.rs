@@ -7,11 +7,14 @@ mod common;
 use common::*;
 use cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
 use prefix_attn::attn::oracle::{Dense, Precision};
+use prefix_attn::attn::paged::{self, PagedAttnArgs};
 use prefix_attn::attn::testing::{
-    random_spec, FwdBuffers, GradBuffers, KvLayout, ProblemSpec, RandomProblem,
+    random_paged_spec, random_spec, FwdBuffers, GradBuffers, KvLayout, PagedSpec, ProblemSpec,
+    RandomPaged, RandomProblem,
 };
-use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
+use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta};
 use prefix_attn::device::cuda::{device_count, loaded_libraries, CudaBackend};
+use prefix_attn::device::decode_bench::decode_shape;
 use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
@@ -186,6 +189,79 @@ fn run_case(
     )
 }
 
+/// Paged decode on the device (the kernel and, with several chunks, the merge) against the f64
+/// oracle, with host metadata and with the metadata as device tensors (same bits).
+fn run_decode_case(be: &CudaBackend, spec: &PagedSpec, seed: u64) -> Result<(), String> {
+    let e = |e: prefix_attn::Error| e.to_string();
+    let pb = RandomPaged::new(spec, &mut Rng::new(seed)).map_err(e)?;
+    let host_args = pb.args().map_err(e)?;
+    let exact = paged::oracle(&host_args, Precision::Exact).map_err(e)?;
+    let lowp = paged::oracle(&host_args, Precision::Round(spec.dtype)).map_err(e)?;
+    let up = |t: &Tensor| be.upload(t).map_err(e);
+    let (q, kc, vc) = (up(&pb.q)?, up(&pb.k_cache)?, up(&pb.v_cache)?);
+    let pre = pb.prefix.as_ref().map(&up).transpose()?;
+    let i32s = |v: &[i32], dims: &[usize]| up(&Tensor::from_slice(dims, v).map_err(e)?);
+    let b = spec.batch;
+    let table = i32s(&pb.block_table, &[b, pb.block_table.len() / b])?;
+    let lk = i32s(&pb.seqlen_k, &[b])?;
+    let idx = i32s(&pb.prefix_index, &[b])?;
+    let plen = i32s(&pb.prefix_len, &[spec.num_prefixes])?;
+    let mut outs = vec![];
+    for device_meta in [false, true] {
+        let mut args = PagedAttnArgs::new(
+            q.view(),
+            kc.view(),
+            vc.view(),
+            Meta::Host(&pb.block_table),
+            Meta::Host(&pb.seqlen_k),
+        );
+        if let Some(p) = &pre {
+            let pv = p.view();
+            args = args
+                .prefix(pv.select(0, 0).map_err(e)?, pv.select(0, 1).map_err(e)?)
+                .prefix_index(Meta::Host(&pb.prefix_index))
+                .prefix_len(Meta::Host(&pb.prefix_len));
+        }
+        if device_meta {
+            args.kv.block_table = Meta::Device(table.view());
+            args.kv.seqlen_k = Meta::Device(lk.view());
+            if pre.is_some() {
+                args.prefix_index = Some(Meta::Device(idx.view()));
+                args.prefix_len = Some(Meta::Device(plen.view()));
+            }
+        }
+        let mut t = ProblemSpec::new(
+            b,
+            spec.tq,
+            spec.tq,
+            spec.heads_q,
+            spec.heads_kv,
+            spec.head_dim,
+            0,
+            true,
+        );
+        t.dtype = spec.dtype;
+        let host = FwdBuffers::poisoned(&t).map_err(e)?;
+        let (mut o, mut lse) = (up(&host.o)?, up(&host.lse)?);
+        be.attn_decode(
+            &args,
+            AttnFwdOut {
+                o: o.view_mut(),
+                lse: Some(lse.view_mut()),
+            },
+        )
+        .map_err(e)?;
+        let (o, lse) = (be.download(&o).map_err(e)?, be.download(&lse).map_err(e)?);
+        common::meta::check_outputs(&o, &lse, &exact, &lowp, spec.dtype)?;
+        outs.push((o.to_f32_vec(), lse.to_f32_vec()));
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    if bits(&outs[0].0) != bits(&outs[1].0) || bits(&outs[0].1) != bits(&outs[1].1) {
+        return Err("device metadata gave other bits than host metadata".into());
+    }
+    Ok(())
+}
+
 fn copy_bytes(t: &mut Tensor, bytes: &[u8]) {
     let n = t.numel();
     let dt = t.dtype();
@@ -265,6 +341,42 @@ fn main() {
     }
     println!("GPU forward and backward kernels vs f64 oracle on cuda:0");
     println!("{passed} passed, {failed} failed");
+    // Paged decode: random paged problems, and the `decode` shape at B = 1 (many chunks and the
+    // merge), 4 and 64 (one chunk).
+    let mut decode: Vec<(String, PagedSpec)> = vec![];
+    let mut rng = Rng::new(99);
+    for i in 0..20 {
+        let dtype = if i % 2 == 0 { DType::F16 } else { DType::BF16 };
+        decode.push((
+            format!("decode random {i}"),
+            random_paged_spec(&mut rng, dtype, &[64, 128]),
+        ));
+    }
+    for b in [1usize, 4, 64] {
+        decode.push((
+            format!("decode shape B={b}"),
+            PagedSpec {
+                num_prefixes: 2,
+                prefix_index: (0..b as i32).map(|i| i % 3 - 1).collect(),
+                prefix_len: vec![64, 17],
+                ..decode_shape(b)
+            },
+        ));
+    }
+    for (i, (name, spec)) in decode.into_iter().enumerate() {
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_decode_case(&be, &spec, 3000 + i as u64)
+        }))
+        .unwrap_or_else(|_| Err("panicked (message above)".into()));
+        match res {
+            Ok(()) => passed += 1,
+            Err(e) => {
+                failed += 1;
+                println!("FAILED {name}: {e}");
+            }
+        }
+    }
+    println!("GPU paged decode vs f64 oracle: {passed} passed, {failed} failed so far");
     // The half-precision training path (dense kernels, cuBLAS, attention, AdamW, generation)
     // against the Hugging Face + PEFT fixture and its fp16 PyTorch run.
     println!("{}", be.describe());

@@ -177,7 +177,9 @@ fn prefix_split_covers_the_work_once_in_whole_chunks() {
 /// block size or shared memory differs from the kernel's).
 #[test]
 fn kernel_registry_is_complete_and_matches_the_rust_param_structs() {
-    use prefix_attn::device::kernels::{fatbin, BwdParams, FwdParams};
+    use prefix_attn::device::kernels::{
+        fatbin, BwdParams, DecodeParams, FwdParams, MetaClampParams,
+    };
     use prefix_attn::device::registry::{kernel, kernels};
     let all = kernels();
     let mut names: Vec<&str> = all.iter().map(|k| k.name).collect();
@@ -185,24 +187,49 @@ fn kernel_registry_is_complete_and_matches_the_rust_param_structs() {
     let before = names.len();
     names.dedup();
     assert_eq!(names.len(), before, "an entry registered twice: {names:?}");
-    for (file, want, size) in [
-        ("prefix_attn_fwd", 4, std::mem::size_of::<FwdParams>()),
-        ("prefix_attn_bwd", 15, std::mem::size_of::<BwdParams>()),
+    // (file, entries of that file whose name starts with `prefix`, their parameter struct).
+    for (file, prefix, want, size) in [
+        (
+            "prefix_attn_fwd",
+            "prefix_attn_fwd_",
+            4,
+            std::mem::size_of::<FwdParams>(),
+        ),
+        (
+            "prefix_attn_fwd",
+            "prefix_attn_meta_clamp",
+            1,
+            std::mem::size_of::<MetaClampParams>(),
+        ),
+        ("prefix_attn_bwd", "", 15, std::mem::size_of::<BwdParams>()),
+        (
+            "prefix_attn_decode",
+            "",
+            6,
+            std::mem::size_of::<DecodeParams>(),
+        ),
         (
             "dense",
+            "",
             15,
             std::mem::size_of::<prefix_attn::device::dense::DenseParams>(),
         ),
     ] {
-        let of_file: Vec<_> = all.iter().filter(|k| k.file == file).collect();
-        assert_eq!(of_file.len(), want, "{file}: {of_file:?}");
+        let of_file: Vec<_> = all
+            .iter()
+            .filter(|k| k.file == file && k.name.starts_with(prefix))
+            .collect();
+        assert_eq!(of_file.len(), want, "{file} {prefix}: {of_file:?}");
         assert!(
             of_file.iter().all(|k| k.params_size == size),
             "{file}: {of_file:?}"
         );
         assert!(fatbin(file).is_ok(), "{file} is not in build.rs's KERNELS");
     }
-    assert_eq!(all.len(), 34, "{all:?}");
+    assert_eq!(all.len(), 41, "{all:?}");
+    // The decode kernel packs up to 64 query rows (4 warps of 16) and takes keys 32 a tile.
+    let dk = kernel("prefix_attn_decode_d128_f16").unwrap();
+    assert_eq!((dk.threads, dk.block_m, dk.block_n), (128, 64, 32));
     // The attention kernels' geometry is their traits': 4 warps of 16 rows in the forward,
     // 64 keys a tile at head dim 64 and 32 at 128, double-buffered tiles.
     let f = kernel("prefix_attn_fwd_d64_f16").unwrap();

@@ -7,11 +7,13 @@ mod common;
 
 use common::*;
 use prefix_attn::attn::oracle::{Dense, Precision};
+use prefix_attn::attn::paged::{self, PagedAttnArgs, PagedKv};
 use prefix_attn::attn::testing::{
-    random_spec, FwdBuffers, GradBuffers, KvLayout, ProblemSpec, RandomProblem,
+    random_paged_spec, random_spec, FwdBuffers, GradBuffers, KvLayout, PagedSpec, ProblemSpec,
+    RandomPaged, RandomProblem,
 };
-use prefix_attn::attn::AttnFwdOut;
-use prefix_attn::device::{emu, kernels};
+use prefix_attn::attn::{AttnFwdOut, Meta};
+use prefix_attn::device::{emu, kernels, Backend};
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Tensor};
 
@@ -566,29 +568,8 @@ fn backward_writes_a_gpt2_dqkv_buffer() {
 
 /// Kernel-sized random problems with padding and mixed prefix indices (including -1).
 fn meta_kernel_spec(rng: &mut Rng, dtype: DType) -> ProblemSpec {
-    let mut s = kernel_spec(rng, dtype);
-    if s.num_prefixes == 0 {
-        s.num_prefixes = 2;
-    }
-    s.prefix_index = Some(
-        (0..s.batch)
-            .map(|b| {
-                if b % 2 == 1 {
-                    -1
-                } else {
-                    rng.below(s.num_prefixes as u64) as i32
-                }
-            })
-            .collect(),
-    );
-    if s.seqlen_k.is_none() {
-        let lk: Vec<i32> = (0..s.batch)
-            .map(|_| rng.below(s.tk as u64 + 1) as i32)
-            .collect();
-        s.seqlen_q = Some(lk.iter().map(|&k| k.min(s.tq as i32)).collect());
-        s.seqlen_k = Some(lk);
-    }
-    s
+    let s = kernel_spec(rng, dtype);
+    common::meta::with_mixed_meta(s, rng)
 }
 
 /// The kernels read metadata passed as device tensors (host memory on the emulator) and give
@@ -630,5 +611,179 @@ fn out_of_range_device_metadata_is_clamped_in_the_kernels() {
         let ctx = format!("seed {seed}, spec {spec:?}");
         let pb = RandomProblem::new(spec, &mut Rng::new(seed)).unwrap();
         common::meta::assert_bad_device_meta_is_clamped(&emu::EmuBackend, &pb, &ctx);
+    }
+}
+
+#[test]
+fn decode_params_struct_matches_its_c_mirror() {
+    assert_eq!(
+        emu::decode_params_layout(),
+        kernels::decode_params_rust_layout()
+    );
+}
+
+use common::meta::paged_buffers as decode_buffers;
+
+/// Runs the decode kernel on the emulator and checks it against the oracle with the tolerance
+/// rule; returns the outputs and the number of key chunks the planner chose.
+fn run_decode_and_check(spec: &PagedSpec, seed: u64) -> (FwdBuffers, i32) {
+    let ctx = format!("seed {seed}, spec {spec:?}");
+    let pb = RandomPaged::new(spec, &mut Rng::new(seed)).unwrap();
+    let args = pb.args().unwrap();
+    let exact = paged::oracle(&args, Precision::Exact).unwrap();
+    let lowp = paged::oracle(&args, Precision::Round(spec.dtype)).unwrap();
+    let mut f = decode_buffers(spec);
+    let splits = kernels::plan_decode(&args, &f.out()).unwrap().params.splits;
+    emu::EmuBackend
+        .attn_decode(&args, f.out())
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    common::meta::check_outputs(&f.o, &f.lse, &exact, &lowp, spec.dtype)
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    (f, splits)
+}
+
+/// The decode kernel against the oracle on random paged problems: fp16 and bf16, head dims 64
+/// and 128, GQA, Tq up to 16, shuffled pages, mixed prefix lengths and indices.
+#[test]
+fn decode_matches_oracle_on_random_shapes() {
+    let mut rng = Rng::new(5150);
+    for seed in 0..12u64 {
+        let dtype = if seed % 2 == 0 {
+            DType::F16
+        } else {
+            DType::BF16
+        };
+        let spec = random_paged_spec(&mut rng, dtype, &[64, 128]);
+        run_decode_and_check(&spec, seed);
+    }
+}
+
+/// The edges: a sequence ending on a page boundary and one key past it, an empty sequence
+/// with a prefix and one without, one chunk, many chunks, mixed prefix lengths (0 and P), a
+/// rerun bit for bit, and the metadata as device tensors bit for bit.
+#[test]
+fn decode_edge_cases() {
+    let base = PagedSpec {
+        batch: 4,
+        tq: 1,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+        page_size: 16,
+        seqlen_k: vec![16, 17, 0, 0],
+        prefix_rows: 6,
+        num_prefixes: 2,
+        prefix_index: vec![0, 1, 1, -1],
+        prefix_len: vec![6, 0],
+        dtype: DType::F16,
+    };
+    let with = |f: &dyn Fn(&mut PagedSpec)| {
+        let mut s = base.clone();
+        f(&mut s);
+        s
+    };
+    let (f, splits) = run_decode_and_check(&base, 1);
+    assert!(splits > 1, "the base case splits its keys");
+    let lse = f.lse.to_f32_vec();
+    assert!(
+        lse[3 * 4..].iter().all(|&x| x == f32::NEG_INFINITY),
+        "no key: lse = -inf"
+    );
+    // One chunk: the longest possible sequence (6 pages of 4) and prefix fit one 32-key tile.
+    let one = with(&|s| {
+        s.page_size = 4;
+        s.seqlen_k = vec![3, 20, 0, 9];
+        s.prefix_len = vec![6, 5];
+    });
+    assert_eq!(run_decode_and_check(&one, 2).1, 1, "one chunk");
+    // Many chunks: long sequences, a small batch.
+    let many = with(&|s| {
+        s.batch = 2;
+        s.seqlen_k = vec![300, 161];
+        s.prefix_index = vec![1, 0];
+        s.prefix_len = vec![6, 3];
+        s.tq = 3;
+        s.head_dim = 128;
+        s.dtype = DType::BF16;
+    });
+    let (a, splits) = run_decode_and_check(&many, 3);
+    assert!(splits >= 8, "many chunks, got {splits}");
+    // Tq = 16 with G = 4: 64 rows of one KV head in one block.
+    let full = with(&|s| {
+        s.tq = 16;
+        s.heads_q = 8;
+        s.seqlen_k = vec![16, 40, 0, 33];
+    });
+    run_decode_and_check(&full, 4);
+    // Deterministic: a rerun gives the same bits.
+    let (b, _) = run_decode_and_check(&many, 3);
+    let bits = |t: &Tensor| {
+        t.to_f32_vec()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&a.o), bits(&b.o));
+    assert_eq!(bits(&a.lse), bits(&b.lse));
+    // Device metadata (host memory on the emulator) gives the same bits as host metadata,
+    // and out-of-range device values are clamped (no out-of-bounds access under the
+    // sanitizer).
+    for spec in [&base, &many] {
+        let pb = RandomPaged::new(spec, &mut Rng::new(9)).unwrap();
+        let t = |v: &[i32], dims: &[usize]| Tensor::from_slice(dims, v).unwrap();
+        let b = spec.batch;
+        let table = t(&pb.block_table, &[b, pb.block_table.len() / b]);
+        let (lk, idx, plen) = (
+            t(&pb.seqlen_k, &[b]),
+            t(&pb.prefix_index, &[b]),
+            t(&pb.prefix_len, &[spec.num_prefixes]),
+        );
+        let host = pb.args().unwrap();
+        let dev = PagedAttnArgs {
+            kv: PagedKv {
+                block_table: Meta::Device(table.view()),
+                seqlen_k: Meta::Device(lk.view()),
+                ..host.kv
+            },
+            prefix_index: Some(Meta::Device(idx.view())),
+            prefix_len: Some(Meta::Device(plen.view())),
+            ..host
+        };
+        let (mut fh, mut fd) = (decode_buffers(spec), decode_buffers(spec));
+        emu::EmuBackend.attn_decode(&host, fh.out()).unwrap();
+        emu::EmuBackend.attn_decode(&dev, fd.out()).unwrap();
+        assert_eq!(bits(&fh.o), bits(&fd.o));
+        assert_eq!(bits(&fh.lse), bits(&fd.lse));
+        let wild_table: Vec<i32> = pb.block_table.iter().map(|&p| p * 1000 - 7).collect();
+        let wild = (
+            t(&wild_table, &[b, pb.block_table.len() / b]),
+            t(&vec![i32::MAX; b], &[b]),
+            t(&vec![99; b], &[b]),
+            t(&vec![-5; spec.num_prefixes], &[spec.num_prefixes]),
+        );
+        let bad = PagedAttnArgs {
+            kv: PagedKv {
+                block_table: Meta::Device(wild.0.view()),
+                seqlen_k: Meta::Device(wild.1.view()),
+                ..host.kv
+            },
+            prefix_index: Some(Meta::Device(wild.2.view())),
+            prefix_len: Some(Meta::Device(wild.3.view())),
+            ..host
+        };
+        let mut fb = decode_buffers(spec);
+        emu::EmuBackend.attn_decode(&bad, fb.out()).unwrap();
+        let cpu_bad = {
+            let mut f = decode_buffers(spec);
+            prefix_attn::device::cpu::CpuBackend
+                .attn_decode(&bad, f.out())
+                .unwrap();
+            f
+        };
+        let diff = max_err(&f64s(&fb.o), &f64s(&cpu_bad.o));
+        assert!(
+            diff < 0.05,
+            "clamped device metadata: emu and cpu differ by {diff}"
+        );
     }
 }

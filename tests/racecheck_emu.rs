@@ -223,10 +223,63 @@ fn dense_workload() -> Result<(), String> {
     close("in-place dlogits", &inplace, &want_grad, 2e-3)
 }
 
+/// Paged decode on shapes that reach every synchronisation: a block walking several key
+/// tiles (the planner's split forced to one chunk, so the tile buffers are refilled), two
+/// warps' rows (G · Tq = 6), prefix and paged keys in one tile; and the planner's own split
+/// with the merge.
+fn decode_workload() -> Result<(), String> {
+    use prefix_attn::attn::paged;
+    use prefix_attn::attn::testing::{PagedSpec, RandomPaged};
+    use prefix_attn::device::kernel_device::KernelRunner;
+    use prefix_attn::device::kernels::plan_decode;
+    let spec = PagedSpec {
+        batch: 2,
+        tq: 3,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+        page_size: 16,
+        seqlen_k: vec![70, 9],
+        prefix_rows: 5,
+        num_prefixes: 1,
+        prefix_index: vec![0, 0],
+        prefix_len: vec![5],
+        dtype: DType::F16,
+    };
+    let pb = RandomPaged::new(&spec, &mut Rng::new(61)).unwrap();
+    let args = pb.args().unwrap();
+    let exact = paged::oracle(&args, Precision::Exact).unwrap();
+    let lowp = paged::oracle(&args, Precision::Round(DType::F16)).unwrap();
+    let mut t = ProblemSpec::new(2, 3, 3, 4, 2, 64, 0, true);
+    t.dtype = DType::F16;
+    for one_chunk in [true, false] {
+        let mut f = FwdBuffers::poisoned(&t).unwrap();
+        let mut plan = plan_decode(&args, &f.out()).map_err(|e| e.to_string())?;
+        if one_chunk {
+            plan.params.splits = 1;
+            plan.launches.truncate(1);
+            plan.launches[0].grid.0 = 1;
+            plan.part_o_len = 0;
+            plan.part_lse_len = 0;
+        }
+        EmuBackend.run_decode(plan).map_err(|e| e.to_string())?;
+        within_rule(
+            "o",
+            max_err(&f64s(&f.o), &exact.o),
+            max_err(&lowp.o, &exact.o),
+            max_abs(&exact.o),
+            DType::F16,
+        )
+        .map_err(|e| format!("wrong result: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Every workload (for a synchronisation in a shared header).
 fn all_workloads() -> Result<(), String> {
     fwd_workload()?;
     bwd_workload()?;
+    decode_workload()?;
     dense_workload()
 }
 
@@ -235,6 +288,7 @@ fn workload_of(file: &str) -> fn() -> Result<(), String> {
     match file {
         "prefix_attn_fwd.cu" => fwd_workload,
         "prefix_attn_bwd.cu" => bwd_workload,
+        "prefix_attn_decode.cu" => decode_workload,
         "dense.cu" => dense_workload,
         f if f.ends_with(".cuh") => all_workloads,
         other => panic!(
@@ -292,7 +346,12 @@ fn caught_by(outcome: &Result<(), String>, dropped: u64) -> String {
 fn every_synchronisation_is_necessary() {
     assert!(emu::racecheck_enabled());
     let sites = sync_sites();
-    for f in ["prefix_attn_fwd.cu", "prefix_attn_bwd.cu", "dense.cu"] {
+    for f in [
+        "prefix_attn_fwd.cu",
+        "prefix_attn_bwd.cu",
+        "prefix_attn_decode.cu",
+        "dense.cu",
+    ] {
         assert!(
             sites.iter().any(|s| s.file == f),
             "found no synchronisation in kernels/{f}: {sites:?}"

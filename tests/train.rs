@@ -553,6 +553,13 @@ mod faulty {
         fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
             C.attn_bwd(args, grads)
         }
+        fn attn_decode(
+            &self,
+            args: &prefix_attn::attn::paged::PagedAttnArgs,
+            out: AttnFwdOut,
+        ) -> Result<()> {
+            C.attn_decode(args, out)
+        }
         fn gelu(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
             C.gelu(x, out)
         }

@@ -45,6 +45,27 @@ typedef struct AttnMetaClampParams {
     int32_t batch, tq, tk, num_prefixes;
 } AttnMetaClampParams;
 
+// Parameter struct of the paged-decode kernels (kernels/prefix_attn_decode.cu). Mirrored by
+// `#[repr(C)] struct DecodeParams` in src/device/kernels.rs.
+typedef struct PrefixAttnDecodeParams {
+    uint64_t q, k_cache, v_cache, k_pre, v_pre, o, lse;
+    // int32: block_table [B, max_pages] (row-major), seqlen_k [B], prefix_index [B],
+    // prefix_len [NP]; clamped where read.
+    uint64_t block_table, seqlen_k, prefix_index, prefix_len;
+    // f32 scratch with splits > 1: partial o [splits, B, Hq, Tq, D], partial lse [splits, B, Hq, Tq].
+    uint64_t part_o, part_lse;
+    int64_t q_batch_stride, q_row_stride, q_head_stride;
+    int64_t kc_page_stride, kc_row_stride, kc_head_stride;
+    int64_t vc_page_stride, vc_row_stride, vc_head_stride;
+    int64_t kp_prefix_stride, kp_row_stride, kp_head_stride;
+    int64_t vp_prefix_stride, vp_row_stride, vp_head_stride;
+    int64_t o_batch_stride, o_row_stride, o_head_stride;
+    int64_t lse_batch_stride, lse_head_stride;
+    int32_t batch, tq, heads_q, heads_kv, head_dim, num_pages, page_size, max_pages;
+    int32_t prefix_rows, num_prefixes, splits, dtype;
+    float scale, scale_log2;
+} PrefixAttnDecodeParams;
+
 // Parameter struct of the backward kernels. `f` holds the forward's inputs (q, k, v, the
 // prefix table, metadata, sizes) and its outputs o and lse (read here). Mirrored by
 // `#[repr(C)] struct BwdParams` in src/device/kernels.rs.

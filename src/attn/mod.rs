@@ -26,6 +26,7 @@
 pub mod cpu;
 pub mod naive;
 pub mod oracle;
+pub mod paged;
 pub mod shapes;
 pub mod testing;
 

@@ -22,13 +22,13 @@ pub enum Precision {
 }
 
 impl Precision {
-    fn r(self, x: f64) -> f64 {
+    pub(crate) fn r(self, x: f64) -> f64 {
         match self {
             Precision::Exact => x,
             Precision::Round(dt) => dt.round_f32(x as f32) as f64,
         }
     }
-    fn r32(self, x: f64) -> f64 {
+    pub(crate) fn r32(self, x: f64) -> f64 {
         match self {
             Precision::Exact => x,
             Precision::Round(_) => x as f32 as f64,

@@ -1,6 +1,7 @@
 //! Random attention problems for tests, checks and benchmarks, in the layouts real callers
 //! use: GPT-2's fused `qkv` buffer, a PEFT-layout prefix tensor, padded (strided) rows.
 
+use super::paged::PagedAttnArgs;
 use super::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -433,4 +434,178 @@ pub fn random_spec(rng: &mut Rng, dtype: DType) -> ProblemSpec {
         s.peft_layer = Some((layers, rng.below(layers as u64) as usize));
     }
     s
+}
+
+/// A random paged-decode problem: queries, a paged cache whose pages are handed out in a
+/// shuffled order (so consecutive pages of a sequence are not adjacent), a block table with
+/// unused entries set to -1, a prefix table with adapters of different lengths and mixed
+/// prefix indices.
+#[derive(Debug)]
+pub struct RandomPaged {
+    /// Queries `[B, Tq, Hq, D]`.
+    pub q: Tensor,
+    /// Key pages `[num_pages, page_size, Hkv, D]`.
+    pub k_cache: Tensor,
+    /// Value pages.
+    pub v_cache: Tensor,
+    /// Prefix table `[2, NP, P, Hkv, D]` (keys, values), if any.
+    pub prefix: Option<Tensor>,
+    /// Block table `[B, max_pages]`, row-major.
+    pub block_table: Vec<i32>,
+    /// Keys per sequence.
+    pub seqlen_k: Vec<i32>,
+    /// Prefix per sequence (-1: none).
+    pub prefix_index: Vec<i32>,
+    /// Valid rows per prefix.
+    pub prefix_len: Vec<i32>,
+}
+
+/// Sizes of a [`RandomPaged`] problem.
+#[derive(Clone, Debug)]
+pub struct PagedSpec {
+    /// Batch.
+    pub batch: usize,
+    /// New query rows.
+    pub tq: usize,
+    /// Query heads.
+    pub heads_q: usize,
+    /// Key/value heads.
+    pub heads_kv: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Keys per page.
+    pub page_size: usize,
+    /// Keys of each sequence.
+    pub seqlen_k: Vec<i32>,
+    /// Prefix rows `P` of the table (0 with `num_prefixes == 0`: no table).
+    pub prefix_rows: usize,
+    /// Prefixes in the table.
+    pub num_prefixes: usize,
+    /// Prefix per sequence.
+    pub prefix_index: Vec<i32>,
+    /// Valid rows of each prefix.
+    pub prefix_len: Vec<i32>,
+    /// Element type.
+    pub dtype: DType,
+}
+
+impl RandomPaged {
+    /// Draws the problem of `s`: standard-normal values, pages shuffled, two spare pages.
+    pub fn new(s: &PagedSpec, rng: &mut Rng) -> Result<RandomPaged> {
+        let dt = s.dtype;
+        let mut rand = |shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::from_f32(shape, &rng.normal_vec(n, 1.0), dt)
+        };
+        let pages_of: Vec<usize> = s
+            .seqlen_k
+            .iter()
+            .map(|&n| (n as usize).div_ceil(s.page_size))
+            .collect();
+        let max_pages = pages_of.iter().copied().max().unwrap_or(0) + 1;
+        let num_pages = pages_of.iter().sum::<usize>() + 2;
+        let q = rand(&[s.batch, s.tq, s.heads_q, s.head_dim])?;
+        let k_cache = rand(&[num_pages, s.page_size, s.heads_kv, s.head_dim])?;
+        let v_cache = rand(&[num_pages, s.page_size, s.heads_kv, s.head_dim])?;
+        let prefix = if s.num_prefixes > 0 {
+            Some(rand(&[
+                2,
+                s.num_prefixes,
+                s.prefix_rows,
+                s.heads_kv,
+                s.head_dim,
+            ])?)
+        } else {
+            None
+        };
+        let mut order: Vec<i32> = (0..num_pages as i32).collect();
+        for i in (1..order.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            order.swap(i, j);
+        }
+        let mut next = order.into_iter();
+        let mut block_table = vec![-1; s.batch * max_pages];
+        for (b, &n) in pages_of.iter().enumerate() {
+            for c in 0..n {
+                block_table[b * max_pages + c] = next.next().expect("enough pages");
+            }
+        }
+        Ok(RandomPaged {
+            q,
+            k_cache,
+            v_cache,
+            prefix,
+            block_table,
+            seqlen_k: s.seqlen_k.clone(),
+            prefix_index: s.prefix_index.clone(),
+            prefix_len: s.prefix_len.clone(),
+        })
+    }
+
+    /// The decode arguments (host metadata).
+    pub fn args(&self) -> Result<PagedAttnArgs<'_>> {
+        let mut a = PagedAttnArgs::new(
+            self.q.view(),
+            self.k_cache.view(),
+            self.v_cache.view(),
+            Meta::Host(&self.block_table),
+            Meta::Host(&self.seqlen_k),
+        );
+        if let Some(p) = &self.prefix {
+            let pv = p.view();
+            a = a
+                .prefix(pv.select(0, 0)?, pv.select(0, 1)?)
+                .prefix_index(Meta::Host(&self.prefix_index))
+                .prefix_len(Meta::Host(&self.prefix_len));
+        }
+        Ok(a)
+    }
+}
+
+/// A random paged spec: page size 4, 8 or 16, lengths across page boundaries (0 included),
+/// `Tq` 1..=16 (at most the shortest... any: rows past the cache see only the prefix), GQA,
+/// mixed prefix lengths and indices (-1 included).
+pub fn random_paged_spec(rng: &mut Rng, dtype: DType, head_dims: &[usize]) -> PagedSpec {
+    let pick = |rng: &mut Rng, xs: &[usize]| xs[rng.below(xs.len() as u64) as usize];
+    let batch = 1 + rng.below(4) as usize;
+    let heads_kv = pick(rng, &[1, 2]);
+    let group = pick(rng, &[1, 2, 4]);
+    let page_size = pick(rng, &[4, 8, 16]);
+    let tq = pick(rng, &[1, 1, 2, 5, 16]);
+    let num_prefixes = pick(rng, &[0, 1, 3]);
+    let prefix_rows = if num_prefixes > 0 {
+        pick(rng, &[1, 5, 12])
+    } else {
+        0
+    };
+    let seqlen_k = (0..batch)
+        .map(|_| (tq as u64 + rng.below(40)) as i32 - if rng.below(6) == 0 { tq as i32 } else { 0 })
+        .map(|n| n.max(0))
+        .collect();
+    let prefix_index = (0..batch)
+        .map(|_| {
+            if num_prefixes == 0 {
+                -1
+            } else {
+                rng.below(num_prefixes as u64 + 1) as i32 - 1
+            }
+        })
+        .collect();
+    let prefix_len = (0..num_prefixes)
+        .map(|_| rng.below(prefix_rows as u64 + 1) as i32)
+        .collect();
+    PagedSpec {
+        batch,
+        tq,
+        heads_q: heads_kv * group,
+        heads_kv,
+        head_dim: pick(rng, head_dims),
+        page_size,
+        seqlen_k,
+        prefix_rows,
+        num_prefixes,
+        prefix_index,
+        prefix_len,
+        dtype,
+    }
 }

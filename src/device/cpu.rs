@@ -8,6 +8,7 @@ use super::check::{
     cross_entropy_args, dims2, embed_args, rows_in_range as check_rows, same_shape,
 };
 use super::{AdamWStep, Backend, Device, MatmulOpts};
+use crate::attn::paged::PagedAttnArgs;
 use crate::attn::{cpu, AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
 use crate::simd;
@@ -86,6 +87,9 @@ impl Backend for CpuBackend {
     }
     fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
         cpu::backward(args, grads)
+    }
+    fn attn_decode(&self, args: &PagedAttnArgs, out: AttnFwdOut) -> Result<()> {
+        crate::attn::paged::cpu_forward(args, out)
     }
 
     fn matmul(

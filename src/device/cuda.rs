@@ -10,7 +10,8 @@
 use super::dense::{self, DenseLaunch, DenseParams, GridCap};
 use super::kernel_device::{meta_addrs, AttnParams, KernelRunner};
 use super::kernels::{
-    fatbin, plan_meta_clamp, BwdParams, FwdParams, KernelLaunch, MetaClampParams,
+    fatbin, plan_meta_clamp, BwdParams, DecodeLaunch, DecodeParams, FwdParams, KernelLaunch,
+    MetaClampParams,
 };
 use super::{Device, MatmulOpts};
 use crate::error::{Error, Result};
@@ -45,6 +46,7 @@ impl MemCounter {
 unsafe impl DeviceRepr for FwdParams {}
 unsafe impl DeviceRepr for BwdParams {}
 unsafe impl DeviceRepr for MetaClampParams {}
+unsafe impl DeviceRepr for DecodeParams {}
 unsafe impl DeviceRepr for DenseParams {}
 
 /// Whether the CUDA driver library can be loaded (never panics).
@@ -565,6 +567,27 @@ impl KernelRunner for CudaBackend {
 
     /// The metadata is uploaded only when it differs from the last call's and the scratch
     /// grows but is reused (see `AttnCache`); the launches are queued without waiting.
+    fn run_decode(&self, mut plan: DecodeLaunch) -> Result<()> {
+        let mut cache = self.attn.lock().unwrap_or_else(|p| p.into_inner());
+        let meta = if plan.meta_dev.iter().all(Option::is_some) {
+            0
+        } else {
+            self.attn_meta(&mut cache, &plan.meta)?
+        };
+        // Partial outputs, then the partial LSEs at the next 256-byte boundary.
+        let o_bytes = (4 * plan.part_o_len).next_multiple_of(256);
+        let scratch = if plan.part_o_len > 0 {
+            self.attn_scratch(&mut cache, o_bytes + 4 * plan.part_lse_len)?
+        } else {
+            0
+        };
+        plan.place(meta, scratch, scratch + o_bytes as u64);
+        for l in &plan.launches {
+            self.launch(l, &plan.params)?;
+        }
+        Ok(())
+    }
+
     fn run_attn<P: AttnParams>(
         &self,
         meta: &[i32],

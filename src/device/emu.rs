@@ -7,7 +7,7 @@
 use super::cpu::CpuBackend;
 use super::dense::{DenseLaunch, GridCap};
 use super::kernel_device::{meta_addrs, AttnParams, KernelRunner};
-use super::kernels::{plan_meta_clamp, KernelLaunch};
+use super::kernels::{plan_meta_clamp, DecodeLaunch, KernelLaunch};
 use super::{Backend, Device, MatmulOpts};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
@@ -30,6 +30,7 @@ extern "C" {
     ) -> c_int;
     fn pa_fwd_params_layout(out: *mut usize, n: usize) -> usize;
     fn pa_meta_clamp_params_layout(out: *mut usize, n: usize) -> usize;
+    fn pa_decode_params_layout(out: *mut usize, n: usize) -> usize;
     fn pa_emu_selftest(name: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
     fn pa_emu_selftest_names() -> *const c_char;
     fn pa_emu_planted_oob(write_out_of_bounds: c_int) -> c_int;
@@ -182,6 +183,12 @@ fn run_emu(kernel: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<
     })
 }
 
+/// Size and field offsets of the paged-decode kernels' `PrefixAttnDecodeParams` as the C++
+/// compiler lays it out (compare with [`super::kernels::decode_params_rust_layout`]).
+pub fn decode_params_layout() -> Vec<usize> {
+    read_layout(pa_decode_params_layout)
+}
+
 /// Size and field offsets of the metadata clamp's `AttnMetaClampParams` as the C++ compiler
 /// lays it out (compare with [`super::kernels::meta_clamp_params_rust_layout`]).
 pub fn meta_clamp_params_layout() -> Vec<usize> {
@@ -263,6 +270,26 @@ impl KernelRunner for EmuBackend {
     }
     fn run_dense(&self, l: DenseLaunch) -> Result<()> {
         run_dense(l)
+    }
+
+    /// The split partials are fresh and NaN-poisoned at every call.
+    fn run_decode(&self, mut plan: DecodeLaunch) -> Result<()> {
+        let meta = std::mem::take(&mut plan.meta);
+        let part_o = vec![f32::NAN; plan.part_o_len.max(2)];
+        let part_lse = vec![f32::NAN; plan.part_lse_len.max(1)];
+        plan.place(
+            meta.as_ptr() as u64,
+            part_o.as_ptr() as u64,
+            part_lse.as_ptr() as u64,
+        );
+        for l in &plan.launches {
+            // SAFETY: every address in the parameters was derived from checked views that
+            // the caller borrows for the call (the device metadata among them) or points into
+            // `meta` and the partials, alive until the end of this function; the kernels
+            // clamp every metadata value before using it as an index.
+            unsafe { launch(l.entry, &plan.params, l.grid, l.threads, l.smem_bytes)? };
+        }
+        Ok(())
     }
 
     /// The metadata is passed from the caller's slice; the scratch is fresh and poisoned

@@ -10,8 +10,11 @@
 //! devices; there are no default bodies to forget.
 
 use super::dense::{self, CeGrad, DenseLaunch, GridCap};
-use super::kernels::{plan_bwd, plan_fwd, BwdParams, FwdParams, KernelLaunch};
+use super::kernels::{
+    plan_bwd, plan_decode, plan_fwd, BwdParams, DecodeLaunch, FwdParams, KernelLaunch,
+};
 use super::{AdamWStep, Backend, Device, MatmulOpts};
+use crate::attn::paged::PagedAttnArgs;
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
@@ -75,6 +78,11 @@ pub trait KernelRunner: Send + Sync {
         out: &mut TensorViewMut,
         opts: MatmulOpts,
     ) -> Result<()>;
+    /// Places a planned paged decode's host metadata (`plan.meta`, the thirds not given as
+    /// device tensors) and its split partials in device memory, points the plan at them
+    /// ([`DecodeLaunch::place`]) and launches the decode kernel and, with several splits, the
+    /// merge.
+    fn run_decode(&self, plan: DecodeLaunch) -> Result<()>;
     /// Places a planned dense kernel's index array on the device and launches it.
     fn run_dense(&self, l: DenseLaunch) -> Result<()>;
     /// Places the plan's metadata (`3B` int32 values `[prefix_index; seqlen_q; seqlen_k]`,
@@ -181,6 +189,17 @@ impl<R: KernelRunner> Backend for R {
             plan.params,
             &plan.launches,
         )
+    }
+
+    fn attn_decode(&self, args: &PagedAttnArgs, out: AttnFwdOut) -> Result<()> {
+        let plan = plan_decode(args, &out)?;
+        check_location(self, plan.problem.location)?;
+        if plan.launches.is_empty() {
+            return Ok(());
+        }
+        // `out` stays borrowed until the launches are queued.
+        let _keep = out;
+        self.run_decode(plan)
     }
 
     fn matmul(

@@ -795,3 +795,357 @@ pub fn plan_bwd(
         problem: pr,
     })
 }
+
+/// Mirror of `PrefixAttnDecodeParams` (kernels/common/params.h).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DecodeParams {
+    /// Addresses of q, k_cache, v_cache, k_pre, v_pre, o, lse.
+    pub q: u64,
+    /// See `q`.
+    pub k_cache: u64,
+    /// See `q`.
+    pub v_cache: u64,
+    /// See `q`.
+    pub k_pre: u64,
+    /// See `q`.
+    pub v_pre: u64,
+    /// See `q`.
+    pub o: u64,
+    /// See `q`.
+    pub lse: u64,
+    /// int32 metadata: block table `[B, max_pages]`, seqlen_k, prefix_index `[B]`,
+    /// prefix_len `[NP]`.
+    pub block_table: u64,
+    /// See `block_table`.
+    pub seqlen_k: u64,
+    /// See `block_table`.
+    pub prefix_index: u64,
+    /// See `block_table`.
+    pub prefix_len: u64,
+    /// f32 partial outputs `[splits, B, Hq, Tq, D]` (splits > 1).
+    pub part_o: u64,
+    /// f32 partial LSEs `[splits, B, Hq, Tq]`.
+    pub part_lse: u64,
+    /// Element strides.
+    pub q_batch_stride: i64,
+    /// See `q_batch_stride`.
+    pub q_row_stride: i64,
+    /// See `q_batch_stride`.
+    pub q_head_stride: i64,
+    /// See `q_batch_stride`.
+    pub kc_page_stride: i64,
+    /// See `q_batch_stride`.
+    pub kc_row_stride: i64,
+    /// See `q_batch_stride`.
+    pub kc_head_stride: i64,
+    /// See `q_batch_stride`.
+    pub vc_page_stride: i64,
+    /// See `q_batch_stride`.
+    pub vc_row_stride: i64,
+    /// See `q_batch_stride`.
+    pub vc_head_stride: i64,
+    /// See `q_batch_stride`.
+    pub kp_prefix_stride: i64,
+    /// See `q_batch_stride`.
+    pub kp_row_stride: i64,
+    /// See `q_batch_stride`.
+    pub kp_head_stride: i64,
+    /// See `q_batch_stride`.
+    pub vp_prefix_stride: i64,
+    /// See `q_batch_stride`.
+    pub vp_row_stride: i64,
+    /// See `q_batch_stride`.
+    pub vp_head_stride: i64,
+    /// See `q_batch_stride`.
+    pub o_batch_stride: i64,
+    /// See `q_batch_stride`.
+    pub o_row_stride: i64,
+    /// See `q_batch_stride`.
+    pub o_head_stride: i64,
+    /// See `q_batch_stride`.
+    pub lse_batch_stride: i64,
+    /// See `q_batch_stride`.
+    pub lse_head_stride: i64,
+    /// Sizes.
+    pub batch: i32,
+    /// See `batch`.
+    pub tq: i32,
+    /// See `batch`.
+    pub heads_q: i32,
+    /// See `batch`.
+    pub heads_kv: i32,
+    /// See `batch`.
+    pub head_dim: i32,
+    /// See `batch`.
+    pub num_pages: i32,
+    /// See `batch`.
+    pub page_size: i32,
+    /// See `batch`.
+    pub max_pages: i32,
+    /// See `batch`.
+    pub prefix_rows: i32,
+    /// See `batch`.
+    pub num_prefixes: i32,
+    /// Key chunks per (sequence, KV head); partials merged when > 1.
+    pub splits: i32,
+    /// 0 = f16, 1 = bf16.
+    pub dtype: i32,
+    /// Softmax scale.
+    pub scale: f32,
+    /// `scale · log2(e)`.
+    pub scale_log2: f32,
+}
+
+/// Field offsets of [`DecodeParams`], in the order the C side reports them.
+pub fn decode_params_rust_layout() -> Vec<usize> {
+    use std::mem::{offset_of, size_of};
+    vec![
+        size_of::<DecodeParams>(),
+        offset_of!(DecodeParams, block_table),
+        offset_of!(DecodeParams, part_lse),
+        offset_of!(DecodeParams, q_batch_stride),
+        offset_of!(DecodeParams, lse_head_stride),
+        offset_of!(DecodeParams, batch),
+        offset_of!(DecodeParams, splits),
+        offset_of!(DecodeParams, scale_log2),
+    ]
+}
+
+/// SMs of the GPU the split heuristic is tuned for (an H200; an H100 has the same 132).
+pub const DECODE_SMS: usize = 132;
+
+/// Key chunks per (sequence, KV head) for paged decode (flash-decoding): `B · Hkv` blocks
+/// alone leave an H200's 132 SMs idle at small batches, so the keys are split until about two
+/// blocks per SM are in flight, `ceil(264 / (B · Hkv))`, but never into chunks of less than
+/// one tile (`max_keys / block_n`) and at most 64 ways (the merge reads every partial).
+/// `decode` shape (Hkv = 8, 2048 + 64 keys): B = 1 → 33 splits, B = 4 → 9, B = 64 → 1.
+pub fn decode_splits(batch: usize, heads_kv: usize, max_keys: usize, block_n: usize) -> usize {
+    let base = (batch * heads_kv).max(1);
+    let want = (2 * DECODE_SMS).div_ceil(base);
+    want.min(max_keys.div_ceil(block_n)).clamp(1, 64)
+}
+
+/// A checked paged-decode launch.
+#[derive(Clone, Debug)]
+pub struct DecodeLaunch {
+    /// Parameters (metadata and scratch addresses filled by the device).
+    pub params: DecodeParams,
+    /// The decode kernel, then the merge when `params.splits > 1`.
+    pub launches: Vec<KernelLaunch>,
+    /// Host metadata `[block_table (B·max_pages); seqlen_k (B); prefix_index (B);
+    /// prefix_len (NP)]`, with defaults; entries given as device tensors are placeholders.
+    pub meta: Vec<i32>,
+    /// Device addresses of the metadata passed as device tensors, in that order.
+    pub meta_dev: [Option<u64>; 4],
+    /// f32 elements of the partial-output scratch (0 with one split).
+    pub part_o_len: usize,
+    /// f32 elements of the partial-LSE scratch.
+    pub part_lse_len: usize,
+    /// The validated problem.
+    pub problem: crate::attn::paged::PagedProblem,
+}
+
+/// Validates a paged-decode call for the CUDA kernels and plans its launches.
+pub fn plan_decode(
+    args: &crate::attn::paged::PagedAttnArgs,
+    out: &AttnFwdOut,
+) -> Result<DecodeLaunch> {
+    let pr = args.check()?;
+    pr.check_out(out)?;
+    let dtype = match pr.dtype {
+        DType::F16 => 0,
+        DType::BF16 => 1,
+        other => {
+            return Err(Error::DType {
+                arg: "q".into(),
+                expected: "f16 or bf16 (the CUDA kernels' input types)".into(),
+                got: other.name().into(),
+            })
+        }
+    };
+    let d = pr.head_dim;
+    if d != 64 && d != 128 {
+        return Err(Error::Unsupported(format!(
+            "head dim {d}: the CUDA kernels are built for head dims 64 and 128"
+        )));
+    }
+    let suffix = match (d, dtype) {
+        (64, 0) => "d64_f16",
+        (128, 0) => "d128_f16",
+        (64, _) => "d64_bf16",
+        _ => "d128_bf16",
+    };
+    let k = kernel(&format!("prefix_attn_decode_{suffix}"))?;
+    let merge = kernel(if dtype == 0 {
+        "prefix_attn_decode_merge_f16"
+    } else {
+        "prefix_attn_decode_merge_bf16"
+    })?;
+    if pr.group() * pr.tq > k.block_m {
+        return Err(Error::Unsupported(format!(
+            "paged decode packs the G·Tq = {} query rows of a KV head into one block of at most {}",
+            pr.group() * pr.tq,
+            k.block_m
+        )));
+    }
+    if pr.num_pages == 0 {
+        return Err(Error::shape(
+            "k_cache",
+            "at least one page",
+            args.kv.k_cache.dims(),
+        ));
+    }
+    check_vec16("q", &args.q)?;
+    check_vec16("k_cache", &args.kv.k_cache)?;
+    check_vec16("v_cache", &args.kv.v_cache)?;
+    let (kp, vp) = match &args.prefix {
+        Some(p) => {
+            check_vec16("k_pre", &p.k)?;
+            check_vec16("v_pre", &p.v)?;
+            (
+                Some((addr_of(&p.k), i64s("k_pre", p.k.strides())?)),
+                Some((addr_of(&p.v), i64s("v_pre", p.v.strides())?)),
+            )
+        }
+        None => (None, None),
+    };
+    let (kp_addr, kp_s) = kp.unwrap_or((0, vec![0; 4]));
+    let (vp_addr, vp_s) = vp.unwrap_or((0, vec![0; 4]));
+    let o = out.o.as_view();
+    if addr_of(&o) % 4 != 0 || o.strides()[..3].iter().any(|s| s % 2 != 0) {
+        return Err(Error::layout(
+            "o",
+            format!(
+                "address and strides must be 4-byte aligned (pairs of elements), strides {:?}",
+                o.strides()
+            ),
+        ));
+    }
+    let (lse_addr, lse_s) = match &out.lse {
+        Some(l) => (addr_of(&l.as_view()), i64s("lse", l.strides())?),
+        None => (0, vec![0; 3]),
+    };
+    let (q_s, kc_s, vc_s, o_s) = (
+        i64s("q", args.q.strides())?,
+        i64s("k_cache", args.kv.k_cache.strides())?,
+        i64s("v_cache", args.kv.v_cache.strides())?,
+        i64s("o", o.strides())?,
+    );
+    let splits = decode_splits(
+        pr.batch,
+        pr.heads_kv,
+        pr.prefix_rows + pr.max_pages * pr.page_size,
+        k.block_n,
+    );
+    let params = DecodeParams {
+        q: addr_of(&args.q),
+        k_cache: addr_of(&args.kv.k_cache),
+        v_cache: addr_of(&args.kv.v_cache),
+        k_pre: kp_addr,
+        v_pre: vp_addr,
+        o: addr_of(&o),
+        lse: lse_addr,
+        q_batch_stride: q_s[0],
+        q_row_stride: q_s[1],
+        q_head_stride: q_s[2],
+        kc_page_stride: kc_s[0],
+        kc_row_stride: kc_s[1],
+        kc_head_stride: kc_s[2],
+        vc_page_stride: vc_s[0],
+        vc_row_stride: vc_s[1],
+        vc_head_stride: vc_s[2],
+        kp_prefix_stride: kp_s[0],
+        kp_row_stride: kp_s[1],
+        kp_head_stride: kp_s[2],
+        vp_prefix_stride: vp_s[0],
+        vp_row_stride: vp_s[1],
+        vp_head_stride: vp_s[2],
+        o_batch_stride: o_s[0],
+        o_row_stride: o_s[1],
+        o_head_stride: o_s[2],
+        lse_batch_stride: lse_s[0],
+        lse_head_stride: lse_s[1],
+        batch: i32s("B", pr.batch)?,
+        tq: i32s("Tq", pr.tq)?,
+        heads_q: i32s("Hq", pr.heads_q)?,
+        heads_kv: i32s("Hkv", pr.heads_kv)?,
+        head_dim: d as i32,
+        num_pages: i32s("num_pages", pr.num_pages)?,
+        page_size: i32s("page_size", pr.page_size)?,
+        max_pages: i32s("max_pages", pr.max_pages)?,
+        prefix_rows: i32s("P", pr.prefix_rows)?,
+        num_prefixes: i32s("NP", pr.num_prefixes)?,
+        splits: splits as i32,
+        dtype,
+        scale: pr.scale,
+        scale_log2: pr.scale * std::f32::consts::LOG2_E,
+        ..Default::default()
+    };
+    let mut launches = vec![KernelLaunch {
+        entry: k.name,
+        grid: (
+            splits as u32,
+            grid_dim("Hkv", pr.heads_kv, MAX_GRID_YZ)?,
+            grid_dim("B", pr.batch, MAX_GRID_YZ)?,
+        ),
+        threads: k.threads,
+        smem_bytes: k.smem_bytes,
+    }];
+    let rows = pr.batch * pr.heads_q * pr.tq;
+    if splits > 1 {
+        launches.push(KernelLaunch {
+            entry: merge.name,
+            grid: (
+                grid_dim("B·Hq·Tq", rows.div_ceil(merge.block_m), u32::MAX as usize)?,
+                1,
+                1,
+            ),
+            threads: merge.threads,
+            smem_bytes: merge.smem_bytes,
+        });
+    }
+    let mut meta = Vec::with_capacity(pr.pages.len() + 2 * pr.batch + pr.num_prefixes);
+    meta.extend(&pr.pages);
+    meta.extend(pr.lens_k.iter().map(|&n| n as i32));
+    meta.extend(pr.prefix_of.iter().map(|p| p.map_or(-1, |n| n as i32)));
+    meta.extend(pr.prefix_lens.iter().map(|&n| n as i32));
+    let dev = |m: Option<&Meta>| m.and_then(|m| m.device()).map(addr_of);
+    let meta_dev = [
+        dev(Some(&args.kv.block_table)),
+        dev(Some(&args.kv.seqlen_k)),
+        dev(args.prefix_index.as_ref()),
+        dev(args.prefix_len.as_ref()),
+    ];
+    Ok(DecodeLaunch {
+        params,
+        launches: launches
+            .into_iter()
+            .filter(|l| l.grid.0 > 0 && l.grid.1 > 0 && l.grid.2 > 0)
+            .collect(),
+        meta,
+        meta_dev,
+        part_o_len: if splits > 1 { splits * rows * d } else { 0 },
+        part_lse_len: if splits > 1 { splits * rows } else { 0 },
+        problem: pr,
+    })
+}
+
+impl DecodeLaunch {
+    /// Points the parameters at the metadata (device arrays where given, else the thirds of
+    /// the host array uploaded at `uploaded`) and at the scratch.
+    pub fn place(&mut self, uploaded: u64, part_o: u64, part_lse: u64) {
+        let pr = &self.problem;
+        let lens = [pr.pages.len(), pr.batch, pr.batch, pr.prefix_lens.len()];
+        let mut at = uploaded;
+        let mut addrs = [0u64; 4];
+        for i in 0..4 {
+            addrs[i] = self.meta_dev[i].unwrap_or(at);
+            at += 4 * lens[i] as u64;
+        }
+        let p = &mut self.params;
+        [p.block_table, p.seqlen_k, p.prefix_index, p.prefix_len] = addrs;
+        p.part_o = part_o;
+        p.part_lse = part_lse;
+    }
+}

@@ -10,9 +10,11 @@
 //! problem), so one small problem per head dim gives the geometry of every launch.
 
 use super::dense::{self, CeGrad, GridCap};
-use super::kernels::{plan_bwd, plan_fwd, plan_meta_clamp};
+use super::kernels::{plan_bwd, plan_decode, plan_fwd, plan_meta_clamp};
 use super::AdamWStep;
-use crate::attn::testing::{FwdBuffers, GradBuffers, ProblemSpec, RandomProblem};
+use crate::attn::testing::{
+    FwdBuffers, GradBuffers, PagedSpec, ProblemSpec, RandomPaged, RandomProblem,
+};
 use crate::error::Result;
 use crate::rng::Rng;
 use crate::tensor::{DType, Location, Tensor};
@@ -73,6 +75,42 @@ fn attention_rows(d: usize, dtype: DType, rows: &mut Vec<PlannedLaunch>) -> Resu
             planner: "plan_meta_clamp",
             problem: problem.clone(),
         });
+    }
+    // Paged decode: B=1, Tq=1, G=2, 64 keys in pages of 16 (split in chunks, so the merge is
+    // planned too).
+    let pspec = PagedSpec {
+        batch: 1,
+        tq: 1,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: d,
+        page_size: 16,
+        seqlen_k: vec![64],
+        prefix_rows: 10,
+        num_prefixes: 1,
+        prefix_index: vec![0],
+        prefix_len: vec![10],
+        dtype,
+    };
+    let paged = RandomPaged::new(&pspec, &mut Rng::new(0))?;
+    let mut dec_out = FwdBuffers::poisoned(&ProblemSpec {
+        dtype,
+        ..ProblemSpec::new(1, 1, 1, 2, 1, d, 0, true)
+    })?;
+    let dec = plan_decode(&paged.args()?, &dec_out.out())?;
+    for l in dec.launches {
+        if !rows.iter().any(|r| r.entry == l.entry) {
+            rows.push(PlannedLaunch {
+                entry: l.entry,
+                threads: l.threads,
+                smem_bytes: l.smem_bytes,
+                planner: "plan_decode",
+                problem: format!(
+                    "B=1 Tq=1 Hq=2 Hkv=1 D={d} P=10 64 paged keys {}",
+                    dtype.name()
+                ),
+            });
+        }
     }
     let mut grads = GradBuffers::poisoned(&spec)?;
     let bwd_args = prob.bwd_args(&fwd_out.o, &fwd_out.lse, false)?;
@@ -226,6 +264,8 @@ mod tests {
             "prefix_attn_bwd_dkv_pre_d128_bf16",
             "prefix_attn_bwd_reduce",
             "prefix_attn_meta_clamp",
+            "prefix_attn_decode_d128_bf16",
+            "prefix_attn_decode_merge_f16",
             "dense_adamw",
             "dense_cross_entropy",
         ] {

@@ -7,6 +7,7 @@
 mod check;
 pub mod cpu;
 pub mod cuda;
+pub mod decode_bench;
 pub mod dense;
 pub mod emu;
 pub mod kernel_device;
@@ -14,11 +15,74 @@ pub mod kernels;
 pub mod launch_table;
 pub mod registry;
 
+use crate::attn::paged::{kv_append_plan, AppendRun, PagedAttnArgs};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
 use std::fmt;
 use std::str::FromStr;
+
+/// Writes new keys and values `k_new, v_new [B, Tnew, Hkv, D]` into a paged cache
+/// `k_cache, v_cache [num_pages, page_size, Hkv, D]` at positions `seqlen_k[b] ..
+/// seqlen_k[b] + Tnew` of each sequence (block table `[B, max_pages]`, row-major; host
+/// metadata, checked), on any backend: one strided copy per run of consecutive slots in a
+/// page (a decode step is one copy per sequence). The caller then counts the new rows in its
+/// `seqlen_k`.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_append(
+    be: &dyn Backend,
+    k_new: &TensorView,
+    v_new: &TensorView,
+    k_cache: &mut TensorViewMut,
+    v_cache: &mut TensorViewMut,
+    block_table: &[i32],
+    seqlen_k: &[i32],
+) -> Result<()> {
+    let cd = k_cache.dims().to_vec();
+    if cd.len() != 4 {
+        return Err(Error::shape(
+            "k_cache",
+            "[num_pages, page_size, Hkv, D]",
+            &cd,
+        ));
+    }
+    if v_cache.dims() != cd.as_slice() {
+        return Err(Error::shape(
+            "v_cache",
+            format!("{cd:?} like k_cache"),
+            v_cache.dims(),
+        ));
+    }
+    let nd = k_new.dims();
+    if nd.len() != 4 || nd[0] != seqlen_k.len() || nd[2..] != cd[2..] {
+        return Err(Error::shape(
+            "k_new",
+            format!("[B={}, Tnew, Hkv={}, D={}]", seqlen_k.len(), cd[2], cd[3]),
+            nd,
+        ));
+    }
+    if v_new.dims() != nd {
+        return Err(Error::shape(
+            "v_new",
+            format!("{nd:?} like k_new"),
+            v_new.dims(),
+        ));
+    }
+    let runs = kv_append_plan(nd[1], cd[0], cd[1], block_table, seqlen_k)?;
+    let run = |src: &TensorView, dst: &mut TensorViewMut, r: &AppendRun| -> Result<()> {
+        let from = src.select(0, r.b)?.narrow(0, r.t0, r.len)?;
+        let mut to = dst
+            .reborrow()
+            .select(0, r.page)?
+            .narrow(0, r.slot0, r.len)?;
+        be.copy(&from, &mut to)
+    };
+    for r in &runs {
+        run(k_new, k_cache, r)?;
+        run(v_new, v_cache, r)?;
+    }
+    Ok(())
+}
 
 /// A device that work can run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -117,6 +181,11 @@ pub trait Backend: Send + Sync {
 
     /// Prefix attention backward (see [`crate::attn`] for the contract).
     fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()>;
+
+    /// Paged-KV decode: `Tq ≤ 16` new queries per sequence over `[prefix table ; paged K/V]`
+    /// (see [`crate::attn::paged`] for the contract). Writes `o [B, Tq, Hq, D]` and, if given,
+    /// `lse [B, Hq, Tq]`.
+    fn attn_decode(&self, args: &PagedAttnArgs, out: AttnFwdOut) -> Result<()>;
 
     /// `out [M, N] = op(a) · op(b) (+ bias [N]) (+ out when accumulating)`, scaled by
     /// `opts.alpha` (the product only). `op(a)` is `a [M, K]` or, transposed, `a [K, M]`;

@@ -1,10 +1,15 @@
 //! Device metadata against host metadata: the same problem run with `[prefix_index,
 //! seqlen_q, seqlen_k]` as host slices and as i32 tensors must give bit-identical results.
 
-use prefix_attn::attn::testing::{FwdBuffers, GradBuffers, MetaTensors, RandomProblem};
+use super::{f64s, max_abs, max_err, within_rule};
+use prefix_attn::attn::oracle::Outputs;
+use prefix_attn::attn::testing::{
+    FwdBuffers, GradBuffers, MetaTensors, PagedSpec, ProblemSpec, RandomProblem,
+};
 use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs};
 use prefix_attn::device::Backend;
-use prefix_attn::tensor::Tensor;
+use prefix_attn::rng::Rng;
+use prefix_attn::tensor::{DType, Tensor};
 
 /// The bits of every output of a forward and a full backward of `args` on `be` (buffers
 /// NaN-poisoned first), in the order o, lse, dq, dk, dv, dk_pre, dv_pre.
@@ -93,4 +98,65 @@ pub fn assert_bad_device_meta_is_clamped(be: &dyn Backend, pb: &RandomProblem, c
     args = args.seqlens(&clamped[1], &clamped[2]);
     let want = fwd_bwd_bits(be, pb, &args);
     assert_bits_eq(&want, &got, ctx);
+}
+
+/// `s` with a prefix table of at least two prefixes, mixed prefix indices (every odd sequence
+/// -1) and, unless it has padding already, right padding with `seqlen_q <= seqlen_k`.
+pub fn with_mixed_meta(mut s: ProblemSpec, rng: &mut Rng) -> ProblemSpec {
+    if s.num_prefixes == 0 {
+        s.num_prefixes = 2;
+    }
+    s.prefix_index = Some(
+        (0..s.batch)
+            .map(|b| {
+                if b % 2 == 1 {
+                    -1
+                } else {
+                    rng.below(s.num_prefixes as u64) as i32
+                }
+            })
+            .collect(),
+    );
+    if s.seqlen_k.is_none() {
+        let lk: Vec<i32> = (0..s.batch)
+            .map(|_| rng.below(s.tk as u64 + 1) as i32)
+            .collect();
+        s.seqlen_q = Some(lk.iter().map(|&k| k.min(s.tq as i32)).collect());
+        s.seqlen_k = Some(lk);
+    }
+    s
+}
+
+/// NaN-poisoned outputs `o [B, Tq, Hq, D]`, `lse [B, Hq, Tq]` of a paged-decode problem.
+pub fn paged_buffers(s: &PagedSpec) -> FwdBuffers {
+    let mut t = ProblemSpec::new(
+        s.batch, s.tq, s.tq, s.heads_q, s.heads_kv, s.head_dim, 0, true,
+    );
+    t.dtype = s.dtype;
+    FwdBuffers::poisoned(&t).unwrap()
+}
+
+/// The tolerance rule for outputs `o`, `lse` against the exact oracle, with `lowp` (the oracle
+/// in the low precision) as the naive implementation.
+pub fn check_outputs(
+    o: &Tensor,
+    lse: &Tensor,
+    exact: &Outputs,
+    lowp: &Outputs,
+    dtype: DType,
+) -> Result<(), String> {
+    within_rule(
+        "o",
+        max_err(&f64s(o), &exact.o),
+        max_err(&lowp.o, &exact.o),
+        max_abs(&exact.o),
+        dtype,
+    )?;
+    within_rule(
+        "lse",
+        max_err(&f64s(lse), &exact.lse),
+        max_err(&lowp.lse, &exact.lse).max(max_abs(&exact.lse) * 1.2e-7),
+        max_abs(&exact.lse),
+        DType::F32,
+    )
 }
