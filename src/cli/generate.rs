@@ -244,34 +244,35 @@ pub(super) fn run(args: GenerateArgs) -> Result<ExitCode> {
             PromptSpec::Text(t) => tokenize(tok, &args.model, &from(l), t)?,
             PromptSpec::Ids(ids) => ids.clone(),
         };
-        let adapter =
-            match &l.adapter {
-                AdapterChoice::Bare => None,
-                AdapterChoice::Default => match prefixes.len() {
-                    0 => None,
-                    1 => Some(0),
-                    n => return Err(Error::index(
+        let adapter = match &l.adapter {
+            AdapterChoice::Bare => None,
+            AdapterChoice::Default => match prefixes.len() {
+                0 => None,
+                1 => Some(0),
+                n => {
+                    return Err(Error::index(
                         &from(l),
                         format!(
                             "{n} adapters given: say which one with \"adapter\" (or null for none)"
                         ),
-                    )),
-                },
-                AdapterChoice::Named(n) => Some(
-                    prefixes
-                        .iter()
-                        .position(|(name, _)| name == n)
-                        .ok_or_else(|| {
-                            Error::index(
-                                &from(l),
-                                format!(
-                                    "adapter {n:?} was not given (--adapter NAME=DIR; given: {:?})",
-                                    prefixes.iter().map(|p| &p.0).collect::<Vec<_>>()
-                                ),
-                            )
-                        })?,
-                ),
-            };
+                    ))
+                }
+            },
+            AdapterChoice::Named(n) => Some(
+                prefixes
+                    .iter()
+                    .position(|(name, _)| name == n)
+                    .ok_or_else(|| {
+                        Error::index(
+                            &from(l),
+                            format!(
+                                "adapter {n:?} was not given (--adapter NAME=DIR; given: {:?})",
+                                prefixes.iter().map(|p| &p.0).collect::<Vec<_>>()
+                            ),
+                        )
+                    })?,
+            ),
+        };
         names.push(adapter.map(|a| prefixes[a].0.clone()));
         reqs.push(Request {
             prompt,

@@ -9,11 +9,15 @@
 
 use super::model::BlockMlpBufs;
 use super::Gpt2;
-use crate::attn::{AttnFwdArgs, AttnFwdOut};
+use crate::attn::paged::PagedAttnArgs;
+use crate::attn::{AttnFwdArgs, AttnFwdOut, Meta};
 use crate::device::{Backend, MatmulOpts};
 use crate::error::{Error, Result};
 use crate::lm::paged::{PagedKv, PagedSeq, PrefixMode, PrefixTable};
 use crate::tensor::Tensor;
+
+/// The most new tokens a sequence may feed to the decode kernel (its contract's `Tq`).
+const MAX_DECODE_TOKENS: usize = 16;
 
 impl Gpt2 {
     /// One engine step: feeds every sequence's uncached tokens, writes their keys and values
@@ -108,7 +112,23 @@ impl Gpt2 {
             }
         }
         let len_max = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
-        let key_rows = kv.rows_of(seqs, len_max);
+        // The decode kernel takes up to 16 new queries a sequence and reads the pages through
+        // the block table; longer feeds (prompts) gather their keys for the prefill kernel.
+        let block_table: Option<Vec<i32>> = (t <= MAX_DECODE_TOKENS).then(|| {
+            let width = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(1).max(1);
+            let mut bt = vec![0i32; b * width];
+            for (i, s) in seqs.iter().enumerate() {
+                for (j, &pg) in s.pages.iter().enumerate() {
+                    bt[i * width + j] = pg as i32;
+                }
+            }
+            bt
+        });
+        let (key_rows, len_max) = if block_table.is_some() {
+            (Vec::new(), 1)
+        } else {
+            (kv.rows_of(seqs, len_max), len_max)
+        };
         let lens_q = vec![t as i32; b];
         let lens_k: Vec<i32> = seqs.iter().map(|s| s.tokens.len() as i32).collect();
         let prefix_index: Vec<i32> = seqs
@@ -166,25 +186,41 @@ impl Gpt2 {
             kv.write(be, l, &qkv_v.select(1, 1)?, &qkv_v.select(1, 2)?, &slots)?;
             be.copy(&qkv_v.select(1, 0)?, &mut q.view_mut().reshape(&[m, h, d])?)?;
             let (kc, vc) = kv.layer(l);
-            be.gather_rows(&kc.view(), &key_rows, &mut k_all.view_mut())?;
-            be.gather_rows(&vc.view(), &key_rows, &mut v_all.view_mut())?;
-            let args = AttnFwdArgs::new(
-                q.view().reshape(&[b, t, h, d])?,
-                k_all.view().reshape(&[b, len_max, h, d])?,
-                v_all.view().reshape(&[b, len_max, h, d])?,
-            )
-            .prefix(kp, vp)
-            .prefix_index(&prefix_index)
-            .seqlens(&lens_q, &lens_k)
-            .causal(true)
-            .scale(scale);
-            be.attn_fwd(
-                &args,
-                AttnFwdOut {
-                    o: atty.view_mut().reshape(&[b, t, h, d])?,
-                    lse: None,
-                },
-            )?;
+            let out = AttnFwdOut {
+                o: atty.view_mut().reshape(&[b, t, h, d])?,
+                lse: None,
+            };
+            if let Some(bt) = &block_table {
+                // Up to 16 new tokens a sequence: the decode kernel reads the pages in place.
+                let pages = kv.num_pages();
+                let ps = kv.page_size();
+                let args = PagedAttnArgs::new(
+                    q.view().reshape(&[b, t, h, d])?,
+                    kc.view().reshape(&[pages, ps, h, d])?,
+                    vc.view().reshape(&[pages, ps, h, d])?,
+                    Meta::Host(bt),
+                    Meta::Host(&lens_k),
+                )
+                .prefix(kp, vp)
+                .prefix_index(Meta::Host(&prefix_index))
+                .scale(scale);
+                be.attn_decode(&args, out)?;
+            } else {
+                // Longer prompts: gather the keys from the pages, then prefill attention.
+                be.gather_rows(&kc.view(), &key_rows, &mut k_all.view_mut())?;
+                be.gather_rows(&vc.view(), &key_rows, &mut v_all.view_mut())?;
+                let args = AttnFwdArgs::new(
+                    q.view().reshape(&[b, t, h, d])?,
+                    k_all.view().reshape(&[b, len_max, h, d])?,
+                    v_all.view().reshape(&[b, len_max, h, d])?,
+                )
+                .prefix(kp, vp)
+                .prefix_index(&prefix_index)
+                .seqlens(&lens_q, &lens_k)
+                .causal(true)
+                .scale(scale);
+                be.attn_fwd(&args, out)?;
+            }
             self.block_mlp(
                 be,
                 l,
