@@ -71,6 +71,12 @@ impl<'a> ModelStep<'a> {
         Ok(placed.slot)
     }
 
+    /// Unloads adapter `name` (an error if it is not loaded or a running request holds it);
+    /// its slot is free for the next adapter.
+    pub fn remove_adapter(&mut self, name: &str) -> Result<u32> {
+        self.slots.remove(name)
+    }
+
     /// Which adapter is in which slot.
     pub fn slots(&self) -> &AdapterSlots {
         &self.slots

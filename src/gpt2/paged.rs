@@ -82,17 +82,23 @@ impl Gpt2 {
         let p = prefixes.prefix_len();
         let mut ids = Vec::with_capacity(m);
         let mut positions = Vec::with_capacity(m);
-        let mut slots = Vec::with_capacity(m);
         let copied = mode == PrefixMode::CopiedIntoCache;
-        // (adapter slot, first prefix row, cache rows) of the prefix rows to copy.
-        let mut prefix_copies: Vec<(usize, usize, Vec<usize>)> = Vec::new();
-        for s in seqs {
+        // The block table `[B, width]` (kv_append and the decode kernel read it).
+        let width = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(1).max(1);
+        let mut bt = vec![0i32; b * width];
+        for (i, s) in seqs.iter().enumerate() {
+            for (j, &pg) in s.pages.iter().enumerate() {
+                bt[i * width + j] = pg as i32;
+            }
+        }
+        // (sequence, adapter slot, first prefix row) of the prefix rows to copy.
+        let mut prefix_copies: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
             let offset = if s.adapter.is_some() && !copied { p } else { 0 };
             let first = s.tokens.len() - t;
             if let (true, Some(a)) = (copied, s.adapter) {
                 if s.cached < p {
-                    let rows = (s.cached..p).map(|pos| kv.row(s.pages, pos)).collect();
-                    prefix_copies.push((a as usize, s.cached, rows));
+                    prefix_copies.push((i, a as usize, s.cached));
                 }
             }
             if offset + s.tokens.len() > c.n_positions {
@@ -108,23 +114,14 @@ impl Gpt2 {
             for pos in first..s.tokens.len() {
                 ids.push(s.tokens[pos] as i32);
                 positions.push((offset + pos) as i32);
-                slots.push(kv.row(s.pages, pos));
             }
         }
         let len_max = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
         // The decode kernel takes up to 16 new queries a sequence and reads the pages through
         // the block table; longer feeds (prompts) gather their keys for the prefill kernel.
-        let block_table: Option<Vec<i32>> = (t <= MAX_DECODE_TOKENS).then(|| {
-            let width = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(1).max(1);
-            let mut bt = vec![0i32; b * width];
-            for (i, s) in seqs.iter().enumerate() {
-                for (j, &pg) in s.pages.iter().enumerate() {
-                    bt[i * width + j] = pg as i32;
-                }
-            }
-            bt
-        });
-        let (key_rows, len_max) = if block_table.is_some() {
+        let decode = t <= MAX_DECODE_TOKENS;
+        let starts: Vec<i32> = seqs.iter().map(|s| (s.tokens.len() - t) as i32).collect();
+        let (key_rows, len_max) = if decode {
             (Vec::new(), 1)
         } else {
             (kv.rows_of(seqs, len_max), len_max)
@@ -176,21 +173,32 @@ impl Gpt2 {
                 &mut qkv.view_mut(),
             )?;
             let (kp, vp) = prefixes.layer(l)?;
-            for (a, from, rows) in &prefix_copies {
-                let n = rows.len();
-                let kr = kp.select(0, *a)?.narrow(0, *from, n)?;
-                let vr = vp.select(0, *a)?.narrow(0, *from, n)?;
-                kv.write(be, l, &kr, &vr, rows)?;
+            for &(i, a, from) in &prefix_copies {
+                let n = p - from;
+                let kr = kp.select(0, a)?.narrow(0, from, n)?.unsqueeze(0)?;
+                let vr = vp.select(0, a)?.narrow(0, from, n)?.unsqueeze(0)?;
+                let row = &bt[i * width..(i + 1) * width];
+                kv.append(be, l, &kr, &vr, row, &[from as i32])?;
             }
-            let qkv_v = qkv.view().reshape(&[m, 3, h, d])?;
-            kv.write(be, l, &qkv_v.select(1, 1)?, &qkv_v.select(1, 2)?, &slots)?;
-            be.copy(&qkv_v.select(1, 0)?, &mut q.view_mut().reshape(&[m, h, d])?)?;
+            let qkv_v = qkv.view().reshape(&[b, t, 3, h, d])?;
+            kv.append(
+                be,
+                l,
+                &qkv_v.select(2, 1)?,
+                &qkv_v.select(2, 2)?,
+                &bt,
+                &starts,
+            )?;
+            be.copy(
+                &qkv_v.select(2, 0)?,
+                &mut q.view_mut().reshape(&[b, t, h, d])?,
+            )?;
             let (kc, vc) = kv.layer(l);
             let out = AttnFwdOut {
                 o: atty.view_mut().reshape(&[b, t, h, d])?,
                 lse: None,
             };
-            if let Some(bt) = &block_table {
+            if decode {
                 // Up to 16 new tokens a sequence: the decode kernel reads the pages in place.
                 let pages = kv.num_pages();
                 let ps = kv.page_size();
@@ -198,7 +206,7 @@ impl Gpt2 {
                     q.view().reshape(&[b, t, h, d])?,
                     kc.view().reshape(&[pages, ps, h, d])?,
                     vc.view().reshape(&[pages, ps, h, d])?,
-                    Meta::Host(bt),
+                    Meta::Host(&bt),
                     Meta::Host(&lens_k),
                 )
                 .prefix(kp, vp)

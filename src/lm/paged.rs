@@ -171,40 +171,34 @@ impl PagedKv {
         Ok(())
     }
 
-    /// Writes layer `l`'s new keys and values (`[n, Hkv, D]` views, any strides) into cache
-    /// rows `rows[i]`, one copy per run of consecutive rows.
-    pub fn write(
+    /// Appends layer `l`'s new keys and values (`[B, t, Hkv, D]` views, any strides) to each
+    /// sequence at positions `start[b] .. start[b] + t` through its block-table row
+    /// (`block_table [B · width]`): [`crate::device::kv_append`] on this layer's pages.
+    pub fn append(
         &mut self,
         be: &dyn Backend,
         l: usize,
         k_new: &TensorView,
         v_new: &TensorView,
-        rows: &[usize],
+        block_table: &[i32],
+        start: &[i32],
     ) -> Result<()> {
-        let (total, h, d) = (
-            self.num_pages * self.page_size,
+        let dims = [
+            self.num_pages,
+            self.page_size,
             self.shape.kv_heads,
             self.shape.head_dim,
-        );
-        let mut i = 0;
-        while i < rows.len() {
-            let mut j = i + 1;
-            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
-                j += 1;
-            }
-            let n = j - i;
-            for (src, dst) in [(k_new, &mut self.k[l]), (v_new, &mut self.v[l])] {
-                be.copy(
-                    &src.narrow(0, i, n)?,
-                    &mut dst
-                        .view_mut()
-                        .reshape(&[total, h, d])?
-                        .narrow(0, rows[i], n)?,
-                )?;
-            }
-            i = j;
-        }
-        Ok(())
+        ];
+        let (k, v) = (&mut self.k[l], &mut self.v[l]);
+        crate::device::kv_append(
+            be,
+            k_new,
+            v_new,
+            &mut k.view_mut().reshape(&dims)?,
+            &mut v.view_mut().reshape(&dims)?,
+            block_table,
+            start,
+        )
     }
 }
 
