@@ -38,6 +38,9 @@ pub(super) struct DecodeArgs {
     /// New tokens per request.
     #[arg(long, default_value_t = 32)]
     new_tokens: usize,
+    /// Timed runs per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
     /// Print one JSON object per configuration.
     #[arg(long)]
     json: bool,
@@ -111,6 +114,7 @@ fn decode(args: DecodeArgs) -> Result<()> {
         adapters: args.adapters,
         prompt_len: args.prompt_len,
         new_tokens: args.new_tokens,
+        reps: args.reps,
         ..DecodeBench::named(&args.shape)?
     };
     let rows = bench_decode(&b, be.as_ref())?;
@@ -124,13 +128,14 @@ fn decode(args: DecodeArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "bench decode: {} on {}, {} requests × {} new tokens, prompts of {}, P = {}",
+        "bench decode: {} on {}, {} requests × {} new tokens, prompts of {}, P = {} (median of {})",
         b.shape,
         be.device(),
         b.requests,
         b.new_tokens,
         b.prompt_len,
-        b.prefix_len
+        b.prefix_len,
+        b.reps
     );
     let ours = rows[0].tokens_per_s;
     for r in &rows {

@@ -32,6 +32,8 @@ pub struct DecodeBench {
     pub prefix_len: usize,
     /// Tokens per cache page.
     pub page_size: usize,
+    /// Timed runs per configuration (the median is reported).
+    pub reps: usize,
 }
 
 impl DecodeBench {
@@ -47,6 +49,7 @@ impl DecodeBench {
                 new_tokens: 32,
                 prefix_len: 10,
                 page_size: 16,
+                reps: 3,
             }),
             other => Err(Error::index(
                 "--shape",
@@ -73,7 +76,7 @@ pub struct DecodeRow {
     pub tokens_per_s: f64,
 }
 
-/// Runs every configuration once (after one warm-up) and returns the rows:
+/// Runs every configuration `reps` times (after one warm-up) and returns the median rows:
 /// `batched`, `batched-1-adapter`, `batched-no-prefix`, `one-at-a-time`, `naive-copied-prefix`.
 pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>> {
     if b.requests == 0 || b.adapters == 0 || b.prompt_len == 0 || b.new_tokens == 0 {
@@ -105,7 +108,7 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
         page_size: b.page_size,
         max_batch: b.requests,
     };
-    let run = |label: &str,
+    let run_once = |label: &str,
                reqs: Vec<Request>,
                one_at_a_time: bool,
                mode: PrefixMode,
@@ -166,9 +169,22 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
             })
             .collect()
     };
+    // The median of `reps` timed runs.
+    let run = |label: &str,
+               reqs: Vec<Request>,
+               one_at_a_time: bool,
+               mode: PrefixMode,
+               k: usize|
+     -> Result<DecodeRow> {
+        let mut rows = (0..b.reps.max(1))
+            .map(|_| run_once(label, reqs.clone(), one_at_a_time, mode, k))
+            .collect::<Result<Vec<_>>>()?;
+        rows.sort_by(|x, y| x.seconds.total_cmp(&y.seconds));
+        Ok(rows.swap_remove(rows.len() / 2))
+    };
     let k = b.adapters;
     // Warm-up: caches, page faults, allocator.
-    run("warm-up", reqs(Some(k), false), false, PrefixMode::Table, k)?;
+    run_once("warm-up", reqs(Some(k), false), false, PrefixMode::Table, k)?;
     Ok(vec![
         run("batched", reqs(Some(k), false), false, PrefixMode::Table, k)?,
         run(
