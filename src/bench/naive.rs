@@ -284,6 +284,9 @@ fn reduce_prefix(
     let (p, tk, hkv, d) = (pr.prefix_len, pr.tk, pr.heads_kv, pr.head_dim);
     let row = p * hkv * d;
     let seq_stride = (p + tk) * hkv * d;
+    if row == 0 {
+        return Ok(()); // an empty prefix has an empty gradient
+    }
     if let (Some(0), 1) = (shared_prefix(pr), pr.num_prefixes) {
         // One strided row per sequence, one launch.
         let rows = cat.as_strided(&[pr.batch, row], &[seq_stride, 1], cat.layout().offset())?;
