@@ -392,24 +392,19 @@ impl<'b> DeviceAttnBench<'b> {
         rotate_bytes: usize,
     ) -> Result<DeviceAttnBench<'b>> {
         let dt = DType::F16;
-        let (b, tq, tk, hq, hkv, d, p) = (
-            s.batch,
-            s.tq,
-            s.tk,
-            s.heads_q,
-            s.heads_kv,
-            s.head_dim,
-            s.prefix_len,
-        );
-        let q_dims = [b, tq, hq, d];
-        let kv_dims = [b, tk, hkv, d];
-        let pre_dims = [1, p, hkv, d];
-        let set_bytes = 2 * (2 * b * tq * hq * d + 2 * b * tk * hkv * d + 2 * p * hkv * d);
+        let pr = s.problem(dt);
+        let (q_dims, kv_dims, pre_dims) = (pr.q_dims(), pr.k_dims(), pr.prefix_dims());
+        let numel = |d: &[usize]| d.iter().product::<usize>();
+        // q and dO, k and v, the two prefix tensors: 2 bytes each.
+        let set_bytes = 2 * (2 * numel(&q_dims) + 2 * numel(&kv_dims) + 2 * numel(&pre_dims));
         let sets = rotate_bytes.div_ceil(set_bytes.max(1)).clamp(1, 16);
         let mut rng = Rng::new(7);
         let mut up = |dims: &[usize]| -> Result<Tensor> {
-            let n: usize = dims.iter().product();
-            be.upload(&Tensor::from_f32(dims, &rng.normal_vec(n, 1.0), dt)?)
+            be.upload(&Tensor::from_f32(
+                dims,
+                &rng.normal_vec(numel(dims), 1.0),
+                dt,
+            )?)
         };
         let mut data = vec![];
         for _ in 0..sets {
@@ -427,9 +422,9 @@ impl<'b> DeviceAttnBench<'b> {
             shape: s,
             data,
             o: be.zeros(&q_dims, dt)?,
-            lse: be.zeros(&[b, hq, tq], DType::F32)?,
+            lse: be.zeros(&pr.lse_dims(), DType::F32)?,
             o_naive: be.zeros(&q_dims, dt)?,
-            lse_naive: be.zeros(&[b, hq, tq], DType::F32)?,
+            lse_naive: be.zeros(&pr.lse_dims(), DType::F32)?,
             dq: be.zeros(&q_dims, dt)?,
             dk: be.zeros(&kv_dims, dt)?,
             dv: be.zeros(&kv_dims, dt)?,
@@ -437,9 +432,9 @@ impl<'b> DeviceAttnBench<'b> {
             dv_pre: be.zeros(&pre_dims, DType::F32)?,
             dk_pre_naive: be.zeros(&pre_dims, DType::F32)?,
             dv_pre_naive: be.zeros(&pre_dims, DType::F32)?,
-            naive: NaiveConcat::new(be, &s.problem(dt))?,
-            lens_q: vec![tq as i32; b],
-            lens_k: vec![tk as i32; b],
+            naive: NaiveConcat::new(be, &pr)?,
+            lens_q: vec![s.tq as i32; s.batch],
+            lens_k: vec![s.tk as i32; s.batch],
         })
     }
 
