@@ -269,7 +269,8 @@ pub fn run_demo(
     let mut samples = vec![];
     for (p, c) in eval_rows.iter().take(3) {
         let ids = tok.encode(p)?;
-        let new = generate::greedy(model.as_ref(), be, Some(&trained), &ids, 24, Some(0))?;
+        let new =
+            generate::greedy_until(model.as_ref(), be, Some(&trained), &ids, 24, Some(0))?.ids;
         let text = tok.decode(new.strip_suffix(&[0]).unwrap_or(&new))?;
         samples.push((p.clone(), text, c.trim().to_string()));
     }

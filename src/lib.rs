@@ -6,8 +6,8 @@
 //!
 //! - [`tensor`]: tensor handles and strided views (read GPT-2's fused `qkv` in place).
 //! - [`simd`]: the vectorisable elementwise math (`exp`, `tanh`, GELU) of the CPU paths.
-//! - [`attn`]: the attention contract, its argument types, the fused CPU implementation, the
-//!   f64 oracle and the naive-concat baseline.
+//! - [`attn`]: the attention contract, its argument types, the fused CPU implementation and
+//!   the f64 oracle.
 //! - [`device`]: the backend interface that the model and the attention API run on.
 //! - [`lm`]: the model seam (what training and decoding need of a model family), with the
 //!   batch, loss, KV cache, generation; [`gpt2`] is the one family today.

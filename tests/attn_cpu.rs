@@ -10,7 +10,8 @@ use prefix_attn::attn::testing::{
     random_paged_spec, random_spec, FwdBuffers, GradBuffers, KvLayout, PagedSpec, ProblemSpec,
     RandomPaged, RandomProblem,
 };
-use prefix_attn::attn::{cpu, naive, AttnFwdArgs, AttnFwdOut, Meta};
+use prefix_attn::attn::{cpu, AttnFwdArgs, AttnFwdOut, Meta};
+use prefix_attn::bench::naive;
 use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
@@ -256,7 +257,7 @@ fn naive_concat_agrees_with_fused() {
         let mut fused = FwdBuffers::poisoned(&pb.spec).unwrap();
         cpu::forward(&args, fused.out()).unwrap();
         let mut nf = FwdBuffers::poisoned(&pb.spec).unwrap();
-        naive::forward(&args, nf.out()).unwrap();
+        naive::forward(&CpuBackend, &args, nf.out()).unwrap();
         check_fwd(&x, &nf, &exact, dtype).unwrap_or_else(|e| panic!("seed {seed}: naive {e}"));
         // Both compute in f32 over the same key set: they agree to f32 rounding in o's type.
         let (a, b) = (f64s(&fused.o), f64s(&nf.o));
@@ -275,6 +276,7 @@ fn naive_concat_agrees_with_fused() {
         let exact_g = x.backward(&d_o, Precision::Exact);
         let mut g = GradBuffers::poisoned(&pb.spec).unwrap();
         naive::backward(
+            &CpuBackend,
             &pb.bwd_args(&fused.o, &fused.lse, false).unwrap(),
             g.grads(has_prefix, false),
         )

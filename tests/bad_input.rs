@@ -2,7 +2,9 @@
 //! never an out-of-bounds access.
 
 use prefix_attn::attn::testing::{FwdBuffers, GradBuffers, ProblemSpec, RandomProblem};
-use prefix_attn::attn::{cpu, naive, AttnFwdArgs, AttnFwdOut, AttnGrads};
+use prefix_attn::attn::{cpu, AttnFwdArgs, AttnFwdOut, AttnGrads};
+use prefix_attn::bench::naive;
+use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Tensor};
 
@@ -223,6 +225,6 @@ fn naive_refuses_what_concatenation_cannot_express() {
     s.seqlen_k = Some(vec![2]);
     let pb = RandomProblem::new(s, &mut Rng::new(4)).unwrap();
     let mut f = FwdBuffers::poisoned(&pb.spec).unwrap();
-    let e = naive::forward(&pb.args().unwrap(), f.out()).unwrap_err();
+    let e = naive::forward(&CpuBackend, &pb.args().unwrap(), f.out()).unwrap_err();
     expect(e.to_string(), &["seqlen_q", "naive"]);
 }

@@ -120,15 +120,21 @@ fn a_request_file_over_two_adapters_and_none_matches_the_references() {
             .unwrap()
     };
     let eos = m.config.eos_token_id;
-    let want1 = generate::greedy(&m, &be, None, &prompt, 6, eos).unwrap();
+    let want1 = generate::greedy_until(&m, &be, None, &prompt, 6, eos)
+        .unwrap()
+        .ids;
     assert_eq!(ids(&rows[1]["ids"]), want1);
-    let want2 = generate::greedy(&m, &be, Some(&pre(&b_vals)), &[5, 17, 2], 7, eos).unwrap();
+    let want2 = generate::greedy_until(&m, &be, Some(&pre(&b_vals)), &[5, 17, 2], 7, eos)
+        .unwrap()
+        .ids;
     assert_eq!(ids(&rows[2]["ids"]), want2);
     let tok = prefix_attn::tokenizer::Tokenizer::for_model(&model, m.config.vocab_size)
         .unwrap()
         .unwrap();
     let p3 = tok.encode("name : The Eagle |").unwrap();
-    let want3 = generate::greedy(&m, &be, Some(&pre(&fx.prompt_embeddings)), &p3, 7, eos).unwrap();
+    let want3 = generate::greedy_until(&m, &be, Some(&pre(&fx.prompt_embeddings)), &p3, 7, eos)
+        .unwrap()
+        .ids;
     assert_eq!(ids(&rows[3]["ids"]), want3);
     assert_eq!(rows[3]["text"], tok.decode(&want3).unwrap());
 }

@@ -530,3 +530,34 @@ fn fused_bias_gelu_and_bias_residual_match_cpu() {
         }
     }
 }
+
+/// The naive baseline's per-sequence path on a kernel device (a prefix table with an unused
+/// prefix, a sequence without a prefix, padded lengths: nothing the benchmarks' one shared
+/// prefix takes), forward and backward, against the f64 oracle under the tolerance rule.
+#[test]
+fn naive_concat_with_a_prefix_table_on_emu_matches_the_oracle() {
+    use common::{check_bwd, check_fwd, f64s};
+    use prefix_attn::attn::oracle::{Dense, Precision};
+    use prefix_attn::attn::testing::{FwdBuffers, GradBuffers, ProblemSpec, RandomProblem};
+    use prefix_attn::bench::naive;
+    let mut s = ProblemSpec::new(3, 5, 9, 4, 2, 64, 3, true);
+    s.dtype = DType::F16;
+    s.num_prefixes = 3;
+    s.prefix_index = Some(vec![2, -1, 0]);
+    s.seqlen_q = Some(vec![5, 3, 2]);
+    s.seqlen_k = Some(vec![9, 4, 7]);
+    let pb = RandomProblem::new(s, &mut Rng::new(21)).unwrap();
+    let args = pb.args().unwrap();
+    let x = Dense::from_args(&args).unwrap();
+    let mut f = FwdBuffers::poisoned(&pb.spec).unwrap();
+    naive::forward(&EmuBackend, &args, f.out()).unwrap();
+    check_fwd(&x, &f, &x.forward(Precision::Exact), DType::F16)
+        .unwrap_or_else(|e| panic!("naive forward on emu: {e}"));
+    let d_o = f64s(&pb.d_o);
+    let mut g = GradBuffers::poisoned(&pb.spec).unwrap();
+    let bargs = pb.bwd_args(&f.o, &f.lse, false).unwrap();
+    naive::backward(&EmuBackend, &bargs, g.grads(true, false)).unwrap();
+    let exact = x.backward(&d_o, Precision::Exact);
+    check_bwd(&x, &d_o, &f64s(&f.o), &g, &exact, DType::F16, true, false)
+        .unwrap_or_else(|e| panic!("naive backward on emu: {e}"));
+}

@@ -172,9 +172,16 @@ fn mixed_adapters_in_one_batch_equal_one_request_at_a_time() {
             let pre = r
                 .adapter
                 .map(|a| be.upload(&adapters[a as usize].1).unwrap());
-            let want =
-                generate::greedy(&model, &be, pre.as_ref(), &r.prompt, r.max_new_tokens, None)
-                    .unwrap();
+            let want = generate::greedy_until(
+                &model,
+                &be,
+                pre.as_ref(),
+                &r.prompt,
+                r.max_new_tokens,
+                None,
+            )
+            .unwrap()
+            .ids;
             assert_eq!(got.ids, want, "{r:?}");
         }
     }

@@ -233,7 +233,9 @@ fn cached_generation_equals_full_recompute() {
         let be = CpuBackend;
         let prefix = (p > 0).then_some(&s.prefix);
         let prompt: Vec<u32> = vec![5, 17, 2, 30];
-        let got = generate::greedy(&s.model, &be, prefix, &prompt, 10, None).unwrap();
+        let got = generate::greedy_until(&s.model, &be, prefix, &prompt, 10, None)
+            .unwrap()
+            .ids;
         let pf = prefix_f64(&s.prefix);
         let mut seq = prompt.clone();
         let v = s.model.config.vocab_size;
@@ -249,7 +251,9 @@ fn cached_generation_equals_full_recompute() {
         }
         assert_eq!(got, want, "P={p}");
         // Stops at EOS (take the third token as EOS).
-        let stop = generate::greedy(&s.model, &be, prefix, &prompt, 10, Some(want[2])).unwrap();
+        let stop = generate::greedy_until(&s.model, &be, prefix, &prompt, 10, Some(want[2]))
+            .unwrap()
+            .ids;
         assert_eq!(
             stop,
             want[..=want.iter().position(|&t| t == want[2]).unwrap()].to_vec()

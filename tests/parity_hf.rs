@@ -198,7 +198,9 @@ fn check_model(name: &str) {
         .collect();
     for (pre, ids_name) in [(Some(&prefix), "gen.ids"), (None, "gen.ids_base")] {
         let want: Vec<u32> = fx.i64(ids_name).1.iter().map(|&x| x as u32).collect();
-        let got = generate::greedy(&model, &be, pre, &prompt, want.len(), c.eos_token_id).unwrap();
+        let got = generate::greedy_until(&model, &be, pre, &prompt, want.len(), c.eos_token_id)
+            .unwrap()
+            .ids;
         assert_eq!(got, want, "{name}: {ids_name}");
     }
 }

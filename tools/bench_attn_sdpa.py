@@ -35,7 +35,7 @@ reported. CPU: time.perf_counter per iteration, median.
 FLOPs are counted exactly as `NamedShape::fwd_flops` in src/attn/shapes.rs (with
 `AttnProblem::visible_pairs` / `visible_seq_keys` in src/attn/mod.rs): 4*D per visible
 (query, key) pair over batch and query heads; fwd+bwd = 3.5x fwd (backward = 2.5x fwd,
-`bwd_flops` in src/bench.rs).
+`bwd_flops` in src/bench/mod.rs).
 
     python3 tools/bench_attn_sdpa.py --json /tmp/sdpa.json          # GPU, all shapes, < 90 s
     python3 tools/bench_attn_sdpa.py --device cpu --quick           # CPU smoke test (scaled)
@@ -99,7 +99,7 @@ def fwd_flops(s):
     return 4.0 * s["head_dim"] * per_seq * s["batch"] * s["heads_q"]
 
 
-BWD_FACTOR = 2.5  # src/bench.rs: bwd_flops = 2.5 * fwd_flops (docs/ARCHITECTURE.md §6)
+BWD_FACTOR = 2.5  # src/bench/mod.rs: bwd_flops = 2.5 * fwd_flops (docs/ARCHITECTURE.md §6)
 
 
 def dims_str(s):

@@ -21,10 +21,10 @@
 //!   f32, **summed over every sequence that used that prefix**; results are deterministic.
 //!
 //! Modules: [`cpu`] is the fused CPU implementation (the reference backend), [`oracle`] the
-//! f64 oracle, [`naive`] the naive-concat baseline that the benchmarks compare against.
+//! f64 oracle. The naive-concat baseline that the benchmarks compare against runs on any
+//! backend, so it is [`crate::bench::naive`].
 
 pub mod cpu;
-pub mod naive;
 pub mod oracle;
 pub mod paged;
 pub mod shapes;
@@ -340,8 +340,12 @@ impl AttnProblem {
         };
 
         let mut meta_on_host = true;
-        let mut read_device = |arg: &str, m: &Meta| -> Result<Option<Vec<i32>>> {
-            let Meta::Device(t) = m else { return Ok(None) };
+        // Device metadata the host can read (on `cpu`, `emu`); `None` for host metadata, and
+        // for device metadata on a GPU (then `meta_on_host` turns false).
+        let mut read_device = |arg: &str, m: Option<&Meta>| -> Result<Option<Vec<i32>>> {
+            let Some(Meta::Device(t)) = m else {
+                return Ok(None);
+            };
             check_meta_tensor(arg, t, batch, location)?;
             if location != Location::Host {
                 meta_on_host = false;
@@ -349,24 +353,9 @@ impl AttnProblem {
             }
             Ok(Some(t.contiguous_slice::<i32>()?.to_vec()))
         };
-        let dev_idx = a
-            .prefix_index
-            .as_ref()
-            .map(|m| read_device("prefix_index", m))
-            .transpose()?
-            .flatten();
-        let dev_q = a
-            .seqlen_q
-            .as_ref()
-            .map(|m| read_device("seqlen_q", m))
-            .transpose()?
-            .flatten();
-        let dev_k = a
-            .seqlen_k
-            .as_ref()
-            .map(|m| read_device("seqlen_k", m))
-            .transpose()?
-            .flatten();
+        let dev_idx = read_device("prefix_index", a.prefix_index.as_ref())?;
+        let dev_q = read_device("seqlen_q", a.seqlen_q.as_ref())?;
+        let dev_k = read_device("seqlen_k", a.seqlen_k.as_ref())?;
         let prefix_of = match (a.prefix_index, &a.prefix) {
             (Some(_), None) => {
                 return Err(Error::index(
@@ -647,15 +636,7 @@ fn check_output(
     if t.dims() != dims {
         return Err(Error::shape(arg, format!("{dims:?}"), t.dims()));
     }
-    check_common(
-        arg,
-        t.dims(),
-        t.strides(),
-        dtype,
-        t.dtype(),
-        loc,
-        t.location(),
-    )?;
+    check_input(arg, &t.as_view(), dtype, loc)?;
     // Distinct output elements must not share memory: no zero stride over a size > 1.
     if t.numel() > 0
         && t.dims()

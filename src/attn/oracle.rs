@@ -115,6 +115,19 @@ impl Dense {
         ((n * p.prefix_len + j) * p.heads_kv + h) * p.head_dim
     }
 
+    /// Every query row `(h, hk, i)` of sequence `b` that sees a key, with its keys, in the
+    /// order both passes walk them (heads outer, rows inner; `hk` is `h`'s key/value head).
+    fn visible_rows(&self, b: usize) -> Vec<(usize, usize, usize, Vec<Key>)> {
+        let p = &self.pr;
+        (0..p.heads_q)
+            .flat_map(|h| (0..p.tq).map(move |i| (h, i)))
+            .filter_map(|(h, i)| {
+                let keys = self.keys(b, i);
+                (!keys.is_empty()).then(|| (h, h / p.group(), i, keys))
+            })
+            .collect()
+    }
+
     /// The keys row `i` of sequence `b` sees, by the contract's rule, one by one.
     fn keys(&self, b: usize, i: usize) -> Vec<Key> {
         let p = &self.pr;
@@ -149,36 +162,29 @@ impl Dense {
         let mut o = vec![0.0; p.batch * p.tq * p.heads_q * d];
         let mut lse = vec![f64::NEG_INFINITY; p.batch * p.heads_q * p.tq];
         for b in 0..p.batch {
-            for h in 0..p.heads_q {
-                let hk = h / p.group();
-                for i in 0..p.tq {
-                    let keys = self.keys(b, i);
-                    if keys.is_empty() {
-                        continue;
-                    }
-                    let q = &self.q[self.qi(b, i, h)..][..d];
-                    let scores: Vec<f64> = keys
-                        .iter()
-                        .map(|&key| {
-                            let (pre, at) = self.key_index(b, hk, key);
-                            let kr = if pre { &self.k_pre } else { &self.k };
-                            prec.r(p.scale as f64 * dot(q, &kr[at..at + d]))
-                        })
-                        .collect();
-                    let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let l: f64 = scores.iter().map(|s| (s - m).exp()).sum();
-                    lse[(b * p.heads_q + h) * p.tq + i] = prec.r32(m + l.ln());
-                    let out = &mut o[self.qi(b, i, h)..][..d];
-                    for (s, &key) in scores.iter().zip(&keys) {
-                        let prob = prec.r((s - m).exp() / l);
+            for (h, hk, i, keys) in self.visible_rows(b) {
+                let q = &self.q[self.qi(b, i, h)..][..d];
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|&key| {
                         let (pre, at) = self.key_index(b, hk, key);
-                        let vr = if pre { &self.v_pre } else { &self.v };
-                        for c in 0..d {
-                            out[c] += prob * vr[at + c];
-                        }
+                        let kr = if pre { &self.k_pre } else { &self.k };
+                        prec.r(p.scale as f64 * dot(q, &kr[at..at + d]))
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let l: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                lse[(b * p.heads_q + h) * p.tq + i] = prec.r32(m + l.ln());
+                let out = &mut o[self.qi(b, i, h)..][..d];
+                for (s, &key) in scores.iter().zip(&keys) {
+                    let prob = prec.r((s - m).exp() / l);
+                    let (pre, at) = self.key_index(b, hk, key);
+                    let vr = if pre { &self.v_pre } else { &self.v };
+                    for c in 0..d {
+                        out[c] += prob * vr[at + c];
                     }
-                    out.iter_mut().for_each(|x| *x = prec.r(*x));
                 }
+                out.iter_mut().for_each(|x| *x = prec.r(*x));
             }
         }
         Outputs { o, lse }
@@ -212,44 +218,37 @@ impl Dense {
             let mut dv_pre_b = vec![0.0; self.v_pre.len()];
             let mut dk_b = vec![0.0; self.k.len()];
             let mut dv_b = vec![0.0; self.v.len()];
-            for h in 0..p.heads_q {
-                let hk = h / p.group();
-                for i in 0..p.tq {
-                    let keys = self.keys(b, i);
-                    if keys.is_empty() {
-                        continue;
-                    }
-                    let qa = self.qi(b, i, h);
-                    let q = &self.q[qa..qa + d];
-                    let go = &d_o[qa..qa + d];
-                    let lse = fwd.lse[(b * p.heads_q + h) * p.tq + i];
-                    // D_i = sum_c dO_c * O_c
-                    let di = prec.r32(dot(go, &o[qa..qa + d]));
-                    for &key in &keys {
-                        let (pre, at) = self.key_index(b, hk, key);
-                        let (kr, vr) = if pre {
-                            (&self.k_pre, &self.v_pre)
-                        } else {
-                            (&self.k, &self.v)
-                        };
-                        let s = prec.r(p.scale as f64 * dot(q, &kr[at..at + d]));
-                        let prob = prec.r((s - lse).exp());
-                        let dp = prec.r(dot(go, &vr[at..at + d]));
-                        let ds = prec.r(prob * (dp - di));
-                        let (dkr, dvr) = if pre {
-                            (&mut dk_pre_b, &mut dv_pre_b)
-                        } else {
-                            (&mut dk_b, &mut dv_b)
-                        };
-                        for c in 0..d {
-                            g.dq[qa + c] += p.scale as f64 * ds * kr[at + c];
-                            dkr[at + c] += p.scale as f64 * ds * q[c];
-                            dvr[at + c] += prob * go[c];
-                        }
-                    }
+            for (h, hk, i, keys) in self.visible_rows(b) {
+                let qa = self.qi(b, i, h);
+                let q = &self.q[qa..qa + d];
+                let go = &d_o[qa..qa + d];
+                let lse = fwd.lse[(b * p.heads_q + h) * p.tq + i];
+                // D_i = sum_c dO_c * O_c
+                let di = prec.r32(dot(go, &o[qa..qa + d]));
+                for &key in &keys {
+                    let (pre, at) = self.key_index(b, hk, key);
+                    let (kr, vr) = if pre {
+                        (&self.k_pre, &self.v_pre)
+                    } else {
+                        (&self.k, &self.v)
+                    };
+                    let s = prec.r(p.scale as f64 * dot(q, &kr[at..at + d]));
+                    let prob = prec.r((s - lse).exp());
+                    let dp = prec.r(dot(go, &vr[at..at + d]));
+                    let ds = prec.r(prob * (dp - di));
+                    let (dkr, dvr) = if pre {
+                        (&mut dk_pre_b, &mut dv_pre_b)
+                    } else {
+                        (&mut dk_b, &mut dv_b)
+                    };
                     for c in 0..d {
-                        g.dq[qa + c] = prec.r(g.dq[qa + c]);
+                        g.dq[qa + c] += p.scale as f64 * ds * kr[at + c];
+                        dkr[at + c] += p.scale as f64 * ds * q[c];
+                        dvr[at + c] += prob * go[c];
                     }
+                }
+                for c in 0..d {
+                    g.dq[qa + c] = prec.r(g.dq[qa + c]);
                 }
             }
             for (acc, part) in [

@@ -203,8 +203,7 @@ fn attn(args: AttnArgs) -> Result<()> {
             (label, ceil, rows, vec![])
         }
         Some(be) => {
-            let (flops, bytes) = be.ceilings()?;
-            let ceil = prefix_attn::bench::Ceilings { flops, bytes };
+            let ceil = prefix_attn::bench::ceilings::cuda_ceilings(be)?;
             let mut rows = vec![];
             let mut checks = vec![];
             for s in shapes {

@@ -2,15 +2,15 @@
 //! the naive concat.
 
 use super::common::{parse_device, parse_dtype, DEVICE_HELP};
+use prefix_attn::attn::cpu;
 use prefix_attn::attn::oracle::{Dense, Precision};
-use prefix_attn::attn::shapes::{self, NamedShape};
+use prefix_attn::attn::shapes;
 use prefix_attn::attn::testing::{
     random_spec, FwdBuffers, GradBuffers, ProblemSpec, RandomProblem,
 };
-use prefix_attn::attn::{cpu, naive};
-use prefix_attn::device::Device;
+use prefix_attn::bench::{naive, shape_spec};
+use prefix_attn::device::{cpu::CpuBackend, Device};
 use prefix_attn::rng::Rng;
-use prefix_attn::tensor::DType;
 use prefix_attn::{Error, Result};
 use std::time::Instant;
 
@@ -56,7 +56,7 @@ pub(super) fn run(args: CheckAttnArgs) -> Result<()> {
                     shapes::SHAPES.map(|s| s.name).join(", ")
                 ))
             })?;
-            vec![spec_of(s.cpu_scaled(), dtype)]
+            vec![shape_spec(s.cpu_scaled(), dtype)]
         }
         None => (0..count).map(|_| random_spec(&mut rng, dtype)).collect(),
     };
@@ -74,7 +74,7 @@ pub(super) fn run(args: CheckAttnArgs) -> Result<()> {
         fused_s += t.elapsed().as_secs_f64();
         let mut n = FwdBuffers::poisoned(&pb.spec)?;
         let t = Instant::now();
-        naive::forward(&args, n.out())?;
+        naive::forward(&CpuBackend, &args, n.out())?;
         naive_s += t.elapsed().as_secs_f64();
         let d_o: Vec<f64> = pb.d_o.to_f32_vec().into_iter().map(f64::from).collect();
         let eg = x.backward(&d_o, Precision::Exact);
@@ -113,19 +113,4 @@ pub(super) fn run(args: CheckAttnArgs) -> Result<()> {
         })
     );
     Ok(())
-}
-
-fn spec_of(s: NamedShape, dtype: DType) -> ProblemSpec {
-    let mut p = ProblemSpec::new(
-        s.batch,
-        s.tq,
-        s.tk,
-        s.heads_q,
-        s.heads_kv,
-        s.head_dim,
-        s.prefix_len,
-        s.causal,
-    );
-    p.dtype = dtype;
-    p
 }

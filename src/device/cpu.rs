@@ -476,7 +476,17 @@ impl Backend for CpuBackend {
     fn sum_rows(&self, x: &TensorView, out: &mut TensorViewMut, accumulate: bool) -> Result<()> {
         let (_, n) = dims2("sum_rows x", x.dims())?;
         same_shape("sum_rows out", out.dims(), &[n])?;
-        let xv = f32_in("sum_rows x", x)?;
+        // Like the kernels, rows may be strided and 16-bit (the prefix part of every
+        // sequence of a concatenated K/V gradient): those are gathered into f32 first.
+        let gathered;
+        let xv = if x.dtype() == DType::F32 && x.layout().is_contiguous() {
+            f32_in("sum_rows x", x)?
+        } else {
+            let mut buf = vec![0f32; x.numel()];
+            x.gather_f32(&mut buf)?;
+            gathered = buf;
+            &gathered
+        };
         let ov = f32_out("sum_rows out", out)?;
         if !accumulate {
             ov.fill(0.0);

@@ -418,53 +418,49 @@ impl CudaBackend {
         Ok(g)
     }
 
-    /// Ceilings measured on the spot: the FLOP/s of a large fp16 cuBLAS matmul
-    /// (8192 × 8192 × 8192, fp32 accumulation) and the bytes/s of a 1 GiB device-to-device
-    /// copy (read + write counted); medians of 5 after a warm-up.
-    pub fn ceilings(&self) -> Result<(f64, f64)> {
-        let n = 8192usize;
-        let host = crate::tensor::Tensor::from_f32(
-            &[n, n],
-            &crate::rng::Rng::new(3).normal_vec(n * n, 1.0),
-            DType::F16,
-        )?;
-        let a = self.upload(&host)?;
-        drop(host);
-        let mut c = self.zeros(&[n, n], DType::F16)?;
-        let mut times = vec![];
-        for i in 0..6 {
-            let ms = self.time_ms(&mut || {
-                self.matmul(
-                    &a.view(),
-                    &a.view(),
-                    None,
-                    &mut c.view_mut(),
-                    MatmulOpts::nt(),
-                )
-            })?;
-            if i > 0 {
-                times.push(ms);
+    /// Copies `src` into `dst` with the driver's device-to-device copy (both contiguous on
+    /// this GPU, of the same shape and dtype): the copy engine's path, which bounds every
+    /// copy kernel (the `bench attn` copy ceiling).
+    pub fn memcpy(&self, src: &TensorView, dst: &mut TensorViewMut) -> Result<()> {
+        let loc = Location::Cuda(self.ordinal);
+        if src.dims() != dst.dims() || src.dtype() != dst.dtype() {
+            return Err(Error::shape(
+                "memcpy dst",
+                format!("{:?} {} like src", src.dims(), src.dtype()),
+                dst.dims(),
+            ));
+        }
+        let d = dst.as_view();
+        for (arg, t) in [("memcpy src", src), ("memcpy dst", &d)] {
+            if t.location() != loc || !t.layout().is_contiguous() {
+                return Err(Error::layout(
+                    arg,
+                    format!(
+                        "needs a contiguous view on {loc}, got {:?} on {}",
+                        t.layout(),
+                        t.location()
+                    ),
+                ));
             }
         }
-        times.sort_by(f64::total_cmp);
-        let flops = 2.0 * (n * n * n) as f64 / (times[2] / 1e3);
-        drop((a, c));
-        let bytes = 1usize << 30;
-        let src = self.alloc(bytes, "copy ceiling")?;
-        let mut dst = self.alloc(bytes, "copy ceiling")?;
-        let mut times = vec![];
-        for i in 0..6 {
-            let ms = self.time_ms(&mut || {
-                self.stream
-                    .memcpy_dtod(&src.buf, &mut dst.buf)
-                    .map_err(cuda_err("device copy"))
-            })?;
-            if i > 0 {
-                times.push(ms);
-            }
+        let size = src.dtype().size();
+        let addr = |t: &TensorView| t.base_addr() + (t.layout().offset() * size) as u64;
+        let bytes = src.numel() * size;
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("bind context"))?;
+        // SAFETY: both ranges are `bytes` long inside live allocations of this context
+        // (contiguous views of this device, checked above), borrowed for the call; the copy
+        // is queued on this backend's stream, after the work queued before it.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                addr(&d),
+                addr(src),
+                bytes,
+                self.stream.cu_stream(),
+            )
         }
-        times.sort_by(f64::total_cmp);
-        Ok((flops, 2.0 * bytes as f64 / (times[2] / 1e3)))
+        .map_err(cuda_err("device copy"))
     }
 }
 

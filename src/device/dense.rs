@@ -155,6 +155,33 @@ fn contig_mut<'v>(arg: &str, t: &'v TensorViewMut, loc: Location) -> Result<(u64
     Ok((a, t.dims()))
 }
 
+/// [`contig`], then the shape (and the dtype, when given) it must have: its address.
+fn input(
+    arg: &str,
+    t: &TensorView,
+    loc: Location,
+    dims: &[usize],
+    dtype: Option<DType>,
+) -> Result<u64> {
+    let (a, d) = contig(arg, t, loc)?;
+    same(arg, d, dims)?;
+    if let Some(dt) = dtype {
+        check_dtype(arg, t.dtype(), dt)?;
+    }
+    Ok(a)
+}
+
+/// [`input`] for an output.
+fn output(
+    arg: &str,
+    t: &TensorViewMut,
+    loc: Location,
+    dims: &[usize],
+    dtype: Option<DType>,
+) -> Result<u64> {
+    input(arg, &t.as_view(), loc, dims, dtype)
+}
+
 fn flat_blocks(n: usize, cap: GridCap) -> u32 {
     (n.div_ceil(THREADS as usize).max(1)).min(cap.0 as usize) as u32
 }
@@ -232,11 +259,8 @@ pub fn bias_gelu(
 ) -> Result<DenseLaunch> {
     let (ha, hd) = contig_mut("bias_gelu h", h, loc)?;
     let (m, n) = dims2("bias_gelu h", hd)?;
-    let (ba, bd) = contig("bias_gelu bias", bias, loc)?;
-    same("bias_gelu bias", bd, &[n])?;
-    let (oa, od) = contig_mut("bias_gelu out", out, loc)?;
-    same("bias_gelu out", od, &[m, n])?;
-    check_dtype("bias_gelu out", out.dtype(), h.dtype())?;
+    let ba = input("bias_gelu bias", bias, loc, &[n], None)?;
+    let oa = output("bias_gelu out", out, loc, &[m, n], Some(h.dtype()))?;
     let p = DenseParams {
         in0: ba,
         out0: ha,
@@ -265,11 +289,14 @@ pub fn bias_residual(
 ) -> Result<DenseLaunch> {
     let (oa, od) = contig_mut("bias_residual out", out, loc)?;
     let (m, n) = dims2("bias_residual out", od)?;
-    let (ba, bd) = contig("bias_residual bias", bias, loc)?;
-    same("bias_residual bias", bd, &[n])?;
-    let (ra, rd) = contig("bias_residual residual", residual, loc)?;
-    same("bias_residual residual", rd, &[m, n])?;
-    check_dtype("bias_residual residual", residual.dtype(), out.dtype())?;
+    let ba = input("bias_residual bias", bias, loc, &[n], None)?;
+    let ra = input(
+        "bias_residual residual",
+        residual,
+        loc,
+        &[m, n],
+        Some(out.dtype()),
+    )?;
     let p = DenseParams {
         in0: ba,
         in1: ra,
@@ -338,20 +365,11 @@ pub fn layernorm(
 ) -> Result<DenseLaunch> {
     let (xa, xd) = contig("layernorm x", x, loc)?;
     let (m, c) = dims2("layernorm x", xd)?;
-    let (wa, wd) = contig("layernorm weight", weight, loc)?;
-    let (ba, bd) = contig("layernorm bias", bias, loc)?;
-    same("layernorm weight", wd, &[c])?;
-    same("layernorm bias", bd, &[c])?;
-    check_dtype("layernorm bias", bias.dtype(), weight.dtype())?;
-    let (oa, od) = contig_mut("layernorm out", out, loc)?;
-    same("layernorm out", od, &[m, c])?;
-    check_dtype("layernorm out", out.dtype(), x.dtype())?;
-    let (ma, md) = contig_mut("layernorm mean", mean, loc)?;
-    same("layernorm mean", md, &[m])?;
-    check_dtype("layernorm mean", mean.dtype(), DType::F32)?;
-    let (ra, rd) = contig_mut("layernorm rstd", rstd, loc)?;
-    same("layernorm rstd", rd, &[m])?;
-    check_dtype("layernorm rstd", rstd.dtype(), DType::F32)?;
+    let wa = input("layernorm weight", weight, loc, &[c], None)?;
+    let ba = input("layernorm bias", bias, loc, &[c], Some(weight.dtype()))?;
+    let oa = output("layernorm out", out, loc, &[m, c], Some(x.dtype()))?;
+    let ma = output("layernorm mean", mean, loc, &[m], Some(DType::F32))?;
+    let ra = output("layernorm rstd", rstd, loc, &[m], Some(DType::F32))?;
     let mut p = DenseParams {
         in0: xa,
         in1: wa,
@@ -386,19 +404,11 @@ pub fn layernorm_bwd(
 ) -> Result<DenseLaunch> {
     let (xa, xd) = contig("layernorm_bwd x", x, loc)?;
     let (m, c) = dims2("layernorm_bwd x", xd)?;
-    let (ga, gd) = contig("layernorm_bwd dy", dy, loc)?;
-    same("layernorm_bwd dy", gd, &[m, c])?;
-    check_dtype("layernorm_bwd dy", dy.dtype(), x.dtype())?;
-    let (wa, wd) = contig("layernorm_bwd weight", weight, loc)?;
-    same("layernorm_bwd weight", wd, &[c])?;
-    let (ma, md) = contig("layernorm_bwd mean", mean, loc)?;
-    same("layernorm_bwd mean", md, &[m])?;
-    check_dtype("layernorm_bwd mean", mean.dtype(), DType::F32)?;
-    let (ra, rd) = contig("layernorm_bwd rstd", rstd, loc)?;
-    same("layernorm_bwd rstd", rd, &[m])?;
-    check_dtype("layernorm_bwd rstd", rstd.dtype(), DType::F32)?;
-    let (da, dd) = contig_mut("layernorm_bwd dx", dx, loc)?;
-    same("layernorm_bwd dx", dd, &[m, c])?;
+    let ga = input("layernorm_bwd dy", dy, loc, &[m, c], Some(x.dtype()))?;
+    let wa = input("layernorm_bwd weight", weight, loc, &[c], None)?;
+    let ma = input("layernorm_bwd mean", mean, loc, &[m], Some(DType::F32))?;
+    let ra = input("layernorm_bwd rstd", rstd, loc, &[m], Some(DType::F32))?;
+    let da = output("layernorm_bwd dx", dx, loc, &[m, c], None)?;
     let p = DenseParams {
         in0: ga,
         in1: xa,
@@ -436,8 +446,7 @@ pub fn sum_rows(
         let a = contig("sum_rows x row", &row, loc)?.0;
         (a, x.strides()[0])
     };
-    let (oa, od) = contig_mut("sum_rows out", out, loc)?;
-    same("sum_rows out", od, &[n])?;
+    let oa = output("sum_rows out", out, loc, &[n], None)?;
     let mut p = DenseParams {
         in0: xa,
         out0: oa,
@@ -505,8 +514,7 @@ pub fn gather_rows(
 ) -> Result<DenseLaunch> {
     let (sa, sd) = contig("gather_rows src", src, loc)?;
     let (m, c) = dims2("gather_rows src", sd)?;
-    let (da, dd) = contig_mut("gather_rows dst", dst, loc)?;
-    same("gather_rows dst", dd, &[rows.len(), c])?;
+    let da = output("gather_rows dst", dst, loc, &[rows.len(), c], None)?;
     check_rows(rows, m)?;
     gather_launch(sa, src.dtype(), da, dst.dtype(), rows.to_vec(), c, cap)
 }
@@ -522,8 +530,7 @@ pub fn scatter_rows(
 ) -> Result<DenseLaunch> {
     let (da, dd) = contig_mut("scatter_rows dst", dst, loc)?;
     let (m, c) = dims2("scatter_rows dst", dd)?;
-    let (sa, sd) = contig("scatter_rows src", src, loc)?;
-    same("scatter_rows src", sd, &[rows.len(), c])?;
+    let sa = input("scatter_rows src", src, loc, &[rows.len(), c], None)?;
     check_rows(rows, m)?;
     let mut inverse = vec![-1i32; m];
     for (i, &r) in rows.iter().enumerate() {
@@ -659,12 +666,9 @@ pub fn adamw(
 ) -> Result<DenseLaunch> {
     let (pa, pd) = contig_mut("adamw param", param, loc)?;
     let pd = pd.to_vec();
-    let (ga, gd) = contig("adamw grad", grad, loc)?;
-    same("adamw grad", gd, &pd)?;
-    let (ma, md) = contig_mut("adamw m", m, loc)?;
-    same("adamw m", md, &pd)?;
-    let (va, vd) = contig_mut("adamw v", v, loc)?;
-    same("adamw v", vd, &pd)?;
+    let ga = input("adamw grad", grad, loc, &pd, None)?;
+    let ma = output("adamw m", m, loc, &pd, None)?;
+    let va = output("adamw v", v, loc, &pd, None)?;
     for (arg, dt) in [
         ("adamw param", param.dtype()),
         ("adamw grad", grad.dtype()),

@@ -109,10 +109,10 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
         max_batch: b.requests,
     };
     let run_once = |label: &str,
-               reqs: Vec<Request>,
-               one_at_a_time: bool,
-               mode: PrefixMode,
-               k: usize|
+                    reqs: Vec<Request>,
+                    one_at_a_time: bool,
+                    mode: PrefixMode,
+                    k: usize|
      -> Result<DecodeRow> {
         let mut step = ModelStep::new(&model, be, pages, b.page_size, b.adapters, b.prefix_len)?
             .with_prefix_mode(mode);

@@ -71,16 +71,7 @@ pub fn request_seed(run_seed: u64, index: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Index of the largest value (the first on ties, as `torch.argmax`).
-pub fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+pub use crate::lm::generate::argmax;
 
 /// The distribution sampling draws from: `softmax(logits / temperature)` restricted by top-k
 /// then top-p, renormalised; zeros where a token was filtered out. `temperature > 0`.

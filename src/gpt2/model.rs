@@ -197,6 +197,21 @@ struct Gpt2Workspace {
     grads: Option<GradScratch>,
 }
 
+/// The input gradient of `linear(ln(x))` from the linear's output gradient `d_out`:
+/// through the weight `w` (`nt`) into `d_tmp`, then through the layer norm (`ln` = x, its
+/// weight, mean and rstd) accumulated into `d_res`. Both branches of a block end so.
+fn linear_ln_bwd(
+    be: &dyn Backend,
+    d_out: &TensorView,
+    w: &TensorView,
+    [x, ln_w, mean, rstd]: [&TensorView; 4],
+    d_tmp: &mut TensorViewMut,
+    d_res: &mut TensorViewMut,
+) -> Result<()> {
+    be.matmul(d_out, w, None, d_tmp, MatmulOpts::nt())?;
+    be.layernorm_bwd(&d_tmp.as_view(), x, ln_w, mean, rstd, d_res, true)
+}
+
 /// The first `rows` rows of a buffer.
 fn rows(t: &Tensor, rows: usize) -> Result<TensorView<'_>> {
     t.view().narrow(0, 0, rows)
@@ -653,21 +668,18 @@ impl Gpt2 {
                 &rows(&grads.d_fc, m)?,
                 &mut rows_mut(&mut grads.d_fc2, m)?,
             )?;
-            be.matmul(
+            linear_ln_bwd(
+                be,
                 &rows(&grads.d_fc2, m)?,
                 &lw.fc_w.view(),
-                None,
+                [
+                    &rows(&acts.mid[l], m)?,
+                    &lw.ln2_w.view(),
+                    &rows(&acts.ln2_mean[l], m)?,
+                    &rows(&acts.ln2_rstd[l], m)?,
+                ],
                 &mut rows_mut(&mut grads.d_tmp, m)?,
-                MatmulOpts::nt(),
-            )?;
-            be.layernorm_bwd(
-                &rows(&grads.d_tmp, m)?,
-                &rows(&acts.mid[l], m)?,
-                &lw.ln2_w.view(),
-                &rows(&acts.ln2_mean[l], m)?,
-                &rows(&acts.ln2_rstd[l], m)?,
                 &mut rows_mut(&mut grads.d_res, m)?,
-                true,
             )?;
             // Attention branch: mid = res[l] + c_proj(attn(ln_1(res[l]))).
             be.matmul(
@@ -727,21 +739,18 @@ impl Gpt2 {
             if first {
                 break;
             }
-            be.matmul(
+            linear_ln_bwd(
+                be,
                 &rows(&grads.d_qkv, m)?,
                 &lw.attn_w.view(),
-                None,
+                [
+                    &rows(&acts.res[l], m)?,
+                    &lw.ln1_w.view(),
+                    &rows(&acts.ln1_mean[l], m)?,
+                    &rows(&acts.ln1_rstd[l], m)?,
+                ],
                 &mut rows_mut(&mut grads.d_tmp, m)?,
-                MatmulOpts::nt(),
-            )?;
-            be.layernorm_bwd(
-                &rows(&grads.d_tmp, m)?,
-                &rows(&acts.res[l], m)?,
-                &lw.ln1_w.view(),
-                &rows(&acts.ln1_mean[l], m)?,
-                &rows(&acts.ln1_rstd[l], m)?,
                 &mut rows_mut(&mut grads.d_res, m)?,
-                true,
             )?;
         }
         Ok(())

@@ -40,19 +40,8 @@ pub struct Generation {
 
 /// Greedy continuation of `prompt`: at most `max_new_tokens` new tokens, stopping after
 /// `eos` if it is produced, and when the context is full (a token predicted at the last
-/// position is the last one). Returns the new tokens only.
-pub fn greedy(
-    model: &dyn PrefixLm,
-    be: &dyn Backend,
-    prefix: Option<&Tensor>,
-    prompt: &[u32],
-    max_new_tokens: usize,
-    eos: Option<u32>,
-) -> Result<Vec<u32>> {
-    greedy_until(model, be, prefix, prompt, max_new_tokens, eos).map(|g| g.ids)
-}
-
-/// [`greedy`], also saying why it stopped.
+/// position is the last one). Returns the new tokens ([`Generation::ids`]) and why it
+/// stopped.
 pub fn greedy_until(
     model: &dyn PrefixLm,
     be: &dyn Backend,

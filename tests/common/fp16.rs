@@ -270,8 +270,9 @@ pub fn tiny_c_fp16_parity(be: &dyn Backend) -> Result<Vec<String>, String> {
     for (pre, key) in [(Some(&prefix16), "gen.ids"), (None, "gen.ids_base")] {
         let (_, want) = fx.i64(key)?;
         let want: Vec<u32> = want.iter().map(|&x| x as u32).collect();
-        let got =
-            generate::greedy(&model, be, pre, &prompt, want.len(), c.eos_token_id).map_err(s)?;
+        let got = generate::greedy_until(&model, be, pre, &prompt, want.len(), c.eos_token_id)
+            .map(|g| g.ids)
+            .map_err(s)?;
         report.push(format!("{key}: {got:?}"));
         if got != want {
             return Err(format!("{key}: generated {got:?}, reference {want:?}"));

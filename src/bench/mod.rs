@@ -1,7 +1,12 @@
-//! `prefix-attn bench step`: times full prefix-tuning training steps (encoder forward, model
-//! forward and backward, encoder backward, AdamW) on a random-weight model, after warm-up.
-//! `tools/bench_step_torch.py` is the PyTorch + PEFT counterpart with the same shapes, and
-//! `scripts/bench-step-compare.sh` runs both.
+//! The benchmarks. `prefix-attn bench step` times full prefix-tuning training steps (encoder
+//! forward, model forward and backward, encoder backward, AdamW) on a random-weight model,
+//! after warm-up; `tools/bench_step_torch.py` is the PyTorch + PEFT counterpart with the same
+//! shapes, and `scripts/bench-step-compare.sh` runs both. `prefix-attn bench attn` times fused
+//! attention against [`naive`] (the naive-concat baseline, on any backend) beside the
+//! [`ceilings`] measured on the spot.
+
+pub mod ceilings;
+pub mod naive;
 
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::Backend;
@@ -13,6 +18,8 @@ use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::trainer::Stepper;
+pub use ceilings::{cpu_ceilings, Ceilings};
+use naive::NaiveConcat;
 use std::time::Instant;
 
 /// A step-benchmark setting.
@@ -217,15 +224,28 @@ pub struct AttnBenchRow {
     pub naive_extra_bytes: f64,
 }
 
-/// Ceilings measured on the spot: a large f32 matmul (FLOP/s) and a large copy (bytes/s).
-#[derive(Clone, Copy, Debug)]
-pub struct Ceilings {
-    /// FLOP/s of a 1024³ f32 matmul through the CPU backend.
-    pub flops: f64,
-    /// Bytes/s of a 256 MiB copy (read + write counted).
-    pub bytes: f64,
+impl AttnBenchRow {
+    /// The row of shape `s` (f16 inputs) from its median times, ms: fused forward, fused
+    /// backward, naive forward, naive backward; the counts follow from the shape.
+    fn new(s: crate::attn::shapes::NamedShape, [fwd, bwd, naive_fwd, naive_bwd]: [f64; 4]) -> Self {
+        let (fwd_bytes, bwd_bytes) = attn_bytes(s);
+        let fwd_flops = s.fwd_flops();
+        AttnBenchRow {
+            shape: s,
+            fwd_ms: fwd,
+            bwd_ms: bwd,
+            naive_fwd_ms: naive_fwd,
+            naive_bwd_ms: naive_bwd,
+            fwd_flops,
+            bwd_flops: 2.5 * fwd_flops,
+            fwd_bytes,
+            bwd_bytes,
+            naive_extra_bytes: naive::extra_bytes(&s.problem(DType::F16), true) as f64,
+        }
+    }
 }
 
+/// Median wall time of `reps` calls of `f` after a warm-up one, ms.
 fn median_ms(mut f: impl FnMut() -> Result<()>, reps: usize) -> Result<f64> {
     f()?; // warm-up
     let mut t = Vec::with_capacity(reps);
@@ -238,52 +258,12 @@ fn median_ms(mut f: impl FnMut() -> Result<()>, reps: usize) -> Result<f64> {
     Ok(t[t.len() / 2])
 }
 
-/// Measures the CPU ceilings.
-pub fn cpu_ceilings() -> Result<Ceilings> {
-    use crate::device::{cpu::CpuBackend, MatmulOpts};
-    use crate::tensor::{DType, Tensor};
-    let n = 1024;
-    let be = CpuBackend;
-    let a = Tensor::from_f32(&[n, n], &Rng::new(1).normal_vec(n * n, 1.0), DType::F32)?;
-    let mut c = Tensor::zeros(&[n, n], DType::F32)?;
-    let ms = median_ms(
-        || {
-            be.matmul(
-                &a.view(),
-                &a.view(),
-                None,
-                &mut c.view_mut(),
-                MatmulOpts::default(),
-            )
-        },
-        5,
-    )?;
-    let flops = 2.0 * (n * n * n) as f64 / (ms / 1e3);
-    let len = 64 << 20; // f32 elements: 256 MiB
-    let src = vec![1.0f32; len];
-    let mut dst = vec![0.0f32; len];
-    let ms = median_ms(
-        || {
-            dst.copy_from_slice(&src);
-            Ok(())
-        },
-        5,
-    )?;
-    std::hint::black_box(&dst);
-    Ok(Ceilings {
-        flops,
-        bytes: 2.0 * (len * 4) as f64 / (ms / 1e3),
-    })
-}
-
-/// Times fused and naive attention, forward and backward, on a named shape (f16 inputs) on
-/// the CPU.
-pub fn bench_attn_cpu(shape: crate::attn::shapes::NamedShape, reps: usize) -> Result<AttnBenchRow> {
-    use crate::attn::testing::{FwdBuffers, GradBuffers, ProblemSpec, RandomProblem};
-    use crate::attn::{cpu, naive};
-    use crate::tensor::DType;
-    let s = shape;
-    let mut spec = ProblemSpec::new(
+/// The random-problem setting of a named shape, in `dtype`.
+pub fn shape_spec(
+    s: crate::attn::shapes::NamedShape,
+    dtype: DType,
+) -> crate::attn::testing::ProblemSpec {
+    let mut p = crate::attn::testing::ProblemSpec::new(
         s.batch,
         s.tq,
         s.tk,
@@ -293,32 +273,36 @@ pub fn bench_attn_cpu(shape: crate::attn::shapes::NamedShape, reps: usize) -> Re
         s.prefix_len,
         s.causal,
     );
-    spec.dtype = DType::F16;
-    let pb = RandomProblem::new(spec, &mut Rng::new(0))?;
+    p.dtype = dtype;
+    p
+}
+
+/// Times fused and naive attention, forward and backward, on a named shape (f16 inputs) on
+/// the CPU.
+pub fn bench_attn_cpu(shape: crate::attn::shapes::NamedShape, reps: usize) -> Result<AttnBenchRow> {
+    use crate::attn::cpu;
+    use crate::attn::testing::{FwdBuffers, GradBuffers, RandomProblem};
+    use crate::device::cpu::CpuBackend;
+    let s = shape;
+    let pb = RandomProblem::new(shape_spec(s, DType::F16), &mut Rng::new(0))?;
     let args = pb.args()?;
     let pr = args.check()?;
     let mut f = FwdBuffers::poisoned(&pb.spec)?;
+    let mut nc = NaiveConcat::new(&CpuBackend, &pr)?;
     let fwd_ms = median_ms(|| cpu::forward(&args, f.out()), reps)?;
-    let naive_fwd_ms = median_ms(|| naive::forward(&args, f.out()), reps)?;
+    let naive_fwd_ms = median_ms(|| nc.forward(&CpuBackend, &args, f.out()), reps)?;
     cpu::forward(&args, f.out())?;
     let mut g = GradBuffers::poisoned(&pb.spec)?;
     let bargs = pb.bwd_args(&f.o, &f.lse, false)?;
     let bwd_ms = median_ms(|| cpu::backward(&bargs, g.grads(true, false)), reps)?;
-    let naive_bwd_ms = median_ms(|| naive::backward(&bargs, g.grads(true, false)), reps)?;
-    let (fwd_bytes, bwd_bytes) = attn_bytes(s);
-    let fwd_flops = s.fwd_flops();
-    Ok(AttnBenchRow {
-        shape: s,
-        fwd_ms,
-        bwd_ms,
-        naive_fwd_ms,
-        naive_bwd_ms,
-        fwd_flops,
-        bwd_flops: 2.5 * fwd_flops,
-        fwd_bytes,
-        bwd_bytes,
-        naive_extra_bytes: crate::attn::naive::extra_bytes(&pr, true) as f64,
-    })
+    let naive_bwd_ms = median_ms(
+        || nc.backward(&CpuBackend, &bargs, g.grads(true, false)),
+        reps,
+    )?;
+    Ok(AttnBenchRow::new(
+        s,
+        [fwd_ms, bwd_ms, naive_fwd_ms, naive_bwd_ms],
+    ))
 }
 
 /// Inputs of one attention problem on a device.
@@ -360,10 +344,10 @@ pub enum AttnMethod {
 }
 
 /// Fused attention and the naive concat on a kernel device (`cuda`; `emu` runs it too, for
-/// tests), f16. The naive method is built from the same device's kernels: the prefix
-/// broadcast and the sequence K/V copied into `[B, P + Tk, Hkv, D]` buffers (strided copy
-/// kernel), our attention kernel without a prefix on them (bottom-right causal alignment
-/// makes that the same attention). Inputs rotate over enough sets to exceed the rotation size
+/// tests), f16. The naive method is [`NaiveConcat`] on the same device, built from its
+/// kernels: the prefix broadcast and the sequence K/V copied into `[B, P + Tk, Hkv, D]`
+/// buffers (strided copy kernel), our attention kernel without a prefix on them
+/// (bottom-right causal alignment makes that the same attention). Inputs rotate over enough sets to exceed the rotation size
 /// (≥ 2× the GPU's L2), and every time is the device time of one call (CUDA events on a GPU).
 pub struct DeviceAttnBench<'b> {
     be: &'b dyn Backend,
@@ -381,13 +365,22 @@ pub struct DeviceAttnBench<'b> {
     dv_pre: Tensor,
     dk_pre_naive: Tensor,
     dv_pre_naive: Tensor,
-    k_cat: Tensor,
-    v_cat: Tensor,
-    dk_cat: Tensor,
-    dv_cat: Tensor,
+    naive: NaiveConcat,
     lens_q: Vec<i32>,
     lens_k: Vec<i32>,
-    lens_cat: Vec<i32>,
+}
+
+/// The fused call's arguments on input set `i` (a macro rather than a method, so that they
+/// borrow only the inputs and the lengths, not the output buffers beside them).
+macro_rules! fused_args {
+    ($bench:expr, $i:expr) => {{
+        let x = &$bench.data[$i % $bench.data.len()];
+        AttnFwdArgs::new(x.q.view(), x.k.view(), x.v.view())
+            .prefix(x.kp.view(), x.vp.view())
+            .seqlens(&$bench.lens_q, &$bench.lens_k)
+            .causal($bench.shape.causal)
+            .scale(1.0 / ($bench.shape.head_dim as f32).sqrt())
+    }};
 }
 
 impl<'b> DeviceAttnBench<'b> {
@@ -399,25 +392,19 @@ impl<'b> DeviceAttnBench<'b> {
         rotate_bytes: usize,
     ) -> Result<DeviceAttnBench<'b>> {
         let dt = DType::F16;
-        let (b, tq, tk, hq, hkv, d, p) = (
-            s.batch,
-            s.tq,
-            s.tk,
-            s.heads_q,
-            s.heads_kv,
-            s.head_dim,
-            s.prefix_len,
-        );
-        let q_dims = [b, tq, hq, d];
-        let kv_dims = [b, tk, hkv, d];
-        let pre_dims = [1, p, hkv, d];
-        let cat_dims = [b, p + tk, hkv, d];
-        let set_bytes = 2 * (2 * b * tq * hq * d + 2 * b * tk * hkv * d + 2 * p * hkv * d);
+        let pr = s.problem(dt);
+        let (q_dims, kv_dims, pre_dims) = (pr.q_dims(), pr.k_dims(), pr.prefix_dims());
+        let numel = |d: &[usize]| d.iter().product::<usize>();
+        // q and dO, k and v, the two prefix tensors: 2 bytes each.
+        let set_bytes = 2 * (2 * numel(&q_dims) + 2 * numel(&kv_dims) + 2 * numel(&pre_dims));
         let sets = rotate_bytes.div_ceil(set_bytes.max(1)).clamp(1, 16);
         let mut rng = Rng::new(7);
         let mut up = |dims: &[usize]| -> Result<Tensor> {
-            let n: usize = dims.iter().product();
-            be.upload(&Tensor::from_f32(dims, &rng.normal_vec(n, 1.0), dt)?)
+            be.upload(&Tensor::from_f32(
+                dims,
+                &rng.normal_vec(numel(dims), 1.0),
+                dt,
+            )?)
         };
         let mut data = vec![];
         for _ in 0..sets {
@@ -435,9 +422,9 @@ impl<'b> DeviceAttnBench<'b> {
             shape: s,
             data,
             o: be.zeros(&q_dims, dt)?,
-            lse: be.zeros(&[b, hq, tq], DType::F32)?,
+            lse: be.zeros(&pr.lse_dims(), DType::F32)?,
             o_naive: be.zeros(&q_dims, dt)?,
-            lse_naive: be.zeros(&[b, hq, tq], DType::F32)?,
+            lse_naive: be.zeros(&pr.lse_dims(), DType::F32)?,
             dq: be.zeros(&q_dims, dt)?,
             dk: be.zeros(&kv_dims, dt)?,
             dv: be.zeros(&kv_dims, dt)?,
@@ -445,13 +432,9 @@ impl<'b> DeviceAttnBench<'b> {
             dv_pre: be.zeros(&pre_dims, DType::F32)?,
             dk_pre_naive: be.zeros(&pre_dims, DType::F32)?,
             dv_pre_naive: be.zeros(&pre_dims, DType::F32)?,
-            k_cat: be.zeros(&cat_dims, dt)?,
-            v_cat: be.zeros(&cat_dims, dt)?,
-            dk_cat: be.zeros(&cat_dims, dt)?,
-            dv_cat: be.zeros(&cat_dims, dt)?,
-            lens_q: vec![tq as i32; b],
-            lens_k: vec![tk as i32; b],
-            lens_cat: vec![(p + tk) as i32; b],
+            naive: NaiveConcat::new(be, &pr)?,
+            lens_q: vec![s.tq as i32; s.batch],
+            lens_k: vec![s.tk as i32; s.batch],
         })
     }
 
@@ -460,116 +443,51 @@ impl<'b> DeviceAttnBench<'b> {
         self.data.len()
     }
 
-    fn scale(&self) -> f32 {
-        1.0 / (self.shape.head_dim as f32).sqrt()
-    }
-
-    fn fused_fwd(&mut self, i: usize) -> Result<()> {
-        let x = &self.data[i % self.data.len()];
-        let args = AttnFwdArgs::new(x.q.view(), x.k.view(), x.v.view())
-            .prefix(x.kp.view(), x.vp.view())
-            .seqlens(&self.lens_q, &self.lens_k)
-            .causal(self.shape.causal)
-            .scale(self.scale());
-        self.be.attn_fwd(
-            &args,
-            AttnFwdOut {
-                o: self.o.view_mut(),
-                lse: Some(self.lse.view_mut()),
-            },
-        )
-    }
-
-    fn naive_fwd(&mut self, i: usize) -> Result<()> {
-        let s = self.shape;
-        let (p, tk, hkv, d) = (s.prefix_len, s.tk, s.heads_kv, s.head_dim);
-        let x = &self.data[i % self.data.len()];
-        for (pre, seq, cat) in [
-            (&x.kp, &x.k, &mut self.k_cat),
-            (&x.vp, &x.v, &mut self.v_cat),
-        ] {
-            let bcast = pre
-                .view()
-                .as_strided(&[s.batch, p, hkv, d], &[0, hkv * d, d, 1], 0)?;
-            self.be.copy(&bcast, &mut cat.view_mut().narrow(1, 0, p)?)?;
-            self.be
-                .copy(&seq.view(), &mut cat.view_mut().narrow(1, p, tk)?)?;
+    fn fwd(&mut self, naive: bool, i: usize) -> Result<()> {
+        let args = fused_args!(self, i);
+        let (o, lse) = match naive {
+            true => (&mut self.o_naive, &mut self.lse_naive),
+            false => (&mut self.o, &mut self.lse),
+        };
+        let out = AttnFwdOut {
+            o: o.view_mut(),
+            lse: Some(lse.view_mut()),
+        };
+        match naive {
+            true => self.naive.forward(self.be, &args, out),
+            false => self.be.attn_fwd(&args, out),
         }
-        let plain = AttnFwdArgs::new(x.q.view(), self.k_cat.view(), self.v_cat.view())
-            .seqlens(&self.lens_q, &self.lens_cat)
-            .causal(s.causal)
-            .scale(self.scale());
-        self.be.attn_fwd(
-            &plain,
-            AttnFwdOut {
-                o: self.o_naive.view_mut(),
-                lse: Some(self.lse_naive.view_mut()),
-            },
-        )
     }
 
-    fn fused_bwd(&mut self, i: usize) -> Result<()> {
-        let x = &self.data[i % self.data.len()];
-        let fwd = AttnFwdArgs::new(x.q.view(), x.k.view(), x.v.view())
-            .prefix(x.kp.view(), x.vp.view())
-            .seqlens(&self.lens_q, &self.lens_k)
-            .causal(self.shape.causal)
-            .scale(self.scale());
-        self.be.attn_bwd(
-            &AttnBwdArgs {
-                fwd,
-                o: self.o.view(),
-                lse: self.lse.view(),
-                d_o: x.d_o.view(),
-                prefix_only: false,
-            },
-            AttnGrads {
-                dq: Some(self.dq.view_mut()),
-                dk: Some(self.dk.view_mut()),
-                dv: Some(self.dv.view_mut()),
-                dk_pre: Some(self.dk_pre.view_mut()),
-                dv_pre: Some(self.dv_pre.view_mut()),
-            },
-        )
-    }
-
-    fn naive_bwd(&mut self, i: usize) -> Result<()> {
-        let s = self.shape;
-        let (p, tk, hkv, d) = (s.prefix_len, s.tk, s.heads_kv, s.head_dim);
-        let x = &self.data[i % self.data.len()];
-        let fwd = AttnFwdArgs::new(x.q.view(), self.k_cat.view(), self.v_cat.view())
-            .seqlens(&self.lens_q, &self.lens_cat)
-            .causal(s.causal)
-            .scale(self.scale());
-        self.be.attn_bwd(
-            &AttnBwdArgs {
-                fwd,
-                o: self.o_naive.view(),
-                lse: self.lse_naive.view(),
-                d_o: x.d_o.view(),
-                prefix_only: false,
-            },
-            AttnGrads {
-                dq: Some(self.dq.view_mut()),
-                dk: Some(self.dk_cat.view_mut()),
-                dv: Some(self.dv_cat.view_mut()),
-                dk_pre: None,
-                dv_pre: None,
-            },
-        )?;
-        for (cat, seq, pre) in [
-            (&self.dk_cat, &mut self.dk, &mut self.dk_pre_naive),
-            (&self.dv_cat, &mut self.dv, &mut self.dv_pre_naive),
-        ] {
-            self.be
-                .copy(&cat.view().narrow(1, p, tk)?, &mut seq.view_mut())?;
-            let rows =
-                cat.view()
-                    .as_strided(&[s.batch, p * hkv * d], &[(p + tk) * hkv * d, 1], 0)?;
-            self.be
-                .sum_rows(&rows, &mut pre.view_mut().reshape(&[p * hkv * d])?, false)?;
+    fn bwd(&mut self, naive: bool, i: usize) -> Result<()> {
+        let fwd = fused_args!(self, i);
+        let (o, lse, dk_pre, dv_pre) = match naive {
+            true => (
+                &self.o_naive,
+                &self.lse_naive,
+                &mut self.dk_pre_naive,
+                &mut self.dv_pre_naive,
+            ),
+            false => (&self.o, &self.lse, &mut self.dk_pre, &mut self.dv_pre),
+        };
+        let args = AttnBwdArgs {
+            fwd,
+            o: o.view(),
+            lse: lse.view(),
+            d_o: self.data[i % self.data.len()].d_o.view(),
+            prefix_only: false,
+        };
+        let grads = AttnGrads {
+            dq: Some(self.dq.view_mut()),
+            dk: Some(self.dk.view_mut()),
+            dv: Some(self.dv.view_mut()),
+            dk_pre: Some(dk_pre.view_mut()),
+            dv_pre: Some(dv_pre.view_mut()),
+        };
+        match naive {
+            true => self.naive.backward(self.be, &args, grads),
+            false => self.be.attn_bwd(&args, grads),
         }
-        Ok(())
     }
 
     /// Device milliseconds per call of `m`, from `calls` calls issued back to back between two
@@ -582,19 +500,14 @@ impl<'b> DeviceAttnBench<'b> {
         let calls = calls.max(1);
         let first = i * calls;
         let total = match m {
-            AttnMethod::FusedFwd => {
-                be.time_ms(&mut || (first..first + calls).try_for_each(|j| self.fused_fwd(j)))?
+            AttnMethod::FusedFwd | AttnMethod::NaiveFwd => {
+                let naive = m == AttnMethod::NaiveFwd;
+                be.time_ms(&mut || (first..first + calls).try_for_each(|j| self.fwd(naive, j)))?
             }
-            AttnMethod::NaiveFwd => {
-                be.time_ms(&mut || (first..first + calls).try_for_each(|j| self.naive_fwd(j)))?
-            }
-            AttnMethod::FusedBwd => {
-                self.fused_fwd(i)?;
-                be.time_ms(&mut || (0..calls).try_for_each(|_| self.fused_bwd(i)))?
-            }
-            AttnMethod::NaiveBwd => {
-                self.naive_fwd(i)?;
-                be.time_ms(&mut || (0..calls).try_for_each(|_| self.naive_bwd(i)))?
+            AttnMethod::FusedBwd | AttnMethod::NaiveBwd => {
+                let naive = m == AttnMethod::NaiveBwd;
+                self.fwd(naive, i)?;
+                be.time_ms(&mut || (0..calls).try_for_each(|_| self.bwd(naive, i)))?
             }
         };
         Ok(total / calls as f64)
@@ -652,21 +565,8 @@ pub fn bench_attn_device(
     let (fwd_ms, naive_fwd_ms) = (med(AttnMethod::FusedFwd)?, med(AttnMethod::NaiveFwd)?);
     let (bwd_ms, naive_bwd_ms) = (med(AttnMethod::FusedBwd)?, med(AttnMethod::NaiveBwd)?);
     let (o_diff, dk_pre_rel_diff) = bench.agreement()?;
-    let (fwd_bytes, bwd_bytes) = attn_bytes(s);
-    let fwd_flops = s.fwd_flops();
     Ok(DeviceAttnReport {
-        row: AttnBenchRow {
-            shape: s,
-            fwd_ms,
-            bwd_ms,
-            naive_fwd_ms,
-            naive_bwd_ms,
-            fwd_flops,
-            bwd_flops: 2.5 * fwd_flops,
-            fwd_bytes,
-            bwd_bytes,
-            naive_extra_bytes: crate::attn::naive::extra_bytes(&s.problem(DType::F16), true) as f64,
-        },
+        row: AttnBenchRow::new(s, [fwd_ms, bwd_ms, naive_fwd_ms, naive_bwd_ms]),
         o_diff,
         dk_pre_rel_diff,
         sets: bench.sets(),
