@@ -302,42 +302,12 @@ impl AttnProblem {
         if head_dim == 0 {
             return Err(Error::shape("q", "head dimension D >= 1", qd));
         }
-        let dtype = a.q.dtype();
-        if !dtype.is_float() {
-            return Err(Error::DType {
-                arg: "q".into(),
-                expected: "f32, f16 or bf16".into(),
-                got: dtype.name().into(),
-            });
-        }
-        let location = a.q.location();
+        let (dtype, location) = query_dtype(&a.q)?;
         check_input("q", &a.q, dtype, location)?;
         check_input("k", &a.k, dtype, location)?;
         check_input("v", &a.v, dtype, location)?;
-
-        let (prefix_len, num_prefixes) = match &a.prefix {
-            None => (0, 0),
-            Some(p) => {
-                let pd = p.k.dims();
-                if pd.len() != 4 || pd[2] != heads_kv || pd[3] != head_dim {
-                    return Err(Error::shape(
-                        "k_pre",
-                        format!("[NP, P, Hkv={heads_kv}, D={head_dim}]"),
-                        pd,
-                    ));
-                }
-                if p.v.dims() != pd {
-                    return Err(Error::shape(
-                        "v_pre",
-                        format!("{pd:?} like k_pre"),
-                        p.v.dims(),
-                    ));
-                }
-                check_input("k_pre", &p.k, dtype, location)?;
-                check_input("v_pre", &p.v, dtype, location)?;
-                (pd[1], pd[0])
-            }
-        };
+        let (prefix_len, num_prefixes) =
+            check_prefix_table(a.prefix.as_ref(), heads_kv, head_dim, dtype, location)?;
 
         let mut meta_on_host = true;
         // Device metadata the host can read (on `cpu`, `emu`); `None` for host metadata, and
@@ -653,4 +623,50 @@ fn check_output(
         ));
     }
     Ok(())
+}
+
+/// The element type and location every tensor of a call must share: the queries' (a float
+/// type).
+pub(crate) fn query_dtype(q: &TensorView) -> Result<(DType, Location)> {
+    let dtype = q.dtype();
+    if !dtype.is_float() {
+        return Err(Error::DType {
+            arg: "q".into(),
+            expected: "f32, f16 or bf16".into(),
+            got: dtype.name().into(),
+        });
+    }
+    Ok((dtype, q.location()))
+}
+
+/// Checks a prefix table `[NP, P, Hkv, D]` (keys and values alike); returns `(P, NP)`,
+/// `(0, 0)` without one.
+pub(crate) fn check_prefix_table(
+    prefix: Option<&PrefixKv>,
+    heads_kv: usize,
+    head_dim: usize,
+    dtype: DType,
+    location: Location,
+) -> Result<(usize, usize)> {
+    let Some(p) = prefix else {
+        return Ok((0, 0));
+    };
+    let pd = p.k.dims();
+    if pd.len() != 4 || pd[2] != heads_kv || pd[3] != head_dim {
+        return Err(Error::shape(
+            "k_pre",
+            format!("[NP, P, Hkv={heads_kv}, D={head_dim}]"),
+            pd,
+        ));
+    }
+    if p.v.dims() != pd {
+        return Err(Error::shape(
+            "v_pre",
+            format!("{pd:?} like k_pre"),
+            p.v.dims(),
+        ));
+    }
+    check_input("k_pre", &p.k, dtype, location)?;
+    check_input("v_pre", &p.v, dtype, location)?;
+    Ok((pd[1], pd[0]))
 }

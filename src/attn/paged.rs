@@ -20,7 +20,10 @@
 //! decode step); the `Backend` runs it with strided copies.
 
 use super::oracle::{to_f64, Outputs, Precision};
-use super::{check_input, check_meta_tensor, check_output, AttnFwdOut, Meta, PrefixKv};
+use super::{
+    check_input, check_meta_tensor, check_output, check_prefix_table, query_dtype, AttnFwdOut,
+    Meta, PrefixKv,
+};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Location, TensorView};
 use rayon::prelude::*;
@@ -243,41 +246,12 @@ impl PagedProblem {
         if head_dim == 0 {
             return Err(Error::shape("q", "head dimension D >= 1", qd));
         }
-        let dtype = a.q.dtype();
-        if !dtype.is_float() {
-            return Err(Error::DType {
-                arg: "q".into(),
-                expected: "f32, f16 or bf16".into(),
-                got: dtype.name().into(),
-            });
-        }
-        let location = a.q.location();
+        let (dtype, location) = query_dtype(&a.q)?;
         check_input("q", &a.q, dtype, location)?;
         check_input("k_cache", &a.kv.k_cache, dtype, location)?;
         check_input("v_cache", &a.kv.v_cache, dtype, location)?;
-        let (prefix_rows, num_prefixes) = match &a.prefix {
-            None => (0, 0),
-            Some(p) => {
-                let pd = p.k.dims();
-                if pd.len() != 4 || pd[2] != heads_kv || pd[3] != head_dim {
-                    return Err(Error::shape(
-                        "k_pre",
-                        format!("[NP, P, Hkv={heads_kv}, D={head_dim}]"),
-                        pd,
-                    ));
-                }
-                if p.v.dims() != pd {
-                    return Err(Error::shape(
-                        "v_pre",
-                        format!("{pd:?} like k_pre"),
-                        p.v.dims(),
-                    ));
-                }
-                check_input("k_pre", &p.k, dtype, location)?;
-                check_input("v_pre", &p.v, dtype, location)?;
-                (pd[1], pd[0])
-            }
-        };
+        let (prefix_rows, num_prefixes) =
+            check_prefix_table(a.prefix.as_ref(), heads_kv, head_dim, dtype, location)?;
         let mut meta_on_host = true;
         // Host values of a metadata argument of `n` values: `Ok(None)` for device values a
         // GPU holds (the host does not read them).
