@@ -301,3 +301,52 @@ fn bad_requests_and_flags_are_clear_errors() {
         assert!(!ok && err.contains(want), "{args:?}: {err} (wanted {want})");
     }
 }
+
+/// `--stop TEXT`: the generation ends at the token that completes TEXT, the printed text ends
+/// before it, and the ids are the greedy ids up to that token.
+#[test]
+fn stop_strings_end_the_text_before_them() {
+    let model = fixture("tiny-a").join("model");
+    let adapter = fixture("tiny-a").join("adapter");
+    let be = CpuBackend;
+    let m = Gpt2::load(&model, &be).unwrap();
+    let tok = prefix_attn::tokenizer::Tokenizer::for_model(&model, m.config.vocab_size)
+        .unwrap()
+        .unwrap();
+    let base = strings(&[
+        "generate",
+        "--model",
+        &s(&model),
+        "--adapter",
+        &s(&adapter),
+        "--prompt",
+        "name : The Eagle |",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    let (ok, out, err) = run(&base);
+    assert!(ok, "{err}");
+    let full = ids(&lines(&out)[0]["ids"]);
+    // A stop string: the text of the first token j ≥ 1 that does not occur in the text
+    // before it (so the stop fires exactly at token j).
+    let (j, stop) = (1..full.len())
+        .find_map(|j| {
+            let piece = tok.decode(&full[j..=j]).unwrap();
+            let before = tok.decode(&full[..j]).unwrap();
+            let ok =
+                !piece.trim().is_empty() && !piece.contains('\u{fffd}') && !before.contains(&piece);
+            ok.then_some((j, piece))
+        })
+        .expect("a token whose text is new");
+    let mut args = base.clone();
+    args.extend(strings(&["--stop", &stop]));
+    let (ok, out, err) = run(&args);
+    assert!(ok, "{err}");
+    let row = &lines(&out)[0];
+    assert_eq!(ids(&row["ids"]), full[..=j].to_vec());
+    assert_eq!(row["finish_reason"], "stop");
+    let text3 = tok.decode(&full[..=j]).unwrap();
+    let want = &text3[..text3.find(&stop).unwrap()];
+    assert_eq!(row["text"], want, "stop {stop:?}");
+}

@@ -6,7 +6,7 @@ use prefix_attn::device::Backend;
 use prefix_attn::engine::jsonl::{parse_requests, AdapterChoice, PromptSpec};
 use prefix_attn::engine::model::{run_batch, ModelStep};
 use prefix_attn::engine::sampling::request_seed;
-use prefix_attn::engine::scheduler::{Completion, FinishReason, SchedulerConfig};
+use prefix_attn::engine::scheduler::{Completion, SchedulerConfig, StopFn};
 use prefix_attn::engine::{Decoding, Request, SamplingParams};
 use prefix_attn::lm::generate::{self, Finish};
 use prefix_attn::prefix::PrefixAdapter;
@@ -63,6 +63,10 @@ pub(super) struct GenerateArgs {
     /// (seed, i), whatever else shares the batch.
     #[arg(long, default_value_t = 0)]
     pub(super) seed: u64,
+    /// Stop when the new text contains TEXT (repeatable); the printed text ends before it,
+    /// the ids keep the tokens that completed it. Needs the model folder's tokenizer.
+    #[arg(long)]
+    pub(super) stop: Vec<String>,
     /// Write the output to this file (atomically; an existing file is an error) instead of
     /// stdout.
     #[arg(long)]
@@ -161,14 +165,23 @@ fn tokenize(tok: Option<&Tokenizer>, model: &Path, arg: &str, text: &str) -> Res
     Ok(ids)
 }
 
-/// The text of new tokens, without a final stop token.
-fn text_of(tok: Option<&Tokenizer>, ids: &[u32], stopped: bool) -> Result<Option<String>> {
-    let shown = if stopped && !ids.is_empty() {
-        &ids[..ids.len() - 1]
-    } else {
-        ids
+/// The text of new tokens, without a final stop token, cut before the first stop string.
+fn text_of(
+    tok: Option<&Tokenizer>,
+    ids: &[u32],
+    stop_id: Option<u32>,
+    stops: &[String],
+) -> Result<Option<String>> {
+    let shown = match ids.last() {
+        Some(&l) if Some(l) == stop_id => &ids[..ids.len() - 1],
+        _ => ids,
     };
-    tok.map(|t| t.decode(shown)).transpose()
+    let Some(t) = tok else { return Ok(None) };
+    let mut text = t.decode(shown)?;
+    if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        text.truncate(cut);
+    }
+    Ok(Some(text))
 }
 
 /// Prints to stdout or writes `--out` atomically (never over an existing file).
@@ -195,12 +208,23 @@ pub(super) fn run(args: GenerateArgs) -> Result<ExitCode> {
     let specs = adapter_specs(&args.adapter)?;
     let be = backend_for(&args.device)?;
     let single_greedy = args.data.is_none()
+        && args.stop.is_empty()
         && specs.len() <= 1
         && matches!(args.decoding(0, None)?, Decoding::Greedy);
     if single_greedy {
         return single(&args, specs.first().map(|s| s.1.as_path()), be.as_ref());
     }
-    let m = load(&args.model, None, be.as_ref())?;
+    let mut m = load(&args.model, None, be.as_ref())?;
+    if !args.stop.is_empty() && m.tokenizer.is_none() {
+        return Err(Error::Format {
+            path: args.model.join("tokenizer.json"),
+            msg: "missing: --stop needs a tokenizer (tokenizer.json, or vocab.json + merges.txt)"
+                .into(),
+        });
+    }
+    if args.stop.iter().any(|s| s.is_empty()) {
+        return Err(Error::index("--stop", "an empty stop string"));
+    }
     let mut prefixes: Vec<(String, Tensor)> = Vec::new();
     for (name, dir) in &specs {
         prefixes.push((
@@ -208,7 +232,8 @@ pub(super) fn run(args: GenerateArgs) -> Result<ExitCode> {
             PrefixAdapter::load_for(dir, m.model.as_ref(), be.as_ref())?,
         ));
     }
-    let tok = m.tokenizer.as_ref();
+    let shared_tok = m.tokenizer.take().map(std::sync::Arc::new);
+    let tok = shared_tok.as_deref();
     // The requests: one from --prompt/--input-ids, or the file's.
     let lines = match &args.data {
         Some(path) => parse_requests(path, &prefix_attn::io::read_text(path)?)?,
@@ -295,11 +320,23 @@ pub(super) fn run(args: GenerateArgs) -> Result<ExitCode> {
     for (name, t) in &prefixes {
         step.add_adapter(name, t)?;
     }
-    let done: Vec<Completion> = run_batch(&mut step, reqs, cfg)?;
+    // Stop strings: each request's new text, decoded after every token.
+    let stops: Vec<Option<StopFn>> = (0..reqs.len())
+        .map(|_| -> Option<StopFn> {
+            let t = shared_tok.clone()?;
+            let strings = args.stop.clone();
+            (!strings.is_empty()).then(|| -> StopFn {
+                Box::new(move |ids: &[u32]| {
+                    t.decode(ids)
+                        .is_ok_and(|text| strings.iter().any(|s| text.contains(s.as_str())))
+                })
+            })
+        })
+        .collect();
+    let done: Vec<Completion> = run_batch(&mut step, reqs, stops, cfg)?;
     let mut text = String::new();
     for ((l, c), name) in lines.iter().zip(&done).zip(&names) {
-        let stopped = c.finish == FinishReason::Stop;
-        let t = text_of(tok, &c.ids, stopped)?;
+        let t = text_of(tok, &c.ids, m.eos, &args.stop)?;
         let row = if args.data.is_some() {
             serde_json::json!({
                 "index": l.index, "adapter": name, "ids": c.ids, "text": t,
@@ -375,7 +412,8 @@ fn single(args: &GenerateArgs, adapter: Option<&Path>, be: &dyn Backend) -> Resu
         );
     }
     // The text leaves out the EOS token (the ids keep it).
-    let text = text_of(m.tokenizer.as_ref(), &g.ids, g.finish == Finish::Eos)?;
+    let eos = (g.finish == Finish::Eos).then_some(m.eos).flatten();
+    let text = text_of(m.tokenizer.as_ref(), &g.ids, eos, &[])?;
     let out = if args.json {
         serde_json::json!({ "ids": g.ids, "text": text, "finish_reason": g.finish.as_str() })
             .to_string()

@@ -117,19 +117,23 @@ impl StepModel for ModelStep<'_> {
 }
 
 /// Runs `reqs` to completion in one continuous batch and returns their completions in
-/// request order. The scheduler gets `cfg`; every request must fit (see
+/// request order; `stops[i]` (if given) is request `i`'s own stop condition (stop strings).
+/// The scheduler gets `cfg`; every request must fit (see
 /// [`SchedulerConfig::for_requests`](super::scheduler::SchedulerConfig::for_requests)).
 pub fn run_batch(
     step: &mut ModelStep,
     reqs: Vec<super::scheduler::Request>,
+    mut stops: Vec<Option<super::scheduler::StopFn>>,
     cfg: super::scheduler::SchedulerConfig,
 ) -> Result<Vec<super::scheduler::Completion>> {
     let mut s = super::scheduler::Scheduler::new(cfg)?;
+    stops.resize_with(reqs.len(), || None);
     let ids: Vec<u64> = reqs
         .into_iter()
+        .zip(stops)
         .enumerate()
-        .map(|(i, r)| {
-            s.submit(step, r, None)
+        .map(|(i, (r, stop))| {
+            s.submit(step, r, stop)
                 .map_err(|e| Error::index(&format!("request {i}"), e.to_string()))
         })
         .collect::<Result<_>>()?;
