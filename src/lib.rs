@@ -11,6 +11,8 @@
 //! - [`device`]: the backend interface that the model and the attention API run on.
 //! - [`lm`]: the model seam (what training and decoding need of a model family), with the
 //!   batch, loss, KV cache, generation; [`gpt2`] is the one family today.
+//! - [`engine`]: continuous batching over a paged KV cache, many adapters in one batch;
+//!   [`server`]: the OpenAI-compatible HTTP server over it.
 //! - [`prefix`], [`train`]: the prefix encoder and PEFT adapters, and the training loop.
 //!
 //! ```
@@ -50,6 +52,7 @@ pub mod io;
 pub mod lm;
 pub mod prefix;
 pub mod rng;
+pub mod server;
 pub mod simd;
 pub mod tensor;
 pub mod tokenizer;

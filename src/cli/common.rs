@@ -10,7 +10,7 @@ use prefix_attn::train::data::{DataStats, Truncation};
 use prefix_attn::train::trainer::{EvalInfo, RunStart, TrainObserver};
 use prefix_attn::train::StepInfo;
 use prefix_attn::{Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The device flag's help, shared by every command that runs the model.
 pub(super) const DEVICE_HELP: &str =
@@ -210,4 +210,39 @@ pub(super) fn parse_dtype(s: &str) -> Result<DType> {
             "--dtype {s}: expected f32, f16 or bf16"
         ))),
     }
+}
+
+/// `--adapter` values: (name, folder).
+pub(super) fn adapter_specs(values: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for v in values {
+        let (name, dir) = match v.split_once('=') {
+            Some((n, d)) if !n.is_empty() && !d.is_empty() => (n.to_string(), PathBuf::from(d)),
+            Some(_) => {
+                return Err(Error::index(
+                    "--adapter",
+                    format!("{v:?}: expected DIR or NAME=DIR"),
+                ))
+            }
+            None => {
+                let dir = PathBuf::from(v);
+                let name = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| {
+                        Error::index("--adapter", format!("{v:?}: name it with NAME={v}"))
+                    })?;
+                (name, dir)
+            }
+        };
+        if out.iter().any(|(n, _)| *n == name) {
+            return Err(Error::index(
+                "--adapter",
+                format!("two adapters named {name:?}: name them with NAME=DIR"),
+            ));
+        }
+        out.push((name, dir));
+    }
+    Ok(out)
 }

@@ -1,12 +1,13 @@
 //! `prefix-attn generate`: one prompt, or a file of requests decoded together in one
 //! continuous batch over several adapters (greedy, seeded sampling or beam search).
 
-use super::common::{backend_for, load, parse_ids, DEVICE_HELP};
+use super::common::{adapter_specs, backend_for, load, parse_ids, DEVICE_HELP};
 use prefix_attn::device::Backend;
 use prefix_attn::engine::jsonl::{parse_requests, AdapterChoice, PromptSpec};
 use prefix_attn::engine::model::{run_batch, ModelStep};
 use prefix_attn::engine::sampling::request_seed;
 use prefix_attn::engine::scheduler::{Completion, SchedulerConfig, StopFn};
+use prefix_attn::engine::text::{completion_text, stop_fn};
 use prefix_attn::engine::{Decoding, Request, SamplingParams};
 use prefix_attn::lm::generate::{self, Finish};
 use prefix_attn::prefix::PrefixAdapter;
@@ -117,41 +118,6 @@ impl GenerateArgs {
     }
 }
 
-/// `--adapter` values: (name, folder).
-fn adapter_specs(values: &[String]) -> Result<Vec<(String, PathBuf)>> {
-    let mut out: Vec<(String, PathBuf)> = Vec::new();
-    for v in values {
-        let (name, dir) = match v.split_once('=') {
-            Some((n, d)) if !n.is_empty() && !d.is_empty() => (n.to_string(), PathBuf::from(d)),
-            Some(_) => {
-                return Err(Error::index(
-                    "--adapter",
-                    format!("{v:?}: expected DIR or NAME=DIR"),
-                ))
-            }
-            None => {
-                let dir = PathBuf::from(v);
-                let name = dir
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .filter(|n| !n.is_empty())
-                    .ok_or_else(|| {
-                        Error::index("--adapter", format!("{v:?}: name it with NAME={v}"))
-                    })?;
-                (name, dir)
-            }
-        };
-        if out.iter().any(|(n, _)| *n == name) {
-            return Err(Error::index(
-                "--adapter",
-                format!("two adapters named {name:?}: name them with NAME=DIR"),
-            ));
-        }
-        out.push((name, dir));
-    }
-    Ok(out)
-}
-
 fn tokenize(tok: Option<&Tokenizer>, model: &Path, arg: &str, text: &str) -> Result<Vec<u32>> {
     let ids = tok
         .ok_or_else(|| Error::Format {
@@ -163,25 +129,6 @@ fn tokenize(tok: Option<&Tokenizer>, model: &Path, arg: &str, text: &str) -> Res
         return Err(Error::index(arg, format!("{text:?} gives no tokens")));
     }
     Ok(ids)
-}
-
-/// The text of new tokens, without a final stop token, cut before the first stop string.
-fn text_of(
-    tok: Option<&Tokenizer>,
-    ids: &[u32],
-    stop_id: Option<u32>,
-    stops: &[String],
-) -> Result<Option<String>> {
-    let shown = match ids.last() {
-        Some(&l) if Some(l) == stop_id => &ids[..ids.len() - 1],
-        _ => ids,
-    };
-    let Some(t) = tok else { return Ok(None) };
-    let mut text = t.decode(shown)?;
-    if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-        text.truncate(cut);
-    }
-    Ok(Some(text))
 }
 
 /// Prints to stdout or writes `--out` atomically (never over an existing file).
@@ -322,21 +269,12 @@ pub(super) fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
     // Stop strings: each request's new text, decoded after every token.
     let stops: Vec<Option<StopFn>> = (0..reqs.len())
-        .map(|_| -> Option<StopFn> {
-            let t = shared_tok.clone()?;
-            let strings = args.stop.clone();
-            (!strings.is_empty()).then(|| -> StopFn {
-                Box::new(move |ids: &[u32]| {
-                    t.decode(ids)
-                        .is_ok_and(|text| strings.iter().any(|s| text.contains(s.as_str())))
-                })
-            })
-        })
+        .map(|_| shared_tok.as_ref().and_then(|t| stop_fn(t, &args.stop)))
         .collect();
     let done: Vec<Completion> = run_batch(&mut step, reqs, stops, cfg)?;
     let mut text = String::new();
     for ((l, c), name) in lines.iter().zip(&done).zip(&names) {
-        let t = text_of(tok, &c.ids, m.eos, &args.stop)?;
+        let t = completion_text(tok, &c.ids, m.eos, &args.stop)?;
         let row = if args.data.is_some() {
             serde_json::json!({
                 "index": l.index, "adapter": name, "ids": c.ids, "text": t,
@@ -413,7 +351,7 @@ fn single(args: &GenerateArgs, adapter: Option<&Path>, be: &dyn Backend) -> Resu
     }
     // The text leaves out the EOS token (the ids keep it).
     let eos = (g.finish == Finish::Eos).then_some(m.eos).flatten();
-    let text = text_of(m.tokenizer.as_ref(), &g.ids, eos, &[])?;
+    let text = completion_text(m.tokenizer.as_ref(), &g.ids, eos, &[])?;
     let out = if args.json {
         serde_json::json!({ "ids": g.ids, "text": text, "finish_reason": g.finish.as_str() })
             .to_string()

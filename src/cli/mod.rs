@@ -8,6 +8,7 @@ mod demo;
 mod eval;
 mod generate;
 mod listings;
+mod serve;
 mod tokenize;
 mod train;
 
@@ -42,6 +43,10 @@ enum Cmd {
     /// Greedy generation with a KV cache that keeps the prefix; stops at EOS, after
     /// --max-new-tokens, or at the end of the model's context.
     Generate(generate::GenerateArgs),
+    /// An OpenAI-compatible HTTP server (POST /v1/completions, GET /v1/models, ...) that
+    /// serves the base model and many prefix adapters in one continuous batch; "model" names
+    /// the adapter. Stops on SIGTERM after the requests in flight finish.
+    Serve(Box<serve::ServeArgs>),
     /// The main job on an embedded default: build a small random GPT-2 and a table-to-text
     /// data set, train a prefix, and show held-out loss and generations (no download).
     Demo(demo::DemoArgs),
@@ -68,6 +73,7 @@ pub fn main() -> ExitCode {
         Cmd::Train(args) => train::run(&args),
         Cmd::Eval(args) => eval::run(args),
         Cmd::Generate(args) => generate::run(args),
+        Cmd::Serve(args) => serve::run(*args),
         Cmd::Demo(args) => demo::run(args),
         Cmd::Tokenize(args) => tokenize::run(args),
         Cmd::Bench { what } => bench::run(what).map(|()| ExitCode::SUCCESS),

@@ -84,6 +84,13 @@ impl AdapterSlots {
             .as_ref()
             .map(|e| e.name.as_str())
     }
+    /// Whether [`AdapterSlots::insert`] would find a slot: a free one, or an adapter that no
+    /// running request holds.
+    pub fn has_room(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.as_ref().is_none_or(|e| e.holders == 0))
+    }
     /// Loaded adapter names, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.by_name.keys().map(|s| s.as_str()).collect();

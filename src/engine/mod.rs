@@ -10,6 +10,7 @@ pub mod model;
 pub mod pages;
 pub mod sampling;
 pub mod scheduler;
+pub mod text;
 
 pub use adapters::{AdapterSlots, Placed};
 pub use beam::{BeamParams, BeamSearch, BeamStep};

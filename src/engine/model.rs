@@ -77,6 +77,11 @@ impl<'a> ModelStep<'a> {
         self.slots.remove(name)
     }
 
+    /// Virtual tokens of every adapter in the prefix table.
+    pub fn prefix_len(&self) -> usize {
+        self.prefixes.prefix_len()
+    }
+
     /// Which adapter is in which slot.
     pub fn slots(&self) -> &AdapterSlots {
         &self.slots

@@ -230,6 +230,24 @@ impl Scheduler {
     pub fn running(&self) -> usize {
         self.running.len()
     }
+    /// Sequences running (a beam-search request counts its beams): the batch of the next step.
+    pub fn running_seqs(&self) -> usize {
+        self.running.iter().map(|a| a.seqs().len()).sum()
+    }
+    /// The tokens request `id` has generated so far, for streaming: `None` for a beam search
+    /// (its best hypothesis is known only at the end) and for a request not running or
+    /// waiting. A preempted request keeps its tokens, so this never shrinks.
+    pub fn generated(&self, id: u64) -> Option<&[u32]> {
+        let a = self
+            .running
+            .iter()
+            .find(|a| a.id == id)
+            .or_else(|| self.waiting.iter().find(|a| a.id == id))?;
+        match &a.state {
+            State::Single { seq, .. } => Some(&seq.tokens[a.prompt_len..]),
+            State::Beams { .. } => None,
+        }
+    }
     /// Whether nothing is queued or running.
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
