@@ -419,12 +419,26 @@ fn bad_requests_get_their_status_and_a_json_error() {
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let dir = tmp_dir("serve-429");
-    adapters(&dir, 1);
-    let srv = Server::start(&serve_args(&dir, &["--max-batch", "1", "--max-queue", "0"]));
+    adapters_of("tiny-c", &dir, 1);
+    let srv = Server::start(&serve_args_of(
+        "tiny-c",
+        &dir,
+        &[
+            "--device",
+            "emu",
+            "--max-batch",
+            "1",
+            "--max-queue",
+            "0",
+            "--step-delay-ms",
+            "20",
+        ],
+    ));
     let url = format!("{}/v1/completions", srv.base);
-    // Hold the one place with a stream that is read slowly.
+    // Hold the one place with a long request on the (slowed) emulator; tiny-c has no
+    // tokenizer, so the chunks carry token ids (return_token_ids) and no text.
     let body = json!({"model": "a0", "prompt": [3, 4], "max_tokens": 50, "temperature": 0,
-                      "stream": true});
+                      "stream": true, "return_token_ids": true});
     let r = Server::agent().post(&url).send_json(&body).unwrap();
     let mut reader = BufReader::new(r.into_body().into_reader());
     let mut first = String::new();
@@ -435,7 +449,7 @@ fn a_full_queue_answers_429_with_retry_after() {
         .send_json(json!({"model": "a0", "prompt": [3], "max_tokens": 2}))
         .unwrap();
     // The stream still holds its place until it is read to the end.
-    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(r.status().as_u16(), 429, "first chunk: {first}");
     assert_eq!(r.headers().get("retry-after").unwrap(), "1");
     let v: Value = r.body_mut().read_json().unwrap();
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
@@ -453,9 +467,13 @@ fn a_full_queue_answers_429_with_retry_after() {
 fn a_client_that_disconnects_cancels_its_request_and_frees_its_pages() {
     let dir = tmp_dir("serve-cancel");
     adapters_of("tiny-c", &dir, 1);
-    // The emulator (tiny-c: head dim 64, which the kernels take) is slow: the request is
-    // still running when the client leaves.
-    let srv = Server::start(&serve_args_of("tiny-c", &dir, &["--device", "emu"]));
+    // On the emulator (tiny-c: head dim 64, which the kernels take), each step slowed down so
+    // that the request is surely still running when the client leaves.
+    let srv = Server::start(&serve_args_of(
+        "tiny-c",
+        &dir,
+        &["--device", "emu", "--step-delay-ms", "10"],
+    ));
     for stream in [true, false] {
         let before = srv.metric("prefix_attn_requests_cancelled_total");
         let addr = srv.base.trim_start_matches("http://").to_string();
@@ -493,7 +511,11 @@ fn a_client_that_disconnects_cancels_its_request_and_frees_its_pages() {
 fn sigterm_answers_the_requests_in_flight_then_exits_0() {
     let dir = tmp_dir("serve-term");
     adapters_of("tiny-c", &dir, 1);
-    let mut srv = Server::start(&serve_args_of("tiny-c", &dir, &["--device", "emu"]));
+    let mut srv = Server::start(&serve_args_of(
+        "tiny-c",
+        &dir,
+        &["--device", "emu", "--step-delay-ms", "10"],
+    ));
     let url = format!("{}/v1/completions", srv.base);
     let handles: Vec<_> = (0..3)
         .map(|i| {
@@ -520,4 +542,77 @@ fn sigterm_answers_the_requests_in_flight_then_exits_0() {
         assert_eq!(st, 200, "{v}");
         assert_eq!(v["usage"]["completion_tokens"], 12);
     }
+}
+
+#[test]
+fn adapters_load_unload_and_evict_least_recently_used() {
+    let dir = tmp_dir("serve-lru");
+    adapters(&dir, 4);
+    let extra = tmp_dir("serve-lru-extra");
+    adapters_of("tiny-a", &extra, 1);
+    // Two slots for four adapters on disk: each request beyond two evicts one.
+    let srv = Server::start(&serve_args(&dir, &["--max-adapters", "2"]));
+    let lines: Vec<Value> = (0..4)
+        .map(|i| json!({"input_ids": [7, 8], "adapter": format!("a{i}"), "max_new_tokens": 6}))
+        .collect();
+    let want = offline(&dir, 4, &lines, &[]);
+    for round in 0..2 {
+        for i in 0..4 {
+            let (st, r) = srv.post(
+                "/v1/completions",
+                &json!({"model": format!("a{i}"), "prompt": [7, 8], "max_tokens": 6,
+                        "temperature": 0, "return_token_ids": true}),
+            );
+            assert_eq!(st, 200, "{r}");
+            assert_eq!(
+                ids(&r["choices"][0]["token_ids"]),
+                ids(&want[i]["ids"]),
+                "round {round}, a{i}"
+            );
+        }
+    }
+    assert_eq!(srv.metric("prefix_attn_adapters_loaded"), 2.0);
+    assert_eq!(srv.metric("prefix_attn_adapter_loads_total"), 8.0);
+    assert_eq!(srv.metric("prefix_attn_adapter_evictions_total"), 6.0);
+    // Load one at run time under a new name; it answers like its folder offline.
+    let (st, r) = srv.post(
+        "/v1/adapters",
+        &json!({"name": "late", "path": s(&extra.join("a0"))}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let (st, r) = srv.post(
+        "/v1/adapters",
+        &json!({"name": "late", "path": s(&extra.join("a0"))}),
+    );
+    assert_eq!(st, 409, "{r}");
+    let (st, _) = srv.post("/v1/adapters", &json!({"name": "../x", "path": s(&extra)}));
+    assert_eq!(st, 400);
+    let (st, r) = srv.post(
+        "/v1/completions",
+        &json!({"model": "late", "prompt": [7, 8], "max_tokens": 6, "temperature": 0,
+                "return_token_ids": true}),
+    );
+    assert_eq!(st, 200);
+    // extra/a0 was drawn with the same noise as dir/a0.
+    assert_eq!(ids(&r["choices"][0]["token_ids"]), ids(&want[0]["ids"]));
+    let del = |name: &str| {
+        let r = Server::agent()
+            .delete(&format!("{}/v1/adapters/{name}", srv.base))
+            .call()
+            .unwrap();
+        r.status().as_u16()
+    };
+    assert_eq!(del("late"), 200);
+    assert_eq!(del("late"), 404);
+    assert_eq!(del("a1"), 200);
+    let (st, _) = srv.post(
+        "/v1/completions",
+        &json!({"model": "a1", "prompt": [7], "max_tokens": 1}),
+    );
+    assert_eq!(st, 404, "a deleted adapter is gone");
+    let (_, models) = srv.get("/v1/models");
+    assert!(
+        !models.contains("\"a1\"") && models.contains("\"a2\""),
+        "{models}"
+    );
 }

@@ -57,6 +57,9 @@ pub(super) struct ServeArgs {
     /// Seconds the requests in flight get to finish after SIGTERM.
     #[arg(long, default_value_t = 30.0)]
     grace_period: f64,
+    /// Milliseconds to pause after every engine step (for tests: keeps a request running).
+    #[arg(long, default_value_t = 0, hide = true)]
+    step_delay_ms: u64,
     #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
     device: String,
 }
@@ -87,6 +90,7 @@ pub(super) fn run(args: ServeArgs) -> Result<ExitCode> {
             adapter_slots: args.max_adapters,
             prefix_len: args.prefix_len,
             preload: Vec::new(),
+            step_delay: Duration::from_millis(args.step_delay_ms),
         },
         adapters,
         adapters_dir: args.adapters_dir,

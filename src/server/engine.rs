@@ -49,6 +49,9 @@ pub struct EngineConfig {
     pub prefix_len: Option<usize>,
     /// Adapters placed in the prefix table at start.
     pub preload: Vec<String>,
+    /// A pause after every engine step (zero in use; tests use it to keep a request running
+    /// long enough to act on it, like a slower model would).
+    pub step_delay: std::time::Duration,
 }
 
 /// What the handlers need to know of the model, reported once it is loaded.
@@ -289,6 +292,7 @@ struct Engine<'a> {
     tokenizer: Option<Arc<Tokenizer>>,
     eos: Option<u32>,
     tracks: HashMap<u64, Track>,
+    step_delay: std::time::Duration,
 }
 
 impl<'a> Engine<'a> {
@@ -366,6 +370,7 @@ impl<'a> Engine<'a> {
             tokenizer,
             eos,
             tracks: HashMap::new(),
+            step_delay: cfg.step_delay,
         };
         for name in &cfg.preload {
             engine
@@ -404,6 +409,9 @@ impl<'a> Engine<'a> {
             match self.sched.step(&mut self.step) {
                 Ok(done) => self.after_step(done),
                 Err(e) => self.fail_all(&format!("the engine step failed: {e}")),
+            }
+            if !self.step_delay.is_zero() {
+                std::thread::sleep(self.step_delay);
             }
         }
     }

@@ -713,7 +713,6 @@ fn stream(
 ) -> Response {
     let (out, out_rx) = mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {
-        let _permit = permit;
         let k = req.choices();
         let mut texts: Vec<TextStream> = (0..k)
             .map(|_| TextStream::new(app.info.tokenizer.clone(), app.info.eos, req.stop.clone()))
@@ -778,9 +777,14 @@ fn stream(
         }
         let _ = out.send(SseEvent::default().data("[DONE]")).await;
     });
+    // The places in flight are given back when the body is done with (sent, or the client
+    // gone).
     let body = tokio_stream::StreamExt::map(
         tokio_stream::wrappers::ReceiverStream::new(out_rx),
-        Ok::<SseEvent, std::convert::Infallible>,
+        move |e| {
+            let _held = &permit;
+            Ok::<SseEvent, std::convert::Infallible>(e)
+        },
     );
     Sse::new(body)
         .keep_alive(KeepAlive::default())
