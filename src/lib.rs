@@ -42,6 +42,7 @@
 
 pub mod attn;
 pub mod bench;
+pub mod capi;
 pub mod demo;
 pub mod device;
 pub mod engine;

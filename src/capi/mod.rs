@@ -1,0 +1,544 @@
+//! The C ABI (`include/prefix_attn.h`): a context per device, the attention forward and
+//! backward on caller-owned memory described by pointer + shape + strides + dtype, and a
+//! workspace-size query.
+//!
+//! Every entry point returns a [`pa_status`]; on failure the calling thread's last-error
+//! message ([`pa_last_error`]) names the argument, as the Rust errors do. Arguments are
+//! validated before any memory is read, and no panic crosses the boundary: each entry point
+//! runs under `catch_unwind`, and a panic becomes `PA_ERR_PANIC`.
+//!
+//! Memory: host pointers for the `cpu` context (`emu` too), device pointers for `cuda`.
+//! Strides are in elements and must be non-negative; the last dimension must be contiguous;
+//! every pointer must be aligned to its element size. Outputs must not overlap inputs.
+
+#![allow(non_camel_case_types)]
+// The entry points are called from C, where `unsafe` means nothing: their pointer contract is
+// the header's (valid or null, checked for null before any dereference), so they are plain
+// `extern "C"` functions rather than `unsafe fn`s that Rust callers would have to wrap.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
+use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, PrefixKv};
+use crate::device::{backend, Backend, Device};
+use crate::error::Error;
+use crate::tensor::{DType, Layout, Location, TensorView, TensorViewMut, MAX_RANK};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Status code of every entry point (`PA_OK` = 0).
+pub type pa_status = i32;
+/// Success.
+pub const PA_OK: pa_status = 0;
+/// A required pointer argument is null.
+pub const PA_ERR_NULL: pa_status = 1;
+/// A shape is wrong (or negative).
+pub const PA_ERR_SHAPE: pa_status = 2;
+/// A dtype is wrong or unknown.
+pub const PA_ERR_DTYPE: pa_status = 3;
+/// Strides, alignment or extent are unusable.
+pub const PA_ERR_LAYOUT: pa_status = 4;
+/// An index, length or scalar is out of range.
+pub const PA_ERR_INDEX: pa_status = 5;
+/// The device is unavailable or arguments live on the wrong device.
+pub const PA_ERR_DEVICE: pa_status = 6;
+/// The request is not supported by this build or device.
+pub const PA_ERR_UNSUPPORTED: pa_status = 7;
+/// A kernel or CUDA call failed.
+pub const PA_ERR_KERNEL: pa_status = 8;
+/// A panic inside the library was caught.
+pub const PA_ERR_PANIC: pa_status = 9;
+/// Any other failure.
+pub const PA_ERR_OTHER: pa_status = 10;
+
+/// Every status and its name as the header spells it (checked against the header by
+/// `tests/c_api.rs`).
+pub const STATUS_NAMES: [(&str, pa_status); 11] = [
+    ("PA_OK", PA_OK),
+    ("PA_ERR_NULL", PA_ERR_NULL),
+    ("PA_ERR_SHAPE", PA_ERR_SHAPE),
+    ("PA_ERR_DTYPE", PA_ERR_DTYPE),
+    ("PA_ERR_LAYOUT", PA_ERR_LAYOUT),
+    ("PA_ERR_INDEX", PA_ERR_INDEX),
+    ("PA_ERR_DEVICE", PA_ERR_DEVICE),
+    ("PA_ERR_UNSUPPORTED", PA_ERR_UNSUPPORTED),
+    ("PA_ERR_KERNEL", PA_ERR_KERNEL),
+    ("PA_ERR_PANIC", PA_ERR_PANIC),
+    ("PA_ERR_OTHER", PA_ERR_OTHER),
+];
+
+/// Dtype codes of [`pa_tensor::dtype`] and their names as the header spells them.
+pub const DTYPE_NAMES: [(&str, i32); 4] =
+    [("PA_F32", 0), ("PA_F16", 1), ("PA_BF16", 2), ("PA_I32", 3)];
+
+/// Device kinds of [`pa_context_create`] and their names as the header spells them.
+pub const DEVICE_NAMES: [(&str, i32); 3] = [
+    ("PA_DEVICE_CPU", 0),
+    ("PA_DEVICE_CUDA", 1),
+    ("PA_DEVICE_EMU", 2),
+];
+
+/// A strided view of caller-owned memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pa_tensor {
+    /// Address of element 0 (host pointer, or device pointer on a cuda context).
+    pub data: *mut c_void,
+    /// Element type code (`PA_F32`, `PA_F16`, `PA_BF16`, `PA_I32`).
+    pub dtype: i32,
+    /// Number of dimensions, 1..=4.
+    pub rank: i32,
+    /// Sizes, outermost first (the first `rank` are used).
+    pub shape: [i64; 4],
+    /// Strides in elements (the first `rank` are used), non-negative.
+    pub strides: [i64; 4],
+}
+
+/// The inputs of the forward (and the shared part of the backward).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pa_attn_args {
+    /// Queries `[B, Tq, Hq, D]`.
+    pub q: *const pa_tensor,
+    /// Sequence keys `[B, Tk, Hkv, D]`.
+    pub k: *const pa_tensor,
+    /// Sequence values `[B, Tk, Hkv, D]`.
+    pub v: *const pa_tensor,
+    /// Prefix keys `[NP, P, Hkv, D]`, or null for no prefix table.
+    pub k_pre: *const pa_tensor,
+    /// Prefix values `[NP, P, Hkv, D]`, or null.
+    pub v_pre: *const pa_tensor,
+    /// `[B]` prefix per sequence (`-1`: none), or null (0 for all).
+    pub prefix_index: *const i32,
+    /// `[B]` valid query rows, or null (`Tq`).
+    pub seqlen_q: *const i32,
+    /// `[B]` valid sequence keys, or null (`Tk`).
+    pub seqlen_k: *const i32,
+    /// Batch size of the metadata arrays (must equal q's B when any is given).
+    pub batch: i64,
+    /// Non-zero: causal masking, bottom-right aligned.
+    pub causal: i32,
+    /// Score scale; 0 means `1/sqrt(D)`.
+    pub scale: f32,
+}
+
+/// An opaque context for one device.
+pub struct pa_context {
+    be: Box<dyn Backend>,
+    location: Location,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+fn status_of(e: &Error) -> pa_status {
+    match e {
+        Error::Shape { .. } => PA_ERR_SHAPE,
+        Error::DType { .. } => PA_ERR_DTYPE,
+        Error::Layout { .. } => PA_ERR_LAYOUT,
+        Error::Index { .. } => PA_ERR_INDEX,
+        Error::Device { .. } => PA_ERR_DEVICE,
+        Error::Unsupported(_) => PA_ERR_UNSUPPORTED,
+        Error::Kernel { .. } => PA_ERR_KERNEL,
+        _ => PA_ERR_OTHER,
+    }
+}
+
+/// A failure of the C layer itself: a status and its message.
+struct Fail(pa_status, String);
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Fail {
+        Fail(status_of(&e), e.to_string())
+    }
+}
+
+/// Runs `f` with panics caught; records the message of a failure.
+fn guard(f: impl FnOnce() -> Result<(), Fail>) -> pa_status {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => {
+            set_error("");
+            PA_OK
+        }
+        Ok(Err(Fail(s, msg))) => {
+            set_error(&msg);
+            s
+        }
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown payload".into());
+            set_error(&format!("internal panic caught at the C boundary: {what}"));
+            PA_ERR_PANIC
+        }
+    }
+}
+
+fn null(arg: &str) -> Fail {
+    Fail(PA_ERR_NULL, format!("{arg}: null pointer"))
+}
+
+fn dtype_of(arg: &str, code: i32) -> Result<DType, Fail> {
+    Ok(match code {
+        0 => DType::F32,
+        1 => DType::F16,
+        2 => DType::BF16,
+        3 => DType::I32,
+        c => {
+            return Err(Fail(
+                PA_ERR_DTYPE,
+                format!("{arg}: dtype code {c}, expected 0 (f32), 1 (f16), 2 (bf16) or 3 (i32)"),
+            ))
+        }
+    })
+}
+
+/// Checks a `pa_tensor` and returns its address, extent (elements from `data`), dtype and
+/// layout. Names the argument in every message.
+fn describe(arg: &str, t: *const pa_tensor) -> Result<(u64, usize, DType, Layout), Fail> {
+    if t.is_null() {
+        return Err(null(arg));
+    }
+    // SAFETY: non-null; the caller promises it points to a pa_tensor.
+    let t = unsafe { *t };
+    if t.data.is_null() {
+        return Err(Fail(PA_ERR_NULL, format!("{arg}: data is a null pointer")));
+    }
+    let dtype = dtype_of(arg, t.dtype)?;
+    if t.rank < 1 || t.rank as usize > 4.min(MAX_RANK) {
+        return Err(Fail(
+            PA_ERR_SHAPE,
+            format!("{arg}: rank {}, expected 1..=4", t.rank),
+        ));
+    }
+    let r = t.rank as usize;
+    let mut dims = [0usize; 4];
+    let mut strides = [0usize; 4];
+    for i in 0..r {
+        if t.shape[i] < 0 {
+            return Err(Fail(
+                PA_ERR_SHAPE,
+                format!("{arg}: shape[{i}] = {}: expected >= 0", t.shape[i]),
+            ));
+        }
+        if t.strides[i] < 0 {
+            return Err(Fail(
+                PA_ERR_LAYOUT,
+                format!("{arg}: stride[{i}] = {}: expected >= 0", t.strides[i]),
+            ));
+        }
+        dims[i] = t.shape[i] as usize;
+        strides[i] = t.strides[i] as usize;
+    }
+    let addr = t.data as usize as u64;
+    if addr % dtype.size() as u64 != 0 {
+        return Err(Fail(
+            PA_ERR_LAYOUT,
+            format!(
+                "{arg}: address {addr:#x} is not aligned to {} bytes for {dtype}",
+                dtype.size()
+            ),
+        ));
+    }
+    let layout = Layout::new(&dims[..r], &strides[..r], 0).map_err(Fail::from)?;
+    let cap = if layout.numel() == 0 {
+        0
+    } else {
+        layout.span()
+    };
+    Ok((addr, cap, dtype, layout))
+}
+
+fn view<'a>(arg: &str, t: *const pa_tensor, loc: Location) -> Result<TensorView<'a>, Fail> {
+    let (addr, cap, dtype, layout) = describe(arg, t)?;
+    // SAFETY: the caller promises `data` addresses the elements its shape and strides reach
+    // (the C contract of the header), valid for the call.
+    Ok(unsafe { TensorView::from_raw_parts(addr, cap, loc, dtype, layout) }?)
+}
+
+fn view_mut<'a>(arg: &str, t: *const pa_tensor, loc: Location) -> Result<TensorViewMut<'a>, Fail> {
+    let (addr, cap, dtype, layout) = describe(arg, t)?;
+    // SAFETY: as `view`, and the caller gives the library exclusive use of the output.
+    Ok(unsafe { TensorViewMut::from_raw_parts(addr, cap, loc, dtype, layout) }?)
+}
+
+fn opt_view<'a>(
+    arg: &str,
+    t: *const pa_tensor,
+    loc: Location,
+) -> Result<Option<TensorView<'a>>, Fail> {
+    if t.is_null() {
+        Ok(None)
+    } else {
+        view(arg, t, loc).map(Some)
+    }
+}
+
+fn opt_view_mut<'a>(
+    arg: &str,
+    t: *const pa_tensor,
+    loc: Location,
+) -> Result<Option<TensorViewMut<'a>>, Fail> {
+    if t.is_null() {
+        Ok(None)
+    } else {
+        view_mut(arg, t, loc).map(Some)
+    }
+}
+
+fn meta<'a>(
+    arg: &str,
+    p: *const i32,
+    batch: i64,
+    loc: Location,
+) -> Result<Option<&'a [i32]>, Fail> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    if loc != Location::Host {
+        return Err(Fail(
+            PA_ERR_UNSUPPORTED,
+            format!("{arg}: device metadata pointers are not supported by the C forward yet; pass host arrays"),
+        ));
+    }
+    if batch < 0 {
+        return Err(Fail(
+            PA_ERR_SHAPE,
+            format!("batch = {batch}: expected >= 0"),
+        ));
+    }
+    if (p as usize) % 4 != 0 {
+        return Err(Fail(
+            PA_ERR_LAYOUT,
+            format!(
+                "{arg}: address {:#x} is not aligned to 4 bytes for i32",
+                p as usize
+            ),
+        ));
+    }
+    // SAFETY: the caller promises `batch` readable i32 at `p`.
+    Ok(Some(unsafe {
+        std::slice::from_raw_parts(p, batch as usize)
+    }))
+}
+
+/// The Rust arguments of a `pa_attn_args`.
+fn fwd_args<'a>(a: *const pa_attn_args, loc: Location) -> Result<AttnFwdArgs<'a>, Fail> {
+    if a.is_null() {
+        return Err(null("args"));
+    }
+    // SAFETY: non-null; the caller promises it points to a pa_attn_args.
+    let a = unsafe { *a };
+    let mut args = AttnFwdArgs::new(
+        view("q", a.q, loc)?,
+        view("k", a.k, loc)?,
+        view("v", a.v, loc)?,
+    );
+    match (
+        opt_view("k_pre", a.k_pre, loc)?,
+        opt_view("v_pre", a.v_pre, loc)?,
+    ) {
+        (Some(k), Some(v)) => args.prefix = Some(PrefixKv { k, v }),
+        (None, None) => {}
+        (Some(_), None) => return Err(null("v_pre (k_pre is given)")),
+        (None, Some(_)) => return Err(null("k_pre (v_pre is given)")),
+    }
+    args.prefix_index = meta("prefix_index", a.prefix_index, a.batch, loc)?.map(Into::into);
+    args.seqlen_q = meta("seqlen_q", a.seqlen_q, a.batch, loc)?.map(Into::into);
+    args.seqlen_k = meta("seqlen_k", a.seqlen_k, a.batch, loc)?.map(Into::into);
+    args.causal = a.causal != 0;
+    if a.scale != 0.0 {
+        args.scale = Some(a.scale);
+    }
+    Ok(args)
+}
+
+fn context<'a>(ctx: *const pa_context) -> Result<&'a pa_context, Fail> {
+    if ctx.is_null() {
+        return Err(null("ctx"));
+    }
+    // SAFETY: non-null; made by pa_context_create and not yet destroyed (the C contract).
+    Ok(unsafe { &*ctx })
+}
+
+fn check_stream(ctx: &pa_context, stream: *mut c_void) -> Result<(), Fail> {
+    if !stream.is_null() {
+        return Err(Fail(
+            PA_ERR_UNSUPPORTED,
+            format!(
+                "stream: a caller's stream is not supported yet on {}; pass NULL (the crate's stream)",
+                ctx.be.device()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+static VERSION: &[u8] = concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes();
+
+/// The library version, a static NUL-terminated string (`"0.1.0"`).
+#[no_mangle]
+pub extern "C" fn pa_version() -> *const c_char {
+    VERSION.as_ptr() as *const c_char
+}
+
+/// The calling thread's last error message (empty after a success). The pointer stays valid
+/// until the next call of this library on the same thread.
+#[no_mangle]
+pub extern "C" fn pa_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Creates a context for a device: `kind` is `PA_DEVICE_CPU`, `PA_DEVICE_CUDA` (with
+/// `ordinal`) or `PA_DEVICE_EMU`. On success `*out` holds a context to pass to
+/// [`pa_context_destroy`].
+#[no_mangle]
+pub extern "C" fn pa_context_create(
+    kind: i32,
+    ordinal: i32,
+    out: *mut *mut pa_context,
+) -> pa_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let device = match kind {
+            0 => Device::Cpu,
+            1 if ordinal >= 0 => Device::Cuda(ordinal as usize),
+            1 => {
+                return Err(Fail(
+                    PA_ERR_DEVICE,
+                    format!("ordinal: {ordinal}, expected >= 0"),
+                ))
+            }
+            2 => Device::Emu,
+            k => {
+                return Err(Fail(
+                    PA_ERR_DEVICE,
+                    format!("kind: {k}, expected 0 (cpu), 1 (cuda) or 2 (emu)"),
+                ))
+            }
+        };
+        let be = backend(device)?;
+        let ctx = Box::new(pa_context {
+            be,
+            location: device.location(),
+        });
+        // SAFETY: `out` is non-null and writable (the C contract).
+        unsafe { *out = Box::into_raw(ctx) };
+        Ok(())
+    })
+}
+
+/// Destroys a context made by [`pa_context_create`] (null is allowed and does nothing).
+#[no_mangle]
+pub extern "C" fn pa_context_destroy(ctx: *mut pa_context) {
+    let _ = guard(|| {
+        if !ctx.is_null() {
+            // SAFETY: made by Box::into_raw in pa_context_create, destroyed once.
+            drop(unsafe { Box::from_raw(ctx) });
+        }
+        Ok(())
+    });
+}
+
+/// The attention forward: writes `o [B, Tq, Hq, D]` (q's dtype) and, if `lse` is not null,
+/// the f32 natural-log LSE `[B, Hq, Tq]`. `stream` must be null (the crate's stream).
+#[no_mangle]
+pub extern "C" fn pa_attn_fwd(
+    ctx: *const pa_context,
+    args: *const pa_attn_args,
+    o: *const pa_tensor,
+    lse: *const pa_tensor,
+    stream: *mut c_void,
+) -> pa_status {
+    guard(|| {
+        let ctx = context(ctx)?;
+        check_stream(ctx, stream)?;
+        let loc = ctx.location;
+        let a = fwd_args(args, loc)?;
+        let out = AttnFwdOut {
+            o: view_mut("o", o, loc)?,
+            lse: opt_view_mut("lse", lse, loc)?,
+        };
+        ctx.be.attn_fwd(&a, out)?;
+        Ok(())
+    })
+}
+
+/// The attention backward: from the forward's `o`, `lse` and the output gradient `d_o`,
+/// writes `dq`, `dk`, `dv` (required unless `prefix_only` is non-zero) and, if given, the
+/// f32 `dk_pre`, `dv_pre` summed over the sequences using each prefix. `stream` must be null.
+#[no_mangle]
+pub extern "C" fn pa_attn_bwd(
+    ctx: *const pa_context,
+    args: *const pa_attn_args,
+    o: *const pa_tensor,
+    lse: *const pa_tensor,
+    d_o: *const pa_tensor,
+    dq: *const pa_tensor,
+    dk: *const pa_tensor,
+    dv: *const pa_tensor,
+    dk_pre: *const pa_tensor,
+    dv_pre: *const pa_tensor,
+    prefix_only: i32,
+    stream: *mut c_void,
+) -> pa_status {
+    guard(|| {
+        let ctx = context(ctx)?;
+        check_stream(ctx, stream)?;
+        let loc = ctx.location;
+        let b = AttnBwdArgs {
+            fwd: fwd_args(args, loc)?,
+            o: view("o", o, loc)?,
+            lse: view("lse", lse, loc)?,
+            d_o: view("d_o", d_o, loc)?,
+            prefix_only: prefix_only != 0,
+        };
+        let g = AttnGrads {
+            dq: opt_view_mut("dq", dq, loc)?,
+            dk: opt_view_mut("dk", dk, loc)?,
+            dv: opt_view_mut("dv", dv, loc)?,
+            dk_pre: opt_view_mut("dk_pre", dk_pre, loc)?,
+            dv_pre: opt_view_mut("dv_pre", dv_pre, loc)?,
+        };
+        ctx.be.attn_bwd(&b, g)?;
+        Ok(())
+    })
+}
+
+/// Validates `args` and writes to `*bytes` the workspace the call needs from the caller: 0
+/// today on every device (the cpu backend needs none; the cuda backend keeps its own
+/// grow-only scratch). Validation errors are reported as by [`pa_attn_fwd`].
+#[no_mangle]
+pub extern "C" fn pa_workspace_size(
+    ctx: *const pa_context,
+    args: *const pa_attn_args,
+    backward: i32,
+    bytes: *mut u64,
+) -> pa_status {
+    guard(|| {
+        let ctx = context(ctx)?;
+        if bytes.is_null() {
+            return Err(null("bytes"));
+        }
+        let _ = backward;
+        fwd_args(args, ctx.location)?.check()?;
+        // SAFETY: non-null and writable (the C contract).
+        unsafe { *bytes = 0 };
+        Ok(())
+    })
+}
+
+/// A test hook: panics inside the library, which the boundary turns into `PA_ERR_PANIC`.
+#[no_mangle]
+pub extern "C" fn pa_test_panic() -> pa_status {
+    guard(|| panic!("pa_test_panic: a deliberate panic"))
+}

@@ -1,0 +1,222 @@
+//! The C ABI: `include/prefix_attn.h` against the Rust side (every constant and function),
+//! the header compiled as C99 and C++, and the C program `tests/c/c_api.c` linked against
+//! the static library, run on a fresh random problem whose f64 oracle values this test writes.
+
+use prefix_attn::attn::oracle::{Dense, Precision};
+use prefix_attn::attn::AttnFwdArgs;
+use prefix_attn::capi::{DEVICE_NAMES, DTYPE_NAMES, STATUS_NAMES};
+use prefix_attn::rng::Rng;
+use prefix_attn::tensor::Tensor;
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn header() -> String {
+    std::fs::read_to_string(root().join("include/prefix_attn.h")).expect("header readable")
+}
+
+fn cc() -> String {
+    std::env::var("CC").unwrap_or_else(|_| "cc".into())
+}
+
+#[test]
+fn header_matches_the_rust_side() {
+    let h = header();
+    let defines: Vec<(String, i32)> = h
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("#define")).then_some(())?;
+            let name = w.next()?.to_string();
+            let value = w.next()?.parse().ok()?;
+            Some((name, value))
+        })
+        .collect();
+    let mut rust: Vec<(String, i32)> = STATUS_NAMES
+        .iter()
+        .chain(&DTYPE_NAMES)
+        .chain(&DEVICE_NAMES)
+        .map(|&(n, v)| (n.to_string(), v))
+        .collect();
+    let mut got = defines.clone();
+    rust.sort();
+    got.sort();
+    assert_eq!(got, rust, "header #defines differ from src/capi constants");
+
+    // The functions the header declares and the ones src/capi exports.
+    let src = std::fs::read_to_string(root().join("src/capi/mod.rs")).unwrap();
+    let exported: BTreeSet<String> = src
+        .split("pub extern \"C\" fn ")
+        .skip(1)
+        .map(|s| s.split('(').next().unwrap().to_string())
+        .collect();
+    let declared: BTreeSet<String> = h
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("/*"))
+        .flat_map(|l| {
+            l.match_indices("pa_")
+                .filter(|&(at, _)| {
+                    at == 0
+                        || !l.as_bytes()[at - 1].is_ascii_alphanumeric()
+                            && l.as_bytes()[at - 1] != b'_'
+                })
+                .filter_map(|(at, _)| {
+                    let name: String = l[at..]
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    l[at + name.len()..].starts_with('(').then_some(name)
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(exported.len() >= 8, "too few exports found: {exported:?}");
+    assert_eq!(
+        declared, exported,
+        "header functions differ from src/capi exports"
+    );
+}
+
+#[test]
+fn header_compiles_as_c_and_cpp() {
+    let inc = root().join("include");
+    let c = Command::new(cc())
+        .args([
+            "-std=c99",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-fsyntax-only",
+            "-x",
+            "c",
+        ])
+        .arg(inc.join("prefix_attn.h"))
+        .status()
+        .expect("C compiler runs");
+    assert!(c.success(), "header does not compile as C99");
+    let cpp = Command::new("c++")
+        .args([
+            "-std=c++11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-fsyntax-only",
+            "-x",
+            "c++",
+        ])
+        .arg(inc.join("prefix_attn.h"))
+        .status()
+        .expect("C++ compiler runs");
+    assert!(cpp.success(), "header does not compile as C++");
+}
+
+/// `target/<profile>/libprefix_attn.a`, built with the lib target (crate-type staticlib).
+fn staticlib() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let lib = profile_dir.join("libprefix_attn.a");
+    assert!(
+        lib.exists(),
+        "{} missing: cargo builds it with the lib",
+        lib.display()
+    );
+    lib
+}
+
+fn push(out: &mut String, xs: impl IntoIterator<Item = String>) {
+    for x in xs {
+        out.push_str(&x);
+        out.push(' ');
+    }
+    out.push('\n');
+}
+
+#[test]
+fn c_program_matches_the_oracle_and_reports_bad_arguments() {
+    let t0 = std::time::Instant::now();
+    let (b, tq, tk, h, d, p) = (3usize, 5usize, 7usize, 2usize, 8usize, 3usize);
+    let causal = true;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut rng = Rng::new(seed);
+    let mut rand = |n: usize| rng.normal_vec(n, 1.0);
+    let (nq, nk, np) = (b * tq * h * d, b * tk * h * d, p * h * d);
+    let (qv, kv, vv, kpv, vpv, dov) = (rand(nq), rand(nk), rand(nk), rand(np), rand(np), rand(nq));
+    let q = Tensor::from_slice(&[b, tq, h, d], &qv).unwrap();
+    let k = Tensor::from_slice(&[b, tk, h, d], &kv).unwrap();
+    let v = Tensor::from_slice(&[b, tk, h, d], &vv).unwrap();
+    let kp = Tensor::from_slice(&[1, p, h, d], &kpv).unwrap();
+    let vp = Tensor::from_slice(&[1, p, h, d], &vpv).unwrap();
+    // Row 0 of the last sequence sees only the prefix (bottom-right causal, Tk < Tq); the
+    // middle sequence has no prefix and padding rows.
+    let (pidx, sq, sk) = ([0, -1, 0], [5, 3, 5], [7, 6, 4]);
+    let args = AttnFwdArgs::new(q.view(), k.view(), v.view())
+        .prefix(kp.view(), vp.view())
+        .prefix_index(&pidx)
+        .seqlens(&sq, &sk)
+        .causal(causal);
+    let dense = Dense::from_args(&args).unwrap();
+    let out = dense.forward(Precision::Exact);
+    let d_o: Vec<f64> = dov.iter().map(|&x| x as f64).collect();
+    let g = dense.backward(&d_o, Precision::Exact);
+
+    let mut case = String::new();
+    writeln!(case, "{b} {tq} {tk} {h} {d} {p} {}", causal as i32).unwrap();
+    for m in [&pidx, &sq, &sk] {
+        push(&mut case, m.iter().map(|x| x.to_string()));
+    }
+    for x in [&qv, &kv, &vv, &kpv, &vpv, &dov] {
+        push(&mut case, x.iter().map(|x| format!("{x:e}")));
+    }
+    for x in [&out.o, &out.lse, &g.dq, &g.dk, &g.dv, &g.dk_pre, &g.dv_pre] {
+        push(&mut case, x.iter().map(|x| format!("{x:e}")));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let case_path = dir.path().join("case.txt");
+    std::fs::write(&case_path, case).unwrap();
+
+    let exe = dir.path().join("c_api");
+    let build = Command::new(cc())
+        .args([
+            "-std=c99",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-O1",
+        ])
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join("tests/c/c_api.c"))
+        .arg(staticlib())
+        .args(["-lpthread", "-ldl", "-lm", "-lstdc++", "-o"])
+        .arg(&exe)
+        .output()
+        .expect("C compiler runs");
+    assert!(
+        build.status.success(),
+        "C test does not build:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let built = t0.elapsed();
+    let run = Command::new(&exe).arg(&case_path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&run.stderr));
+    println!(
+        "seed {seed}: C test built in {:.2} s, ran in {:.2} s",
+        built.as_secs_f64(),
+        (t0.elapsed() - built).as_secs_f64()
+    );
+    assert!(run.status.success(), "C test failed (seed {seed})");
+    assert!(stdout.contains("all C checks passed"));
+}
