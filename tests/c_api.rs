@@ -122,6 +122,17 @@ fn staticlib() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();
     let lib = profile_dir.join("libprefix_attn.a");
+    // `cargo test` builds the lib as an rlib only: build the static library the way a C user
+    // would (a no-op when it is up to date).
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "--lib", "--quiet"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let built = build.status().expect("cargo runs");
+    assert!(built.success(), "cargo build --lib failed");
     assert!(
         lib.exists(),
         "{} missing: cargo builds it with the lib",
