@@ -55,3 +55,80 @@ fn bench_attn_reports_every_figure() {
         assert!(row[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {row}");
     }
 }
+
+#[test]
+fn bench_serve_drives_real_servers_and_reports_each_configuration() {
+    let work = common::files::tmp_out("bench-serve");
+    let (status, stdout, stderr) = cli(&[
+        "bench",
+        "serve",
+        "--workdir",
+        &common::files::s(&work),
+        "--shape",
+        "tiny",
+        "--concurrency",
+        "1,4",
+        "--adapters",
+        "1,5",
+        "--max-adapters",
+        "2",
+        "--requests",
+        "6",
+        "--max-tokens",
+        "3",
+        "--json",
+    ]);
+    assert!(status.success(), "{stderr}");
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let configs: Vec<(u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["adapters"].as_u64().unwrap(),
+                r["concurrency"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(configs, [(1, 1), (1, 4), (5, 1), (5, 4)]);
+    for r in &rows {
+        assert_eq!(r["requests"], 6, "{r}");
+        let tokens = r["tokens"].as_u64().unwrap();
+        assert!((1..=18).contains(&tokens), "{r}");
+        let (p50, p99) = (r["p50_ms"].as_f64().unwrap(), r["p99_ms"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p99 >= p50, "{r}");
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        // The server's own counters saw the run: at least one step, at most the batch.
+        let per_step = r["tokens_per_step"].as_f64().unwrap();
+        let conc = r["concurrency"].as_f64().unwrap();
+        assert!(per_step >= 1.0 && per_step <= conc, "{r}");
+    }
+    // One adapter stays in the table after the warm-up; five over two slots keep loading.
+    assert_eq!(rows[0]["adapter_loads"], 0.0);
+    assert_eq!(rows[1]["adapter_loads"], 0.0);
+    let loads5 =
+        rows[2]["adapter_loads"].as_f64().unwrap() + rows[3]["adapter_loads"].as_f64().unwrap();
+    let evictions5 = rows[2]["adapter_evictions"].as_f64().unwrap()
+        + rows[3]["adapter_evictions"].as_f64().unwrap();
+    assert!(loads5 >= 1.0 && evictions5 >= 1.0, "{rows:?}");
+}
+
+#[test]
+fn bench_serve_refuses_an_existing_workdir() {
+    let dir = common::files::tmp_dir("bench-serve-exists");
+    let (status, _, stderr) = cli(&[
+        "bench",
+        "serve",
+        "--shape",
+        "tiny",
+        "--workdir",
+        &common::files::s(&dir),
+    ]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--workdir") && stderr.contains("exists"),
+        "{stderr}"
+    );
+}

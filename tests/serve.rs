@@ -268,13 +268,12 @@ fn completions_equal_offline_generate_streamed_or_not() {
     assert_eq!(text, want[0]["text"].as_str().unwrap());
 }
 
-#[test]
-fn sixty_four_concurrent_requests_over_eight_adapters() {
-    let dir = tmp_dir("serve-64");
-    adapters(&dir, 8);
-    let srv = Server::start(&serve_args(&dir, &["--max-adapters", "8"]));
+/// `n` concurrent greedy requests over adapters `a0 .. a{k-1}` (request `i` uses `a{i % k}`,
+/// a random prompt of 1–6 ids, `max_tokens` 9), all sent at once, each checked for 200 and
+/// against offline `generate --data` over the same adapters.
+fn concurrent_requests_equal_offline(srv: &Server, dir: &Path, n: usize, k: usize) {
     let mut rng = Rng::new(5);
-    let prompts: Vec<Vec<u32>> = (0..64)
+    let prompts: Vec<Vec<u32>> = (0..n)
         .map(|_| {
             (0..1 + rng.below(6))
                 .map(|_| rng.below(500) as u32)
@@ -285,10 +284,10 @@ fn sixty_four_concurrent_requests_over_eight_adapters() {
         .iter()
         .enumerate()
         .map(
-            |(i, p)| json!({"input_ids": p, "adapter": format!("a{}", i % 8), "max_new_tokens": 9}),
+            |(i, p)| json!({"input_ids": p, "adapter": format!("a{}", i % k), "max_new_tokens": 9}),
         )
         .collect();
-    let want = offline(&dir, 8, &lines, &[]);
+    let want = offline(dir, k, &lines, &[]);
     let base = srv.base.clone();
     let handles: Vec<_> = prompts
         .into_iter()
@@ -296,11 +295,12 @@ fn sixty_four_concurrent_requests_over_eight_adapters() {
         .map(|(i, p)| {
             let url = format!("{base}/v1/completions");
             std::thread::spawn(move || {
-                let body = json!({"model": format!("a{}", i % 8), "prompt": p, "max_tokens": 9,
+                let body = json!({"model": format!("a{}", i % k), "prompt": p, "max_tokens": 9,
                                   "temperature": 0, "return_token_ids": true});
                 let mut r = Server::agent().post(&url).send_json(&body).unwrap();
-                assert_eq!(r.status().as_u16(), 200);
+                let status = r.status().as_u16();
                 let v: Value = r.body_mut().read_json().unwrap();
+                assert_eq!(status, 200, "request {i}: {v}");
                 ids(&v["choices"][0]["token_ids"])
             })
         })
@@ -309,7 +309,29 @@ fn sixty_four_concurrent_requests_over_eight_adapters() {
         assert_eq!(h.join().unwrap(), ids(&want[i]["ids"]), "request {i}");
     }
     assert_eq!(srv.metric("prefix_attn_kv_pages_in_use"), 0.0);
+    assert_eq!(srv.metric("prefix_attn_queue_length"), 0.0);
+}
+
+#[test]
+fn sixty_four_concurrent_requests_over_eight_adapters() {
+    let dir = tmp_dir("serve-64");
+    adapters(&dir, 8);
+    let srv = Server::start(&serve_args(&dir, &["--max-adapters", "8"]));
+    concurrent_requests_equal_offline(&srv, &dir, 64, 8);
     assert_eq!(srv.metric("prefix_attn_adapters_loaded"), 8.0);
+}
+
+#[test]
+fn requests_for_more_adapters_than_slots_wait_for_a_slot() {
+    // Six adapters in flight at once over two slots: the requests whose adapter finds no
+    // free slot wait until one is given back (no 429), then answer as offline.
+    let dir = tmp_dir("serve-wait-slot");
+    adapters(&dir, 6);
+    let srv = Server::start(&serve_args(&dir, &["--max-adapters", "2"]));
+    concurrent_requests_equal_offline(&srv, &dir, 24, 6);
+    assert_eq!(srv.metric("prefix_attn_adapters_loaded"), 2.0);
+    assert!(srv.metric("prefix_attn_adapter_loads_total") >= 6.0);
+    assert_eq!(srv.metric("prefix_attn_requests_cancelled_total"), 0.0);
 }
 
 #[test]

@@ -3,10 +3,12 @@
 //! after warm-up; `tools/bench_step_torch.py` is the PyTorch + PEFT counterpart with the same
 //! shapes, and `scripts/bench-step-compare.sh` runs both. `prefix-attn bench attn` times fused
 //! attention against [`naive`] (the naive-concat baseline, on any backend) beside the
-//! [`ceilings`] measured on the spot.
+//! [`ceilings`] measured on the spot. `prefix-attn bench serve` ([`serve`]) drives real
+//! server processes over HTTP at several concurrency levels and adapter counts.
 
 pub mod ceilings;
 pub mod naive;
+pub mod serve;
 
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::Backend;

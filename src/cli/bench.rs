@@ -18,6 +18,53 @@ pub(super) enum BenchCmd {
     /// Tokens per second of batched generation over many adapters (the engine) against one
     /// request at a time, one adapter, no prefix and the naive copied-prefix cache.
     Decode(DecodeArgs),
+    /// Load-test `prefix-attn serve`: throughput and p50/p99 latency at several concurrency
+    /// levels, with 1, 8 and 1,000 adapters in the served directory (one server process
+    /// each, driven over HTTP on loopback).
+    Serve(ServeArgs),
+}
+
+// The arguments of `bench serve`.
+#[derive(clap::Args)]
+pub(super) struct ServeArgs {
+    /// tiny or gpt2-small (12 layers, 12 heads of 64, vocab 50,257).
+    #[arg(long, default_value = "gpt2-small")]
+    shape: String,
+    /// Concurrency levels, comma-separated (clients sending requests back to back).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    concurrency: Vec<usize>,
+    /// Adapter counts in the served directory, comma-separated (one server each).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,1000")]
+    adapters: Vec<usize>,
+    /// Requests per concurrency level [default: max(16, 4 × concurrency)].
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Prompt tokens per request (random ids).
+    #[arg(long, default_value_t = 16)]
+    prompt_len: usize,
+    /// max_tokens of every (greedy) request.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Virtual tokens per adapter.
+    #[arg(long, default_value_t = 10)]
+    prefix_len: usize,
+    /// Slots of each server's prefix table (serve --max-adapters).
+    #[arg(long, default_value_t = 64)]
+    max_adapters: usize,
+    /// Sequences per engine step (serve --max-batch).
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    /// Repetitions of every configuration, interleaved (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Where to write the model and adapters [default: a temporary folder, removed after].
+    #[arg(long)]
+    workdir: Option<std::path::PathBuf>,
+    /// Print one JSON object per configuration.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
+    device: String,
 }
 
 // The arguments of `bench decode`.
@@ -102,7 +149,113 @@ pub(super) fn run(what: BenchCmd) -> Result<()> {
         BenchCmd::Attn(args) => attn(args),
         BenchCmd::Step(args) => step(args),
         BenchCmd::Decode(args) => decode(args),
+        BenchCmd::Serve(args) => serve(args),
     }
+}
+
+/// `bench serve`: server processes under closed-loop load; throughput and latency per
+/// (adapters, concurrency), and the ratios.
+fn serve(args: ServeArgs) -> Result<()> {
+    use prefix_attn::bench::serve::{bench_serve, ServeBench};
+    parse_device(&args.device)?;
+    if let Some(w) = &args.workdir {
+        if w.exists() {
+            return Err(Error::index(
+                "--workdir",
+                format!(
+                    "{}: exists; give a new folder (the benchmark writes a model there)",
+                    w.display()
+                ),
+            ));
+        }
+    }
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        path: "the prefix-attn executable".into(),
+        source,
+    })?;
+    let b = ServeBench {
+        concurrency: args.concurrency,
+        adapters: args.adapters,
+        requests: args.requests,
+        prompt_len: args.prompt_len,
+        max_tokens: args.max_tokens,
+        prefix_len: args.prefix_len,
+        max_adapters: args.max_adapters,
+        max_batch: args.max_batch,
+        reps: args.reps,
+        device: args.device,
+        workdir: args.workdir,
+        ..ServeBench::named(&args.shape, exe)?
+    };
+    let rows = bench_serve(&b, &mut |line| eprintln!("bench serve: {line}"))?;
+    if args.json {
+        for r in &rows {
+            println!(
+                "{}",
+                serde_json::to_string(r).map_err(|e| Error::Unsupported(e.to_string()))?
+            );
+        }
+        return Ok(());
+    }
+    println!(
+        "bench serve: {} on {}, greedy, prompts of {} tokens, max_tokens {}, P = {}, {} table slots, batches of up to {} (median of {} interleaved reps)",
+        b.shape, b.device, b.prompt_len, b.max_tokens, b.prefix_len, b.max_adapters, b.max_batch, b.reps
+    );
+    println!(
+        "{:>8} {:>5} {:>8} {:>7} {:>10} {:>9} {:>9} {:>9} {:>7} {:>9}",
+        "adapters",
+        "conc",
+        "requests",
+        "tokens",
+        "tokens/s",
+        "p50 ms",
+        "p99 ms",
+        "tok/step",
+        "loads",
+        "evictions"
+    );
+    for r in &rows {
+        println!(
+            "{:>8} {:>5} {:>8} {:>7} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>9}",
+            r.adapters,
+            r.concurrency,
+            r.requests,
+            r.tokens,
+            r.tokens_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.tokens_per_step,
+            r.adapter_loads,
+            r.adapter_evictions
+        );
+    }
+    let tps = |k: usize, c: usize| {
+        rows.iter()
+            .find(|r| r.adapters == k && r.concurrency == c)
+            .map(|r| r.tokens_per_s)
+    };
+    let (cmin, cmax) = (
+        b.concurrency.iter().copied().min().unwrap_or(1),
+        b.concurrency.iter().copied().max().unwrap_or(1),
+    );
+    let base_k = b.adapters[0];
+    for &k in &b.adapters {
+        if let (Some(lo), Some(hi)) = (tps(k, cmin), tps(k, cmax)) {
+            println!("{k} adapters: concurrency {cmax} gives {:.2}× the throughput of concurrency {cmin}", hi / lo);
+        }
+    }
+    for &k in b.adapters.iter().skip(1) {
+        for &c in &b.concurrency {
+            if let (Some(base), Some(x)) = (tps(base_k, c), tps(k, c)) {
+                println!(
+                    "concurrency {c}: {k} adapters give {:.3}× the throughput of {base_k} ({:+.1} %)",
+                    x / base,
+                    100.0 * (x / base - 1.0)
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `bench decode`: the engine's tokens/s and its ratios to the baselines, in one process.

@@ -9,7 +9,11 @@
 //!
 //! Adapters are read from their folders on first use and placed in the prefix table, the
 //! least recently used idle one evicted when the table is full; a request holds its adapter's
-//! slot from submission to its end, so a slot in use is never evicted.
+//! slot from submission to its end, so a slot in use is never evicted. A request whose adapter
+//! is not in the table while every slot is in use waits (its handler waiting for the reply)
+//! until a slot is given back, then is submitted; requests behind it whose adapters are in the
+//! table go ahead meanwhile (as vLLM skips LoRA requests over its `max_loras`). The HTTP
+//! layer's bound on sequences in flight bounds this wait queue too.
 
 use super::metrics::{EngineGauges, Metrics};
 use super::registry::Registry;
@@ -140,8 +144,11 @@ pub enum Refusal {
     },
     /// No such adapter (404).
     NotFound(String),
-    /// Not now: every prefix-table slot is held by running requests (429).
+    /// Not now: every prefix-table slot is held and nothing runs that could give one back
+    /// (429).
     Busy(String),
+    /// The server is shutting down (503).
+    Unavailable(String),
     /// The adapter exists already, or is in use (409).
     Conflict(String),
     /// The server failed (500).
@@ -282,6 +289,14 @@ struct Track {
     reported: usize,
 }
 
+/// A submission waiting for a prefix-table slot for its adapter.
+struct Pending {
+    adapter: String,
+    choices: Vec<Choice>,
+    events: events::UnboundedSender<Event>,
+    reply: oneshot::Sender<std::result::Result<(), Refusal>>,
+}
+
 struct Engine<'a> {
     model: &'a dyn PrefixLm,
     be: &'a dyn Backend,
@@ -292,6 +307,8 @@ struct Engine<'a> {
     tokenizer: Option<Arc<Tokenizer>>,
     eos: Option<u32>,
     tracks: HashMap<u64, Track>,
+    /// Submissions waiting for a slot, oldest first.
+    pending: std::collections::VecDeque<Pending>,
     step_delay: std::time::Duration,
 }
 
@@ -370,6 +387,7 @@ impl<'a> Engine<'a> {
             tokenizer,
             eos,
             tracks: HashMap::new(),
+            pending: Default::default(),
             step_delay: cfg.step_delay,
         };
         for name in &cfg.preload {
@@ -384,7 +402,7 @@ impl<'a> Engine<'a> {
     fn run(&mut self, rx: &mpsc::Receiver<Cmd>) {
         loop {
             loop {
-                let cmd = if self.sched.is_idle() {
+                let cmd = if self.sched.is_idle() && self.pending.is_empty() {
                     match rx.recv() {
                         Ok(c) => c,
                         Err(_) => return,
@@ -402,6 +420,7 @@ impl<'a> Engine<'a> {
                 }
             }
             self.reap_cancelled();
+            self.admit_pending();
             if self.sched.is_idle() {
                 self.report(None);
                 continue;
@@ -425,9 +444,19 @@ impl<'a> Engine<'a> {
                 events,
                 reply,
             } => {
-                let r = self.submit(adapter.as_deref(), choices, events);
+                match adapter {
+                    Some(name) if self.must_wait(&name) => self.pending.push_back(Pending {
+                        adapter: name,
+                        choices,
+                        events,
+                        reply,
+                    }),
+                    adapter => {
+                        let r = self.submit(adapter.as_deref(), choices, events);
+                        let _ = reply.send(r);
+                    }
+                }
                 self.report(None);
-                let _ = reply.send(r);
             }
             Cmd::Load { name, dir, reply } => {
                 let _ = reply.send(self.load(&name, dir));
@@ -497,6 +526,41 @@ impl<'a> Engine<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Whether a submission for adapter `name` must wait for a slot: the adapter exists, is
+    /// not in the table, and every slot is held by a request (some of which will end).
+    fn must_wait(&self, name: &str) -> bool {
+        let slots = self.step.slots();
+        slots.slot(name).is_none()
+            && !slots.has_room()
+            && !self.sched.is_idle()
+            && lock(&self.registry).resolve(name).is_some()
+    }
+
+    /// Submits the waiting submissions whose adapter is in the table or can be placed now,
+    /// oldest first; drops those whose client is gone. One that still cannot get a slot
+    /// while nothing runs (nothing will give one back) is refused with 429.
+    fn admit_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.pending);
+        for p in waiting {
+            if p.reply.is_closed() || p.events.is_closed() {
+                for _ in &p.choices {
+                    self.metrics.cancelled();
+                }
+                continue;
+            }
+            if self.must_wait(&p.adapter) {
+                self.pending.push_back(p);
+                continue;
+            }
+            let r = self.submit(Some(&p.adapter), p.choices, p.events);
+            let _ = p.reply.send(r);
+        }
+        self.report(None);
     }
 
     /// Places adapter `name` in the prefix table (reading its folder) unless it is there.
@@ -610,6 +674,12 @@ impl<'a> Engine<'a> {
     }
 
     fn cancel_all(&mut self, why: &str) {
+        for p in std::mem::take(&mut self.pending) {
+            for _ in &p.choices {
+                self.metrics.cancelled();
+            }
+            let _ = p.reply.send(Err(Refusal::Unavailable(why.to_string())));
+        }
         let ids: Vec<u64> = self.tracks.keys().copied().collect();
         for id in ids {
             if let Some(t) = self.drop_choice(id) {
@@ -673,7 +743,8 @@ impl<'a> Engine<'a> {
     fn report(&self, step_tokens: Option<usize>) {
         let slots = self.step.slots();
         let g = EngineGauges {
-            waiting: self.sched.waiting(),
+            waiting: self.sched.waiting()
+                + self.pending.iter().map(|p| p.choices.len()).sum::<usize>(),
             running: self.sched.running(),
             batch_size: self.sched.running_seqs(),
             pages_in_use: self.sched.pool().used_pages(),
@@ -719,6 +790,7 @@ pub fn refusal_text(r: &Refusal) -> String {
         Refusal::Invalid { message, .. }
         | Refusal::NotFound(message)
         | Refusal::Busy(message)
+        | Refusal::Unavailable(message)
         | Refusal::Conflict(message)
         | Refusal::Internal(message) => message.clone(),
     }

@@ -126,6 +126,7 @@ impl From<Refusal> for ApiError {
                 ..ApiError::model_not_found("")
             },
             Refusal::Busy(m) => ApiError::busy(m),
+            Refusal::Unavailable(m) => ApiError::unavailable(m),
             Refusal::Conflict(m) => ApiError::conflict(m),
             Refusal::Internal(m) => ApiError::internal(m),
         }
