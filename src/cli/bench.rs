@@ -153,6 +153,15 @@ pub(super) fn run(what: BenchCmd) -> Result<()> {
     }
 }
 
+/// Prints one JSON object per row.
+fn print_json_lines<T: serde::Serialize>(rows: &[T]) -> Result<()> {
+    for r in rows {
+        let line = serde_json::to_string(r).map_err(|e| Error::Unsupported(e.to_string()))?;
+        println!("{line}");
+    }
+    Ok(())
+}
+
 /// `bench serve`: server processes under closed-loop load; throughput and latency per
 /// (adapters, concurrency), and the ratios.
 fn serve(args: ServeArgs) -> Result<()> {
@@ -189,13 +198,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let rows = bench_serve(&b, &mut |line| eprintln!("bench serve: {line}"))?;
     if args.json {
-        for r in &rows {
-            println!(
-                "{}",
-                serde_json::to_string(r).map_err(|e| Error::Unsupported(e.to_string()))?
-            );
-        }
-        return Ok(());
+        return print_json_lines(&rows);
     }
     println!(
         "bench serve: {} on {}, greedy, prompts of {} tokens, max_tokens {}, P = {}, {} table slots, batches of up to {} (median of {} interleaved reps)",
@@ -272,13 +275,7 @@ fn decode(args: DecodeArgs) -> Result<()> {
     };
     let rows = bench_decode(&b, be.as_ref())?;
     if args.json {
-        for r in &rows {
-            println!(
-                "{}",
-                serde_json::to_string(r).map_err(|e| Error::Unsupported(e.to_string()))?
-            );
-        }
-        return Ok(());
+        return print_json_lines(&rows);
     }
     println!(
         "bench decode: {} on {}, {} requests × {} new tokens, prompts of {}, P = {} (median of {})",
