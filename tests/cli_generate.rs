@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::files::{cli, fixture, s, tmp_dir};
+use common::files::{cli, fixture, ids, s, strings, tmp_dir};
 use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::device::Backend;
 use prefix_attn::gpt2::Gpt2;
@@ -22,21 +22,9 @@ fn run(args: &[String]) -> (bool, String, String) {
     (status.success(), out, err)
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
 fn lines(out: &str) -> Vec<Value> {
     out.lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::files::{cli, fixture, s, tmp_dir};
+use common::files::{cli, fixture, ids, s, strings, tmp_dir};
 use prefix_attn::prefix::PrefixAdapter;
 use prefix_attn::rng::Rng;
 use serde_json::{json, Value};
@@ -116,18 +116,6 @@ impl Drop for Server {
     }
 }
 
-fn strs(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 /// `n` adapters: fixture `tiny-a`'s with noise, saved under `dir/a0`, `dir/a1`, ...
 fn adapters(dir: &Path, n: usize) {
     adapters_of("tiny-a", dir, n)
@@ -150,7 +138,7 @@ fn offline(dir: &Path, n_adapters: usize, lines: &[Value], extra: &[&str]) -> Ve
     let data = dir.join(format!("req-{}.jsonl", lines.len()));
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&data, text).unwrap();
-    let mut args = strs(&["generate", "--model"]);
+    let mut args = strings(&["generate", "--model"]);
     args.push(s(&fixture("tiny-a").join("model")));
     for i in 0..n_adapters {
         args.push("--adapter".into());
@@ -171,7 +159,7 @@ fn serve_args(dir: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 fn serve_args_of(fx: &str, dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a = strs(&["--model"]);
+    let mut a = strings(&["--model"]);
     a.push(s(&fixture(fx).join("model")));
     a.push("--adapters-dir".into());
     a.push(s(dir));

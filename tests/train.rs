@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::files::{cli, copy_dir, fixture, tmp_out};
+use common::files::{cli, copy_dir, fixture, strings, tmp_out};
 use common::rel_err;
 use prefix_attn::device::cpu::CpuBackend;
 use prefix_attn::io::SafetensorsFile;
@@ -720,10 +720,6 @@ fn a_device_fault_keeps_the_last_checkpoint_and_resume_recovers() {
 }
 
 // ---- the output folder, resume checks, signals (issue: data safety) ----------------------------
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
 
 /// The files of a folder with their bytes, for "nothing was touched" checks.
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {

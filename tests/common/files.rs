@@ -93,3 +93,17 @@ pub fn cli<A: AsRef<OsStr>>(args: &[A]) -> (ExitStatus, String, String) {
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
 }
+
+/// Owned strings of string literals (command-line arguments).
+pub fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("expected an array of ids, got {v}"))
+        .iter()
+        .map(|x| x.as_u64().unwrap_or_else(|| panic!("not an id: {x}")) as u32)
+        .collect()
+}
