@@ -39,7 +39,8 @@ fn run(
     reqs: &[Request],
     cfg: SchedulerConfig,
 ) -> Vec<Completion> {
-    let p = adapters.first().map_or(1, |a| a.1.dims()[0]);
+    // The table is as long as the longest adapter; shorter ones are masked.
+    let p = adapters.iter().map(|a| a.1.dims()[0]).max().unwrap_or(1);
     let mut step = ModelStep::new(model, be, cfg.num_pages, cfg.page_size, 8, p).unwrap();
     for (n, t) in adapters {
         step.add_adapter(n, t).unwrap();
@@ -118,10 +119,12 @@ fn mixed_adapters_in_one_batch_equal_one_request_at_a_time() {
     let model = Gpt2::load(&fixture(name).join("model"), &be).unwrap();
     let (shape, vals) = adapter_prefix(name);
     let mut rng = Rng::new(42);
-    // Four adapters: the fixture's and three perturbed copies (different prefixes, same P).
+    // Four adapters: the fixture's and three perturbed copies, of 5, 4, 3 and 5 virtual
+    // tokens (the first rows of each): adapters of different lengths in one prefix table.
     let adapters: Vec<(String, Tensor)> = (0..4)
         .map(|i| {
-            let v: Vec<f32> = vals
+            let rows = shape[0] - [0, 1, 2, 0][i];
+            let v: Vec<f32> = vals[..rows * shape[1]]
                 .iter()
                 .map(|&x| {
                     if i == 0 {
@@ -133,14 +136,19 @@ fn mixed_adapters_in_one_batch_equal_one_request_at_a_time() {
                 .collect();
             (
                 format!("a{i}"),
-                Tensor::from_f32(&shape, &v, DType::F32).unwrap(),
+                Tensor::from_f32(&[rows, shape[1]], &v, DType::F32).unwrap(),
             )
         })
         .collect();
+    assert_eq!(shape[0], 5);
     let v = model.config.vocab_size as u64;
+    // Prompts of 1 to 24 tokens: those over 16 take the prefill path (one attention call
+    // per run of equal prefix lengths), the others the decode kernel (per-slot lengths).
     let reqs: Vec<Request> = (0..14)
         .map(|i| Request {
-            prompt: (0..1 + rng.below(9)).map(|_| rng.below(v) as u32).collect(),
+            prompt: (0..1 + rng.below(24))
+                .map(|_| rng.below(v) as u32)
+                .collect(),
             adapter: if i % 5 == 4 {
                 None
             } else {
@@ -163,6 +171,16 @@ fn mixed_adapters_in_one_batch_equal_one_request_at_a_time() {
             },
         })
         .collect();
+    let long = |r: &&Request| r.prompt.len() > 16 && r.adapter.is_some();
+    let long_lens: std::collections::BTreeSet<usize> = reqs
+        .iter()
+        .filter(long)
+        .map(|r| adapters[r.adapter.unwrap() as usize].1.dims()[0])
+        .collect();
+    assert!(
+        long_lens.len() >= 2,
+        "prefill prompts with two prefix lengths at least"
+    );
     let batched = run(&model, &be, &adapters, &reqs, CFG);
     for (r, got) in reqs.iter().zip(&batched) {
         let alone = run(&model, &be, &adapters, std::slice::from_ref(r), CFG);
@@ -305,5 +323,88 @@ fn prefix_copied_into_the_cache_gives_the_same_tokens() {
     naive.sort_by_key(|c| ids.iter().position(|&i| i == c.id).unwrap());
     for (a, b) in ours.iter().zip(&naive) {
         assert_eq!(a.ids, b.ids);
+    }
+}
+
+/// Adapters of different lengths in one prefix table: the paged step's logits (prompts over
+/// 16 tokens through the prefill path, shorter ones and the next token through the decode
+/// kernel) equal the contiguous-cache decoder's with each adapter's own prefix tensor. A
+/// shorter adapter's slot first held a longer one, so rows past its length are stale and
+/// must be masked.
+#[test]
+fn adapters_of_different_lengths_share_the_prefix_table() {
+    use prefix_attn::lm::paged::{KvShape, PagedKv, PagedSeq, PrefixMode, PrefixTable};
+    use prefix_attn::lm::PrefixLm;
+    let be = CpuBackend;
+    let model = Gpt2::load(&fixture("tiny-a").join("model"), &be).unwrap();
+    let g = model.geometry();
+    let (shape, vals) = adapter_prefix("tiny-a");
+    let mut rng = Rng::new(7);
+    let noisy = |rows: usize, rng: &mut Rng| {
+        let v: Vec<f32> = vals[..rows * shape[1]]
+            .iter()
+            .map(|&x| x + 0.5 * rng.normal() as f32)
+            .collect();
+        Tensor::from_f32(&[rows, shape[1]], &v, DType::F32).unwrap()
+    };
+    let long = noisy(5, &mut rng);
+    let short = noisy(3, &mut rng);
+    let mut table = PrefixTable::new(&be, KvShape::of(&g), model.dtype(), 2, 5).unwrap();
+    table.write(&be, 0, "long", &long).unwrap();
+    table.write(&be, 1, "stale", &noisy(5, &mut rng)).unwrap();
+    table.write(&be, 1, "short", &short).unwrap();
+    assert_eq!((table.slot_len(0), table.slot_len(1)), (5, 3));
+    let mut kv = PagedKv::new(&be, KvShape::of(&g), model.dtype(), 64, 4).unwrap();
+    let v = g.vocab_size as u64;
+    // (adapter slot, prompt length): two prefill lengths and two decode-kernel lengths.
+    let cases = [
+        (Some(0u32), 20usize),
+        (Some(1), 19),
+        (None, 18),
+        (Some(1), 6),
+        (Some(0), 5),
+    ];
+    let mut tokens: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|&(_, n)| (0..n).map(|_| rng.below(v) as u32).collect())
+        .collect();
+    let pages: Vec<Vec<u32>> = (0..cases.len() as u32)
+        .map(|i| (i * 8..i * 8 + 8).collect())
+        .collect();
+    let prefix_of = |slot: Option<u32>| slot.map(|s| if s == 0 { &long } else { &short });
+    let mut cached = vec![0; cases.len()];
+    for round in 0..2 {
+        let seqs: Vec<PagedSeq> = (0..cases.len())
+            .map(|i| PagedSeq {
+                tokens: &tokens[i],
+                cached: cached[i],
+                pages: &pages[i],
+                adapter: cases[i].0,
+            })
+            .collect();
+        let got = model
+            .step_paged(&be, &seqs, &mut kv, &table, PrefixMode::Table)
+            .unwrap();
+        for (i, &(slot, _)) in cases.iter().enumerate() {
+            let mut cache = model.new_cache(&be, 64).unwrap();
+            let want = model
+                .decode(&be, &tokens[i], prefix_of(slot), &mut cache)
+                .unwrap();
+            let err = got[i]
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(
+                err <= 1e-5 * scale.max(1.0),
+                "round {round}, case {i}: {err}"
+            );
+        }
+        for i in 0..cases.len() {
+            cached[i] = tokens[i].len();
+            let next = rng.below(v) as u32;
+            tokens[i].push(next);
+        }
     }
 }

@@ -254,7 +254,8 @@ pub(super) fn run(args: GenerateArgs) -> Result<ExitCode> {
             decoding: args.decoding(l.index, l.seed)?,
         });
     }
-    let p = prefixes.first().map_or(1, |(_, t)| t.dims()[0]);
+    // The prefix table is as long as the longest adapter; shorter ones are masked.
+    let p = prefixes.iter().map(|(_, t)| t.dims()[0]).max().unwrap_or(1);
     let cfg = SchedulerConfig::for_requests(&reqs, PAGE_SIZE, 0);
     let mut step = ModelStep::new(
         m.model.as_ref(),

@@ -51,7 +51,9 @@ pub(super) struct ServeArgs {
     /// asked for, evicting the least recently used idle one.
     #[arg(long, default_value_t = 64)]
     max_adapters: usize,
-    /// Virtual tokens of every adapter served (default: the first adapter's).
+    /// Rows of the prefix table: the most virtual tokens an adapter may have (shorter ones
+    /// are served beside longer ones). Default: the longest adapter of --adapter and
+    /// --adapters-dir (their adapter_config.json files are read at start).
     #[arg(long)]
     prefix_len: Option<usize>,
     /// Seconds the requests in flight get to finish after SIGTERM.

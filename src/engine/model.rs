@@ -54,11 +54,11 @@ impl<'a> ModelStep<'a> {
     /// its slot.
     pub fn add_adapter(&mut self, name: &str, prefix: &Tensor) -> Result<u32> {
         let p = self.model.check_prefix_shape(prefix)?;
-        if p != self.prefixes.prefix_len() {
+        if p == 0 || p > self.prefixes.prefix_len() {
             return Err(Error::index(
                 &format!("adapter {name:?}"),
                 format!(
-                    "{p} virtual tokens; the adapters served together must all have {}",
+                    "{p} virtual tokens; the prefix table takes adapters of 1..={} (its P)",
                     self.prefixes.prefix_len()
                 ),
             ));
@@ -77,7 +77,8 @@ impl<'a> ModelStep<'a> {
         self.slots.remove(name)
     }
 
-    /// Virtual tokens of every adapter in the prefix table.
+    /// The most virtual tokens an adapter of the prefix table may have (its `P`; shorter
+    /// adapters are served beside longer ones, their missing rows masked).
     pub fn prefix_len(&self) -> usize {
         self.prefixes.prefix_len()
     }

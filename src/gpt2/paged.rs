@@ -6,6 +6,11 @@
 //! values go into their pages first, then each sequence's keys are gathered from its pages
 //! and attention runs over `[its prefix ; its keys]` with the per-sequence prefix index and
 //! key lengths of the attention contract.
+//!
+//! Adapters of different lengths share the table (`P` rows a slot, `p ≤ P` valid): a
+//! sequence's real tokens sit at positions `p ..` after its own adapter's `p`; the decode
+//! kernel masks each slot's rows past its length, and a prefill pass runs one attention call
+//! per distinct length among its sequences, over the table narrowed to that length.
 
 use super::model::BlockMlpBufs;
 use super::Gpt2;
@@ -34,9 +39,8 @@ impl Gpt2 {
         prefixes: &PrefixTable,
         mode: PrefixMode,
     ) -> Result<Vec<Vec<f32>>> {
-        let p = prefixes.prefix_len();
         let start = |s: &PagedSeq| match (mode, s.adapter) {
-            (PrefixMode::CopiedIntoCache, Some(_)) => s.cached.max(p),
+            (PrefixMode::CopiedIntoCache, Some(a)) => s.cached.max(prefixes.slot_len(a)),
             _ => s.cached,
         };
         let mut out: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
@@ -50,9 +54,11 @@ impl Gpt2 {
                     "nothing to feed after the copied prefix (the prompt needs a real token)",
                 ));
             }
-            let group: Vec<usize> = (0..seqs.len())
+            let mut group: Vec<usize> = (0..seqs.len())
                 .filter(|&i| seqs[i].tokens.len() - start(&seqs[i]) == t)
                 .collect();
+            // Equal prefix lengths side by side: a prefill pass attends per run of them.
+            group.sort_by_key(|&i| seqs[i].adapter.map(|a| prefixes.slot_len(a)));
             let members: Vec<&PagedSeq> = group.iter().map(|&i| &seqs[i]).collect();
             let logits = self.paged_pass(be, &members, t, kv, prefixes, mode)?;
             for (i, l) in group.into_iter().zip(logits) {
@@ -79,7 +85,11 @@ impl Gpt2 {
         let (b, e, h, d) = (seqs.len(), c.n_embd, c.n_head, c.head_dim());
         let m = b * t;
         let dt = self.dtype;
-        let p = prefixes.prefix_len();
+        // Each sequence's prefix rows: its adapter's (0 without one).
+        let plen: Vec<usize> = seqs
+            .iter()
+            .map(|s| s.adapter.map_or(0, |a| prefixes.slot_len(a)))
+            .collect();
         let mut ids = Vec::with_capacity(m);
         let mut positions = Vec::with_capacity(m);
         let copied = mode == PrefixMode::CopiedIntoCache;
@@ -94,10 +104,10 @@ impl Gpt2 {
         // (sequence, adapter slot, first prefix row) of the prefix rows to copy.
         let mut prefix_copies: Vec<(usize, usize, usize)> = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
-            let offset = if s.adapter.is_some() && !copied { p } else { 0 };
+            let offset = if copied { 0 } else { plen[i] };
             let first = s.tokens.len() - t;
             if let (true, Some(a)) = (copied, s.adapter) {
-                if s.cached < p {
+                if s.cached < plen[i] {
                     prefix_copies.push((i, a as usize, s.cached));
                 }
             }
@@ -135,6 +145,15 @@ impl Gpt2 {
                 _ => -1,
             })
             .collect();
+        let slot_lens = prefixes.slot_lens();
+        // Runs of sequences `[b0, b1)` sharing one prefix length (the group is sorted by it).
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in 0..b {
+            match runs.last_mut() {
+                Some(r) if plen[r.0] == plen[i] => r.1 = i + 1,
+                _ => runs.push((i, i + 1)),
+            }
+        }
         let scale = if c.scale_attn_weights {
             1.0 / (d as f32).sqrt()
         } else {
@@ -174,7 +193,7 @@ impl Gpt2 {
             )?;
             let (kp, vp) = prefixes.layer(l)?;
             for &(i, a, from) in &prefix_copies {
-                let n = p - from;
+                let n = plen[i] - from;
                 let kr = kp.select(0, a)?.narrow(0, from, n)?.unsqueeze(0)?;
                 let vr = vp.select(0, a)?.narrow(0, from, n)?.unsqueeze(0)?;
                 let row = &bt[i * width..(i + 1) * width];
@@ -211,23 +230,44 @@ impl Gpt2 {
                 )
                 .prefix(kp, vp)
                 .prefix_index(Meta::Host(&prefix_index))
+                .prefix_len(Meta::Host(&slot_lens))
                 .scale(scale);
                 be.attn_decode(&args, out)?;
             } else {
-                // Longer prompts: gather the keys from the pages, then prefill attention.
+                // Longer prompts: gather the keys from the pages, then prefill attention, one
+                // call per run of equal prefix lengths over the table narrowed to it.
                 be.gather_rows(&kc.view(), &key_rows, &mut k_all.view_mut())?;
                 be.gather_rows(&vc.view(), &key_rows, &mut v_all.view_mut())?;
-                let args = AttnFwdArgs::new(
-                    q.view().reshape(&[b, t, h, d])?,
-                    k_all.view().reshape(&[b, len_max, h, d])?,
-                    v_all.view().reshape(&[b, len_max, h, d])?,
-                )
-                .prefix(kp, vp)
-                .prefix_index(&prefix_index)
-                .seqlens(&lens_q, &lens_k)
-                .causal(true)
-                .scale(scale);
-                be.attn_fwd(&args, out)?;
+                let mut o = out.o;
+                for &(b0, b1) in &runs {
+                    let n = b1 - b0;
+                    let args = AttnFwdArgs::new(
+                        q.view().reshape(&[b, t, h, d])?.narrow(0, b0, n)?,
+                        k_all
+                            .view()
+                            .reshape(&[b, len_max, h, d])?
+                            .narrow(0, b0, n)?,
+                        v_all
+                            .view()
+                            .reshape(&[b, len_max, h, d])?
+                            .narrow(0, b0, n)?,
+                    )
+                    .seqlens(&lens_q[b0..b1], &lens_k[b0..b1])
+                    .causal(true)
+                    .scale(scale);
+                    // A run without an adapter attends over no prefix at all.
+                    let args = match plen[b0] {
+                        0 => args,
+                        pl => args
+                            .prefix(kp.narrow(1, 0, pl)?, vp.narrow(1, 0, pl)?)
+                            .prefix_index(&prefix_index[b0..b1]),
+                    };
+                    let run_out = AttnFwdOut {
+                        o: o.reborrow().narrow(0, b0, n)?,
+                        lse: None,
+                    };
+                    be.attn_fwd(&args, run_out)?;
+                }
             }
             self.block_mlp(
                 be,

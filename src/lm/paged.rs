@@ -208,11 +208,13 @@ impl PagedKv {
 pub struct PrefixTable {
     shape: KvShape,
     prefix_len: usize,
+    /// Valid rows of each slot (0: empty).
+    lens: Vec<usize>,
     table: Tensor,
 }
 
 impl PrefixTable {
-    /// A zeroed table of `capacity` slots of `prefix_len` virtual tokens.
+    /// A zeroed table of `capacity` slots of up to `prefix_len` virtual tokens.
     pub fn new(
         be: &dyn Backend,
         shape: KvShape,
@@ -224,13 +226,22 @@ impl PrefixTable {
         Ok(PrefixTable {
             shape,
             prefix_len,
+            lens: vec![0; capacity],
             table: be.zeros(&[capacity, prefix_len, width], dtype)?,
         })
     }
 
-    /// Rows of every slot.
+    /// Rows of every slot: the longest prefix the table takes (`P`).
     pub fn prefix_len(&self) -> usize {
         self.prefix_len
+    }
+    /// Valid rows of the adapter in `slot` (`≤ P`; 0 for an empty or unknown slot).
+    pub fn slot_len(&self, slot: u32) -> usize {
+        self.lens.get(slot as usize).copied().unwrap_or(0)
+    }
+    /// Valid rows of every slot, as the paged attention's `prefix_len [NP]` metadata.
+    pub fn slot_lens(&self) -> Vec<i32> {
+        self.lens.iter().map(|&n| n as i32).collect()
     }
     /// Slots.
     pub fn capacity(&self) -> usize {
@@ -241,8 +252,9 @@ impl PrefixTable {
         self.table.dtype()
     }
 
-    /// Writes adapter `name`'s prefix `[P, L·2·Hkv·D]` (on the backend, in the table's dtype)
-    /// into `slot`.
+    /// Writes adapter `name`'s prefix `[p, L·2·Hkv·D]` (`p ≤ P`, on the backend, in the
+    /// table's dtype) into the first `p` rows of `slot`; rows past `p` are masked wherever
+    /// the slot is read.
     pub fn write(
         &mut self,
         be: &dyn Backend,
@@ -259,11 +271,11 @@ impl PrefixTable {
                 d,
             ));
         }
-        if d[0] != self.prefix_len {
+        if d[0] == 0 || d[0] > self.prefix_len {
             return Err(Error::index(
                 &format!("adapter {name:?}"),
                 format!(
-                    "{} virtual tokens; the adapters served together must all have {}",
+                    "{} virtual tokens; the prefix table takes 1..={} (its P)",
                     d[0], self.prefix_len
                 ),
             ));
@@ -283,8 +295,14 @@ impl PrefixTable {
         }
         be.copy(
             &prefix.view(),
-            &mut self.table.view_mut().select(0, slot as usize)?,
-        )
+            &mut self
+                .table
+                .view_mut()
+                .select(0, slot as usize)?
+                .narrow(0, 0, d[0])?,
+        )?;
+        self.lens[slot as usize] = d[0];
+        Ok(())
     }
 
     /// Layer `l`'s prefix keys and values, `[NP, P, Hkv, D]` views.

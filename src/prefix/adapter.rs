@@ -148,6 +148,18 @@ impl AdapterConfig {
         })
     }
 
+    /// Reads the `adapter_config.json` of the adapter folder `dir` (only the config: what an
+    /// adapter is, without reading its weights).
+    pub fn read(dir: &Path) -> Result<AdapterConfig> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = read_text(&cfg_path)?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: cfg_path.clone(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        AdapterConfig::from_json(&v, &cfg_path)
+    }
+
     fn from_json(v: &Value, path: &Path) -> Result<AdapterConfig> {
         let fmt = |msg: String| Error::Format {
             path: path.to_path_buf(),
@@ -202,13 +214,7 @@ impl AdapterConfig {
 impl PrefixAdapter {
     /// Reads an adapter folder.
     pub fn load(dir: &Path) -> Result<PrefixAdapter> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text = read_text(&cfg_path)?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-            path: cfg_path.clone(),
-            msg: format!("not valid JSON: {e}"),
-        })?;
-        let config = AdapterConfig::from_json(&v, &cfg_path)?;
+        let config = AdapterConfig::read(dir)?;
         let st_path = dir.join("adapter_model.safetensors");
         let file = SafetensorsFile::open(&st_path)?;
         let (shape, data) = file.f32("prompt_embeddings")?;

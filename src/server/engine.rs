@@ -23,7 +23,7 @@ use crate::engine::scheduler::{Decoding, FinishReason, Request, Scheduler, Sched
 use crate::engine::text::stop_fn;
 use crate::error::{Error, Result};
 use crate::lm::{self, PrefixLm};
-use crate::prefix::PrefixAdapter;
+use crate::prefix::{AdapterConfig, PrefixAdapter};
 use crate::tokenizer::Tokenizer;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -325,19 +325,22 @@ impl<'a> Engine<'a> {
         let eos = model
             .eos_token_id()
             .or_else(|| tokenizer.as_ref().and_then(|t| t.token_id("<|endoftext|>")));
-        // Every adapter served shares one prefix length: given, or the first adapter's.
-        let first = {
-            let reg = lock(&registry);
-            cfg.preload
-                .iter()
-                .cloned()
-                .chain(reg.names())
-                .find_map(|n| reg.resolve(&n))
-        };
-        let prefix_len = match (cfg.prefix_len, first) {
-            (Some(p), _) => p,
-            (None, Some(dir)) => PrefixAdapter::load(&dir)?.config.num_virtual_tokens,
-            (None, None) => 1,
+        // The prefix table's rows: given, or the longest adapter known at start (its config
+        // says; an unreadable one is skipped here and reported when a request names it).
+        let prefix_len = match cfg.prefix_len {
+            Some(p) => p,
+            None => {
+                let reg = lock(&registry);
+                cfg.preload
+                    .iter()
+                    .cloned()
+                    .chain(reg.names())
+                    .filter_map(|n| reg.resolve(&n))
+                    .filter_map(|dir| AdapterConfig::read(&dir).ok())
+                    .map(|c| c.num_virtual_tokens)
+                    .max()
+                    .unwrap_or(1)
+            }
         };
         if prefix_len >= g.max_positions {
             return Err(Error::index(
@@ -610,12 +613,12 @@ impl<'a> Engine<'a> {
             })?;
         let p = prefix.dims()[0];
         let want = self.step.prefix_len();
-        if p != want {
+        if p > want {
             return Err(Refusal::Invalid {
                 param: Some("path".into()),
                 message: format!(
-                    "adapter `{name}` ({}) has {p} virtual tokens; this server serves adapters \
-                     of {want} (--prefix-len)",
+                    "adapter `{name}` ({}) has {p} virtual tokens; this server's prefix table \
+                     takes adapters of at most {want} (--prefix-len)",
                     dir.display()
                 ),
             });
