@@ -246,10 +246,7 @@ struct PrefixAttnOp {
 }
 
 impl PrefixAttnOp {
-    fn fwd_args<'a>(
-        &'a self,
-        [q, k, v, k_pre, v_pre]: [TensorView<'a>; 5],
-    ) -> AttnFwdArgs<'a> {
+    fn fwd_args<'a>(&'a self, [q, k, v, k_pre, v_pre]: [TensorView<'a>; 5]) -> AttnFwdArgs<'a> {
         let o = &self.opts;
         AttnFwdArgs {
             q,
@@ -302,7 +299,10 @@ impl CustomOp3 for PrefixAttnOp {
             )
             .map_err(error)?;
         *lock(&self.saved.lse)? = Some(lse);
-        Ok((o.into_storage(), candle_core::Shape::from(pr.q_dims().to_vec())))
+        Ok((
+            o.into_storage(),
+            candle_core::Shape::from(pr.q_dims().to_vec()),
+        ))
     }
 
     fn bwd(
@@ -430,7 +430,9 @@ fn cpu_view<'a>(
             return Err(error(crate::Error::DType {
                 arg: arg.into(),
                 expected: "f32, f16 or bf16".into(),
-                got: format!("{:?}", candle_core::backend::BackendStorage::dtype(other)),
+                got: candle_core::backend::BackendStorage::dtype(other)
+                    .as_str()
+                    .into(),
             }))
         }
     };

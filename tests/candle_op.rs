@@ -268,7 +268,12 @@ fn check_backward(c: &Case, seed: u64, seq_vars: bool) {
         };
         let got = got.unwrap_or_else(|| panic!("{ctx}: no {}", names[i]));
         assert_eq!(got.dims(), want.dims(), "{ctx}: {} dims", names[i]);
-        assert_eq!(got.dtype(), x.candle[i].dtype(), "{ctx}: {} dtype", names[i]);
+        assert_eq!(
+            got.dtype(),
+            x.candle[i].dtype(),
+            "{ctx}: {} dtype",
+            names[i]
+        );
         // The prefix gradients are f32 sums rounded once to the prefix's dtype; candle adds
         // each gradient to a zero tensor, so compare values (+0 and -0 are equal).
         let want: Vec<f32> = want
@@ -340,6 +345,76 @@ fn backward_matches_cpu_api() {
     }
 }
 
+/// `o.sum_all().backward()` hands the op a broadcast output gradient (all strides 0): the
+/// op makes it contiguous, and the gradients are the CPU API's for `d_o = 1`.
+#[test]
+fn backward_of_a_plain_sum() {
+    let mut c = padded(Case::new(2, 4, 4, (2, 1), 8));
+    c.opts.causal = true;
+    c.opts.prefix_index = Some(vec![1, -1]);
+    let x = inputs(&c, 0xca_0800);
+    let vars: Vec<Var> = x
+        .candle
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: [CTensor; 5] = std::array::from_fn(|i| vars[i].as_tensor().clone());
+    let grads = run(&c, &ts).unwrap().sum_all().unwrap().backward().unwrap();
+    let ones = Tensor::from_f32(
+        &c.q_dims(),
+        &vec![1.0; c.q_dims().iter().product()],
+        c.dtype,
+    )
+    .unwrap();
+    let (seq, pre) = our_bwd(&c, &x.ours, &ones, false);
+    let seq = seq.unwrap();
+    let want = [&seq[0], &seq[1], &seq[2], &pre[0], &pre[1]];
+    for i in 0..5 {
+        assert_eq!(
+            f32s(grads.get(vars[i].as_tensor()).unwrap()),
+            want[i].to_f32_vec(),
+            "input {i}"
+        );
+    }
+}
+
+/// Two calls that share the prefix table (two layers' worth of sequences, say): candle adds
+/// their prefix gradients, and each call's q gets its own gradient.
+#[test]
+fn two_calls_sharing_a_prefix() {
+    let mut c = Case::new(3, 4, 4, (2, 2), 8);
+    c.opts.prefix_index = Some(vec![0, 1, 0]);
+    let (x1, mut x2) = (inputs(&c, 0xca_0900), inputs(&c, 0xca_0901));
+    // The second call uses the first call's prefix table.
+    x2.ours[3] = x1.ours[3].clone();
+    x2.ours[4] = x1.ours[4].clone();
+    let kp = Var::from_tensor(&x1.candle[3]).unwrap();
+    let vp = Var::from_tensor(&x1.candle[4]).unwrap();
+    let (q1, q2) = (
+        Var::from_tensor(&x1.candle[0]).unwrap(),
+        Var::from_tensor(&x2.candle[0]).unwrap(),
+    );
+    let call = |q: &CTensor, x: &Inputs| {
+        prefix_attn(q, &x.candle[1], &x.candle[2], &kp, &vp, &c.opts).unwrap()
+    };
+    let loss = |o: CTensor, x: &Inputs| (o * to_candle(&x.d_o)).unwrap().sum_all().unwrap();
+    let total = (loss(call(&q1, &x1), &x1) + loss(call(&q2, &x2), &x2)).unwrap();
+    let grads = total.backward().unwrap();
+    let (s1, p1) = our_bwd(&c, &x1.ours, &x1.d_o, false);
+    let (s2, p2) = our_bwd(&c, &x2.ours, &x2.d_o, false);
+    assert_eq!(f32s(grads.get(&q1).unwrap()), s1.unwrap()[0].to_f32_vec());
+    assert_eq!(f32s(grads.get(&q2).unwrap()), s2.unwrap()[0].to_f32_vec());
+    for (i, var) in [(0, &kp), (1, &vp)] {
+        let want: Vec<f32> = p1[i]
+            .to_f32_vec()
+            .iter()
+            .zip(p2[i].to_f32_vec())
+            .map(|(a, b)| a + b)
+            .collect();
+        assert_eq!(f32s(grads.get(var).unwrap()), want, "prefix gradient {i}");
+    }
+}
+
 /// Strided inputs are read in place: q, k, v out of one fused `qkv [B, T, 3, H, D]` and the
 /// prefix out of a PEFT-layout `[P, 2, H, D]` table give what the contiguous copies give;
 /// an input whose last dimension is strided (a transpose) is copied first, same result.
@@ -349,7 +424,8 @@ fn strided_inputs_match_contiguous() {
     let mut rng = Rng::new(0xca_0500);
     let qkv = to_candle(&random(&mut rng, &[b, t, 3, h, d], DType::F32));
     let pre = to_candle(&random(&mut rng, &[p, 2, h, d], DType::F32));
-    let pick = |x: &CTensor, dim: usize, i: usize| x.narrow(dim, i, 1).unwrap().squeeze(dim).unwrap();
+    let pick =
+        |x: &CTensor, dim: usize, i: usize| x.narrow(dim, i, 1).unwrap().squeeze(dim).unwrap();
     let (q, k, v) = (pick(&qkv, 2, 0), pick(&qkv, 2, 1), pick(&qkv, 2, 2));
     let (kp, vp) = (
         pick(&pre, 1, 0).unsqueeze(0).unwrap(),
@@ -362,8 +438,15 @@ fn strided_inputs_match_contiguous() {
     };
     let strided = prefix_attn(&q, &k, &v, &kp, &vp, &opts).unwrap();
     let cont = |x: &CTensor| x.contiguous().unwrap();
-    let want = prefix_attn(&cont(&q), &cont(&k), &cont(&v), &cont(&kp), &cont(&vp), &opts)
-        .unwrap();
+    let want = prefix_attn(
+        &cont(&q),
+        &cont(&k),
+        &cont(&v),
+        &cont(&kp),
+        &cont(&vp),
+        &opts,
+    )
+    .unwrap();
     assert_eq!(bits(&strided), bits(&want));
     // q stored [B, T, D, H] and transposed: its last dimension has stride H.
     let q_t = cont(&q.transpose(2, 3).unwrap()).transpose(2, 3).unwrap();
@@ -391,7 +474,11 @@ fn backward_matches_finite_differences() {
         let o = f32s(&run(&c, t).unwrap());
         o.iter().zip(&w).map(|(&a, &b)| a as f64 * b as f64).sum()
     };
-    let vars: Vec<Var> = x.candle.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = x
+        .candle
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let ts: [CTensor; 5] = std::array::from_fn(|i| vars[i].as_tensor().clone());
     let o = run(&c, &ts).unwrap();
     let grads = (o * to_candle(&x.d_o))
@@ -439,7 +526,8 @@ fn bad_arguments_give_errors_naming_them() {
     let call = |q: &CTensor, k: &CTensor, v: &CTensor, kp: &CTensor, vp: &CTensor| {
         prefix_attn(q, k, v, kp, vp, &c.opts)
     };
-    let zeros = |dims: &[usize]| CTensor::zeros(dims.to_vec(), candle_core::DType::F32, &CPU).unwrap();
+    let zeros =
+        |dims: &[usize]| CTensor::zeros(dims.to_vec(), candle_core::DType::F32, &CPU).unwrap();
     let cases: Vec<(&str, String)> = vec![
         ("q", err_of(call(&q.flatten_from(2).unwrap(), k, v, kp, vp))),
         ("k", err_of(call(q, &zeros(&[2, 3, 2, 4]), v, kp, vp))),
@@ -448,11 +536,23 @@ fn bad_arguments_give_errors_naming_them() {
         ("v_pre", err_of(call(q, k, v, kp, &zeros(&[2, 4, 2, 8])))),
         (
             "k",
-            err_of(call(q, &k.to_dtype(candle_core::DType::F16).unwrap(), v, kp, vp)),
+            err_of(call(
+                q,
+                &k.to_dtype(candle_core::DType::F16).unwrap(),
+                v,
+                kp,
+                vp,
+            )),
         ),
         (
             "q",
-            err_of(call(&q.to_dtype(candle_core::DType::F64).unwrap(), k, v, kp, vp)),
+            err_of(call(
+                &q.to_dtype(candle_core::DType::F64).unwrap(),
+                k,
+                v,
+                kp,
+                vp,
+            )),
         ),
         (
             "prefix_index",
