@@ -75,6 +75,7 @@ pub struct PrefixAttnOpts {
     /// `j <= i + seqlen_k - seqlen_q`).
     pub causal: bool,
     /// The prefix each sequence uses, `[B]` in `-1..NP` (`-1`: none; default 0 for all).
+    /// From a candle I32 tensor: `idx.to_vec1::<i32>()?`. Out-of-range values are errors.
     pub prefix_index: Option<Vec<i32>>,
     /// Valid query rows of each sequence `[B]` (default `Tq`); rows past it give `o = 0`.
     pub seqlen_q: Option<Vec<i32>>,
