@@ -14,6 +14,7 @@
 //! - [`engine`]: continuous batching over a paged KV cache, many adapters in one batch;
 //!   [`server`]: the OpenAI-compatible HTTP server over it.
 //! - [`prefix`], [`train`]: the prefix encoder and PEFT adapters, and the training loop.
+//! - `candle` (feature `candle`): the attention as a candle op with its backward.
 //!
 //! ```
 //! use prefix_attn::attn::{AttnFwdArgs, AttnFwdOut};
@@ -42,6 +43,8 @@
 
 pub mod attn;
 pub mod bench;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod capi;
 pub mod demo;
 pub mod device;
