@@ -13,7 +13,7 @@
 use super::Geometry;
 use crate::device::Backend;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor, TensorView};
+use crate::tensor::{DType, Tensor, TensorView, TensorViewMut};
 
 /// The shape of the K/V a model caches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +83,7 @@ pub enum PrefixMode {
 #[derive(Debug)]
 pub struct PagedKv {
     shape: KvShape,
+    dtype: DType,
     page_size: usize,
     num_pages: usize,
     k: Vec<Tensor>,
@@ -106,6 +107,7 @@ impl PagedKv {
         };
         Ok(PagedKv {
             shape,
+            dtype,
             page_size,
             num_pages,
             k: mk()?,
@@ -116,6 +118,10 @@ impl PagedKv {
     /// The K/V shape.
     pub fn shape(&self) -> KvShape {
         self.shape
+    }
+    /// The cached keys' and values' dtype (the model's).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
     /// Tokens per page.
     pub fn page_size(&self) -> usize {
@@ -315,5 +321,273 @@ impl PrefixTable {
             .reshape(&[np, self.prefix_len, s.layers, 2, s.kv_heads, s.head_dim])?
             .select(2, l)?;
         Ok((v.select(2, 0)?, v.select(2, 1)?))
+    }
+}
+
+/// The most new tokens a sequence may feed to the paged decode kernel (its contract's `Tq`);
+/// longer feeds (prompts) gather their keys and take the prefill kernel.
+pub const MAX_DECODE_TOKENS: usize = 16;
+
+/// A model step as passes: the sequences that feed the same number of tokens `t` run as one
+/// `[B, t]` pass (`pass(members, t)` returns their last-position logits in member order),
+/// each pass's members sorted by prefix length so that [`Pass::attend`] attends per run of
+/// equal lengths. Returns every sequence's logits in the order of `seqs`.
+pub fn step_in_passes(
+    seqs: &[PagedSeq],
+    prefixes: &PrefixTable,
+    mode: PrefixMode,
+    mut pass: impl FnMut(&[&PagedSeq], usize) -> Result<Vec<Vec<f32>>>,
+) -> Result<Vec<Vec<f32>>> {
+    let start = |s: &PagedSeq| match (mode, s.adapter) {
+        (PrefixMode::CopiedIntoCache, Some(a)) => s.cached.max(prefixes.slot_len(a)),
+        _ => s.cached,
+    };
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
+    let mut fed: Vec<usize> = seqs
+        .iter()
+        .map(|s| s.tokens.len().saturating_sub(start(s)))
+        .collect();
+    fed.sort_unstable();
+    fed.dedup();
+    for t in fed {
+        if t == 0 {
+            return Err(Error::index(
+                "sequence",
+                "nothing to feed (every token is cached, or the prompt holds only the copied prefix)",
+            ));
+        }
+        let mut group: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].tokens.len().saturating_sub(start(&seqs[i])) == t)
+            .collect();
+        group.sort_by_key(|&i| seqs[i].adapter.map(|a| prefixes.slot_len(a)));
+        let members: Vec<&PagedSeq> = group.iter().map(|&i| &seqs[i]).collect();
+        let logits = pass(&members, t)?;
+        if logits.len() != group.len() {
+            return Err(Error::index(
+                "step",
+                format!("{} logits for {} sequences", logits.len(), group.len()),
+            ));
+        }
+        for (i, l) in group.into_iter().zip(logits) {
+            out[i] = Some(l);
+        }
+    }
+    out.into_iter()
+        .map(|l| l.ok_or_else(|| Error::index("sequence", "was fed in no pass")))
+        .collect()
+}
+
+/// One pass of `B` sequences that each feed `t` tokens: what every layer's attention needs
+/// beside the model (block table, lengths, prefix slots and lengths, the key-gather list and
+/// its scratch), built once per pass. A family computes its queries and new keys/values per
+/// layer (rotated, for rotary models) and calls [`Pass::attend`].
+#[derive(Debug)]
+pub struct Pass {
+    b: usize,
+    t: usize,
+    /// Token ids fed, `[B · t]`, sequence-major.
+    pub ids: Vec<i32>,
+    /// Their positions, after each sequence's own prefix (`P_n ..`; from 0 in the naive
+    /// copied-prefix mode, where the prefix occupies the first cache positions).
+    pub positions: Vec<i32>,
+    width: usize,
+    block_table: Vec<i32>,
+    starts: Vec<i32>,
+    lens_q: Vec<i32>,
+    lens_k: Vec<i32>,
+    prefix_index: Vec<i32>,
+    plen: Vec<usize>,
+    slot_lens: Vec<i32>,
+    /// Runs `[b0, b1)` of sequences with one prefix length.
+    runs: Vec<(usize, usize)>,
+    /// (sequence, slot, first row) of prefix rows to copy into the cache (naive mode).
+    prefix_copies: Vec<(usize, usize, usize)>,
+    decode: bool,
+    key_rows: Vec<i32>,
+    len_max: usize,
+    k_all: Tensor,
+    v_all: Tensor,
+}
+
+impl Pass {
+    /// The pass of `seqs` (sorted by prefix length, as [`step_in_passes`] hands them) feeding
+    /// `t` tokens each; an error if a sequence would run past `max_positions` (the context,
+    /// prefix included).
+    pub fn new(
+        be: &dyn Backend,
+        seqs: &[&PagedSeq],
+        t: usize,
+        kv: &PagedKv,
+        prefixes: &PrefixTable,
+        mode: PrefixMode,
+        max_positions: usize,
+    ) -> Result<Pass> {
+        let b = seqs.len();
+        let copied = mode == PrefixMode::CopiedIntoCache;
+        let plen: Vec<usize> = seqs
+            .iter()
+            .map(|s| s.adapter.map_or(0, |a| prefixes.slot_len(a)))
+            .collect();
+        let width = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(1).max(1);
+        let mut block_table = vec![0i32; b * width];
+        let mut ids = Vec::with_capacity(b * t);
+        let mut positions = Vec::with_capacity(b * t);
+        let mut prefix_copies = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            for (j, &pg) in s.pages.iter().enumerate() {
+                block_table[i * width + j] = pg as i32;
+            }
+            if t == 0 || t > s.tokens.len() {
+                return Err(Error::index(
+                    "sequence",
+                    format!("feeds {t} of its {} tokens", s.tokens.len()),
+                ));
+            }
+            let offset = if copied { 0 } else { plen[i] };
+            if let (true, Some(a)) = (copied, s.adapter) {
+                if s.cached < plen[i] {
+                    prefix_copies.push((i, a as usize, s.cached));
+                }
+            }
+            if offset + s.tokens.len() > max_positions {
+                return Err(Error::index(
+                    "sequence",
+                    format!(
+                        "{} tokens after a prefix of {offset} exceed the context ({max_positions} positions)",
+                        s.tokens.len()
+                    ),
+                ));
+            }
+            for pos in s.tokens.len() - t..s.tokens.len() {
+                ids.push(s.tokens[pos] as i32);
+                positions.push((offset + pos) as i32);
+            }
+        }
+        let decode = t <= MAX_DECODE_TOKENS;
+        let (key_rows, len_max) = if decode {
+            (Vec::new(), 1)
+        } else {
+            let len_max = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(1);
+            (kv.rows_of(seqs, len_max), len_max)
+        };
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in 0..b {
+            match runs.last_mut() {
+                Some(r) if plen[r.0] == plen[i] => r.1 = i + 1,
+                _ => runs.push((i, i + 1)),
+            }
+        }
+        let scratch = || be.zeros(&[b * len_max, kv.shape().width()], kv.dtype());
+        Ok(Pass {
+            b,
+            t,
+            ids,
+            positions,
+            width,
+            starts: seqs.iter().map(|s| (s.tokens.len() - t) as i32).collect(),
+            lens_q: vec![t as i32; b],
+            lens_k: seqs.iter().map(|s| s.tokens.len() as i32).collect(),
+            prefix_index: seqs
+                .iter()
+                .map(|s| match s.adapter {
+                    Some(a) if !copied => a as i32,
+                    _ => -1,
+                })
+                .collect(),
+            block_table,
+            plen,
+            slot_lens: prefixes.slot_lens(),
+            runs,
+            prefix_copies,
+            decode,
+            key_rows,
+            len_max,
+            k_all: scratch()?,
+            v_all: scratch()?,
+        })
+    }
+
+    /// The rows of each sequence's last fed token, `[B]` (what goes through the head).
+    pub fn last_rows(&self) -> Vec<i32> {
+        (0..self.b)
+            .map(|i| (i * self.t + self.t - 1) as i32)
+            .collect()
+    }
+
+    /// Layer `l`'s attention for the pass: writes the new keys and values (`[B, t, Hkv, D]`
+    /// views, already rotated for a rotary model) into their pages (in the naive mode also
+    /// the copied prefix rows), then attends the queries `q [B, t, Hq, D]` over each
+    /// sequence's prefix and cached keys into `out [B, t, Hq, D]`: the decode kernel on the
+    /// pages in place for `t ≤ 16` (each slot's rows past its length masked), otherwise the
+    /// keys gathered from the pages and one prefill call per run of equal prefix lengths over
+    /// the table narrowed to that length (causal, bottom-right).
+    pub fn attend(
+        &mut self,
+        be: &dyn Backend,
+        kv: &mut PagedKv,
+        prefixes: &PrefixTable,
+        l: usize,
+        q: &TensorView,
+        k_new: &TensorView,
+        v_new: &TensorView,
+        out: TensorViewMut,
+        scale: f32,
+    ) -> Result<()> {
+        use crate::attn::paged::PagedAttnArgs;
+        use crate::attn::{AttnFwdArgs, AttnFwdOut, Meta};
+        let (b, t, w) = (self.b, self.t, self.width);
+        let (kp, vp) = prefixes.layer(l)?;
+        for &(i, a, from) in &self.prefix_copies {
+            let n = self.plen[i] - from;
+            let kr = kp.select(0, a)?.narrow(0, from, n)?.unsqueeze(0)?;
+            let vr = vp.select(0, a)?.narrow(0, from, n)?.unsqueeze(0)?;
+            let row = &self.block_table[i * w..(i + 1) * w];
+            kv.append(be, l, &kr, &vr, row, &[from as i32])?;
+        }
+        kv.append(be, l, k_new, v_new, &self.block_table, &self.starts)?;
+        let s = kv.shape();
+        let (hkv, d) = (s.kv_heads, s.head_dim);
+        let (kc, vc) = kv.layer(l);
+        if self.decode {
+            let (pages, ps) = (kv.num_pages(), kv.page_size());
+            let args = PagedAttnArgs::new(
+                *q,
+                kc.view().reshape(&[pages, ps, hkv, d])?,
+                vc.view().reshape(&[pages, ps, hkv, d])?,
+                Meta::Host(&self.block_table),
+                Meta::Host(&self.lens_k),
+            )
+            .prefix(kp, vp)
+            .prefix_index(Meta::Host(&self.prefix_index))
+            .prefix_len(Meta::Host(&self.slot_lens))
+            .scale(scale);
+            return be.attn_decode(&args, AttnFwdOut { o: out, lse: None });
+        }
+        be.gather_rows(&kc.view(), &self.key_rows, &mut self.k_all.view_mut())?;
+        be.gather_rows(&vc.view(), &self.key_rows, &mut self.v_all.view_mut())?;
+        let keys = [b, self.len_max, hkv, d];
+        let mut out = out;
+        for &(b0, b1) in &self.runs {
+            let n = b1 - b0;
+            let args = AttnFwdArgs::new(
+                q.narrow(0, b0, n)?,
+                self.k_all.view().reshape(&keys)?.narrow(0, b0, n)?,
+                self.v_all.view().reshape(&keys)?.narrow(0, b0, n)?,
+            )
+            .seqlens(&self.lens_q[b0..b1], &self.lens_k[b0..b1])
+            .causal(true)
+            .scale(scale);
+            // A run without an adapter attends over no prefix at all.
+            let args = match self.plen[b0] {
+                0 => args,
+                pl => args
+                    .prefix(kp.narrow(1, 0, pl)?, vp.narrow(1, 0, pl)?)
+                    .prefix_index(&self.prefix_index[b0..b1]),
+            };
+            let o = out.reborrow().narrow(0, b0, n)?;
+            debug_assert_eq!(o.dims()[1], t);
+            be.attn_fwd(&args, AttnFwdOut { o, lse: None })?;
+        }
+        Ok(())
     }
 }
