@@ -138,9 +138,9 @@ impl FromStr for Device {
 
 /// The operations the model and the attention API need from a device. Every method checks
 /// its arguments (shapes, dtypes, devices) and returns an error rather than panicking.
-/// Every device implements every GPT-2 operation: `cpu` directly, `emu` and `cuda` through
-/// [`kernel_device::KernelRunner`]. The Llama family's operations (below `cross_entropy`) are
-/// implemented by `cpu` only so far; their default bodies return [`missing_op`]'s error.
+/// Every device implements every operation: `cpu` directly, `emu` and `cuda` through
+/// [`kernel_device::KernelRunner`]. The Llama family's operations (after
+/// `cross_entropy_inplace`) have default bodies that return [`missing_op`]'s error.
 pub trait Backend: Send + Sync {
     /// The device this backend runs on.
     fn device(&self) -> Device;
@@ -310,9 +310,10 @@ pub trait Backend: Send + Sync {
         losses: &mut TensorViewMut,
     ) -> Result<()>;
 
-    // The operations of the Llama family (Llama, Qwen2, Mistral). The `cpu` device
-    // implements them; the kernel devices (`emu`, `cuda`) have no kernels for them yet and
-    // answer with [`missing_op`]'s error, from the default bodies below.
+    // The operations of the Llama family (Llama, Qwen2, Mistral). Every device implements
+    // them (`cpu` in plain Rust, `emu`/`cuda` with the kernels of `kernels/dense.cu`); the
+    // default bodies answer with [`missing_op`]'s error, so a backend written for GPT-2 only
+    // (a test's wrapper, say) says plainly what it lacks.
 
     /// RMS norm over the last dimension of `x [M, C]`, computed in f32 as transformers'
     /// `LlamaRMSNorm` does: `out = x · rstd · w` with `rstd = 1 / sqrt(mean(x²) + eps)`,
@@ -385,12 +386,11 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// The error of an operation a device has no implementation of yet (the Llama family's
-/// operations on the kernel devices, docs/ARCHITECTURE.md §11).
+/// The error of an operation a backend does not implement (the default body of the Llama
+/// family's operations).
 pub fn missing_op(device: Device, op: &str) -> Error {
     Error::Unsupported(format!(
-        "Backend::{op} is not implemented on the {device} device yet (it runs on the cpu device; \
-         kernels for the Llama family come later)"
+        "Backend::{op} is not implemented by this {device} backend"
     ))
 }
 
