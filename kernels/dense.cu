@@ -1,5 +1,5 @@
-// The dense GPT-2 kernels of the training and inference path (everything but the matmuls,
-// which go to cuBLAS, and attention, in prefix_attn_{fwd,bwd}.cu):
+// The dense kernels of the training and inference path, GPT-2's and the Llama family's
+// (everything but the matmuls, which go to cuBLAS, and attention, in prefix_attn_*.cu):
 //
 //   dense_embed           token + position embedding (positions start at pos_offset)
 //   dense_layernorm       layer norm forward, also storing mean and rstd (f32) per row

@@ -334,6 +334,51 @@ fn eval_and_generate_commands_match_the_fixtures() {
             .map(|x| x.as_u64().unwrap())
             .collect();
         assert_eq!(ids, want, "{name}: generate --json ids");
+        // The same request through the serving engine (`--data`: the paged step), once with
+        // the adapter and once bare.
+        let data = tmp_out(&format!("{name}-requests.jsonl"));
+        let ids_json = format!("[{}]", prompt.join(","));
+        std::fs::write(
+            &*data,
+            format!(
+                "{{\"input_ids\": {ids_json}, \"max_new_tokens\": {n}}}\n{{\"input_ids\": {ids_json}, \"adapter\": null, \"max_new_tokens\": {n}}}\n",
+                n = want.len()
+            ),
+        )
+        .unwrap();
+        let (status, stdout, stderr) = cli(&[
+            "generate",
+            "--model",
+            &fx.d("model"),
+            "--adapter",
+            &fx.d("adapter"),
+            "--data",
+            &data.to_string_lossy(),
+        ]);
+        assert!(status.success(), "{name}: generate --data failed: {stderr}");
+        let rows: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ids_of = |v: &serde_json::Value| -> Vec<u64> {
+            v["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            ids_of(&rows[0]),
+            want,
+            "{name}: generate --data with the adapter"
+        );
+        let base: Vec<u64> = fx.i64("gen.ids_base").1.iter().map(|&x| x as u64).collect();
+        assert_eq!(
+            ids_of(&rows[1])[..],
+            base[..rows[1]["ids"].as_array().unwrap().len()],
+            "{name}: generate --data bare"
+        );
     }
 }
 

@@ -86,3 +86,23 @@ pub fn small_config(
         eos_token_id: Some(vocab as u32 - 1),
     }
 }
+
+/// A model with the weights of [`random_weight`], built in memory (no files), in the compute
+/// dtype of `backend` ([`crate::lm::dtype_for`]).
+pub fn random_model(
+    cfg: &LlamaConfig,
+    seed: u64,
+    std: f32,
+    backend: &dyn crate::device::Backend,
+) -> Result<super::Llama> {
+    let dtype = crate::lm::dtype_for(backend);
+    let weights = super::weights::Weights::assemble(cfg, backend, dtype, &mut |name, shape| {
+        Ok(random_weight(name, shape, seed, std))
+    })?;
+    Ok(super::Llama {
+        config: cfg.clone(),
+        weights,
+        dtype,
+        dir: std::path::PathBuf::new(),
+    })
+}
