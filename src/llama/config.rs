@@ -47,7 +47,7 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<u32>,
 }
 
-/// A config field: `Ok(None)` when absent or null.
+/// A config field: `None` when absent or null.
 fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     obj.get(name).filter(|v| !v.is_null())
 }
