@@ -1,7 +1,8 @@
 //! Parity of the Llama family with Hugging Face transformers 5.24 + PEFT 0.21: fixtures
 //! written by `tools/make_fixtures.py --llama` from small random models (a Llama with GQA,
 //! an explicit head_dim and an untied head, stored bf16 in shards; a Qwen2 with q/k/v biases
-//! and a tied head, stored f32), computed in f64 (see each fixture's versions.json).
+//! and a tied head, stored f32; a Mistral with head dim 32 and an unused sliding window, stored
+//! f16), computed in f64 (see each fixture's versions.json).
 
 mod common;
 
@@ -19,7 +20,7 @@ use prefix_attn::train::optim::{OptimizerKind, Schedule};
 use prefix_attn::train::{train, Length, TrainConfig};
 use std::path::{Path, PathBuf};
 
-const MODELS: [&str; 2] = ["llama-gqa", "qwen2-tied"];
+const MODELS: [&str; 3] = ["llama-gqa", "qwen2-tied", "mistral-f16"];
 
 /// f32 against f64 references, relative to the largest reference value (as for GPT-2).
 const TOL: f64 = 1e-5;
@@ -218,6 +219,11 @@ fn llama_gqa_bf16_sharded_matches_transformers_and_peft() {
 #[test]
 fn qwen2_biases_tied_matches_transformers_and_peft() {
     check_model("qwen2-tied");
+}
+
+#[test]
+fn mistral_f16_head_dim_32_matches_transformers_and_peft() {
+    check_model("mistral-f16");
 }
 
 /// The trainer's configuration of the fixtures' `adamw` run (3 steps on the whole batch).

@@ -1212,6 +1212,19 @@ LLAMA_MODELS = [
         storage="f32-hf",
         P=4, E=16, T=12, lengths=[12, 9, 5], gen_prompt_len=4, eos_token_id=172,
     ),
+    dict(
+        # Mistral: no biases, untied head, GQA 4 query / 1 KV heads of 32 (the cpu backend takes
+        # any head dim), a sliding window as long as the context (so never in use), stored f16
+        name="mistral-f16",
+        model_type="mistral",
+        seed=7303,
+        config=dict(vocab_size=157, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                    max_position_embeddings=64, sliding_window=64, rms_norm_eps=1e-5,
+                    rope_theta=30000.0, tie_word_embeddings=False),
+        storage="f16-hf",
+        P=4, E=16, T=12, lengths=[12, 9, 5], gen_prompt_len=4, eos_token_id=156,
+    ),
 ]
 
 
@@ -1249,10 +1262,12 @@ def patch_f64_upcasts():
     (RMSNorm, the eager softmax) compute in f64 in an f64 model; f32/f16/bf16 models are
     untouched."""
     from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
     from transformers.models.qwen2 import modeling_qwen2
-    for m in (modeling_llama, modeling_qwen2):
+    norms = {modeling_llama: "LlamaRMSNorm", modeling_qwen2: "Qwen2RMSNorm", modeling_mistral: "MistralRMSNorm"}
+    for m, norm_name in norms.items():
         if not getattr(m, "_f64_patched", False):
-            norm = m.LlamaRMSNorm if m is modeling_llama else m.Qwen2RMSNorm
+            norm = getattr(m, norm_name)
             norm.forward = _rms_forward_f64(norm.forward)
             m.eager_attention_forward = _eager_attention_f64(m.eager_attention_forward)
             m._f64_patched = True
@@ -1324,14 +1339,14 @@ def llama_scratch_forward(sd, cfg, input_ids, attn_mask, prefix=None):
 
 
 def build_llama(spec):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
     eos = spec["eos_token_id"]
     kw = dict(spec["config"], initializer_range=0.1, attention_dropout=0.0, hidden_act="silu",
               bos_token_id=eos, eos_token_id=eos, attn_implementation="eager")
-    if spec["model_type"] == "llama":
-        cfg, cls = LlamaConfig(**kw), LlamaForCausalLM
-    else:
-        cfg, cls = Qwen2Config(**kw), Qwen2ForCausalLM
+    cfg_cls, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                    "mistral": (MistralConfig, MistralForCausalLM)}[spec["model_type"]]
+    cfg = cfg_cls(**kw)
     torch.manual_seed(spec["seed"])
     model = cls(cfg)
     g = torch.Generator().manual_seed(spec["seed"] + 1)
@@ -1403,6 +1418,12 @@ def make_llama(spec, root):
         notes.append("model/ written by save_pretrained from the model cast to bfloat16, in shards "
                      "(max_shard_size 400KB: model.safetensors.index.json + model-0000i-of-0000n.safetensors); "
                      "the f64 references use exactly these bf16 values, upcast")
+    elif spec["storage"] == "f16-hf":
+        model = model.to(torch.float16)
+        model.save_pretrained(mdir, safe_serialization=True)
+        model = model.to(torch.float32)
+        notes.append("model/model.safetensors written by save_pretrained from the model cast to float16; the "
+                     "f64 references use exactly these fp16 values, upcast")
     else:
         model.save_pretrained(mdir, safe_serialization=True)
         notes.append("model/model.safetensors written by save_pretrained (f32) unchanged")
