@@ -250,39 +250,6 @@ fn adamw_run(fx: &Fixture, out: PathBuf) -> TrainConfig {
     }
 }
 
-/// The same 3 AdamW steps with the model in f16 on the emulator (the CUDA kernels): losses
-/// within 3× PyTorch fp16's loss error of the f64 ones, the adapter near the f64 one.
-#[test]
-fn three_adamw_steps_on_emu_within_fp16_error() {
-    use prefix_attn::device::emu::EmuBackend;
-    let name = "llama-gqa";
-    let fx = Fixture::new(name);
-    let out = tmp_out(&format!("{name}-adamw-emu"));
-    let r = train(&adamw_run(&fx, out.to_path_buf()), &EmuBackend, &mut |_| {
-        true
-    })
-    .unwrap();
-    let want = fx.f64("train.adamw.losses");
-    let torch16 = (fx.f64("fp16.loss")[0] - fx.f64("loss")[0]).abs();
-    for (k, (g, w)) in r.losses.iter().zip(&want).enumerate() {
-        eprintln!(
-            "{name} emu step {k}: loss {g} vs {w} (torch fp16 off by {torch16:.2e} at step 0)"
-        );
-        assert!(
-            (g - w).abs() <= 3.0 * torch16 + 1e-4,
-            "{name} emu step {k}: {g} vs {w}"
-        );
-    }
-    let ad = PrefixAdapter::load(&out).unwrap();
-    let pe: Vec<f64> = ad.prompt_embeddings.iter().map(|&x| x as f64).collect();
-    let e = rel_err(&pe, &fx.f64("train.adamw.prefix"));
-    eprintln!("{name} emu: adapter after 3 steps rel err {e:.2e}");
-    // AdamW's first steps move every parameter by about lr whatever the size of its gradient
-    // (m / sqrt(v) = ±1 at step 1), so a parameter whose gradient is within fp16 error of
-    // zero may move either way: the adapter is looser than the losses (measured 8.8e-3).
-    assert!(e < 2e-2, "{name} emu: adapter after 3 steps differs by {e}");
-}
-
 /// Three AdamW steps of the trainer (through `lm::load`, the encoder and the optimiser of
 /// `train/`) against torch.optim.AdamW on the same batch.
 #[test]
@@ -422,88 +389,14 @@ fn eval_and_generate_commands_match_the_fixtures() {
     }
 }
 
-/// The CUDA kernels on the emulator (f16 model) against the fixture: logits and loss within
-/// 3× PyTorch fp16's own error against f64 (the fixture's `fp16.*`), the prefix gradient near
-/// the f64 one, greedy generation equal (the fixture's gaps are far above fp16 error).
+/// The CUDA kernels on the emulator (f16 model) against the fixture `llama-gqa`: logits and
+/// loss within 3× PyTorch fp16's own error, the prefix gradient, greedy generation and 3 AdamW
+/// steps of the trainer (`common::llama_fp16`, which `tests/gpu.rs` runs on cuda).
 #[test]
 fn llama_gqa_on_emu_within_fp16_error() {
-    use prefix_attn::device::emu::EmuBackend;
-    let name = "llama-gqa";
-    let fx = Fixture::new(name);
-    let be = EmuBackend;
-    let model = Llama::load(&fx.dir.join("model"), &be).unwrap();
-    assert_eq!(model.dtype(), DType::F16);
-    let prefix = PrefixAdapter::load_for(&fx.dir.join("adapter"), &model, &be).unwrap();
-    let examples = fx.examples();
-    let refs: Vec<(&[u32], &[i32])> = examples
-        .iter()
-        .map(|(a, b)| (a.as_slice(), b.as_slice()))
-        .collect();
-    let batch = Batch::new(&refs).unwrap();
-    let v = model.geometry().vocab_size;
-    let m = batch.batch_size * batch.seq_len;
-    let mut acts = Activations::with_rows(&model, &be, m, false).unwrap();
-    let loss = model
-        .forward(&be, &batch, Some(&prefix), &mut acts, None)
-        .unwrap();
-    let got = be.download(&acts.logits).unwrap().to_f32_vec();
-    let (want, torch16) = (fx.f64("logits"), fx.f64("fp16.logits"));
-    let (mut g, mut w, mut t) = (vec![], vec![], vec![]);
-    for (b, (ids, _)) in examples.iter().enumerate() {
-        let row = b * batch.seq_len * v;
-        let end = row + ids.len() * v;
-        g.extend(got[row..end].iter().map(|&x| x as f64));
-        w.extend(&want[row..end]);
-        t.extend(&torch16[row..end]);
+    let be = prefix_attn::device::emu::EmuBackend;
+    match common::llama_fp16::llama_gqa_fp16_parity(&be) {
+        Ok(report) => report.iter().for_each(|l| eprintln!("emu {l}")),
+        Err(e) => panic!("emu: {e}"),
     }
-    let (e, e16) = (rel_err(&g, &w), rel_err(&t, &w));
-    eprintln!("{name} emu: logits rel err {e:.2e} (torch fp16 {e16:.2e})");
-    assert!(
-        e <= 3.0 * e16,
-        "{name} emu: logits rel err {e} vs torch fp16 {e16}"
-    );
-    let (want_loss, loss16) = (fx.f64("loss")[0], fx.f64("fp16.loss")[0]);
-    let (le, le16) = ((loss.mean() - want_loss).abs(), (loss16 - want_loss).abs());
-    eprintln!(
-        "{name} emu: loss {} vs {want_loss} (|d| {le:.2e}, torch fp16 {le16:.2e})",
-        loss.mean()
-    );
-    assert!(le <= 3.0 * le16 + 1e-4, "{name} emu: loss {}", loss.mean());
-
-    // The prefix gradient through the seam (summed-loss backward in f16, f32 prefix grads).
-    let mut ws = prefix_attn::lm::Workspace::new();
-    let g_dims = [prefix.dims()[0], model.geometry().prefix_width()];
-    let mut d_prefix = be.zeros(&g_dims, DType::F32).unwrap();
-    let l = model
-        .loss_and_grad(&be, &batch, &prefix, &mut ws, &mut d_prefix)
-        .unwrap();
-    let gp: Vec<f64> = be
-        .download(&d_prefix)
-        .unwrap()
-        .to_f32_vec()
-        .iter()
-        .map(|&x| x as f64 / l.count as f64)
-        .collect();
-    let e = rel_err(&gp, &fx.f64("grad.prefix"));
-    eprintln!("{name} emu: grad.prefix rel err {e:.2e}");
-    assert!(e < 2e-2, "{name} emu: grad.prefix differs by {e}");
-
-    let prompt: Vec<u32> = fx
-        .i64("gen.prompt_ids")
-        .1
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let want: Vec<u32> = fx.i64("gen.ids").1.iter().map(|&x| x as u32).collect();
-    let ids = generate::greedy_until(
-        &model,
-        &be,
-        Some(&prefix),
-        &prompt,
-        want.len(),
-        model.eos_token_id(),
-    )
-    .unwrap()
-    .ids;
-    assert_eq!(ids, want, "{name} emu: greedy ids");
 }
