@@ -332,10 +332,26 @@ fn unsupported_options_are_refused_by_name() {
         v["model_type"] = "qwen2".into();
         v["use_sliding_window"] = false.into();
         v["sliding_window"] = 8.into();
-        // Qwen2 ties its head unless the config says otherwise.
-        v.as_object_mut().unwrap().remove("tie_word_embeddings");
+        v["tie_word_embeddings"] = true.into();
     });
     assert!(c.qkv_bias && !c.o_bias && c.tie_word_embeddings);
+    // Defaults as transformers': an untied head; Mistral's window is 4096 when absent
+    // (refused under a longer context), none when null.
+    let c = ok(&|v| {
+        v["model_type"] = "qwen2".into();
+        v.as_object_mut().unwrap().remove("tie_word_embeddings");
+    });
+    assert!(!c.tie_word_embeddings);
+    let e = config_error(|v| {
+        v["model_type"] = "mistral".into();
+        v["max_position_embeddings"] = 32768.into();
+    });
+    assert!(e.contains("sliding_window = 4096"), "{e}");
+    ok(&|v| {
+        v["model_type"] = "mistral".into();
+        v["max_position_embeddings"] = 32768.into();
+        v["sliding_window"] = serde_json::Value::Null;
+    });
     let c = ok(&|v| {
         v["model_type"] = "mistral".into();
         v["sliding_window"] = 32.into();

@@ -184,7 +184,9 @@ impl LlamaConfig {
 
         // Sliding-window attention changes the result only when the window is shorter than
         // the context and in use.
+        // MistralConfig's default window is 4096 (absent means 4096, null means none).
         let window = match field(obj, "sliding_window") {
+            None if model_type == "mistral" && !obj.contains_key("sliding_window") => Some(4096),
             None => None,
             Some(v) => Some(
                 v.as_u64()
@@ -250,7 +252,8 @@ impl LlamaConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
-            tie_word_embeddings: bool_field("tie_word_embeddings", model_type == "qwen2")?,
+            // transformers' default for all three is false.
+            tie_word_embeddings: bool_field("tie_word_embeddings", false)?,
             eos_token_id,
         })
     }
