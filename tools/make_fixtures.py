@@ -36,6 +36,11 @@ asserts, that
     with gaps well above the fp16 error, and its AdamW losses go down. It prints how far each fp16.*
     value is from its f64 counterpart (also in versions.json -> fp16.deviation_vs_f64).
 
+With --llama it writes the Llama-family fixtures instead (LLAMA_MODELS: a Llama with GQA, a Qwen2
+with q/k/v biases and a tied head, a Mistral; tests/fixtures/llama/<name>/, the same files and
+keys, plus fp16.*/bf16.* forwards), checked the same way against an independent from-scratch
+forward (llama_scratch_forward) and finite differences; see tools/README.md.
+
 Run from the repository root (see tools/README.md for the venv):
 
     /work/venv-hf/bin/python tools/make_fixtures.py --out tests/fixtures/gpt2
