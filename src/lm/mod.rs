@@ -1,10 +1,11 @@
 //! The model seam: what the trainer, the prefix code, the benchmarks, the demo and the
 //! command line need of a frozen language model with prefix K/V, whatever its family.
 //!
-//! A family (GPT-2 today, in `src/gpt2/`) implements [`PrefixLm`]: the geometry of its prefix
-//! ([`Geometry`]), the summed token loss of a batch given the per-layer prefix K/V and the
-//! gradient of that sum with respect to the prefix (training), and the logits of new tokens
-//! over a [`KvCache`] that keeps the prefix out of the cache (decoding). [`load`] picks the
+//! A family (GPT-2 in `src/gpt2/`; Llama, Qwen2 and Mistral in `src/llama/`) implements
+//! [`PrefixLm`]: the geometry of its prefix ([`Geometry`]), the summed token loss of a batch
+//! given the per-layer prefix K/V and the gradient of that sum with respect to the prefix
+//! (training), and the logits of new tokens over a [`KvCache`] that keeps the prefix out of
+//! the cache (decoding). [`load`] picks the
 //! family of a Hugging Face folder by `config.json`'s `model_type`. Everything here is
 //! model-independent: the batch, the loss, the cache, greedy generation and the workspace.
 //!
@@ -180,7 +181,11 @@ pub trait PrefixLm: std::fmt::Debug + Send + Sync {
         let width = self.geometry().prefix_width();
         let d = prefix.dims();
         if d.len() != 2 || d[1] != width {
-            return Err(Error::shape("prefix", format!("[P, L*2*C = {width}]"), d));
+            return Err(Error::shape(
+                "prefix",
+                format!("[P, L*2*Hkv*D = {width}]"),
+                d,
+            ));
         }
         Ok(d[0])
     }
