@@ -1,5 +1,5 @@
-// The dense GPT-2 kernels of the training and inference path (everything but the matmuls,
-// which go to cuBLAS, and attention, in prefix_attn_{fwd,bwd}.cu):
+// The dense kernels of the training and inference path, GPT-2's and the Llama family's
+// (everything but the matmuls, which go to cuBLAS, and attention, in prefix_attn_*.cu):
 //
 //   dense_embed           token + position embedding (positions start at pos_offset)
 //   dense_layernorm       layer norm forward, also storing mean and rstd (f32) per row
@@ -17,6 +17,14 @@
 //   dense_cross_entropy   softmax cross-entropy per row with HF's -100 convention; writes the
 //                         gradient of the summed loss (may overwrite the logits in place)
 //   dense_adamw           one torch AdamW update of f32 parameters
+//
+// and those of the Llama family (Llama, Qwen2, Mistral; docs/ARCHITECTURE.md §11):
+//
+//   dense_rmsnorm         RMS norm forward, also storing rstd (f32) per row
+//   dense_rmsnorm_bwd     input gradient of RMS norm (the weight is frozen)
+//   dense_rope            rotate-half rotary embedding in place (sign -1: its backward)
+//   dense_swiglu          silu(gate) · up
+//   dense_swiglu_bwd      the gradients of silu(gate) · up
 //
 // Every kernel is a grid-stride loop, so any grid size is correct; the Rust planner
 // (src/device/kernels.rs, `plan_dense`) picks it. Arithmetic is fp32 whatever the storage
@@ -327,6 +335,92 @@ extern "C" PA_GLOBAL void dense_adamw(DenseParams p) {
     }
 }
 
+// One warp per row. in0 = x [rows, C] (in_dt), in1 = weight [C] (in1_dt), out0 = y (out_dt),
+// out1 = rstd [rows] (f32), f[0] = eps: y = w · (x · rstd), rstd = 1 / sqrt(mean(x²) + eps),
+// in f32 as transformers' LlamaRMSNorm.
+extern "C" PA_GLOBAL void dense_rmsnorm(DenseParams p) {
+    const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    const float inv_c = 1.0f / static_cast<float>(p.cols);
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * wpb + (threadIdx.x >> 5); r < p.rows;
+         r += static_cast<int64_t>(gridDim.x) * wpb) {
+        const int64_t base = r * p.cols;
+        float s = 0.0f;
+        for (int64_t c = lane; c < p.cols; c += 32) {
+            const float x = load(p.in0, base + c, p.in_dt);
+            s += x * x;
+        }
+        const float rs = 1.0f / sqrtf(warp_sum(s) * inv_c + p.f[0]);
+        for (int64_t c = lane; c < p.cols; c += 32) {
+            store(p.out0, base + c, p.out_dt, load(p.in1, c, p.in1_dt) * (load(p.in0, base + c, p.in_dt) * rs));
+        }
+        if (lane == 0) ptr<float>(p.out1)[r] = rs;
+    }
+}
+
+// One warp per row. in0 = dy, in1 = x [rows, C] (in_dt), in2 = weight [C] (in1_dt),
+// in3 = rstd [rows] (f32), out0 = dx (out_dt), flags bit 0: dx += instead of =.
+// dx = rstd · w · dy - x · rstd³ · mean(w · dy · x).
+extern "C" PA_GLOBAL void dense_rmsnorm_bwd(DenseParams p) {
+    const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    const float inv_c = 1.0f / static_cast<float>(p.cols);
+    const bool acc = (p.flags & 1) != 0;
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * wpb + (threadIdx.x >> 5); r < p.rows;
+         r += static_cast<int64_t>(gridDim.x) * wpb) {
+        const int64_t base = r * p.cols;
+        const float rs = ptr<const float>(p.in3)[r];
+        float s = 0.0f;
+        for (int64_t c = lane; c < p.cols; c += 32) {
+            s += load(p.in2, c, p.in1_dt) * load(p.in0, base + c, p.in_dt) * load(p.in1, base + c, p.in_dt);
+        }
+        const float k = rs * rs * rs * (warp_sum(s) * inv_c);
+        for (int64_t c = lane; c < p.cols; c += 32) {
+            float v = rs * load(p.in2, c, p.in1_dt) * load(p.in0, base + c, p.in_dt) - load(p.in1, base + c, p.in_dt) * k;
+            if (acc) v += load(p.out0, base + c, p.out_dt);
+            store(p.out0, base + c, p.out_dt, v);
+        }
+    }
+}
+
+// out0 = x [rows = B·T, dims[0] = H, dims[1] = D] (out_dt), rotated in place; in0 = cos,
+// in1 = sin [seq_len, D/2] (f32): row r uses table row r % seq_len (seq_len = T: one table for
+// the batch; B·T: one per sequence); f[0] = +1 (forward) or -1 (backward: the transposed
+// rotation). Pair (j, j + D/2) of every head: (a, b) -> (a·c - b·s, b·c + a·s).
+extern "C" PA_GLOBAL void dense_rope(DenseParams p) {
+    const int64_t heads = p.dims[0], d = p.dims[1], half = d / 2;
+    const int64_t n = p.rows * heads * half;
+    for (int64_t i = first_index(); i < n; i += grid_threads()) {
+        const int64_t r = i / (heads * half), rem = i - r * heads * half;
+        const int64_t h = rem / half, j = rem - h * half;
+        const int64_t t = (r % p.seq_len) * half + j;
+        const float c = ptr<const float>(p.in0)[t], s = p.f[0] * ptr<const float>(p.in1)[t];
+        const int64_t base = (r * heads + h) * d;
+        const float a = load(p.out0, base + j, p.out_dt), b = load(p.out0, base + j + half, p.out_dt);
+        store(p.out0, base + j, p.out_dt, a * c - b * s);
+        store(p.out0, base + j + half, p.out_dt, b * c + a * s);
+    }
+}
+
+// in0 = gate, in1 = up (in_dt), out0 = silu(gate) · up (out_dt); rows · cols elements.
+extern "C" PA_GLOBAL void dense_swiglu(DenseParams p) {
+    const int64_t n = p.rows * p.cols;
+    for (int64_t i = first_index(); i < n; i += grid_threads()) {
+        const float g = load(p.in0, i, p.in_dt);
+        store(p.out0, i, p.out_dt, g / (1.0f + expf(-g)) * load(p.in1, i, p.in_dt));
+    }
+}
+
+// in0 = gate, in1 = up, in2 = dy (in_dt), out0 = d_gate = dy · up · silu'(gate),
+// out1 = d_up = dy · silu(gate) (out_dt), silu'(g) = σ(g) (1 + g (1 - σ(g))).
+extern "C" PA_GLOBAL void dense_swiglu_bwd(DenseParams p) {
+    const int64_t n = p.rows * p.cols;
+    for (int64_t i = first_index(); i < n; i += grid_threads()) {
+        const float g = load(p.in0, i, p.in_dt), u = load(p.in1, i, p.in_dt), dy = load(p.in2, i, p.in_dt);
+        const float sg = 1.0f / (1.0f + expf(-g));
+        store(p.out0, i, p.out_dt, dy * u * sg * (1.0f + g * (1.0f - sg)));
+        store(p.out1, i, p.out_dt, dy * g * sg);
+    }
+}
+
 // Every dense kernel is grid-stride over rows or elements: the planner picks the block size.
 PA_REGISTER_KERNEL(dense_embed, DenseParams, 0, 0, 0, 0)
 PA_REGISTER_KERNEL(dense_layernorm, DenseParams, 0, 0, 0, 0)
@@ -343,6 +437,11 @@ PA_REGISTER_KERNEL(dense_copy, DenseParams, 0, 0, 0, 0)
 PA_REGISTER_KERNEL(dense_gather_rows, DenseParams, 0, 0, 0, 0)
 PA_REGISTER_KERNEL(dense_cross_entropy, DenseParams, 0, 0, 0, 0)
 PA_REGISTER_KERNEL(dense_adamw, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_rmsnorm, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_rmsnorm_bwd, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_rope, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_swiglu, DenseParams, 0, 0, 0, 0)
+PA_REGISTER_KERNEL(dense_swiglu_bwd, DenseParams, 0, 0, 0, 0)
 
 #if defined(PREFIX_ATTN_EMU)
 #include <cstddef>

@@ -53,6 +53,7 @@ pub mod error;
 pub mod gpt2;
 pub mod hf;
 pub mod io;
+pub mod llama;
 pub mod lm;
 pub mod prefix;
 pub mod rng;

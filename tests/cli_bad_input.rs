@@ -57,7 +57,7 @@ fn bad_model_folders() {
     std::fs::write(m.join("config.json"), "{ not json").unwrap();
     has(
         &eval_err(&m, None, &data),
-        &["config.json", "not a GPT-2 config"],
+        &["config.json", "not a model config"],
     );
     let cfg = std::fs::read_to_string(fixture("tiny-a/model/config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();

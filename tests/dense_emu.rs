@@ -561,3 +561,181 @@ fn naive_concat_with_a_prefix_table_on_emu_matches_the_oracle() {
     check_bwd(&x, &d_o, &f64s(&f.o), &g, &exact, DType::F16, true, false)
         .unwrap_or_else(|e| panic!("naive backward on emu: {e}"));
 }
+
+/// The Llama family's kernels (RMS norm, rotary embedding with shared and per-sequence
+/// tables, SwiGLU; forward and backward) against the cpu backend, in f16, bf16 and f32.
+#[test]
+fn llama_kernels_match_cpu() {
+    let mut rng = Rng::new(21);
+    for &(m, c) in &[(1usize, 64usize), (7, 128), (37, 96), (5, 33)] {
+        for dt in DTYPES {
+            let u = ulp(dt);
+            let x: Vec<f32> = random(&mut rng, m * c, 2.0);
+            let (xh, xf) = pair(&[m, c], &x, dt);
+            let (wh, wf) = pair(&[c], &random(&mut rng, c, 1.0), dt);
+            let (dyh, dyf) = pair(&[m, c], &random(&mut rng, m * c, 1.0), dt);
+            let mut out = Tensor::from_f32(&[m, c], &vec![f32::NAN; m * c], dt).unwrap();
+            let mut rstd = Tensor::from_f32(&[m], &vec![f32::NAN; m], DType::F32).unwrap();
+            let mut outc = Tensor::zeros(&[m, c], DType::F32).unwrap();
+            let mut rstdc = Tensor::zeros(&[m], DType::F32).unwrap();
+            EMU.rmsnorm(
+                &xh.view(),
+                &wh.view(),
+                1e-5,
+                &mut out.view_mut(),
+                &mut rstd.view_mut(),
+            )
+            .unwrap();
+            CPU.rmsnorm(
+                &xf.view(),
+                &wf.view(),
+                1e-5,
+                &mut outc.view_mut(),
+                &mut rstdc.view_mut(),
+            )
+            .unwrap();
+            close(
+                &format!("rmsnorm [{m},{c}] {dt}"),
+                &out,
+                &outc,
+                u.max(1e-6),
+                1e-5,
+            );
+            close(
+                &format!("rmsnorm rstd [{m},{c}] {dt}"),
+                &rstd,
+                &rstdc,
+                1e-5,
+                0.0,
+            );
+            for acc in [false, true] {
+                let base = random(&mut rng, m * c, 1.0);
+                let (mut dx, dxf) = pair(&[m, c], &base, dt);
+                let mut dxc = dxf.clone();
+                EMU.rmsnorm_bwd(
+                    &dyh.view(),
+                    &xh.view(),
+                    &wh.view(),
+                    &rstdc.view(),
+                    &mut dx.view_mut(),
+                    acc,
+                )
+                .unwrap();
+                CPU.rmsnorm_bwd(
+                    &dyf.view(),
+                    &xf.view(),
+                    &wf.view(),
+                    &rstdc.view(),
+                    &mut dxc.view_mut(),
+                    acc,
+                )
+                .unwrap();
+                close(
+                    &format!("rmsnorm_bwd [{m},{c}] acc={acc} {dt}"),
+                    &dx,
+                    &dxc,
+                    2.0 * u.max(1e-6),
+                    1e-4,
+                );
+            }
+            // SwiGLU on [m, c] as gate and up.
+            EMU.swiglu(&xh.view(), &dyh.view(), &mut out.view_mut())
+                .unwrap();
+            CPU.swiglu(&xf.view(), &dyf.view(), &mut outc.view_mut())
+                .unwrap();
+            close(
+                &format!("swiglu [{m},{c}] {dt}"),
+                &out,
+                &outc,
+                u.max(2e-6),
+                2e-6,
+            );
+            let (gh, gf) = pair(&[m, c], &random(&mut rng, m * c, 1.0), dt);
+            let mut out2 = Tensor::from_f32(&[m, c], &vec![f32::NAN; m * c], dt).unwrap();
+            let mut out2c = Tensor::zeros(&[m, c], DType::F32).unwrap();
+            EMU.swiglu_bwd(
+                &xh.view(),
+                &dyh.view(),
+                &gh.view(),
+                &mut out.view_mut(),
+                &mut out2.view_mut(),
+            )
+            .unwrap();
+            CPU.swiglu_bwd(
+                &xf.view(),
+                &dyf.view(),
+                &gf.view(),
+                &mut outc.view_mut(),
+                &mut out2c.view_mut(),
+            )
+            .unwrap();
+            close(
+                &format!("swiglu_bwd d_gate [{m},{c}] {dt}"),
+                &out,
+                &outc,
+                u.max(2e-6),
+                1e-5,
+            );
+            close(
+                &format!("swiglu_bwd d_up [{m},{c}] {dt}"),
+                &out2,
+                &out2c,
+                u.max(2e-6),
+                1e-5,
+            );
+        }
+    }
+    // RoPE: [B, T, H, D] with a table for the batch and one per sequence, forward and back.
+    for &(b, t, h, d) in &[
+        (2usize, 5usize, 3usize, 8usize),
+        (1, 7, 2, 64),
+        (3, 4, 1, 128),
+    ] {
+        for dt in DTYPES {
+            let u = ulp(dt);
+            let n = b * t * h * d;
+            let (xh, xf) = pair(&[b, t, h, d], &random(&mut rng, n, 1.0), dt);
+            for per_seq in [false, true] {
+                let rows = if per_seq { b * t } else { t };
+                let angles: Vec<f32> = random(&mut rng, rows * d / 2, 3.0);
+                let cs: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+                let sn: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+                let shape = if per_seq {
+                    vec![b, t, d / 2]
+                } else {
+                    vec![t, d / 2]
+                };
+                let cos = Tensor::from_f32(&shape, &cs, DType::F32).unwrap();
+                let sin = Tensor::from_f32(&shape, &sn, DType::F32).unwrap();
+                let (mut e, mut cpu) = (xh.clone(), xf.clone());
+                EMU.rope(&mut e.view_mut(), &cos.view(), &sin.view())
+                    .unwrap();
+                CPU.rope(&mut cpu.view_mut(), &cos.view(), &sin.view())
+                    .unwrap();
+                let what = format!("rope [{b},{t},{h},{d}] per_seq={per_seq} {dt}");
+                // Values are O(1): the half-precision output's rounding is absolute too.
+                close(&what, &e, &cpu, 2.0 * u.max(1e-6), u + 1e-6);
+                let moved = cpu
+                    .to_f32_vec()
+                    .iter()
+                    .zip(xf.to_f32_vec())
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(moved > 0.1, "{what}: the rotation moved nothing");
+                // The backward undoes the rotation.
+                EMU.rope_bwd(&mut e.view_mut(), &cos.view(), &sin.view())
+                    .unwrap();
+                CPU.rope_bwd(&mut cpu.view_mut(), &cos.view(), &sin.view())
+                    .unwrap();
+                // The emu input was rounded once more (the stored rotation).
+                close(
+                    &format!("rope_bwd {what}"),
+                    &e,
+                    &cpu,
+                    4.0 * u.max(1e-6),
+                    4.0 * u + 1e-6,
+                );
+                close(&format!("rope_bwd ∘ rope {what}"), &cpu, &xf, 1e-5, 1e-5);
+            }
+        }
+    }
+}

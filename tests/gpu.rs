@@ -392,6 +392,20 @@ fn main() {
             println!("FAILED tiny-c fp16 training path on cuda: {e}");
         }
     }
+    // The Llama family's half-precision path (its dense kernels, GQA attention) against its
+    // transformers + PEFT fixture.
+    match common::llama_fp16::llama_gqa_fp16_parity(&be) {
+        Ok(report) => {
+            passed += 1;
+            for line in report {
+                println!("cuda {line}");
+            }
+        }
+        Err(e) => {
+            failed += 1;
+            println!("FAILED llama-gqa fp16 path on cuda: {e}");
+        }
+    }
     // Out of memory is an error that names the size, never a panic.
     match be.zeros(&[1 << 42], DType::F16) {
         Err(e) if e.to_string().contains("MiB") => {

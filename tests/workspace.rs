@@ -73,7 +73,19 @@ fn bits(be: &dyn Backend, enc: &PrefixEncoder) -> Vec<Vec<u32>> {
 fn run(be: &dyn Backend, head_dim: usize) {
     let cfg = small_config(2, 2, head_dim, 61, 32);
     let model = random_model(&cfg, 7, 0.05, be).unwrap();
-    let lm: &dyn PrefixLm = &model;
+    run_model(be, &model);
+}
+
+/// A Llama-family model: GQA (2 query heads over 1 KV head), rotary positions, RMSNorm.
+fn run_llama(be: &dyn Backend, head_dim: usize) {
+    use prefix_attn::llama::random;
+    let cfg = random::small_config("qwen2", 2, 2, 1, head_dim, 61, 32);
+    let model = random::random_model(&cfg, 7, 0.05, be).unwrap();
+    run_model(be, &model);
+}
+
+fn run_model(be: &dyn Backend, lm: &dyn PrefixLm) {
+    let vocab = lm.geometry().vocab_size;
     let dims = EncoderDims::for_model(&lm.geometry(), 3, 16, true);
     let adamw = OptimizerKind::AdamW {
         beta1: 0.9,
@@ -85,12 +97,12 @@ fn run(be: &dyn Backend, head_dim: usize) {
     let enc = || PrefixEncoder::init(dims, 11, be).unwrap();
     let opt = || Optimizer::new(adamw, &dims.shapes(), be).unwrap();
     let mut rng = Rng::new(0x5eed);
-    let data = batches(&mut rng, cfg.vocab_size);
+    let data = batches(&mut rng, vocab);
     let eval_sets: Vec<Vec<Example>> = [[12, 3, 8], [5, 2, 9]]
         .iter()
         .map(|lens| {
             lens.iter()
-                .map(|&len| example(&mut rng, cfg.vocab_size, len, 1))
+                .map(|&len| example(&mut rng, vocab, len, 1))
                 .collect()
         })
         .collect();
@@ -159,4 +171,14 @@ fn varying_batches_in_a_grown_workspace_match_fresh_buffers_cpu() {
 fn varying_batches_in_a_grown_workspace_match_fresh_buffers_emu() {
     // fp16 with the logit gradient written over the logits; the kernels take head dim 64.
     run(&EmuBackend, 64);
+}
+
+#[test]
+fn llama_varying_batches_in_a_grown_workspace_match_fresh_buffers_cpu() {
+    run_llama(&CpuBackend, 8);
+}
+
+#[test]
+fn llama_varying_batches_in_a_grown_workspace_match_fresh_buffers_emu() {
+    run_llama(&EmuBackend, 64);
 }

@@ -36,6 +36,11 @@ asserts, that
     with gaps well above the fp16 error, and its AdamW losses go down. It prints how far each fp16.*
     value is from its f64 counterpart (also in versions.json -> fp16.deviation_vs_f64).
 
+With --llama it writes the Llama-family fixtures instead (LLAMA_MODELS: a Llama with GQA, a Qwen2
+with q/k/v biases and a tied head, a Mistral; tests/fixtures/llama/<name>/, the same files and
+keys, plus fp16.*/bf16.* forwards), checked the same way against an independent from-scratch
+forward (llama_scratch_forward) and finite differences; see tools/README.md.
+
 Run from the repository root (see tools/README.md for the venv):
 
     /work/venv-hf/bin/python tools/make_fixtures.py --out tests/fixtures/gpt2
@@ -361,11 +366,18 @@ def scratch_forward(sd, cfg, input_ids, attn_mask, prefix=None):
 # hand-built prefixed forward through the plain HF model
 # ----------------------------------------------------------------------------------------------
 
+def kv_geometry(cfg):
+    """(layers, key/value heads, head dim) of a GPT-2 or Llama-family config."""
+    if cfg.model_type == "gpt2":
+        return cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, d
+
+
 def prefix_to_cache(prefix, cfg, batch):
-    """[P, L*2*C] -> DynamicCache, prefix laid out as [P, L, 2 (key, value), H, D]."""
+    """[P, L*2*Hkv*D] -> DynamicCache, prefix laid out as [P, L, 2 (key, value), Hkv, D]."""
     P = prefix.shape[0]
-    L, H = cfg.n_layer, cfg.n_head
-    D = cfg.n_embd // H
+    L, H, D = kv_geometry(cfg)
     pre = prefix.view(P, L, 2, H, D)
     cache = DynamicCache(config=cfg)
     for layer in range(L):
@@ -1174,6 +1186,506 @@ def make_one(spec, root):
     return info
 
 # ----------------------------------------------------------------------------------------------
+# Llama family (--llama): Llama with GQA and Qwen2 with q/k/v biases and a tied head
+# ----------------------------------------------------------------------------------------------
+
+LLAMA_MODELS = [
+    dict(
+        # GQA 4 query / 2 KV heads of head_dim 64 (what the CUDA kernels take), head_dim explicit
+        # and not hidden_size / heads (q width 256 > C = 128), untied head, rope_theta and
+        # rms_norm_eps not the defaults, stored bf16 in two shards (model.safetensors.index.json)
+        name="llama-gqa",
+        model_type="llama",
+        seed=7101,
+        config=dict(vocab_size=211, hidden_size=128, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                    max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=5000.0,
+                    tie_word_embeddings=False, attention_bias=False, mlp_bias=False),
+        storage="bf16-sharded",
+        P=4, E=16, T=12, lengths=[12, 9, 5], gen_prompt_len=4, eos_token_id=210,
+    ),
+    dict(
+        # Qwen2: q/k/v biases (no o bias), tied head, GQA 2 query / 1 KV heads of 64,
+        # rope_theta 20000, no sliding window; stored f32 by save_pretrained
+        name="qwen2-tied",
+        model_type="qwen2",
+        seed=7205,  # picked: greedy top-1/top-2 gaps >= 0.12 with and without the prefix
+        config=dict(vocab_size=173, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                    rms_norm_eps=1e-5, rope_theta=20000.0, tie_word_embeddings=True,
+                    use_sliding_window=False),
+        storage="f32-hf",
+        P=4, E=16, T=12, lengths=[12, 9, 5], gen_prompt_len=4, eos_token_id=172,
+    ),
+    dict(
+        # Mistral: no biases, untied head, GQA 4 query / 1 KV heads of 32 (the cpu backend takes
+        # any head dim), a sliding window as long as the context (so never in use), stored f16
+        name="mistral-f16",
+        model_type="mistral",
+        seed=7303,
+        config=dict(vocab_size=157, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                    max_position_embeddings=64, sliding_window=64, rms_norm_eps=1e-5,
+                    rope_theta=30000.0, tie_word_embeddings=False),
+        storage="f16-hf",
+        P=4, E=16, T=12, lengths=[12, 9, 5], gen_prompt_len=4, eos_token_id=156,
+    ),
+]
+
+
+def _rms_forward_f64(orig):
+    """transformers' RMSNorm upcasts to float32 (a no-op in an f32 model). For the f64 reference
+    it would round every normalised activation to f32, which finite differences cannot see through,
+    so in f64 the same formula runs in f64; other dtypes keep transformers' own code."""
+    def forward(self, hidden_states):
+        if hidden_states.dtype == torch.float64:
+            var = hidden_states.pow(2).mean(-1, keepdim=True)
+            return self.weight * (hidden_states * torch.rsqrt(var + self.variance_epsilon))
+        return orig(self, hidden_states)
+    return forward
+
+
+def _eager_attention_f64(orig):
+    """transformers' eager attention takes its softmax in float32 (a no-op in an f32 model); in
+    f64 the same code runs with an f64 softmax, for the reason of _rms_forward_f64."""
+    def forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        if query.dtype != torch.float64:
+            return orig(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        g = module.num_key_value_groups
+        key_states, value_states = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+        w = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask
+        w = torch.softmax(w, dim=-1)
+        out = torch.matmul(w, value_states).transpose(1, 2).contiguous()
+        return out, w
+    return forward
+
+
+def patch_f64_upcasts():
+    """The two places where transformers' Llama/Qwen2 compute in f32 whatever the model dtype
+    (RMSNorm, the eager softmax) compute in f64 in an f64 model; f32/f16/bf16 models are
+    untouched."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.qwen2 import modeling_qwen2
+    norms = {modeling_llama: "LlamaRMSNorm", modeling_qwen2: "Qwen2RMSNorm", modeling_mistral: "MistralRMSNorm"}
+    for m, norm_name in norms.items():
+        if not getattr(m, "_f64_patched", False):
+            norm = getattr(m, norm_name)
+            norm.forward = _rms_forward_f64(norm.forward)
+            m.eager_attention_forward = _eager_attention_f64(m.eager_attention_forward)
+            m._f64_patched = True
+
+
+def rope_theta_of(cfg):
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(rp, dict) and "rope_theta" in rp:
+        assert rp.get("rope_type", "default") == "default", rp
+        return float(rp["rope_theta"])
+    return float(cfg.rope_theta)
+
+
+def rope_tables_f32(theta, D, start, T):
+    """cos, sin [T, D/2] as transformers computes them (f32 inverse frequencies, f32 angle
+    pos * inv_freq, f32 cos/sin), returned in f64."""
+    inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.int64).to(torch.float32) / D))
+    ang = torch.arange(start, start + T, dtype=torch.int64).to(torch.float32)[:, None] * inv[None]
+    return ang.cos().double(), ang.sin().double()
+
+
+def llama_scratch_forward(sd, cfg, input_ids, attn_mask, prefix=None):
+    """An independent f64 Llama/Qwen2 forward (no transformers code) with the prefix as PEFT
+    feeds it: prefix keys/values [P, L, 2, Hkv, D] not rotated, real tokens at positions
+    P..P+T-1 (their q and k rotated, rotate-half form), every query sees every prefix slot."""
+    L, Hkv, D = kv_geometry(cfg)
+    Hq = cfg.num_attention_heads
+    G = Hq // Hkv
+    B, T = input_ids.shape
+    P = 0 if prefix is None else prefix.shape[0]
+    eps = cfg.rms_norm_eps
+    cos, sin = rope_tables_f32(rope_theta_of(cfg), D, P, T)
+    half = D // 2
+
+    def rope(x):  # [B, H, T, D]
+        a, b = x[..., :half], x[..., half:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def lin(x, name):
+        y = x @ sd[name + ".weight"].T
+        return y + sd[name + ".bias"] if name + ".bias" in sd else y
+
+    x = sd["model.embed_tokens.weight"][input_ids]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    ok = torch.cat([torch.ones(B, T, P, dtype=torch.bool), causal[None] & attn_mask.bool()[:, None, :]], -1)
+    pre = None if prefix is None else prefix.view(P, L, 2, Hkv, D)
+    for layer in range(L):
+        p = f"model.layers.{layer}."
+        h = rms(x, sd[p + "input_layernorm.weight"])
+        q = rope(lin(h, p + "self_attn.q_proj").view(B, T, Hq, D).transpose(1, 2))
+        k = rope(lin(h, p + "self_attn.k_proj").view(B, T, Hkv, D).transpose(1, 2))
+        v = lin(h, p + "self_attn.v_proj").view(B, T, Hkv, D).transpose(1, 2)
+        if pre is not None:
+            k = torch.cat([pre[:, layer, 0].permute(1, 0, 2)[None].expand(B, Hkv, P, D), k], 2)
+            v = torch.cat([pre[:, layer, 1].permute(1, 0, 2)[None].expand(B, Hkv, P, D), v], 2)
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+        s = s.masked_fill(~ok[:, None], float("-inf"))
+        a = torch.softmax(s, -1) @ v
+        x = x + lin(a.transpose(1, 2).reshape(B, T, Hq * D), p + "self_attn.o_proj")
+        h = rms(x, sd[p + "post_attention_layernorm.weight"])
+        x = x + lin(F.silu(lin(h, p + "mlp.gate_proj")) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+    x = rms(x, sd["model.norm.weight"])
+    head = sd["lm_head.weight"] if "lm_head.weight" in sd else sd["model.embed_tokens.weight"]
+    return x @ head.T
+
+
+def build_llama(spec):
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+    eos = spec["eos_token_id"]
+    kw = dict(spec["config"], initializer_range=0.1, attention_dropout=0.0, hidden_act="silu",
+              bos_token_id=eos, eos_token_id=eos, attn_implementation="eager")
+    cfg_cls, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                    "mistral": (MistralConfig, MistralForCausalLM)}[spec["model_type"]]
+    cfg = cfg_cls(**kw)
+    torch.manual_seed(spec["seed"])
+    model = cls(cfg)
+    g = torch.Generator().manual_seed(spec["seed"] + 1)
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if name.endswith("norm.weight"):
+                prm.copy_(1.0 + 0.1 * torch.randn(prm.shape, generator=g))
+            elif name.endswith(".bias"):
+                prm.copy_(0.05 * torch.randn(prm.shape, generator=g))
+    model.eval()
+    assert model.config._attn_implementation == "eager"
+    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert tied == spec["config"]["tie_word_embeddings"], "lm_head tying differs from the config"
+    return model, eos
+
+
+def half_references(model, pcfg, enc_sd, input_ids, attn_mask, labels, ref, dtype):
+    """The prefixed forward with the base model in `dtype` (fp16 or bf16; PEFT keeps its encoder in
+    fp32 and casts the prefix to the model dtype): logits and loss, for the half-precision error
+    scale of future kernel backends. Returns (tensors, info)."""
+    tag = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    mh = copy.deepcopy(model).to(dtype).eval()
+    with torch.random.fork_rng(devices=[]):
+        pmh = get_peft_model(mh, pcfg).eval()
+    pmh.prompt_encoder["default"].load_state_dict(enc_sd, strict=True)
+    with torch.no_grad():
+        lg = pmh(input_ids=input_ids, attention_mask=attn_mask).logits
+        assert lg.dtype == dtype
+        loss = lm_loss(lg.float(), labels)
+        lgb = mh(input_ids=input_ids, attention_mask=attn_mask).logits
+    mask = attn_mask.bool()[..., None]
+    e, rel = deviation(lg, ref["logits"], mask)
+    eb, relb = deviation(lgb, ref["logits_base"], mask)
+    info = {"logits_max_abs_vs_f64": e, "logits_rel_vs_f64": rel, "logits_base_rel_vs_f64": relb,
+            "loss": loss.item(), "loss_abs_vs_f64": abs(loss.item() - ref["loss"].item())}
+    print(f"  {tag}: logits rel {rel:.2e} (base {relb:.2e}), loss {loss.item():.6f} "
+          f"vs {ref['loss'].item():.6f}")
+    tensors = {f"{tag}.logits": lg.double(), f"{tag}.logits_base": lgb.double(),
+               f"{tag}.loss": loss.double().reshape(())}
+    return tensors, info
+
+
+def make_llama(spec, root):
+    name = spec["name"]
+    out = os.path.join(root, name)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    mdir = os.path.join(out, "model")
+    adir = os.path.join(out, "adapter")
+    os.makedirs(mdir)
+    notes = []
+    info = {"name": name, "seed": spec["seed"]}
+    patch_f64_upcasts()
+
+    model, eos = build_llama(spec)
+    cfg = model.config
+    L, Hkv, D = kv_geometry(cfg)
+    V, C, Hq = cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads
+    KW = Hkv * D
+    P, E = spec["P"], spec["E"]
+    info["eos_token_id"] = eos
+
+    cls = type(model)
+    if spec["storage"] == "bf16-sharded":
+        model = model.to(torch.bfloat16)
+        model.save_pretrained(mdir, safe_serialization=True, max_shard_size="400KB")
+        model = model.to(torch.float32)
+        assert os.path.exists(os.path.join(mdir, "model.safetensors.index.json")), "not sharded"
+        notes.append("model/ written by save_pretrained from the model cast to bfloat16, in shards "
+                     "(max_shard_size 400KB: model.safetensors.index.json + model-0000i-of-0000n.safetensors); "
+                     "the f64 references use exactly these bf16 values, upcast")
+    elif spec["storage"] == "f16-hf":
+        model = model.to(torch.float16)
+        model.save_pretrained(mdir, safe_serialization=True)
+        model = model.to(torch.float32)
+        notes.append("model/model.safetensors written by save_pretrained from the model cast to float16; the "
+                     "f64 references use exactly these fp16 values, upcast")
+    else:
+        model.save_pretrained(mdir, safe_serialization=True)
+        notes.append("model/model.safetensors written by save_pretrained (f32) unchanged")
+    shard_files = sorted(f for f in os.listdir(mdir) if f.endswith(".safetensors"))
+    info["model_safetensors"] = {f: st_names(os.path.join(mdir, f))[0] for f in shard_files}
+    with open(os.path.join(mdir, "config.json")) as f:
+        info["model_config"] = json.load(f)
+    reloaded = cls.from_pretrained(mdir, attn_implementation="eager", dtype=torch.float32).eval()
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), f"reload mismatch at {k1}/{k2}"
+    # The references use the reloaded model: casting the in-memory model to bf16 and back also
+    # rounded its (non-persistent) rotary inv_freq buffer, which from_pretrained recomputes.
+    model = reloaded
+    model.config.name_or_path = model.name_or_path = ""  # as built from a config: adapters name no base
+    notes.append("transformers from_pretrained(model/) reproduces the (rounded) weights bit-exactly; "
+                 "the references use that reloaded model (fresh f32 rotary tables)")
+
+    # ---- PEFT (f32) ----------------------------------------------------------------------------
+    pcfg = peft_config(spec)
+    pm32 = get_peft_model(copy.deepcopy(model), pcfg)
+    enc32 = pm32.prompt_encoder["default"]
+    enc_sd = init_prefix_encoder(enc32, spec["seed"] + 2)
+    enc32.load_state_dict(enc_sd, strict=True)
+    shapes = {k: list(v.shape) for k, v in enc_sd.items()}
+    assert shapes == {
+        "embedding.weight": [P, KW], "transform.0.weight": [E, KW], "transform.0.bias": [E],
+        "transform.2.weight": [L * 2 * KW, E], "transform.2.bias": [L * 2 * KW],
+    }, shapes
+    rc = pm32.peft_config["default"]
+    assert rc.token_dim == KW and rc.num_attention_heads == Hkv and rc.num_layers == L, rc
+    notes.append(f"PEFT on GQA: token_dim = head_dim * num_key_value_heads = {KW}, num_attention_heads = "
+                 f"num_key_value_heads = {Hkv}; prompt_embeddings [P, L*2*{KW}] laid out [layer][k,v][kv head][d]")
+    save_file(enc_sd, os.path.join(out, "prefix_encoder.safetensors"))
+    pm32.save_pretrained(adir)
+    readme = os.path.join(adir, "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)
+    with open(os.path.join(adir, "adapter_config.json")) as f:
+        info["adapter_config"] = json.load(f)
+    ad_saved = load_file(os.path.join(adir, "adapter_model.safetensors"))
+    with torch.no_grad():
+        prefix32 = enc32(torch.arange(P)[None])[0]
+    assert torch.equal(ad_saved["prompt_embeddings"], prefix32)
+
+    # ---- f64 reference -------------------------------------------------------------------------
+    m64 = copy.deepcopy(model).to(torch.float64).eval()
+    for p_ in m64.parameters():
+        p_.requires_grad_(False)
+    pm = get_peft_model(copy.deepcopy(m64), pcfg).eval()
+    enc = pm.prompt_encoder["default"]
+    enc.load_state_dict({k: v.to(torch.float64) for k, v in enc_sd.items()}, strict=True)
+    enc.to(torch.float64)
+    base_sd = {k: v.detach() for k, v in m64.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        base_sd.pop("lm_head.weight", None)
+
+    # the rotary tables transformers uses are the f32 ones of rope_tables_f32
+    rot = m64.model.rotary_emb
+    probe = torch.zeros(1, 1, D, dtype=torch.float64)
+    hc, hs = rot(probe, torch.arange(P, P + 20)[None])
+    mc, ms = rope_tables_f32(rope_theta_of(cfg), D, P, 20)
+    assert torch.equal(hc[0, :, :D // 2], mc) and torch.equal(hs[0, :, :D // 2], ms), "rotary tables differ"
+    a64 = torch.arange(P, P + 20, dtype=torch.float64)[:, None] / (rope_theta_of(cfg) ** (
+        torch.arange(0, D, 2, dtype=torch.float64) / D))
+    notes.append(f"rotary cos/sin of transformers equal f32 inv_freq = 1/theta^(2i/D), f32 angle pos*inv_freq, "
+                 f"f32 cos/sin (bit-exact, even in the f64 model; f64 angles would differ by "
+                 f"{(a64.cos() - mc).abs().max().item():.1e} at positions < {P + 20})")
+    notes.append("RMSNorm and the eager attention softmax: transformers computes them in f32 even for an "
+                 "f64 model; the f64 references here compute the same formulas in f64 (patched, f64 inputs "
+                 "only: patch_f64_upcasts), so the references are f64-accurate and finite differences "
+                 "meaningful; in an f32 model the patched and the original code are the same computation")
+
+    g = torch.Generator().manual_seed(spec["seed"] + 3)
+    B, T = len(spec["lengths"]), spec["T"]
+    input_ids = torch.zeros(B, T, dtype=torch.long)
+    attn_mask = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    real_ids = [i for i in range(V) if i != eos]
+    eval_rows = []
+    for b, n in enumerate(spec["lengths"]):
+        ids = [real_ids[int(j)] for j in torch.randint(len(real_ids), (n,), generator=g)]
+        input_ids[b, :n] = torch.tensor(ids)
+        attn_mask[b, :n] = 1
+        labels[b, PROMPT_TOKENS:n] = torch.tensor(ids[PROMPT_TOKENS:])
+        eval_rows.append({"input_ids": ids, "labels": labels[b, :n].tolist()})
+
+    captured = {}
+
+    def hook(_mod, _inp, output):
+        output.retain_grad()
+        captured["prefix"] = output
+
+    handle = enc.register_forward_hook(hook)
+    pm.zero_grad(set_to_none=True)
+    pout = pm(input_ids=input_ids, attention_mask=attn_mask)
+    loss_t = lm_loss(pout.logits, labels)
+    loss_t.backward()
+    handle.remove()
+    logits = pout.logits.detach()
+    loss = loss_t.detach()
+    pre_b = captured["prefix"]
+    assert pre_b.shape == (B, P, L * 2 * KW) and pre_b.dtype == torch.float64
+    prefix = pre_b[0].detach().clone()
+    grad_prefix = pre_b.grad.sum(0)
+    grads = {f"grad.{k}": p_.grad.detach().clone() for k, p_ in enc.named_parameters()}
+    with torch.no_grad():
+        logits_base = m64(input_ids=input_ids, attention_mask=attn_mask).logits
+        loss_base = lm_loss(logits_base, labels)
+    mask = attn_mask.bool()[..., None]
+
+    # hand-built past_key_values, positions P..P+T-1
+    prefix_h = prefix.clone().requires_grad_(True)
+    hout = hand_forward(m64, prefix_h, input_ids, attn_mask)
+    hloss = lm_loss(hout.logits, labels)
+    hloss.backward()
+    e_hand = close(hout.logits.detach(), logits, 1e-12, "PEFT logits vs hand-built past_key_values")
+    close(prefix_h.grad, grad_prefix, 1e-12, "grad.prefix vs hand-built")
+    with torch.no_grad():
+        cache = prefix_to_cache(prefix, m64.config, B)
+        wrong = m64(input_ids=input_ids, past_key_values=cache, position_ids=torch.arange(T)[None].expand(B, T),
+                    attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long), attn_mask], 1)).logits
+    assert (wrong - logits).abs().max().item() > 1e-3, "positions 0.. give the same logits?"
+    notes.append(f"PEFT logits == plain model with hand-built past_key_values (prefix.view(P,L,2,Hkv,D)), "
+                 f"position_ids=arange(P,P+T), mask=cat(ones(P),mask): max abs diff {e_hand:.2e}; "
+                 f"positions 0..T-1 give different logits")
+
+    with torch.no_grad():
+        sl = llama_scratch_forward(base_sd, m64.config, input_ids, attn_mask, prefix)
+        sl0 = llama_scratch_forward(base_sd, m64.config, input_ids, attn_mask, None)
+        # a prefix whose keys were rotated (at positions 0..P-1) would differ
+    e_s = close(sl * mask, logits * mask, 1e-10, "from-scratch prefixed forward vs PEFT")
+    e_s0 = close(sl0 * mask, logits_base * mask, 1e-10, "from-scratch plain forward vs HF")
+    notes.append(f"independent from-scratch f64 forward (RMSNorm, rotate-half RoPE on q and new k only, "
+                 f"GQA, SwiGLU{', q/k/v biases' if cfg.model_type == 'qwen2' else ''}, "
+                 f"{'tied' if cfg.tie_word_embeddings else 'untied'} head) matches at real positions: "
+                 f"prefixed {e_s:.2e}, plain {e_s0:.2e}")
+
+    # encoder gradients: hand path and central finite differences
+    enc_ref = copy.deepcopy(enc)
+    enc_ref.zero_grad(set_to_none=True)
+    pfx = enc_ref(torch.arange(P)[None])[0]
+    lm_loss(hand_forward(m64, pfx, input_ids, attn_mask).logits, labels).backward()
+    for k, p_ in enc_ref.named_parameters():
+        close(p_.grad, grads[f"grad.{k}"], 1e-12, f"grad.{k} vs hand-built")
+    max_fd = 0.0
+    with torch.no_grad():
+        for k, idx in [("transform.2.bias", (0,)), ("transform.2.bias", (L * 2 * KW - 1,)),
+                       ("embedding.weight", (P - 1, 1)), ("transform.0.weight", (E - 1, 3))]:
+            p_ = dict(enc_ref.named_parameters())[k]
+            h = 1e-6
+            old = p_[idx].item()
+            p_[idx] = old + h
+            lp_ = lm_loss(hand_forward(m64, enc_ref(torch.arange(P)[None])[0], input_ids, attn_mask).logits, labels)
+            p_[idx] = old - h
+            lm_ = lm_loss(hand_forward(m64, enc_ref(torch.arange(P)[None])[0], input_ids, attn_mask).logits, labels)
+            p_[idx] = old
+            fd = (lp_ - lm_).item() / (2 * h)
+            an = grads[f"grad.{k}"][idx].item()
+            assert abs(fd - an) <= 1e-6 * max(1.0, abs(an)), (k, fd, an)
+            max_fd = max(max_fd, abs(fd - an))
+    notes.append(f"encoder grads equal the hand-built path's and central finite differences (4 entries, "
+                 f"max diff {max_fd:.1e})")
+
+    with torch.no_grad():
+        ref32 = pm32(input_ids=input_ids, attention_mask=attn_mask).logits
+        back = PeftModel.from_pretrained(copy.deepcopy(model), adir).eval()
+        back32 = back(input_ids=input_ids, attention_mask=attn_mask).logits
+    e_back = close(back32, ref32, 1e-5, "PeftModel.from_pretrained(adapter/) logits vs original")
+    close(ref32.double() * mask, logits * mask, 1e-4, "f32 PEFT logits vs f64")
+    notes.append(f"PeftModel.from_pretrained(adapter/) matches the f32 PEFT model: {e_back:.2e}")
+    del back
+
+    # ---- greedy generation (use_cache=False: full recompute) ----------------------------------
+    prompt = [real_ids[int(j)] for j in torch.randint(len(real_ids), (spec["gen_prompt_len"],), generator=g)]
+
+    def peft_logits(ids):
+        return pm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+    def base_logits(ids):
+        return m64(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+    gen_ids, gen_gaps = greedy(peft_logits, prompt, eos, MAX_NEW)
+    gen_ids_b, gen_gaps_b = greedy(base_logits, prompt, eos, MAX_NEW)
+    with torch.no_grad():
+        seq = torch.tensor([prompt + gen_ids[:-1]])
+        sl = llama_scratch_forward(base_sd, m64.config, seq, torch.ones_like(seq), prefix)[0, len(prompt) - 1:]
+        assert sl.argmax(-1).tolist() == gen_ids
+    assert len(prompt) + MAX_NEW + P <= cfg.max_position_embeddings
+    info["gen"] = {"prompt": prompt, "max_new": MAX_NEW, "ids": gen_ids, "gaps": gen_gaps,
+                   "ids_base": gen_ids_b, "gaps_base": gen_gaps_b, "min_gap": min(gen_gaps),
+                   "min_gap_base": min(gen_gaps_b)}
+    notes.append("gen.*: greedy with use_cache=False (PEFT's generate(use_cache=True) mangles the prefix "
+                 "for Llama with these versions); the from-scratch forward gives the same ids")
+
+    # ---- optimiser steps (torch.optim, same runs as GPT-2) --------------------------------------
+    train_tensors, train_info, train_notes = train_references(spec, pcfg, m64, enc_sd, input_ids, attn_mask,
+                                                              labels, loss.item())
+    notes.extend(train_notes)
+
+    i32 = lambda t: torch.as_tensor(t).to(torch.int32).contiguous()  # noqa: E731
+    f64 = lambda t: torch.as_tensor(t, dtype=torch.float64).detach().contiguous()  # noqa: E731
+    expected = {
+        "input_ids": i32(input_ids), "attention_mask": i32(attn_mask), "labels": i32(labels),
+        "logits": f64(logits), "logits_base": f64(logits_base),
+        "loss": f64(loss).reshape(()), "loss_base": f64(loss_base).reshape(()),
+        "prefix": f64(prefix), "grad.prefix": f64(grad_prefix),
+        "gen.prompt_ids": i32(prompt), "gen.ids": i32(gen_ids), "gen.gaps": f64(gen_gaps),
+        "gen.ids_base": i32(gen_ids_b), "gen.gaps_base": f64(gen_gaps_b),
+    }
+    expected.update({k: f64(v) for k, v in grads.items()})
+    expected.update({k: f64(v) for k, v in train_tensors.items()})
+    info["half"] = {}
+    for dt in (torch.float16, torch.bfloat16):
+        t_, i_ = half_references(model, pcfg, enc_sd, input_ids, attn_mask, labels, expected, dt)
+        expected.update({k: f64(v) for k, v in t_.items()})
+        info["half"][str(dt)] = i_
+    save_file(dict(sorted(expected.items())), os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "eval.jsonl"), "w") as f:
+        for row in eval_rows:
+            f.write(json.dumps(row) + "\n")
+    info["shapes"] = {"B": B, "T": T, "lengths": spec["lengths"], "V": V, "C": C, "L": L, "Hq": Hq,
+                      "Hkv": Hkv, "D": D, "P": P, "E": E, "prompt_tokens_ignored": PROMPT_TOKENS}
+    info["seeds"] = {"model_init": spec["seed"], "norm_and_bias_perturbation": spec["seed"] + 1,
+                     "prefix_encoder_init": spec["seed"] + 2, "batch_and_gen_prompt": spec["seed"] + 3}
+    info["weights"] = {"init": "transformers init with initializer_range=0.1, then every RMSNorm weight "
+                               "1+0.1*randn and every bias 0.05*randn",
+                       "stored": spec["storage"]}
+    info["expected_safetensors"] = st_names(os.path.join(out, "expected.safetensors"))[0]
+    info["loss"] = loss.item()
+    info["loss_base"] = loss_base.item()
+    info["train"] = train_info
+    info["notes"] = notes
+    return info
+
+
+def llama_main(args, versions):
+    os.makedirs(args.out, exist_ok=True)
+    for spec in LLAMA_MODELS:
+        if args.only and spec["name"] != args.only:
+            continue
+        info = make_llama(spec, args.out)
+        doc = {"versions": versions, "generator": "tools/make_fixtures.py --llama",
+               "expected_notes": "as for the GPT-2 fixtures (tools/README.md); half.* are fp16.* and bf16.* "
+                                 "(logits, logits_base, loss) of the base model in that dtype",
+               **info}
+        with open(os.path.join(args.out, spec["name"], "versions.json"), "w") as f:
+            json.dump(doc, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        for dirpath, _dirs, files in os.walk(os.path.join(args.out, spec["name"])):
+            for fn in files:
+                os.chmod(os.path.join(dirpath, fn), 0o644)
+        print(f"{spec['name']}: ok, loss {info['loss']:.6f}; min gen gap {info['gen']['min_gap']:.4g} "
+              f"(base {info['gen']['min_gap_base']:.4g})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # decoding references (--decoding): greedy and beam search through PEFT, sampling warpers
 # ----------------------------------------------------------------------------------------------
 
@@ -1286,8 +1798,11 @@ def make_decoding(root):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="tests/fixtures/gpt2")
+    ap.add_argument("--out", default=None, help="tests/fixtures/gpt2 (tests/fixtures/llama with --llama)")
     ap.add_argument("--only", default=None, help="build just this model (tiny-a, tiny-b or tiny-c)")
+    ap.add_argument("--llama", action="store_true",
+                    help="build the Llama-family fixtures (LLAMA_MODELS) instead, into --out "
+                         "(default tests/fixtures/llama)")
     ap.add_argument("--decoding", action="store_true",
                     help="write only decoding.json of each committed model and decoding/warpers.json")
     args = ap.parse_args()
@@ -1307,9 +1822,13 @@ def main():
         if got != want:
             print(f"warning: {k} {got} != pinned {want}; fixtures may differ", file=sys.stderr)
 
+    if args.out is None:
+        args.out = "tests/fixtures/llama" if args.llama else "tests/fixtures/gpt2"
     if args.decoding:
         make_decoding(args.out)
         return 0
+    if args.llama:
+        return llama_main(args, versions)
     os.makedirs(args.out, exist_ok=True)
     for spec in MODELS:
         if args.only and spec["name"] != args.only:

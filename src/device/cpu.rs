@@ -622,4 +622,196 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+
+    fn rmsnorm(
+        &self,
+        x: &TensorView,
+        weight: &TensorView,
+        eps: f32,
+        out: &mut TensorViewMut,
+        rstd: &mut TensorViewMut,
+    ) -> Result<()> {
+        let (m, c) = dims2("rmsnorm x", x.dims())?;
+        same_shape("rmsnorm weight", weight.dims(), &[c])?;
+        same_shape("rmsnorm out", out.dims(), &[m, c])?;
+        same_shape("rmsnorm rstd", rstd.dims(), &[m])?;
+        let (xv, w) = (f32_in("rmsnorm x", x)?, f32_in("rmsnorm weight", weight)?);
+        let (ov, rv) = (f32_out("rmsnorm out", out)?, f32_out("rmsnorm rstd", rstd)?);
+        if c == 0 {
+            return Ok(());
+        }
+        ov.par_chunks_mut(c)
+            .zip(rv.par_iter_mut())
+            .enumerate()
+            .for_each(|(row, (orow, r))| {
+                let xr = &xv[row * c..(row + 1) * c];
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / c as f32;
+                *r = 1.0 / (ms + eps).sqrt();
+                for j in 0..c {
+                    orow[j] = w[j] * (xr[j] * *r);
+                }
+            });
+        Ok(())
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dy: &TensorView,
+        x: &TensorView,
+        weight: &TensorView,
+        rstd: &TensorView,
+        dx: &mut TensorViewMut,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (m, c) = dims2("rmsnorm_bwd x", x.dims())?;
+        same_shape("rmsnorm_bwd dy", dy.dims(), &[m, c])?;
+        same_shape("rmsnorm_bwd weight", weight.dims(), &[c])?;
+        same_shape("rmsnorm_bwd rstd", rstd.dims(), &[m])?;
+        same_shape("rmsnorm_bwd dx", dx.dims(), &[m, c])?;
+        let (dyv, xv, w, rv) = (
+            f32_in("rmsnorm_bwd dy", dy)?,
+            f32_in("rmsnorm_bwd x", x)?,
+            f32_in("rmsnorm_bwd weight", weight)?,
+            f32_in("rmsnorm_bwd rstd", rstd)?,
+        );
+        let dxv = f32_out("rmsnorm_bwd dx", dx)?;
+        if c == 0 {
+            return Ok(());
+        }
+        dxv.par_chunks_mut(c).enumerate().for_each(|(row, dxr)| {
+            let (xr, dyr) = (&xv[row * c..(row + 1) * c], &dyv[row * c..(row + 1) * c]);
+            let rs = rv[row];
+            // y = w x rs, rs = (mean(x²) + eps)^(-1/2): dx = rs g - x rs³ mean(g x), g = w dy.
+            let mgx = (0..c).map(|j| w[j] * dyr[j] * xr[j]).sum::<f32>() / c as f32;
+            let k = rs * rs * rs * mgx;
+            for j in 0..c {
+                let v = rs * w[j] * dyr[j] - xr[j] * k;
+                if accumulate {
+                    dxr[j] += v;
+                } else {
+                    dxr[j] = v;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut TensorViewMut, cos: &TensorView, sin: &TensorView) -> Result<()> {
+        rope_rotate("rope", x, cos, sin, 1.0)
+    }
+
+    fn rope_bwd(&self, dx: &mut TensorViewMut, cos: &TensorView, sin: &TensorView) -> Result<()> {
+        rope_rotate("rope_bwd", dx, cos, sin, -1.0)
+    }
+
+    fn swiglu(&self, gate: &TensorView, up: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+        dims2("swiglu gate", gate.dims())?;
+        same_shape("swiglu up", up.dims(), gate.dims())?;
+        same_shape("swiglu out", out.dims(), gate.dims())?;
+        let (gv, uv) = (f32_in("swiglu gate", gate)?, f32_in("swiglu up", up)?);
+        let ov = f32_out("swiglu out", out)?;
+        ov.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(
+                gv.par_chunks(ELEMS_PER_TASK)
+                    .zip(uv.par_chunks(ELEMS_PER_TASK)),
+            )
+            .for_each(|(o, (g, u))| {
+                for i in 0..o.len() {
+                    o[i] = silu(g[i]) * u[i];
+                }
+            });
+        Ok(())
+    }
+
+    fn swiglu_bwd(
+        &self,
+        gate: &TensorView,
+        up: &TensorView,
+        dy: &TensorView,
+        d_gate: &mut TensorViewMut,
+        d_up: &mut TensorViewMut,
+    ) -> Result<()> {
+        dims2("swiglu_bwd gate", gate.dims())?;
+        same_shape("swiglu_bwd up", up.dims(), gate.dims())?;
+        same_shape("swiglu_bwd dy", dy.dims(), gate.dims())?;
+        same_shape("swiglu_bwd d_gate", d_gate.dims(), gate.dims())?;
+        same_shape("swiglu_bwd d_up", d_up.dims(), gate.dims())?;
+        let (gv, uv, dyv) = (
+            f32_in("swiglu_bwd gate", gate)?,
+            f32_in("swiglu_bwd up", up)?,
+            f32_in("swiglu_bwd dy", dy)?,
+        );
+        let dgv = f32_out("swiglu_bwd d_gate", d_gate)?;
+        let duv = f32_out("swiglu_bwd d_up", d_up)?;
+        dgv.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(duv.par_chunks_mut(ELEMS_PER_TASK))
+            .enumerate()
+            .for_each(|(task, (dg, du))| {
+                let base = task * ELEMS_PER_TASK;
+                for i in 0..dg.len() {
+                    let (g, u, d) = (gv[base + i], uv[base + i], dyv[base + i]);
+                    let s = 1.0 / (1.0 + (-g).exp());
+                    du[i] = d * g * s;
+                    dg[i] = d * u * s * (1.0 + g * (1.0 - s));
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `x · σ(x)`.
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// The rotate-half rotation of [`Backend::rope`] on `x [B, T, H, D]` by `sign ·` the angles
+/// of `cos, sin [T, D/2]` (`sign = -1`: the backward).
+fn rope_rotate(
+    op: &str,
+    x: &mut TensorViewMut,
+    cos: &TensorView,
+    sin: &TensorView,
+    sign: f32,
+) -> Result<()> {
+    let (b, t, h, d) = match x.dims() {
+        [b, t, h, d] if d % 2 == 0 => (*b, *t, *h, *d),
+        other => {
+            return Err(Error::shape(
+                &format!("{op} x"),
+                "[B, T, H, D] with D even",
+                other,
+            ))
+        }
+    };
+    let half = d / 2;
+    // Tables shared by the batch repeat every T rows; per-sequence tables never repeat.
+    let period = if cos.dims() == [b, t, half] {
+        b * t
+    } else {
+        same_shape(&format!("{op} cos"), cos.dims(), &[t, half])?;
+        t
+    };
+    same_shape(&format!("{op} sin"), sin.dims(), cos.dims())?;
+    let (cv, sv) = (f32_in("rope cos", cos)?, f32_in("rope sin", sin)?);
+    let xv = f32_out("rope x", x)?;
+    if d == 0 || h == 0 {
+        return Ok(());
+    }
+    // One chunk per (b, t) row of H heads.
+    xv.par_chunks_mut(h * d).enumerate().for_each(|(bt, row)| {
+        let tt = bt % period.max(1);
+        let (c, s) = (
+            &cv[tt * half..(tt + 1) * half],
+            &sv[tt * half..(tt + 1) * half],
+        );
+        for head in row.chunks_exact_mut(d) {
+            let (lo, hi) = head.split_at_mut(half);
+            for j in 0..half {
+                let (a, b, sj) = (lo[j], hi[j], sign * s[j]);
+                lo[j] = a * c[j] - b * sj;
+                hi[j] = b * c[j] + a * sj;
+            }
+        }
+    });
+    Ok(())
 }

@@ -428,6 +428,179 @@ pub fn layernorm_bwd(
     Ok(launch("dense_layernorm_bwd", p, blocks, ROW_WARPS * 32))
 }
 
+/// RMS norm forward over rows (`dense_rmsnorm`).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm(
+    x: &TensorView,
+    weight: &TensorView,
+    eps: f32,
+    out: &mut TensorViewMut,
+    rstd: &mut TensorViewMut,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (xa, xd) = contig("rmsnorm x", x, loc)?;
+    let (m, c) = dims2("rmsnorm x", xd)?;
+    let wa = input("rmsnorm weight", weight, loc, &[c], None)?;
+    let oa = output("rmsnorm out", out, loc, &[m, c], Some(x.dtype()))?;
+    let ra = output("rmsnorm rstd", rstd, loc, &[m], Some(DType::F32))?;
+    let mut p = DenseParams {
+        in0: xa,
+        in1: wa,
+        out0: oa,
+        out1: ra,
+        rows: m as i64,
+        cols: c as i64,
+        in_dt: code(x.dtype(), "rmsnorm x")?,
+        in1_dt: code(weight.dtype(), "rmsnorm weight")?,
+        out_dt: code(out.dtype(), "rmsnorm out")?,
+        ..Default::default()
+    };
+    p.f[0] = eps;
+    let blocks = (m.div_ceil(ROW_WARPS as usize).max(1)).min(cap.0 as usize) as u32;
+    Ok(launch("dense_rmsnorm", p, blocks, ROW_WARPS * 32))
+}
+
+/// Input gradient of RMS norm (`dense_rmsnorm_bwd`).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_bwd(
+    dy: &TensorView,
+    x: &TensorView,
+    weight: &TensorView,
+    rstd: &TensorView,
+    dx: &mut TensorViewMut,
+    accumulate: bool,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (xa, xd) = contig("rmsnorm_bwd x", x, loc)?;
+    let (m, c) = dims2("rmsnorm_bwd x", xd)?;
+    let ga = input("rmsnorm_bwd dy", dy, loc, &[m, c], Some(x.dtype()))?;
+    let wa = input("rmsnorm_bwd weight", weight, loc, &[c], None)?;
+    let ra = input("rmsnorm_bwd rstd", rstd, loc, &[m], Some(DType::F32))?;
+    let da = output("rmsnorm_bwd dx", dx, loc, &[m, c], None)?;
+    let p = DenseParams {
+        in0: ga,
+        in1: xa,
+        in2: wa,
+        in3: ra,
+        out0: da,
+        rows: m as i64,
+        cols: c as i64,
+        in_dt: code(x.dtype(), "rmsnorm_bwd x")?,
+        in1_dt: code(weight.dtype(), "rmsnorm_bwd weight")?,
+        out_dt: code(dx.dtype(), "rmsnorm_bwd dx")?,
+        flags: accumulate as i32,
+        ..Default::default()
+    };
+    let blocks = (m.div_ceil(ROW_WARPS as usize).max(1)).min(cap.0 as usize) as u32;
+    Ok(launch("dense_rmsnorm_bwd", p, blocks, ROW_WARPS * 32))
+}
+
+/// Rotary embedding in place of `x [B, T, H, D]` with `cos, sin [T, D/2]` or `[B, T, D/2]`
+/// (f32) (`dense_rope`); `sign = -1.0` rotates back (the backward).
+pub fn rope(
+    x: &mut TensorViewMut,
+    cos: &TensorView,
+    sin: &TensorView,
+    sign: f32,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (xa, xd) = contig_mut("rope x", x, loc)?;
+    let (b, t, h, d) = match xd {
+        [b, t, h, d] if d % 2 == 0 => (*b, *t, *h, *d),
+        other => return Err(Error::shape("rope x", "[B, T, H, D] with D even", other)),
+    };
+    let half = d / 2;
+    // One table for the batch, or one per sequence (the serving step).
+    let (table, period) = if cos.dims() == [b, t, half] {
+        (vec![b, t, half], b * t)
+    } else {
+        (vec![t, half], t)
+    };
+    let ca = input("rope cos", cos, loc, &table, Some(DType::F32))?;
+    let sa = input("rope sin", sin, loc, &table, Some(DType::F32))?;
+    let mut p = DenseParams {
+        in0: ca,
+        in1: sa,
+        out0: xa,
+        rows: (b * t) as i64,
+        cols: (h * d) as i64,
+        seq_len: period.max(1) as i32,
+        out_dt: code(x.dtype(), "rope x")?,
+        ..Default::default()
+    };
+    p.dims[0] = h as i64;
+    p.dims[1] = d as i64;
+    p.f[0] = sign;
+    Ok(launch(
+        "dense_rope",
+        p,
+        flat_blocks(b * t * h * half, cap),
+        THREADS,
+    ))
+}
+
+/// `out = silu(gate) · up` (`dense_swiglu`).
+pub fn swiglu(
+    gate: &TensorView,
+    up: &TensorView,
+    out: &mut TensorViewMut,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (ga, gd) = contig("swiglu gate", gate, loc)?;
+    dims2("swiglu gate", gd)?;
+    let ua = input("swiglu up", up, loc, gd, Some(gate.dtype()))?;
+    let oa = output("swiglu out", out, loc, gd, None)?;
+    let n = gate.numel();
+    let p = DenseParams {
+        in0: ga,
+        in1: ua,
+        out0: oa,
+        rows: 1,
+        cols: n as i64,
+        in_dt: code(gate.dtype(), "swiglu gate")?,
+        out_dt: code(out.dtype(), "swiglu out")?,
+        ..Default::default()
+    };
+    Ok(launch("dense_swiglu", p, flat_blocks(n, cap), THREADS))
+}
+
+/// The gradients of `silu(gate) · up` (`dense_swiglu_bwd`).
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_bwd(
+    gate: &TensorView,
+    up: &TensorView,
+    dy: &TensorView,
+    d_gate: &mut TensorViewMut,
+    d_up: &mut TensorViewMut,
+    loc: Location,
+    cap: GridCap,
+) -> Result<DenseLaunch> {
+    let (ga, gd) = contig("swiglu_bwd gate", gate, loc)?;
+    dims2("swiglu_bwd gate", gd)?;
+    let ua = input("swiglu_bwd up", up, loc, gd, Some(gate.dtype()))?;
+    let ya = input("swiglu_bwd dy", dy, loc, gd, Some(gate.dtype()))?;
+    let dga = output("swiglu_bwd d_gate", d_gate, loc, gd, None)?;
+    let dua = output("swiglu_bwd d_up", d_up, loc, gd, Some(d_gate.dtype()))?;
+    let n = gate.numel();
+    let p = DenseParams {
+        in0: ga,
+        in1: ua,
+        in2: ya,
+        out0: dga,
+        out1: dua,
+        rows: 1,
+        cols: n as i64,
+        in_dt: code(gate.dtype(), "swiglu_bwd gate")?,
+        out_dt: code(d_gate.dtype(), "swiglu_bwd d_gate")?,
+        ..Default::default()
+    };
+    Ok(launch("dense_swiglu_bwd", p, flat_blocks(n, cap), THREADS))
+}
+
 /// `out[n] (+)= Σ_rows x[., n]`.
 pub fn sum_rows(
     x: &TensorView,

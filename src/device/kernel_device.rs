@@ -269,6 +269,54 @@ impl<R: KernelRunner> Backend for R {
         let (loc, cap) = (location(self), self.grid_cap());
         self.run_dense(dense::binary("dense_gelu_bwd", x, dy, dx, loc, cap)?)
     }
+    fn rmsnorm(
+        &self,
+        x: &TensorView,
+        weight: &TensorView,
+        eps: f32,
+        out: &mut TensorViewMut,
+        rstd: &mut TensorViewMut,
+    ) -> Result<()> {
+        let (loc, cap) = (location(self), self.grid_cap());
+        self.run_dense(dense::rmsnorm(x, weight, eps, out, rstd, loc, cap)?)
+    }
+    fn rmsnorm_bwd(
+        &self,
+        dy: &TensorView,
+        x: &TensorView,
+        weight: &TensorView,
+        rstd: &TensorView,
+        dx: &mut TensorViewMut,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (loc, cap) = (location(self), self.grid_cap());
+        self.run_dense(dense::rmsnorm_bwd(
+            dy, x, weight, rstd, dx, accumulate, loc, cap,
+        )?)
+    }
+    fn rope(&self, x: &mut TensorViewMut, cos: &TensorView, sin: &TensorView) -> Result<()> {
+        let (loc, cap) = (location(self), self.grid_cap());
+        self.run_dense(dense::rope(x, cos, sin, 1.0, loc, cap)?)
+    }
+    fn rope_bwd(&self, dx: &mut TensorViewMut, cos: &TensorView, sin: &TensorView) -> Result<()> {
+        let (loc, cap) = (location(self), self.grid_cap());
+        self.run_dense(dense::rope(dx, cos, sin, -1.0, loc, cap)?)
+    }
+    fn swiglu(&self, gate: &TensorView, up: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+        let (loc, cap) = (location(self), self.grid_cap());
+        self.run_dense(dense::swiglu(gate, up, out, loc, cap)?)
+    }
+    fn swiglu_bwd(
+        &self,
+        gate: &TensorView,
+        up: &TensorView,
+        dy: &TensorView,
+        d_gate: &mut TensorViewMut,
+        d_up: &mut TensorViewMut,
+    ) -> Result<()> {
+        let (loc, cap) = (location(self), self.grid_cap());
+        self.run_dense(dense::swiglu_bwd(gate, up, dy, d_gate, d_up, loc, cap)?)
+    }
     fn tanh(&self, x: &TensorView, out: &mut TensorViewMut) -> Result<()> {
         let (loc, cap) = (location(self), self.grid_cap());
         self.run_dense(dense::unary("dense_tanh", x, out, loc, cap)?)

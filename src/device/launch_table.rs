@@ -216,6 +216,48 @@ fn dense_rows(rows: &mut Vec<PlannedLaunch>) -> Result<()> {
             cap,
         )?,
     ];
+    // The Llama family's kernels: x read as [B=1, T=m, H=1, D=c] for the rotation.
+    let table = f32s(&[m, c / 2])?;
+    let mut x4 = f32s(&[1, m, 1, c])?;
+    launches.extend([
+        dense::rmsnorm(
+            &x.view(),
+            &row.view(),
+            1e-5,
+            &mut out.view_mut(),
+            &mut rstd.view_mut(),
+            loc,
+            cap,
+        )?,
+        dense::rmsnorm_bwd(
+            &y.view(),
+            &x.view(),
+            &row.view(),
+            &rstd.view(),
+            &mut out.view_mut(),
+            false,
+            loc,
+            cap,
+        )?,
+        dense::rope(
+            &mut x4.view_mut(),
+            &table.view(),
+            &table.view(),
+            1.0,
+            loc,
+            cap,
+        )?,
+        dense::swiglu(&x.view(), &y.view(), &mut out.view_mut(), loc, cap)?,
+        dense::swiglu_bwd(
+            &x.view(),
+            &y.view(),
+            &y.view(),
+            &mut out.view_mut(),
+            &mut out2.view_mut(),
+            loc,
+            cap,
+        )?,
+    ]);
     let (mut am, mut av) = (f32s(&[m, c])?, f32s(&[m, c])?);
     let hp = AdamWStep {
         lr: 1e-3,
@@ -268,6 +310,9 @@ mod tests {
             "prefix_attn_decode_merge_f16",
             "dense_adamw",
             "dense_cross_entropy",
+            "dense_rmsnorm_bwd",
+            "dense_rope",
+            "dense_swiglu_bwd",
         ] {
             assert!(rows.iter().any(|r| r.entry == e), "{e} not planned");
         }

@@ -139,7 +139,8 @@ impl FromStr for Device {
 /// The operations the model and the attention API need from a device. Every method checks
 /// its arguments (shapes, dtypes, devices) and returns an error rather than panicking.
 /// Every device implements every operation: `cpu` directly, `emu` and `cuda` through
-/// [`kernel_device::KernelRunner`].
+/// [`kernel_device::KernelRunner`]. The Llama family's operations (after
+/// `cross_entropy_inplace`) have default bodies that return [`missing_op`]'s error.
 pub trait Backend: Send + Sync {
     /// The device this backend runs on.
     fn device(&self) -> Device;
@@ -308,6 +309,89 @@ pub trait Backend: Send + Sync {
         targets: &[i32],
         losses: &mut TensorViewMut,
     ) -> Result<()>;
+
+    // The operations of the Llama family (Llama, Qwen2, Mistral). Every device implements
+    // them (`cpu` in plain Rust, `emu`/`cuda` with the kernels of `kernels/dense.cu`); the
+    // default bodies answer with [`missing_op`]'s error, so a backend written for GPT-2 only
+    // (a test's wrapper, say) says plainly what it lacks.
+
+    /// RMS norm over the last dimension of `x [M, C]`, computed in f32 as transformers'
+    /// `LlamaRMSNorm` does: `out = x · rstd · w` with `rstd = 1 / sqrt(mean(x²) + eps)`,
+    /// also storing `rstd [M]` (f32) for the backward.
+    fn rmsnorm(
+        &self,
+        x: &TensorView,
+        weight: &TensorView,
+        eps: f32,
+        out: &mut TensorViewMut,
+        rstd: &mut TensorViewMut,
+    ) -> Result<()> {
+        let _ = (x, weight, eps, out, rstd);
+        Err(missing_op(self.device(), "rmsnorm"))
+    }
+
+    /// Input gradient of [`Backend::rmsnorm`] (the weight is frozen):
+    /// `dx (+)= rstd · (w·dy) − x · rstd³ · mean(w·dy·x)`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(
+        &self,
+        dy: &TensorView,
+        x: &TensorView,
+        weight: &TensorView,
+        rstd: &TensorView,
+        dx: &mut TensorViewMut,
+        accumulate: bool,
+    ) -> Result<()> {
+        let _ = (dy, x, weight, rstd, dx, accumulate);
+        Err(missing_op(self.device(), "rmsnorm_bwd"))
+    }
+
+    /// Rotary position embedding, in place, of `x [B, T, H, D]` (contiguous), in the
+    /// rotate-half form of transformers: for `j < D/2`, with `c = cos[t, j]`, `s = sin[t, j]`,
+    /// `x[j] ← x[j]·c − x[j + D/2]·s` and `x[j + D/2] ← x[j + D/2]·c + x[j]·s`.
+    /// `cos, sin` (f32) hold the angles of the positions: `[T, D/2]`, the same for every
+    /// sequence of the batch (training, prefill), or `[B, T, D/2]`, each sequence its own
+    /// (the serving step, where sequences sit at different positions).
+    fn rope(&self, x: &mut TensorViewMut, cos: &TensorView, sin: &TensorView) -> Result<()> {
+        let _ = (x, cos, sin);
+        Err(missing_op(self.device(), "rope"))
+    }
+
+    /// Backward of [`Backend::rope`], in place on the gradient `dx [B, T, H, D]`: the
+    /// transposed rotation (the angle negated).
+    fn rope_bwd(&self, dx: &mut TensorViewMut, cos: &TensorView, sin: &TensorView) -> Result<()> {
+        let _ = (dx, cos, sin);
+        Err(missing_op(self.device(), "rope_bwd"))
+    }
+
+    /// The gated MLP's activation (SwiGLU): `out = silu(gate) · up`, `silu(x) = x · σ(x)`,
+    /// all `[M, F]`.
+    fn swiglu(&self, gate: &TensorView, up: &TensorView, out: &mut TensorViewMut) -> Result<()> {
+        let _ = (gate, up, out);
+        Err(missing_op(self.device(), "swiglu"))
+    }
+
+    /// Backward of [`Backend::swiglu`]: `d_gate = dy · up · silu'(gate)` and
+    /// `d_up = dy · silu(gate)`, with `silu'(x) = σ(x) · (1 + x · (1 − σ(x)))`.
+    fn swiglu_bwd(
+        &self,
+        gate: &TensorView,
+        up: &TensorView,
+        dy: &TensorView,
+        d_gate: &mut TensorViewMut,
+        d_up: &mut TensorViewMut,
+    ) -> Result<()> {
+        let _ = (gate, up, dy, d_gate, d_up);
+        Err(missing_op(self.device(), "swiglu_bwd"))
+    }
+}
+
+/// The error of an operation a backend does not implement (the default body of the Llama
+/// family's operations).
+pub fn missing_op(device: Device, op: &str) -> Error {
+    Error::Unsupported(format!(
+        "Backend::{op} is not implemented by this {device} backend"
+    ))
 }
 
 /// Hyper-parameters of one [`Backend::adamw`] update.

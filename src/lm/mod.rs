@@ -1,10 +1,11 @@
 //! The model seam: what the trainer, the prefix code, the benchmarks, the demo and the
 //! command line need of a frozen language model with prefix K/V, whatever its family.
 //!
-//! A family (GPT-2 today, in `src/gpt2/`) implements [`PrefixLm`]: the geometry of its prefix
-//! ([`Geometry`]), the summed token loss of a batch given the per-layer prefix K/V and the
-//! gradient of that sum with respect to the prefix (training), and the logits of new tokens
-//! over a [`KvCache`] that keeps the prefix out of the cache (decoding). [`load`] picks the
+//! A family (GPT-2 in `src/gpt2/`; Llama, Qwen2 and Mistral in `src/llama/`) implements
+//! [`PrefixLm`]: the geometry of its prefix ([`Geometry`]), the summed token loss of a batch
+//! given the per-layer prefix K/V and the gradient of that sum with respect to the prefix
+//! (training), and the logits of new tokens over a [`KvCache`] that keeps the prefix out of
+//! the cache (decoding). [`load`] picks the
 //! family of a Hugging Face folder by `config.json`'s `model_type`. Everything here is
 //! model-independent: the batch, the loss, the cache, greedy generation and the workspace.
 //!
@@ -180,7 +181,11 @@ pub trait PrefixLm: std::fmt::Debug + Send + Sync {
         let width = self.geometry().prefix_width();
         let d = prefix.dims();
         if d.len() != 2 || d[1] != width {
-            return Err(Error::shape("prefix", format!("[P, L*2*C = {width}]"), d));
+            return Err(Error::shape(
+                "prefix",
+                format!("[P, L*2*Hkv*D = {width}]"),
+                d,
+            ));
         }
         Ok(d[0])
     }
@@ -214,34 +219,38 @@ pub fn dtype_for(backend: &dyn Backend) -> DType {
 }
 
 /// The model types [`load`] knows.
-pub const MODEL_TYPES: [&str; 1] = ["gpt2"];
+pub const MODEL_TYPES: [&str; 4] = ["gpt2", "llama", "qwen2", "mistral"];
 
 /// The families [`load`] can build, by `model_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Family {
     Gpt2,
+    /// Llama, Qwen2, Mistral (`src/llama/`).
+    Llama,
 }
 
 /// The family of a model folder, from `config.json`'s `model_type` (a config without one is
 /// read as GPT-2, as transformers' oldest GPT-2 configs are).
 fn family(dir: &Path) -> Result<Family> {
     let path = dir.join("config.json");
-    // Not JSON at all: the message names the one family there is.
     let value: serde_json::Value =
         serde_json::from_str(&crate::io::read_text(&path)?).map_err(|e| Error::Format {
             path: path.clone(),
-            msg: format!("not a GPT-2 config: {e}"),
+            msg: format!("not a model config (config.json): {e}"),
         })?;
-    // The model type first: another architecture's config lacks GPT-2's fields, and
+    // The model type first: another architecture's config lacks the family's fields, and
     // "missing field n_positions" would hide what is really wrong.
     match value.get("model_type") {
         None | Some(serde_json::Value::Null) => Ok(Family::Gpt2),
         Some(serde_json::Value::String(t)) if t == "gpt2" => Ok(Family::Gpt2),
+        Some(serde_json::Value::String(t))
+            if crate::llama::config::LLAMA_MODEL_TYPES.contains(&t.as_str()) =>
+        {
+            Ok(Family::Llama)
+        }
         Some(t) => Err(Error::Format {
             path,
-            msg: format!(
-                "model_type {t}: only GPT-2 models (model_type \"gpt2\") are supported (known model types: {MODEL_TYPES:?})"
-            ),
+            msg: format!("model_type {t} is not supported (known model types: {MODEL_TYPES:?})"),
         }),
     }
 }
@@ -251,13 +260,16 @@ fn family(dir: &Path) -> Result<Family> {
 pub fn load(dir: &Path, backend: &dyn Backend) -> Result<Box<dyn PrefixLm>> {
     match family(dir)? {
         Family::Gpt2 => Ok(Box::new(crate::gpt2::Gpt2::load(dir, backend)?)),
+        Family::Llama => Ok(Box::new(crate::llama::Llama::load(dir, backend)?)),
     }
 }
 
 /// The geometry of a model folder from its `config.json` alone (checked as [`load`] checks
 /// it), without reading the weights.
 pub fn geometry(dir: &Path) -> Result<Geometry> {
+    let path = dir.join("config.json");
     match family(dir)? {
-        Family::Gpt2 => Ok(crate::gpt2::Gpt2Config::load(&dir.join("config.json"))?.geometry()),
+        Family::Gpt2 => Ok(crate::gpt2::Gpt2Config::load(&path)?.geometry()),
+        Family::Llama => Ok(crate::llama::LlamaConfig::load(&path)?.geometry()),
     }
 }

@@ -17,6 +17,16 @@ pub fn fixture(name: &str) -> PathBuf {
     }
 }
 
+/// A committed Llama-family fixture under `tests/fixtures/llama` (as [`fixture`]).
+pub fn llama_fixture(name: &str) -> PathBuf {
+    let rel = Path::new("tests/fixtures/llama").join(name);
+    if rel.exists() {
+        rel
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+}
+
 /// A path in a fresh temporary folder of its own (under `TMPDIR`, named
 /// `prefix-attn-<tag>-<random>`) that is removed, with everything in it, when this guard
 /// drops: when the test returns and when it panics. Dereferences to the path. Unique per

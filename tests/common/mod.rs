@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod fp16;
+pub mod llama_fp16;
 pub mod meta;
 
 use prefix_attn::attn::oracle::{Dense, Grads, Outputs, Precision};
