@@ -485,3 +485,14 @@ fn paged_engine_equals_the_contiguous_decoder() {
     }
     assert_eq!(run(PrefixMode::CopiedIntoCache), paged);
 }
+
+/// Adapters of different lengths share the prefix table: the paged step's logits equal the
+/// contiguous decoder's, rotary positions after each adapter's own length
+/// (tests/common/paged.rs).
+#[test]
+fn adapters_of_different_lengths_share_the_prefix_table() {
+    for model_type in ["llama", "qwen2"] {
+        let s = setup(model_type, 43, 5);
+        common::paged::adapters_of_different_lengths(&s.model, &CpuBackend, &s.prefix.to_f32_vec());
+    }
+}

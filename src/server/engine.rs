@@ -709,6 +709,9 @@ impl<'a> Engine<'a> {
 
     fn after_step(&mut self, done: Vec<crate::engine::Completion>) {
         let mut tokens = 0;
+        // The events go out after the metrics count this step, so a client that reads
+        // /metrics after its answer sees the step that produced it.
+        let mut events = Vec::new();
         for c in done {
             let Some(t) = self.tracks.remove(&c.id) else {
                 continue;
@@ -718,11 +721,14 @@ impl<'a> Engine<'a> {
                 self.step.slots_mut().release(s);
             }
             self.metrics.finished(c.finish.as_str());
-            let _ = t.events.send(Event::Done {
-                choice: t.choice,
-                ids: c.ids,
-                finish: c.finish,
-            });
+            events.push((
+                t.events,
+                Event::Done {
+                    choice: t.choice,
+                    ids: c.ids,
+                    finish: c.finish,
+                },
+            ));
         }
         for (&id, t) in self.tracks.iter_mut() {
             let Some(g) = self.sched.generated(id) else {
@@ -731,15 +737,21 @@ impl<'a> Engine<'a> {
             if g.len() > t.reported {
                 tokens += g.len() - t.reported;
                 if t.stream {
-                    let _ = t.events.send(Event::Tokens {
-                        choice: t.choice,
-                        ids: g[t.reported..].to_vec(),
-                    });
+                    events.push((
+                        t.events.clone(),
+                        Event::Tokens {
+                            choice: t.choice,
+                            ids: g[t.reported..].to_vec(),
+                        },
+                    ));
                 }
                 t.reported = g.len();
             }
         }
         self.report(Some(tokens));
+        for (tx, e) in events {
+            let _ = tx.send(e);
+        }
     }
 
     /// Publishes the gauges (and a step's token count).

@@ -8,6 +8,7 @@ pub mod files;
 pub mod fp16;
 pub mod llama_fp16;
 pub mod meta;
+pub mod paged;
 
 use prefix_attn::attn::oracle::{Dense, Grads, Outputs, Precision};
 use prefix_attn::attn::testing::{FwdBuffers, GradBuffers};
