@@ -4,7 +4,7 @@ use prefix_attn::device::Backend;
 use prefix_attn::lm::paged::{KvShape, PagedKv, PagedSeq, PrefixMode, PrefixTable};
 use prefix_attn::lm::PrefixLm;
 use prefix_attn::rng::Rng;
-use prefix_attn::tensor::{DType, Tensor};
+use prefix_attn::tensor::Tensor;
 
 /// Adapters of different lengths in one prefix table: the paged step's logits (prompts over
 /// 16 tokens through the prefill path, shorter ones and the next token through the decode
