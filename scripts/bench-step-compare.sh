@@ -2,7 +2,7 @@
 # CPU speed comparison of one prefix-tuning training step (forward, backward, optimizer step):
 # the Rust crate against PyTorch + PEFT, on the same machine, one after the other.
 #
-#   scripts/bench-step-compare.sh [tiny|gpt2-small|all]      # default: all
+#   scripts/bench-step-compare.sh [tiny|gpt2-small|qwen2-0.5b|all]      # default: tiny and gpt2-small
 #
 # Per shape it runs
 #   cargo run --release -q -- bench step --shape SHAPE --json          (the Rust side)
@@ -32,7 +32,7 @@ usage() {
 
 which_shapes=${1:-all}
 case "$which_shapes" in
-    tiny | gpt2-small) shapes=("$which_shapes") ;;
+    tiny | gpt2-small | qwen2-0.5b) shapes=("$which_shapes") ;;
     all) shapes=(tiny gpt2-small) ;;
     -h | --help)
         usage

@@ -2,7 +2,7 @@
 """PyTorch + PEFT reference for `prefix-attn bench step`: times full prefix-tuning training steps.
 
 One step = forward of a frozen GPT-2 (random weights, built from a GPT2Config; eval mode, all
-dropouts 0) with a PEFT prefix-tuning adapter (prefix_projection=True, i.e. the two-layer MLP
+dropouts 0; or, --shape qwen2-0.5b, a Qwen2ForCausalLM of Qwen2-0.5B's shape from a Qwen2Config) with a PEFT prefix-tuning adapter (prefix_projection=True, i.e. the two-layer MLP
 prefix encoder), the causal-LM loss with labels on every token (labels = input_ids, HF's
 shift-by-one mean), backward, AdamW(lr=5e-5) step on the prefix encoder's parameters only and
 `zero_grad(set_to_none=True)`. Nothing comes from a model hub.
@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import peft  # noqa: E402
 import transformers  # noqa: E402
 from peft import PrefixTuningConfig, get_peft_model  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
@@ -72,6 +72,12 @@ SHAPES = {
     "gpt2-small": dict(
         n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024,
         prefix_len=10, mid_dim=512, batch=4, seq=128, steps=5,
+    ),
+    # Qwen2-0.5B's shape (what `prefix-attn bench step --shape qwen2-0.5b` builds).
+    "qwen2-0.5b": dict(
+        family="qwen2", n_layer=24, n_head=14, n_kv_head=2, n_embd=896, n_inner=4864,
+        vocab_size=151936, n_positions=32768, prefix_len=10, mid_dim=512, batch=4, seq=128,
+        steps=3,
     ),
 }
 
@@ -154,19 +160,38 @@ def parse_args(argv):
 def build(a):
     s = SHAPES[a.shape]
     torch.manual_seed(SEED)
-    cfg = GPT2Config(
-        vocab_size=s["vocab_size"],
-        n_positions=s["n_positions"],
-        n_embd=s["n_embd"],
-        n_layer=s["n_layer"],
-        n_head=s["n_head"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    base = GPT2LMHeadModel(cfg).to(torch.float32)  # initialised in fp32 on the CPU (seeded)
+    if s.get("family") == "qwen2":
+        cfg = Qwen2Config(
+            vocab_size=s["vocab_size"],
+            hidden_size=s["n_embd"],
+            intermediate_size=s["n_inner"],
+            num_hidden_layers=s["n_layer"],
+            num_attention_heads=s["n_head"],
+            num_key_value_heads=s["n_kv_head"],
+            max_position_embeddings=s["n_positions"],
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            attention_dropout=0.0,
+            bos_token_id=151643,
+            eos_token_id=151643,
+        )
+        base = Qwen2ForCausalLM(cfg).to(torch.float32)
+    else:
+        cfg = GPT2Config(
+            vocab_size=s["vocab_size"],
+            n_positions=s["n_positions"],
+            n_embd=s["n_embd"],
+            n_layer=s["n_layer"],
+            n_head=s["n_head"],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        base = GPT2LMHeadModel(cfg).to(torch.float32)  # initialised in fp32 on the CPU (seeded)
     if a.cuda:
         # The frozen base in fp16 on the GPU; PEFT then builds the prefix encoder (fp32) on the
         # base model's device and casts its output to fp16.
@@ -297,7 +322,7 @@ def main(argv=None):
     s = SHAPES[a.shape]
     print(f"PyTorch + PEFT prefix-tuning training step, shape {a.shape}, device {a.device}"
           + (f" ({res['gpu']})" if a.cuda else ""))
-    print(f"  model   GPT-2 L={s['n_layer']} H={s['n_head']} C={s['n_embd']} V={s['vocab_size']} "
+    print(f"  model   {s.get('family', 'gpt2')} L={s['n_layer']} H={s['n_head']} C={s['n_embd']} V={s['vocab_size']} "
           f"n_pos={s['n_positions']}, {base_dtype}, eval form (dropout 0), random weights, "
           f"attention {res['attn_implementation']}")
     print(f"  prefix  P={a.prefix_len} E={a.mid_dim} (prefix_projection=True), encoder {enc_dtype}; "

@@ -45,15 +45,18 @@ pub struct StepBench {
 
 impl StepBench {
     /// The named shapes: `tiny` (3 layers, 4 heads, 64 wide, vocab 503, P=7, MLP 48, 8 × 64
-    /// tokens) and `gpt2-small` (12 layers, 12 heads, 768 wide, vocab 50257, P=10, MLP 512,
-    /// 4 × 128 tokens).
+    /// tokens), `gpt2-small` (12 layers, 12 heads, 768 wide, vocab 50257, P=10, MLP 512,
+    /// 4 × 128 tokens) and `qwen2-0.5b` (Qwen2-0.5B's shape: 24 layers, 896 wide, 14 query
+    /// heads over 2 KV heads of 64, MLP 4864, vocab 151,936, tied head, q/k/v biases; P=10,
+    /// MLP 512, 4 × 128 tokens).
     pub fn named(shape: &str) -> Result<StepBench> {
         let (batch, seq, prefix_len, mid_dim, steps) = match shape {
             "tiny" => (8, 64, 7, 48, 20),
             "gpt2-small" => (4, 128, 10, 512, 5),
+            "qwen2-0.5b" => (4, 128, 10, 512, 3),
             _ => {
                 return Err(Error::Unsupported(format!(
-                    "--shape {shape}: expected tiny or gpt2-small"
+                    "--shape {shape}: expected tiny, gpt2-small or qwen2-0.5b"
                 )))
             }
         };
@@ -113,16 +116,33 @@ pub fn rss_mb() -> (f64, f64) {
 /// Runs the benchmark.
 pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
     // The kernel devices need head dim 64 or 128: `tiny` is for the cpu.
-    let cfg = match s.shape.as_str() {
-        "tiny" => small_config(3, 4, 16, 503, 128),
+    let (_, rss_before) = rss_mb();
+    let model: Box<dyn PrefixLm> = match s.shape.as_str() {
+        "tiny" => Box::new(random_model(
+            &small_config(3, 4, 16, 503, 128),
+            0,
+            0.02,
+            be,
+        )?),
         "gpt2-small" => {
             let mut c = small_config(12, 12, 64, 50257, 1024);
             c.eos_token_id = Some(50256);
-            c
+            Box::new(random_model(&c, 0, 0.02, be)?)
+        }
+        "qwen2-0.5b" => {
+            use crate::llama::random;
+            let c = crate::llama::LlamaConfig {
+                intermediate_size: 4864,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                eos_token_id: Some(151_643),
+                ..random::small_config("qwen2", 24, 14, 2, 64, 151_936, 32_768)
+            };
+            Box::new(random::random_model(&c, 0, 0.02, be)?)
         }
         other => return Err(Error::Unsupported(format!("--shape {other}"))),
     };
-    let g = cfg.geometry();
+    let g = model.geometry();
     if s.prefix_len + s.seq > g.max_positions || s.batch == 0 || s.seq < 2 || s.steps == 0 {
         return Err(Error::index(
             "bench step",
@@ -132,8 +152,6 @@ pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
             ),
         ));
     }
-    let (_, rss_before) = rss_mb();
-    let model: Box<dyn PrefixLm> = Box::new(random_model(&cfg, 0, 0.02, be)?);
     let dims = EncoderDims::for_model(&g, s.prefix_len, s.mid_dim, true);
     let enc = PrefixEncoder::init(dims, 0, be)?;
     let opt = Optimizer::new(

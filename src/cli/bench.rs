@@ -115,7 +115,7 @@ pub(super) struct AttnArgs {
 // The arguments of `bench step`.
 #[derive(clap::Args)]
 pub(super) struct StepArgs {
-    /// tiny or gpt2-small.
+    /// tiny, gpt2-small or qwen2-0.5b (Qwen2-0.5B's shape: 24 layers, 896 wide, 14/2 heads of 64, vocab 151,936).
     #[arg(long, default_value = "tiny")]
     shape: String,
     /// Sequences per step [default: the shape's].
