@@ -26,7 +26,8 @@ static SMALL_M_FAST_PATH: AtomicU8 = AtomicU8::new(0);
 
 /// Turns the small-M matmul fast path (AVX-512 kernels for `a` with at most 128 rows) on or
 /// off for the whole process; it is on by default unless `PREFIX_ATTN_CPU_SMALL_M=0` is set.
-/// For benchmarks and comparisons against the `gemm` path: both compute the same product.
+/// For benchmarks and comparisons against the `gemm` path: both compute the same product, to
+/// f32 rounding.
 pub fn set_small_m_fast_path(enabled: bool) {
     SMALL_M_FAST_PATH.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
 }
@@ -165,8 +166,9 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         // Few rows against a large matrix (decode steps): the AVX-512 kernels of
-        // `small_gemm`, which read `b` in place instead of packing it (1.5–3× faster at
-        // M ≤ 128, see docs/ARCHITECTURE.md). Other CPUs and shapes fall through to `gemm`.
+        // `small_gemm`, which read `b` in place instead of packing it (1.0–1.6× faster than
+        // `gemm` on `[K, N]` weights, 1.5–3× on the output head at M = 2–16; see
+        // docs/ARCHITECTURE.md). Other CPUs, shapes and layouts fall through to `gemm`.
         if !opts.trans_a
             && small_gemm::preferred(m, n, k, opts.trans_b)
             && small_m_fast_path()

@@ -22,6 +22,9 @@
 //! accumulated values), the same contract as the `gemm` call they replace. Sums run in
 //! another order than `gemm`'s, so results agree to f32 rounding, not bit for bit.
 
+// Elsewhere than x86-64 only `available() == false` is used.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
+
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -134,7 +137,9 @@ impl OutPtr {
 
 /// Whether a product is large enough to split over threads.
 fn parallel(m: usize, n: usize, k: usize, tasks: usize) -> bool {
-    tasks > 1 && rayon::current_num_threads() > 1 && m * n * k >= 64 * 64 * 64
+    tasks > 1
+        && rayon::current_num_threads() > 1
+        && m.saturating_mul(n).saturating_mul(k) >= 64 * 64 * 64
 }
 
 /// `b [K, N]` row-major: parallel over panels of [`NN_NR`] columns.
