@@ -7,17 +7,43 @@
 use super::check::{
     cross_entropy_args, dims2, embed_args, rows_in_range as check_rows, same_shape,
 };
-use super::{AdamWStep, Backend, Device, MatmulOpts};
+use super::{small_gemm, AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::paged::PagedAttnArgs;
 use crate::attn::{cpu, AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
 use crate::simd;
 use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The CPU backend (multi-threaded through rayon).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
+
+/// Whether [`CpuBackend::matmul`] may use the small-M fast path: 0 = unset (read the
+/// environment), 1 = on, 2 = off.
+static SMALL_M_FAST_PATH: AtomicU8 = AtomicU8::new(0);
+
+/// Turns the small-M matmul fast path (AVX-512 kernels for `a` with at most 128 rows) on or
+/// off for the whole process; it is on by default unless `PREFIX_ATTN_CPU_SMALL_M=0` is set.
+/// For benchmarks and comparisons against the `gemm` path: both compute the same product, to
+/// f32 rounding.
+pub fn set_small_m_fast_path(enabled: bool) {
+    SMALL_M_FAST_PATH.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether the small-M matmul fast path is on ([`set_small_m_fast_path`]).
+pub fn small_m_fast_path() -> bool {
+    match SMALL_M_FAST_PATH.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("PREFIX_ATTN_CPU_SMALL_M").map_or(true, |v| v != "0");
+            set_small_m_fast_path(on);
+            on
+        }
+    }
+}
 
 /// Up to this many rows of `a`, `a · bᵀ` is computed as `(b · aᵀ)ᵀ` ([`matmul`]'s note).
 const SMALL_M: usize = 32;
@@ -137,6 +163,17 @@ impl Backend for CpuBackend {
                 .for_each(|r| r.iter_mut().zip(bv).for_each(|(o, b)| *o += b));
         }
         if m == 0 || n == 0 || k == 0 {
+            return Ok(());
+        }
+        // Few rows against a large matrix (decode steps): the AVX-512 kernels of
+        // `small_gemm`, which read `b` in place instead of packing it (1.0–1.6× faster than
+        // `gemm` on `[K, N]` weights, 1.5–3× on the output head at M = 2–16; see
+        // docs/ARCHITECTURE.md). Other CPUs, shapes and layouts fall through to `gemm`.
+        if !opts.trans_a
+            && small_gemm::preferred(m, n, k, opts.trans_b)
+            && small_m_fast_path()
+            && small_gemm::matmul_small_m(m, n, k, av, bv, opts.trans_b, opts.alpha, ov)
+        {
             return Ok(());
         }
         // Row-major strides: element (i, j) of a [r, c] matrix is at i * c + j.

@@ -14,6 +14,7 @@ pub mod kernel_device;
 pub mod kernels;
 pub mod launch_table;
 pub mod registry;
+mod small_gemm;
 
 use crate::attn::paged::{kv_append_plan, AppendRun, PagedAttnArgs};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
