@@ -17,7 +17,7 @@
 //!   stay in L2 while every row block of `a` goes over them; groups are split over rayon
 //!   threads.
 //!
-//! [`preferred`] says where they beat `gemm` (measured with `examples/matmul_probe.rs`).
+//! [`preferred`] says where they beat `gemm` (measured with `benches/matmul.rs`).
 //! Both add `alpha · (a · b)` into `out` (the caller has already written the bias or kept the
 //! accumulated values), the same contract as the `gemm` call they replace. Sums run in
 //! another order than `gemm`'s, so results agree to f32 rounding, not bit for bit.

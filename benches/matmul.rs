@@ -1,6 +1,6 @@
 //! Times `CpuBackend::matmul` at decode shapes (few rows against GPT-2-small weights), with the
 //! small-M fast path off (the `gemm` crate) and on, back to back in one process:
-//!   cargo run --release --example matmul_probe [reps]
+//!   cargo bench --bench matmul
 //! Prints the best time of each path and the speed-up. Not a test: it asserts nothing
 //! except that both paths agree to f32 rounding.
 
@@ -17,9 +17,10 @@ fn random(rng: &mut Rng, len: usize) -> Vec<f32> {
 }
 
 fn main() {
+    // `cargo bench` passes `--bench`; a number among the arguments sets the repetitions.
     let reps: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
+        .skip(1)
+        .find_map(|s| s.parse().ok())
         .unwrap_or(7);
     let cpu = CpuBackend;
     let mut rng = Rng::new(1);
