@@ -196,6 +196,12 @@ fn launch(entry: &'static str, params: DenseParams, blocks: u32, threads: u32) -
     }
 }
 
+/// A row-wise kernel's launch: one warp a row, `ROW_WARPS` rows a block, at most the grid cap.
+fn row_launch(entry: &'static str, params: DenseParams, rows: usize, cap: GridCap) -> DenseLaunch {
+    let blocks = (rows.div_ceil(ROW_WARPS as usize).max(1)).min(cap.0 as usize) as u32;
+    launch(entry, params, blocks, ROW_WARPS * 32)
+}
+
 /// Elementwise `out = op(x)` (`dense_gelu`, `dense_tanh`).
 pub fn unary(
     entry: &'static str,
@@ -385,8 +391,7 @@ pub fn layernorm(
         ..Default::default()
     };
     p.f[0] = eps;
-    let blocks = (m.div_ceil(ROW_WARPS as usize).max(1)).min(cap.0 as usize) as u32;
-    Ok(launch("dense_layernorm", p, blocks, ROW_WARPS * 32))
+    Ok(row_launch("dense_layernorm", p, m, cap))
 }
 
 /// Input gradient of layer norm.
@@ -424,8 +429,7 @@ pub fn layernorm_bwd(
         flags: accumulate as i32,
         ..Default::default()
     };
-    let blocks = (m.div_ceil(ROW_WARPS as usize).max(1)).min(cap.0 as usize) as u32;
-    Ok(launch("dense_layernorm_bwd", p, blocks, ROW_WARPS * 32))
+    Ok(row_launch("dense_layernorm_bwd", p, m, cap))
 }
 
 /// RMS norm forward over rows (`dense_rmsnorm`).
@@ -457,8 +461,7 @@ pub fn rmsnorm(
         ..Default::default()
     };
     p.f[0] = eps;
-    let blocks = (m.div_ceil(ROW_WARPS as usize).max(1)).min(cap.0 as usize) as u32;
-    Ok(launch("dense_rmsnorm", p, blocks, ROW_WARPS * 32))
+    Ok(row_launch("dense_rmsnorm", p, m, cap))
 }
 
 /// Input gradient of RMS norm (`dense_rmsnorm_bwd`).
@@ -493,8 +496,7 @@ pub fn rmsnorm_bwd(
         flags: accumulate as i32,
         ..Default::default()
     };
-    let blocks = (m.div_ceil(ROW_WARPS as usize).max(1)).min(cap.0 as usize) as u32;
-    Ok(launch("dense_rmsnorm_bwd", p, blocks, ROW_WARPS * 32))
+    Ok(row_launch("dense_rmsnorm_bwd", p, m, cap))
 }
 
 /// Rotary embedding in place of `x [B, T, H, D]` with `cos, sin [T, D/2]` or `[B, T, D/2]`
