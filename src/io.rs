@@ -126,6 +126,48 @@ impl SafetensorsFile {
         Ok((shape, v.into_iter().map(|x| x as f32).collect()))
     }
 
+    /// A floating-point tensor (f64, f32, f16 or bf16 on disk) converted to f32 into `out`,
+    /// which must hold exactly its elements; returns its shape. No copy of the whole tensor
+    /// is made on the way (loading a model keeps each weight once).
+    pub fn f32_into(&self, name: &str, out: &mut [f32]) -> Result<Vec<usize>> {
+        use safetensors::Dtype;
+        let st = self.parsed()?;
+        let t = st.tensor(name).map_err(|_| self.missing(name))?;
+        let n: usize = t.shape().iter().product();
+        if n != out.len() {
+            return Err(Error::Format {
+                path: self.path.clone(),
+                msg: format!(
+                    "tensor {name:?} has shape {:?} ({n} values), expected {} values",
+                    t.shape(),
+                    out.len()
+                ),
+            });
+        }
+        let d = t.data();
+        let size = match t.dtype() {
+            Dtype::F64 => 8,
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            other => {
+                return Err(Error::Format {
+                    path: self.path.clone(),
+                    msg: format!("tensor {name:?} has dtype {other:?}, expected f32, f16 or bf16"),
+                })
+            }
+        };
+        let dtype = t.dtype();
+        for (o, c) in out.iter_mut().zip(d.chunks_exact(size)) {
+            *o = match dtype {
+                Dtype::F64 => f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32,
+                Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                Dtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                _ => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+            };
+        }
+        Ok(t.shape().to_vec())
+    }
+
     /// A floating-point tensor as f64 (exact for every stored float type), with its shape.
     pub fn f64(&self, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
         use safetensors::Dtype;

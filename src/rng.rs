@@ -56,6 +56,16 @@ impl Rng {
         }
     }
 
+    /// A generator of its own for the object called `name` under `seed` (the FNV-1a hash of
+    /// the name mixed into the seed): a model's weights can be drawn one by one, in any
+    /// order, with the same values.
+    pub fn for_name(seed: u64, name: &str) -> Rng {
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        Rng::new(seed ^ h)
+    }
+
     /// Standard normal (Box–Muller).
     pub fn normal(&mut self) -> f64 {
         let u1 = 1.0 - self.uniform(); // in (0, 1]
@@ -65,7 +75,17 @@ impl Rng {
 
     /// `n` normal samples with standard deviation `std`, as f32.
     pub fn normal_vec(&mut self, n: usize, std: f32) -> Vec<f32> {
-        (0..n).map(|_| self.normal() as f32 * std).collect()
+        let mut v = vec![0.0; n];
+        self.fill_normal(&mut v, 0.0, std);
+        v
+    }
+
+    /// Fills `out` with normal samples of mean `mean` and standard deviation `std` (the
+    /// samples of [`Rng::normal_vec`] plus `mean`).
+    pub fn fill_normal(&mut self, out: &mut [f32], mean: f32, std: f32) {
+        for x in out {
+            *x = mean + self.normal() as f32 * std;
+        }
     }
 
     /// Fisher–Yates shuffle.

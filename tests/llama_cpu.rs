@@ -244,6 +244,72 @@ fn loss_and_grad_through_the_seam() {
     assert!((lo.sum - l.sum).abs() < 1e-6 * sum.abs());
 }
 
+/// The streamed head (logits, loss and the head's backward a few rows at a time, no logits
+/// kept) gives the loss and prefix gradient of the whole-logits forward and backward, for
+/// chunks of one row, of sizes that do and do not divide the counted rows, and of more rows
+/// than there are; with and without a prefix-only loss.
+#[test]
+fn streamed_head_equals_whole_logits() {
+    let s = setup("llama", 41, 3);
+    let be = CpuBackend;
+    let ex = refs(&s.examples);
+    let batch = Batch::new(&ex).unwrap();
+    let m = batch.batch_size * batch.seq_len;
+    let mut acts = Activations::with_rows(&s.model, &be, m, true).unwrap();
+    let want_loss = s
+        .model
+        .forward(&be, &batch, Some(&s.prefix), &mut acts, None)
+        .unwrap();
+    let mut scratch = GradScratch::new(&s.model, &be, m).unwrap();
+    let mut want = Tensor::zeros(s.prefix.dims(), DType::F32).unwrap();
+    s.model
+        .backward(&be, &batch, &s.prefix, &acts, &mut scratch, &mut want)
+        .unwrap();
+    let w = want.to_f32_vec();
+    let gmax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(gmax > 1e-3, "gradient should not vanish: {gmax}");
+    let counted = ex
+        .iter()
+        .flat_map(|(_, l)| l.iter())
+        .filter(|&&t| t != -100);
+    let counted = counted.count();
+    assert!(counted % 4 != 0, "a chunk of 4 should leave a remainder");
+    for chunk in [Some(1), Some(4), Some(5), Some(m + 7), None] {
+        for with_grad in [true, false] {
+            let mut acts = Activations::streamed(&s.model, &be, m, with_grad, chunk).unwrap();
+            let loss = s
+                .model
+                .forward(&be, &batch, Some(&s.prefix), &mut acts, None)
+                .unwrap();
+            assert_eq!(loss.count, want_loss.count);
+            assert!(
+                (loss.sum - want_loss.sum).abs() < 1e-5 * want_loss.sum.abs(),
+                "chunk {chunk:?}: loss {} vs {}",
+                loss.sum,
+                want_loss.sum
+            );
+            let mut got = Tensor::zeros(s.prefix.dims(), DType::F32).unwrap();
+            let r = s
+                .model
+                .backward(&be, &batch, &s.prefix, &acts, &mut scratch, &mut got);
+            if !with_grad {
+                let e = r.expect_err("a loss-only forward has no gradient to go back from");
+                assert!(e.to_string().contains("with_grad"), "{e}");
+                continue;
+            }
+            r.unwrap();
+            for (i, (a, b)) in got.to_f32_vec().iter().zip(&w).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * gmax,
+                    "chunk {chunk:?}: d_prefix[{i}] {a} vs {b}"
+                );
+            }
+        }
+    }
+    let e = Activations::streamed(&s.model, &be, m, true, Some(0)).unwrap_err();
+    assert!(e.to_string().contains("head chunk"), "{e}");
+}
+
 #[test]
 fn cached_generation_equals_full_recompute() {
     for (model_type, p) in [("llama", 0usize), ("llama", 3), ("qwen2", 2)] {

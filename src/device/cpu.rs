@@ -96,6 +96,12 @@ impl Backend for CpuBackend {
     fn upload(&self, host: &Tensor) -> Result<Tensor> {
         Ok(host.clone())
     }
+    fn upload_owned(&self, host: Tensor) -> Result<Tensor> {
+        if host.location() != Location::Host {
+            return self.upload(&host);
+        }
+        Ok(host)
+    }
     fn download(&self, t: &Tensor) -> Result<Tensor> {
         if t.location() != Location::Host {
             return Err(Error::device(

@@ -152,6 +152,13 @@ pub trait Backend: Send + Sync {
     /// A copy of a host tensor in this device's memory.
     fn upload(&self, host: &Tensor) -> Result<Tensor>;
 
+    /// [`Backend::upload`] of a tensor the caller no longer needs: a device whose memory is
+    /// the host's takes it as it is, without a copy (loading a model then holds each weight
+    /// once, not twice).
+    fn upload_owned(&self, host: Tensor) -> Result<Tensor> {
+        self.upload(&host)
+    }
+
     /// A host copy of a tensor of this device.
     fn download(&self, t: &Tensor) -> Result<Tensor>;
 

@@ -15,26 +15,22 @@ use std::path::Path;
 /// `0.05·N(0,1)`, so none is trivially 1 or 0. Each tensor has its own seed stream, so a model
 /// can be generated tensor by tensor, in any order, with the same result.
 pub fn random_weight(name: &str, shape: &[usize], seed: u64, std: f32) -> Vec<f32> {
-    // FNV-1a of the name, mixed into the seed.
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    let mut rng = Rng::new(seed ^ h);
-    let n: usize = shape.iter().product();
-    if name.contains(".ln_") || name.starts_with("ln_f") {
-        if name.ends_with(".weight") {
-            return rng
-                .normal_vec(n, 0.1)
-                .into_iter()
-                .map(|x| 1.0 + x)
-                .collect();
-        }
-        return rng.normal_vec(n, 0.05);
-    }
-    if name.ends_with(".bias") {
-        return rng.normal_vec(n, 0.05);
-    }
-    rng.normal_vec(n, std)
+    let mut v = vec![0.0; shape.iter().product()];
+    random_weight_into(name, seed, std, &mut v);
+    v
+}
+
+/// [`random_weight`] written into `out` (its elements in order).
+pub fn random_weight_into(name: &str, seed: u64, std: f32, out: &mut [f32]) {
+    let norm = name.contains(".ln_") || name.starts_with("ln_f");
+    let (mean, sd) = if norm && name.ends_with(".weight") {
+        (1.0, 0.1)
+    } else if norm || name.ends_with(".bias") {
+        (0.0, 0.05)
+    } else {
+        (0.0, std)
+    };
+    Rng::for_name(seed, name).fill_normal(out, mean, sd);
 }
 
 /// Writes `config.json` and `model.safetensors` (f32, names with the `transformer.` prefix)
@@ -64,8 +60,9 @@ pub fn write_random_model(dir: &Path, cfg: &Gpt2Config, seed: u64, std: f32) -> 
 /// In the compute dtype of `backend` ([`Gpt2::dtype_for`]).
 pub fn random_model(cfg: &Gpt2Config, seed: u64, std: f32, backend: &dyn Backend) -> Result<Gpt2> {
     let dtype = Gpt2::dtype_for(backend);
-    let weights = Weights::assemble(cfg, backend, dtype, &mut |name, shape| {
-        Ok(random_weight(name, shape, seed, std))
+    let weights = Weights::assemble(cfg, backend, dtype, &mut |name, _shape, out| {
+        random_weight_into(name, seed, std, out);
+        Ok(())
     })?;
     Ok(Gpt2 {
         config: cfg.clone(),

@@ -87,8 +87,7 @@ pub fn expected_tensors(cfg: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// Fetches one weight by short name and expected shape, as f32.
-pub type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>> + 'a;
+pub use crate::lm::WeightSource;
 
 impl Weights {
     /// Builds the weights of `cfg` from `get`, converting to `dtype` on `backend`.
@@ -99,8 +98,7 @@ impl Weights {
         get: &mut WeightSource,
     ) -> Result<Weights> {
         let mut t = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let data = get(name, shape)?;
-            backend.upload(&Tensor::from_f32(shape, &data, dtype)?)
+            crate::lm::frozen_weight(backend, dtype, name, shape, get)
         };
         let (c, v) = (cfg.n_embd, cfg.vocab_size);
         let mut layers = Vec::with_capacity(cfg.n_layer);
@@ -193,22 +191,12 @@ impl Weights {
                 ),
             });
         }
-        Weights::assemble(cfg, backend, dtype, &mut |name, shape| {
+        Weights::assemble(cfg, backend, dtype, &mut |name, shape, out| {
             let (fi, stored) = by_name.get(name).ok_or_else(|| Error::Format {
                 path: what.to_path_buf(),
                 msg: format!("tensor {name:?} (or \"transformer.{name}\") is missing"),
             })?;
-            let file = &files[*fi];
-            let (got, data) = file.f32(stored)?;
-            if got != shape {
-                return Err(Error::Format {
-                    path: file.path().to_path_buf(),
-                    msg: format!(
-                        "tensor {stored:?} has shape {got:?}, config.json implies {shape:?}"
-                    ),
-                });
-            }
-            Ok(data)
+            crate::lm::read_weight(&files[*fi], stored, shape, out)
         })
     }
 }

@@ -12,23 +12,21 @@ use std::path::Path;
 /// weights `1 + 0.1·N(0,1)` and biases `0.05·N(0,1)`, so none is trivially 1 or 0. Each
 /// tensor has its own seed stream.
 pub fn random_weight(name: &str, shape: &[usize], seed: u64, std: f32) -> Vec<f32> {
-    // FNV-1a of the name, mixed into the seed.
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    let mut rng = Rng::new(seed ^ h);
-    let n: usize = shape.iter().product();
-    if name.ends_with("norm.weight") {
-        return rng
-            .normal_vec(n, 0.1)
-            .into_iter()
-            .map(|x| 1.0 + x)
-            .collect();
-    }
-    if name.ends_with(".bias") {
-        return rng.normal_vec(n, 0.05);
-    }
-    rng.normal_vec(n, std)
+    let mut v = vec![0.0; shape.iter().product()];
+    random_weight_into(name, seed, std, &mut v);
+    v
+}
+
+/// [`random_weight`] written into `out` (its elements in order).
+pub fn random_weight_into(name: &str, seed: u64, std: f32, out: &mut [f32]) {
+    let (mean, sd) = if name.ends_with("norm.weight") {
+        (1.0, 0.1)
+    } else if name.ends_with(".bias") {
+        (0.0, 0.05)
+    } else {
+        (0.0, std)
+    };
+    Rng::for_name(seed, name).fill_normal(out, mean, sd);
 }
 
 /// Writes `config.json` and `model.safetensors` (f32) of a model with the weights of
@@ -96,9 +94,11 @@ pub fn random_model(
     backend: &dyn crate::device::Backend,
 ) -> Result<super::Llama> {
     let dtype = crate::lm::dtype_for(backend);
-    let weights = super::weights::Weights::assemble(cfg, backend, dtype, &mut |name, shape| {
-        Ok(random_weight(name, shape, seed, std))
-    })?;
+    let weights =
+        super::weights::Weights::assemble(cfg, backend, dtype, &mut |name, _shape, out| {
+            random_weight_into(name, seed, std, out);
+            Ok(())
+        })?;
     Ok(super::Llama {
         config: cfg.clone(),
         weights,

@@ -94,8 +94,7 @@ pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// Fetches one weight by stored name and expected shape, as f32.
-pub type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>> + 'a;
+pub use crate::lm::WeightSource;
 
 impl Weights {
     /// Builds the weights of `cfg` from `get`, converting to `dtype` on `backend`.
@@ -106,8 +105,7 @@ impl Weights {
         get: &mut WeightSource,
     ) -> Result<Weights> {
         let mut t = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let data = get(name, shape)?;
-            backend.upload(&Tensor::from_f32(shape, &data, dtype)?)
+            crate::lm::frozen_weight(backend, dtype, name, shape, get)
         };
         let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (qw, kw) = (cfg.q_width(), cfg.kv_width());
@@ -212,22 +210,12 @@ impl Weights {
                 ),
             });
         }
-        Weights::assemble(cfg, backend, dtype, &mut |name, shape| {
+        Weights::assemble(cfg, backend, dtype, &mut |name, shape, out| {
             let fi = by_name.get(name).ok_or_else(|| Error::Format {
                 path: what.to_path_buf(),
                 msg: format!("tensor {name:?} is missing"),
             })?;
-            let file = &files[*fi];
-            let (got, data) = file.f32(name)?;
-            if got != shape {
-                return Err(Error::Format {
-                    path: file.path().to_path_buf(),
-                    msg: format!(
-                        "tensor {name:?} has shape {got:?}, config.json implies {shape:?}"
-                    ),
-                });
-            }
-            Ok(data)
+            crate::lm::read_weight(&files[*fi], name, shape, out)
         })
     }
 }

@@ -17,6 +17,7 @@
 mod batch;
 mod cache;
 pub mod generate;
+pub mod head;
 pub mod paged;
 
 pub use batch::{Batch, LossSum, IGNORE};
@@ -24,9 +25,55 @@ pub use cache::KvCache;
 
 use crate::device::{Backend, Device};
 use crate::error::{Error, Result};
+use crate::io::SafetensorsFile;
 use crate::tensor::{DType, Tensor};
 use std::any::Any;
 use std::path::Path;
+
+/// Writes one frozen weight, given by stored name and expected shape, as f32 into the
+/// buffer it is handed (exactly the weight's elements).
+pub type WeightSource<'a> = dyn FnMut(&str, &[usize], &mut [f32]) -> Result<()> + 'a;
+
+/// One frozen weight of `shape` in `dtype` on `backend`, written by `get`. An f32 weight is
+/// written in place into the host tensor that becomes the weight (on the cpu backend, without
+/// a copy); other dtypes pass through one f32 buffer of this weight's size.
+pub fn frozen_weight(
+    backend: &dyn Backend,
+    dtype: DType,
+    name: &str,
+    shape: &[usize],
+    get: &mut WeightSource,
+) -> Result<Tensor> {
+    let host = if dtype == DType::F32 {
+        let mut t = Tensor::zeros(shape, DType::F32)?;
+        get(name, shape, t.view_mut().contiguous_slice_mut::<f32>()?)?;
+        t
+    } else {
+        let mut data = vec![0f32; shape.iter().product()];
+        get(name, shape, &mut data)?;
+        Tensor::from_f32(shape, &data, dtype)?
+    };
+    backend.upload_owned(host)
+}
+
+/// Reads tensor `stored` of `file` into `out`, refusing a shape other than the `shape`
+/// config.json implies (the error names the file, the tensor and both shapes).
+pub fn read_weight(
+    file: &SafetensorsFile,
+    stored: &str,
+    shape: &[usize],
+    out: &mut [f32],
+) -> Result<()> {
+    let got = file.shape(stored)?;
+    if got != shape {
+        return Err(Error::Format {
+            path: file.path().to_path_buf(),
+            msg: format!("tensor {stored:?} has shape {got:?}, config.json implies {shape:?}"),
+        });
+    }
+    file.f32_into(stored, out)?;
+    Ok(())
+}
 
 /// The shape of a model as its prefix sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
