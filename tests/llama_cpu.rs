@@ -196,6 +196,24 @@ fn prefix_gradient_matches_finite_differences() {
     }
 }
 
+/// The loss and prefix gradient of the forward that keeps every row's logits and its
+/// backward, and the gradient buffers it used.
+fn whole_logits_step(s: &Setup, batch: &Batch) -> (lm::LossSum, Tensor, GradScratch) {
+    let be = CpuBackend;
+    let m = batch.batch_size * batch.seq_len;
+    let mut acts = Activations::with_rows(&s.model, &be, m, true).unwrap();
+    let loss = s
+        .model
+        .forward(&be, batch, Some(&s.prefix), &mut acts, None)
+        .unwrap();
+    let mut scratch = GradScratch::new(&s.model, &be, m).unwrap();
+    let mut grad = Tensor::zeros(s.prefix.dims(), DType::F32).unwrap();
+    s.model
+        .backward(&be, batch, &s.prefix, &acts, &mut scratch, &mut grad)
+        .unwrap();
+    (loss, grad, scratch)
+}
+
 /// The seam's `loss_and_grad` (counted rows only, workspace reused for a smaller batch)
 /// gives the loss and gradient of the full forward and backward.
 #[test]
@@ -204,17 +222,7 @@ fn loss_and_grad_through_the_seam() {
     let be = CpuBackend;
     let ex = refs(&s.examples);
     let batch = Batch::new(&ex).unwrap();
-    let m = batch.batch_size * batch.seq_len;
-    let mut acts = Activations::with_rows(&s.model, &be, m, true).unwrap();
-    let want_loss = s
-        .model
-        .forward(&be, &batch, Some(&s.prefix), &mut acts, None)
-        .unwrap();
-    let mut scratch = GradScratch::new(&s.model, &be, m).unwrap();
-    let mut want = Tensor::zeros(s.prefix.dims(), DType::F32).unwrap();
-    s.model
-        .backward(&be, &batch, &s.prefix, &acts, &mut scratch, &mut want)
-        .unwrap();
+    let (want_loss, want, _) = whole_logits_step(&s, &batch);
     let mut ws = Workspace::new();
     let model: &dyn PrefixLm = &s.model;
     for _ in 0..2 {
@@ -255,16 +263,7 @@ fn streamed_head_equals_whole_logits() {
     let ex = refs(&s.examples);
     let batch = Batch::new(&ex).unwrap();
     let m = batch.batch_size * batch.seq_len;
-    let mut acts = Activations::with_rows(&s.model, &be, m, true).unwrap();
-    let want_loss = s
-        .model
-        .forward(&be, &batch, Some(&s.prefix), &mut acts, None)
-        .unwrap();
-    let mut scratch = GradScratch::new(&s.model, &be, m).unwrap();
-    let mut want = Tensor::zeros(s.prefix.dims(), DType::F32).unwrap();
-    s.model
-        .backward(&be, &batch, &s.prefix, &acts, &mut scratch, &mut want)
-        .unwrap();
+    let (want_loss, want, mut scratch) = whole_logits_step(&s, &batch);
     let w = want.to_f32_vec();
     let gmax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
     assert!(gmax > 1e-3, "gradient should not vanish: {gmax}");
