@@ -100,7 +100,7 @@ impl Model {
             .forward(&be, &batch, pre, &mut acts, None)
             .unwrap();
         let v = self.gpt2.config.vocab_size;
-        let all = be.download(&acts.logits).unwrap().to_f32_vec();
+        let all = be.download(acts.logits()).unwrap().to_f32_vec();
         (0..seqs.len())
             .map(|b| all[(b * t + t - 1) * v..(b * t + t) * v].to_vec())
             .collect()

@@ -93,7 +93,7 @@ fn forward_matches_f64_oracle() {
             .unwrap();
         let pf = f64s(&s.prefix);
         let pref = (p > 0).then_some(pf.as_slice());
-        let logits = acts.logits.to_f32_vec();
+        let logits = acts.logits().to_f32_vec();
         let (mut max_err, mut scale) = (0f64, 0f64);
         for (b, (ids, _)) in ex.iter().enumerate() {
             let want = s.oracle.logits(ids, pref);

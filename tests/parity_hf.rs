@@ -96,7 +96,7 @@ fn check_model(name: &str) {
         let prefix = with_prefix.then_some(&eacts.prefix);
         let loss = model.forward(&be, &batch, prefix, &mut acts, None).unwrap();
         let want = fx.f64(logits_name);
-        let got = acts.logits.to_f32_vec();
+        let got = acts.logits().to_f32_vec();
         let (mut g, mut w) = (vec![], vec![]);
         for (b, (ids, _)) in examples.iter().enumerate() {
             for t in 0..ids.len() {

@@ -95,7 +95,7 @@ fn check_model(name: &str) {
         let prefix = with_prefix.then_some(&eacts.prefix);
         let loss = model.forward(&be, &batch, prefix, &mut acts, None).unwrap();
         let want = fx.f64(logits_name);
-        let got = acts.logits.to_f32_vec();
+        let got = acts.logits().to_f32_vec();
         let (mut gv, mut wv) = (vec![], vec![]);
         for (b, (ids, _)) in examples.iter().enumerate() {
             for t in 0..ids.len() {
@@ -158,7 +158,7 @@ fn check_model(name: &str) {
     model
         .forward(&be, &batch, Some(&prefix), &mut acts, None)
         .unwrap();
-    let (got, want) = (acts.logits.to_f32_vec(), fx.f64("logits"));
+    let (got, want) = (acts.logits().to_f32_vec(), fx.f64("logits"));
     let (mut gv, mut wv) = (vec![], vec![]);
     for (b, (ids, _)) in examples.iter().enumerate() {
         let row = b * batch.seq_len * v;

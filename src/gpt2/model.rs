@@ -7,6 +7,7 @@ use super::weights::Weights;
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::{Backend, MatmulOpts};
 use crate::error::{Error, Result};
+use crate::lm::head::Head;
 use crate::lm::{Batch, Geometry, KvCache, LossSum, PrefixLm, Workspace, IGNORE};
 use crate::tensor::{DType, Tensor, TensorView, TensorViewMut};
 use std::path::{Path, PathBuf};
@@ -49,20 +50,8 @@ pub struct Activations {
     lnf: Tensor,
     lnf_mean: Tensor,
     lnf_rstd: Tensor,
-    /// Logits `[M, V]` in the model's dtype: every row, or with
-    /// [`Activations::counted_only`] the counted rows first (`counted_rows` gives their
-    /// positions). In a half-precision model the gradient of a training forward is written
-    /// over them (the logits are then gone).
-    pub logits: Tensor,
-    /// With `counted_only`: the rows (`b·T + t`) whose targets count, in order.
-    pub counted_rows: Vec<i32>,
-    counted_only: bool,
-    head_in: Tensor,
-    losses: Tensor,
-    /// f32 models: a separate logit-gradient buffer.
-    dlogits: Option<Tensor>,
-    /// Half-precision models: the logit gradient is written over `logits`.
-    grad_in_place: bool,
+    /// The head, the losses and the gradient the backward starts from.
+    head: Head,
 }
 
 impl Activations {
@@ -70,8 +59,47 @@ impl Activations {
     /// counts: prompts and padding cost no `V`-wide work. Loss and gradients are unchanged;
     /// `logits` then holds the counted rows only.
     pub fn counted_only(mut self) -> Self {
-        self.counted_only = true;
+        self.head.set_counted_only();
         self
+    }
+
+    /// Logits `[M, V]` of the last forward in the model's dtype: every row, or with
+    /// [`Activations::counted_only`] the counted rows first ([`Activations::counted_rows`]
+    /// gives their positions). In a half-precision model the gradient of a training forward
+    /// is written over them. [`Activations::streamed`] keeps no logits (this is its last
+    /// chunk).
+    pub fn logits(&self) -> &Tensor {
+        self.head.logits()
+    }
+
+    /// The rows (`b·T + t`) whose targets counted in the last forward, in order.
+    pub fn counted_rows(&self) -> &[i32] {
+        self.head.counted_rows()
+    }
+
+    /// Training (or loss-only) buffers that keep no logits: the forward computes the
+    /// vocabulary projection, the loss and (`with_grad`) the projection's backward
+    /// `chunk_rows` counted rows at a time (`None`: as many as fit
+    /// [`crate::lm::head::HEAD_CHUNK_BYTES`] of logits), keeping only the gradient at the
+    /// head's input. Loss and prefix gradient are those of [`Activations::with_rows`].
+    pub fn streamed(
+        model: &Gpt2,
+        backend: &dyn Backend,
+        rows: usize,
+        with_grad: bool,
+        chunk_rows: Option<usize>,
+    ) -> Result<Activations> {
+        let c = &model.config;
+        let head = Head::streamed(
+            backend,
+            rows,
+            c.n_embd,
+            c.vocab_size,
+            model.dtype,
+            with_grad,
+            chunk_rows,
+        )?;
+        Activations::build(model, backend, rows, head)
     }
 
     /// Buffers for batches of `batch_size × seq_len` tokens (or any batch of at most that
@@ -93,6 +121,20 @@ impl Activations {
         rows: usize,
         with_grad: bool,
     ) -> Result<Activations> {
+        let c = &model.config;
+        let head = Head::whole(
+            backend,
+            rows,
+            c.n_embd,
+            c.vocab_size,
+            model.dtype,
+            with_grad,
+        )?;
+        Activations::build(model, backend, rows, head)
+    }
+
+    /// The per-layer buffers for `rows` rows, around `head`.
+    fn build(model: &Gpt2, backend: &dyn Backend, rows: usize, head: Head) -> Result<Activations> {
         let c = &model.config;
         let (m, e, dt) = (rows, c.n_embd, model.dtype);
         let l = c.n_layer;
@@ -119,23 +161,8 @@ impl Activations {
             lnf: z(&[m, e], dt)?,
             lnf_mean: z(&[m], DType::F32)?,
             lnf_rstd: z(&[m], DType::F32)?,
-            logits: z(&[m, c.vocab_size], dt)?,
-            counted_rows: vec![],
-            counted_only: false,
-            head_in: z(&[m, e], dt)?,
-            losses: z(&[m], DType::F32)?,
-            dlogits: if with_grad && dt == DType::F32 {
-                Some(z(&[m, c.vocab_size], DType::F32)?)
-            } else {
-                None
-            },
-            grad_in_place: with_grad && dt != DType::F32,
+            head,
         })
-    }
-
-    /// Whether the buffers keep a logit gradient for the backward.
-    fn with_grad(&self) -> bool {
-        self.dlogits.is_some() || self.grad_in_place
     }
 }
 
@@ -473,67 +500,9 @@ impl Gpt2 {
             &mut rows_mut(&mut acts.lnf_mean, m)?,
             &mut rows_mut(&mut acts.lnf_rstd, m)?,
         )?;
-        acts.counted_rows = (0..m as i32)
-            .filter(|&r| batch.targets[r as usize] != IGNORE)
-            .collect();
-        let compact = acts.counted_only && acts.counted_rows.len() < m;
-        let (n, targets): (usize, Vec<i32>) = if compact {
-            let counted = &acts.counted_rows;
-            (
-                counted.len(),
-                counted.iter().map(|&r| batch.targets[r as usize]).collect(),
-            )
-        } else {
-            (m, batch.targets.clone())
-        };
-        if compact && n > 0 {
-            be.gather_rows(
-                &rows(&acts.lnf, m)?,
-                &acts.counted_rows,
-                &mut acts.head_in.view_mut().narrow(0, 0, n)?,
-            )?;
-        }
-        let head_in = if compact {
-            acts.head_in.view().narrow(0, 0, n)?
-        } else {
-            rows(&acts.lnf, m)?
-        };
-        let mut sum = 0f64;
-        if n > 0 {
-            be.matmul(
-                &head_in,
-                &w.wte.view(),
-                None,
-                &mut acts.logits.view_mut().narrow(0, 0, n)?,
-                MatmulOpts::nt(),
-            )?;
-            let mut losses = acts.losses.view_mut().narrow(0, 0, n)?;
-            if acts.grad_in_place {
-                be.cross_entropy_inplace(
-                    &mut acts.logits.view_mut().narrow(0, 0, n)?,
-                    &targets,
-                    &mut losses,
-                )?;
-            } else {
-                let mut dl = match acts.dlogits.as_mut() {
-                    Some(t) => Some(t.view_mut().narrow(0, 0, n)?),
-                    None => None,
-                };
-                be.cross_entropy(
-                    &acts.logits.view().narrow(0, 0, n)?,
-                    &targets,
-                    &mut losses,
-                    dl.as_mut(),
-                )?;
-            }
-            let losses = be.download(&acts.losses)?.to_f32_vec();
-            sum = targets
-                .iter()
-                .zip(&losses[..n])
-                .filter(|(&tg, _)| tg != IGNORE)
-                .map(|(_, &x)| x as f64)
-                .sum();
-        }
+        let sum =
+            acts.head
+                .forward(be, &rows(&acts.lnf, m)?, &w.wte.view(), &batch.targets[..m])?;
         Ok(LossSum {
             sum,
             count: batch.count(),
@@ -591,12 +560,6 @@ impl Gpt2 {
         }
         let (b, t) = (batch.batch_size, batch.seq_len);
         let (h, d) = (c.n_head, c.head_dim());
-        if !acts.with_grad() {
-            return Err(Error::index(
-                "activations",
-                "the forward kept no logit gradient (with_grad = false)",
-            ));
-        }
         let m = b * t;
         if m > acts.rows || m > grads.rows {
             return Err(Error::shape(
@@ -605,7 +568,6 @@ impl Gpt2 {
                 &[acts.rows.min(grads.rows)],
             ));
         }
-        let dlogits = acts.dlogits.as_ref().unwrap_or(&acts.logits);
         let lens: Vec<i32> = batch.lens.iter().map(|&n| n as i32).collect();
         let scale = if c.scale_attn_weights {
             1.0 / (d as f32).sqrt()
@@ -613,33 +575,14 @@ impl Gpt2 {
             1.0
         };
 
-        // Head and final layer norm: d_lnf = dlogits · wte, then through ln_f.
-        let counted = &acts.counted_rows;
-        if acts.counted_only && counted.len() < m {
-            let n = counted.len();
-            if n > 0 {
-                be.matmul(
-                    &dlogits.view().narrow(0, 0, n)?,
-                    &w.wte.view(),
-                    None,
-                    &mut grads.d_res.view_mut().narrow(0, 0, n)?,
-                    MatmulOpts::default(),
-                )?;
-            }
-            be.scatter_rows(
-                &grads.d_res.view().narrow(0, 0, n)?,
-                counted,
-                &mut rows_mut(&mut grads.d_tmp, m)?,
-            )?;
-        } else {
-            be.matmul(
-                &rows(dlogits, m)?,
-                &w.wte.view(),
-                None,
-                &mut rows_mut(&mut grads.d_tmp, m)?,
-                MatmulOpts::default(),
-            )?;
-        }
+        // Head and final layer norm: d_lnf = dlogits · wte (a streamed forward computed it
+        // already), then through ln_f.
+        acts.head.backward(
+            be,
+            &w.wte.view(),
+            &mut rows_mut(&mut grads.d_tmp, m)?,
+            &mut grads.d_res.view_mut(),
+        )?;
         be.layernorm_bwd(
             &rows(&grads.d_tmp, m)?,
             &rows(&acts.res[c.n_layer], m)?,
@@ -797,7 +740,7 @@ impl PrefixLm for Gpt2 {
             |w: &Gpt2Workspace| w.grads.is_none() && w.acts.rows >= m,
             || {
                 Ok(Gpt2Workspace {
-                    acts: Activations::with_rows(self, be, m, false)?.counted_only(),
+                    acts: Activations::streamed(self, be, m, false, None)?,
                     grads: None,
                 })
             },
@@ -818,7 +761,7 @@ impl PrefixLm for Gpt2 {
             |w: &Gpt2Workspace| w.grads.as_ref().is_some_and(|g| g.rows >= m) && w.acts.rows >= m,
             || {
                 Ok(Gpt2Workspace {
-                    acts: Activations::with_rows(self, be, m, true)?.counted_only(),
+                    acts: Activations::streamed(self, be, m, true, None)?,
                     grads: Some(GradScratch::new(self, be, m)?),
                 })
             },
@@ -844,7 +787,7 @@ impl PrefixLm for Gpt2 {
         let batch = Batch::new(&[(tokens, &labels)])?;
         let mut acts = Activations::new(self, be, 1, tokens.len(), false)?;
         self.forward(be, &batch, prefix, &mut acts, Some(cache))?;
-        let logits = be.download(&acts.logits)?.to_f32_vec();
+        let logits = be.download(acts.logits())?.to_f32_vec();
         let v = self.config.vocab_size;
         Ok(logits[(tokens.len() - 1) * v..tokens.len() * v].to_vec())
     }

@@ -12,7 +12,7 @@ use super::weights::{Linear, Weights};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::{Backend, MatmulOpts};
 use crate::error::{Error, Result};
-use crate::lm::head::HeadChunks;
+use crate::lm::head::Head;
 use crate::lm::{Batch, Geometry, KvCache, LossSum, PrefixLm, Workspace, IGNORE};
 use crate::tensor::{DType, Tensor, TensorView, TensorViewMut};
 use std::path::{Path, PathBuf};
@@ -58,22 +58,8 @@ pub struct Activations {
     up: Tensor,
     act: Tensor,
     rstd_final: Tensor,
-    head_in: Tensor,
-    /// Logits `[M, V]`: every row, or with [`Activations::counted_only`] the counted rows
-    /// first (`counted_rows` gives their positions). A half-precision model writes the
-    /// gradient of a training forward over them. Empty (`[0, V]`) with
-    /// [`Activations::streamed`], which keeps no logits.
-    pub logits: Tensor,
-    /// With [`Activations::streamed`]: the head, loss and head backward a chunk at a time,
-    /// and the gradient at the head's input `[M, C]` (training).
-    head: Option<HeadChunks>,
-    d_head_in: Option<Tensor>,
-    /// With `counted_only`: the rows (`b·T + t`) whose targets count, in order.
-    pub counted_rows: Vec<i32>,
-    counted_only: bool,
-    losses: Tensor,
-    dlogits: Option<Tensor>,
-    grad_in_place: bool,
+    /// The head, the losses and the gradient the backward starts from.
+    head: Head,
 }
 
 impl Activations {
@@ -85,17 +71,20 @@ impl Activations {
         rows: usize,
         with_grad: bool,
     ) -> Result<Activations> {
-        Activations::build(model, be, rows, with_grad, rows)
+        let c = &model.config;
+        let head = Head::whole(
+            be,
+            rows,
+            c.hidden_size,
+            c.vocab_size,
+            model.dtype,
+            with_grad,
+        )?;
+        Activations::build(model, be, rows, head)
     }
 
-    /// [`Activations::with_rows`] with logits of `logit_rows` rows.
-    fn build(
-        model: &Llama,
-        be: &dyn Backend,
-        rows: usize,
-        with_grad: bool,
-        logit_rows: usize,
-    ) -> Result<Activations> {
+    /// The per-layer buffers for `rows` rows, around `head`.
+    fn build(model: &Llama, be: &dyn Backend, rows: usize, head: Head) -> Result<Activations> {
         let c = &model.config;
         let (m, e, f, dt) = (rows, c.hidden_size, c.intermediate_size, model.dtype);
         let l = c.num_hidden_layers;
@@ -106,8 +95,7 @@ impl Activations {
         };
         Ok(Activations {
             rows,
-            head: None,
-            d_head_in: None,
+            head,
             res: many(&[m, e], dt, l + 1)?,
             rstd_in: many(&[m], DType::F32, l)?,
             q: many(&[m, qw], dt, l)?,
@@ -122,17 +110,6 @@ impl Activations {
             up: z(&[m, f], dt)?,
             act: z(&[m, f], dt)?,
             rstd_final: z(&[m], DType::F32)?,
-            head_in: z(&[m, e], dt)?,
-            logits: z(&[logit_rows, c.vocab_size], dt)?,
-            counted_rows: vec![],
-            counted_only: false,
-            losses: z(&[m], DType::F32)?,
-            dlogits: if with_grad && dt == DType::F32 {
-                Some(z(&[logit_rows, c.vocab_size], DType::F32)?)
-            } else {
-                None
-            },
-            grad_in_place: with_grad && dt != DType::F32,
         })
     }
 
@@ -161,25 +138,36 @@ impl Activations {
         chunk_rows: Option<usize>,
     ) -> Result<Activations> {
         let c = &model.config;
-        let head = HeadChunks::new(be, c.vocab_size, model.dtype, rows, chunk_rows, with_grad)?;
-        let mut a = Activations::build(model, be, rows, false, 0)?;
-        a.head = Some(head);
-        if with_grad {
-            a.d_head_in = Some(be.zeros(&[rows, c.hidden_size], model.dtype)?);
-        }
-        a.counted_only = true;
-        Ok(a)
+        let head = Head::streamed(
+            be,
+            rows,
+            c.hidden_size,
+            c.vocab_size,
+            model.dtype,
+            with_grad,
+            chunk_rows,
+        )?;
+        Activations::build(model, be, rows, head)
     }
 
     /// Computes the vocabulary projection (and its gradient) only at rows whose target
     /// counts; loss and gradients are unchanged, `logits` then holds the counted rows only.
     pub fn counted_only(mut self) -> Self {
-        self.counted_only = true;
+        self.head.set_counted_only();
         self
     }
 
-    fn with_grad(&self) -> bool {
-        self.dlogits.is_some() || self.grad_in_place || self.d_head_in.is_some()
+    /// Logits `[M, V]` of the last forward: every row, or with
+    /// [`Activations::counted_only`] the counted rows first ([`Activations::counted_rows`]
+    /// gives their positions). A half-precision model writes the gradient of a training
+    /// forward over them. [`Activations::streamed`] keeps no logits (this is its last chunk).
+    pub fn logits(&self) -> &Tensor {
+        self.head.logits()
+    }
+
+    /// The rows (`b·T + t`) whose targets counted in the last forward, in order.
+    pub fn counted_rows(&self) -> &[i32] {
+        self.head.counted_rows()
     }
 }
 
@@ -473,82 +461,12 @@ impl Llama {
             &mut rows_mut(&mut acts.norm, m)?,
             &mut rows_mut(&mut acts.rstd_final, m)?,
         )?;
-        acts.counted_rows = (0..m as i32)
-            .filter(|&r| batch.targets[r as usize] != IGNORE)
-            .collect();
-        let compact = acts.counted_only && acts.counted_rows.len() < m;
-        let (n, targets): (usize, Vec<i32>) = if compact {
-            let counted = &acts.counted_rows;
-            (
-                counted.len(),
-                counted.iter().map(|&r| batch.targets[r as usize]).collect(),
-            )
-        } else {
-            (m, batch.targets.clone())
-        };
-        if compact && n > 0 {
-            be.gather_rows(
-                &rows(&acts.norm, m)?,
-                &acts.counted_rows,
-                &mut acts.head_in.view_mut().narrow(0, 0, n)?,
-            )?;
-        }
-        let head_in = if compact {
-            acts.head_in.view().narrow(0, 0, n)?
-        } else {
-            rows(&acts.norm, m)?
-        };
-        let mut sum = 0f64;
-        if let (Some(head), true) = (acts.head.as_mut(), n > 0) {
-            let mut d_in = match acts.d_head_in.as_mut() {
-                Some(t) => Some(t.view_mut().narrow(0, 0, n)?),
-                None => None,
-            };
-            head.run(
-                be,
-                &head_in,
-                &w.head().view(),
-                &targets,
-                &mut acts.losses.view_mut().narrow(0, 0, n)?,
-                d_in.as_mut(),
-            )?;
-        } else if n > 0 {
-            be.matmul(
-                &head_in,
-                &w.head().view(),
-                None,
-                &mut acts.logits.view_mut().narrow(0, 0, n)?,
-                MatmulOpts::nt(),
-            )?;
-            let mut losses = acts.losses.view_mut().narrow(0, 0, n)?;
-            if acts.grad_in_place {
-                be.cross_entropy_inplace(
-                    &mut acts.logits.view_mut().narrow(0, 0, n)?,
-                    &targets,
-                    &mut losses,
-                )?;
-            } else {
-                let mut dl = match acts.dlogits.as_mut() {
-                    Some(t) => Some(t.view_mut().narrow(0, 0, n)?),
-                    None => None,
-                };
-                be.cross_entropy(
-                    &acts.logits.view().narrow(0, 0, n)?,
-                    &targets,
-                    &mut losses,
-                    dl.as_mut(),
-                )?;
-            }
-        }
-        if n > 0 {
-            let losses = be.download(&acts.losses)?.to_f32_vec();
-            sum = targets
-                .iter()
-                .zip(&losses[..n])
-                .filter(|(&tg, _)| tg != IGNORE)
-                .map(|(_, &x)| x as f64)
-                .sum();
-        }
+        let sum = acts.head.forward(
+            be,
+            &rows(&acts.norm, m)?,
+            &w.head().view(),
+            &batch.targets[..m],
+        )?;
         Ok(LossSum {
             sum,
             count: batch.count(),
@@ -585,12 +503,6 @@ impl Llama {
                 got: d_prefix.dtype().name().into(),
             });
         }
-        if !acts.with_grad() {
-            return Err(Error::index(
-                "activations",
-                "the forward kept no logit gradient (with_grad = false)",
-            ));
-        }
         let (b, t) = (batch.batch_size, batch.seq_len);
         let m = b * t;
         if m > acts.rows || m > grads.rows {
@@ -603,51 +515,14 @@ impl Llama {
         let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let lens: Vec<i32> = batch.lens.iter().map(|&n| n as i32).collect();
         let (cos, sin) = self.rope_tables(be, p, t)?;
-        let dlogits = acts.dlogits.as_ref().unwrap_or(&acts.logits);
-
         // Head and final norm: d_norm = dlogits · W_head (a streamed forward computed it
         // already), then through the norm.
-        let counted = &acts.counted_rows;
-        if let Some(d_in) = &acts.d_head_in {
-            let n = if acts.counted_only && counted.len() < m {
-                counted.len()
-            } else {
-                m
-            };
-            if n < m {
-                be.scatter_rows(
-                    &d_in.view().narrow(0, 0, n)?,
-                    counted,
-                    &mut rows_mut(&mut grads.d_tmp, m)?,
-                )?;
-            } else {
-                be.copy(&rows(d_in, m)?, &mut rows_mut(&mut grads.d_tmp, m)?)?;
-            }
-        } else if acts.counted_only && counted.len() < m {
-            let n = counted.len();
-            if n > 0 {
-                be.matmul(
-                    &dlogits.view().narrow(0, 0, n)?,
-                    &w.head().view(),
-                    None,
-                    &mut grads.d_res.view_mut().narrow(0, 0, n)?,
-                    MatmulOpts::default(),
-                )?;
-            }
-            be.scatter_rows(
-                &grads.d_res.view().narrow(0, 0, n)?,
-                counted,
-                &mut rows_mut(&mut grads.d_tmp, m)?,
-            )?;
-        } else {
-            be.matmul(
-                &rows(dlogits, m)?,
-                &w.head().view(),
-                None,
-                &mut rows_mut(&mut grads.d_tmp, m)?,
-                MatmulOpts::default(),
-            )?;
-        }
+        acts.head.backward(
+            be,
+            &w.head().view(),
+            &mut rows_mut(&mut grads.d_tmp, m)?,
+            &mut grads.d_res.view_mut(),
+        )?;
         be.rmsnorm_bwd(
             &rows(&grads.d_tmp, m)?,
             &rows(&acts.res[c.num_hidden_layers], m)?,
@@ -879,7 +754,7 @@ impl PrefixLm for Llama {
         let batch = Batch::new(&[(tokens, &labels)])?;
         let mut acts = Activations::new(self, be, 1, tokens.len(), false)?;
         self.forward(be, &batch, prefix, &mut acts, Some(cache))?;
-        let logits = be.download(&acts.logits)?.to_f32_vec();
+        let logits = be.download(acts.logits())?.to_f32_vec();
         let v = self.config.vocab_size;
         Ok(logits[(tokens.len() - 1) * v..tokens.len() * v].to_vec())
     }

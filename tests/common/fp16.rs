@@ -146,7 +146,7 @@ pub fn tiny_c_fp16_parity(be: &dyn Backend) -> Result<Vec<String>, String> {
             )
             .map_err(s)?;
         let got = be
-            .download(&acts.logits)
+            .download(acts.logits())
             .map_err(s)?
             .try_to_f32_vec()
             .map_err(s)?;

@@ -68,7 +68,7 @@ pub fn llama_gqa_fp16_parity(be: &dyn Backend) -> Result<Vec<String>, String> {
     let loss = model
         .forward(be, &batch, Some(&prefix), &mut acts, None)
         .map_err(err)?;
-    let got = be.download(&acts.logits).map_err(err)?.to_f32_vec();
+    let got = be.download(acts.logits()).map_err(err)?.to_f32_vec();
     let (want, torch16) = (f64s("logits")?, f64s("fp16.logits")?);
     let (mut g, mut w, mut tt) = (vec![], vec![], vec![]);
     for (bi, (ids, _)) in examples.iter().enumerate() {
