@@ -523,9 +523,12 @@ pub fn oracle(args: &PagedAttnArgs, prec: Precision) -> Result<Outputs> {
     Ok(Outputs { o, lse })
 }
 
-/// The paged decode on host tensors (the `cpu` backend): one task per (sequence, KV head);
-/// each key and value row is read straight from its page (or the prefix table) once per
-/// task, for all `G · Tq` query rows of the group; f32 scores, softmax and accumulation.
+/// The paged decode on host tensors (the `cpu` backend). One task per sequence and range of
+/// KV heads (ranges only as narrow as the threads need: a batch of 16 runs one task per
+/// sequence): the task walks its keys in cache order, reading each key and value row once,
+/// in place when the cache is f32, for all `G · Tq` query rows of each of its heads, so the
+/// memory sees each page's rows in sequence. f32 scores (8-lane dot products), softmax and
+/// accumulation; a head's result does not depend on how heads are grouped into tasks.
 pub fn cpu_forward(args: &PagedAttnArgs, mut out: AttnFwdOut) -> Result<()> {
     let pr = args.check()?;
     pr.check_out(&out)?;
@@ -544,24 +547,34 @@ pub fn cpu_forward(args: &PagedAttnArgs, mut out: AttnFwdOut) -> Result<()> {
         None => None,
     };
     let d = pr.head_dim;
-    (0..pr.batch * pr.heads_kv)
+    let hkv_n = pr.heads_kv;
+    let chunks = (2 * rayon::current_num_threads())
+        .div_ceil(pr.batch.max(1))
+        .clamp(1, hkv_n.max(1));
+    (0..pr.batch * chunks)
         .into_par_iter()
         .try_for_each(|task| -> Result<()> {
-            let (b, hkv) = (task / pr.heads_kv, task % pr.heads_kv);
+            let b = task / chunks;
+            let c = task % chunks;
+            let (h0, h1) = (c * hkv_n / chunks, (c + 1) * hkv_n / chunks);
+            let nh = h1 - h0;
             let (g, tq) = (pr.group(), pr.tq);
             let rows = g * tq;
-            // Queries of the group, pre-scaled: row r = (head hkv·G + r / Tq, query r % Tq).
-            let mut q = vec![0f32; rows * d];
-            for r in 0..rows {
-                let (h, i) = (hkv * g + r / tq, r % tq);
-                let qv = &args.q;
-                qv.read_f32(qv.layout().index(&[b, i, h, 0]), &mut q[r * d..(r + 1) * d])?;
+            // Queries, pre-scaled: head hkv's row r = (query head hkv·G + r / Tq, query r % Tq).
+            let mut q = vec![0f32; nh * rows * d];
+            for (hh, hkv) in (h0..h1).enumerate() {
+                for r in 0..rows {
+                    let (h, i) = (hkv * g + r / tq, r % tq);
+                    let qv = &args.q;
+                    let at = (hh * rows + r) * d;
+                    qv.read_f32(qv.layout().index(&[b, i, h, 0]), &mut q[at..at + d])?;
+                }
             }
             q.iter_mut().for_each(|x| *x *= pr.scale);
             let plen = pr.prefix_rows_of(b);
             let nk = plen + pr.lens_k[b];
             // Key j of the task: prefix row j (j < plen), then sequence key j - plen in its page.
-            let row_of = |j: usize| -> (bool, [usize; 4]) {
+            let row_of = |j: usize, hkv: usize| -> (bool, [usize; 4]) {
                 if j < plen {
                     (true, [pr.prefix_of[b].unwrap_or(0), j, hkv, 0])
                 } else {
@@ -582,55 +595,76 @@ pub fn cpu_forward(args: &PagedAttnArgs, mut out: AttnFwdOut) -> Result<()> {
                     }
                 }
             };
-            let mut s = vec![0f32; rows * nk];
-            let mut kr = vec![0f32; d];
+            // Row `idx` of `t` as f32: in place for an f32 tensor, else converted into `buf`.
+            fn row<'a>(
+                t: &TensorView<'a>,
+                idx: &[usize; 4],
+                buf: &'a mut Vec<f32>,
+                d: usize,
+            ) -> Result<&'a [f32]> {
+                let at = t.layout().index(idx);
+                if t.dtype() == DType::F32 {
+                    return t.host_row::<f32>(at, d);
+                }
+                buf.resize(d, 0.0);
+                t.read_f32(at, buf)?;
+                Ok(buf)
+            }
+            // Scores [head][query row][key].
+            let mut s = vec![0f32; nh * rows * nk];
+            let mut buf = Vec::new();
             for j in 0..nk {
-                let (pre, idx) = row_of(j);
-                let t = tensor(pre, true)?;
-                t.read_f32(t.layout().index(&idx), &mut kr)?;
-                for r in 0..rows {
-                    s[r * nk + j] = q[r * d..(r + 1) * d]
-                        .iter()
-                        .zip(&kr)
-                        .map(|(a, b)| a * b)
-                        .sum();
+                for (hh, hkv) in (h0..h1).enumerate() {
+                    let (pre, idx) = row_of(j, hkv);
+                    let kr = row(tensor(pre, true)?, &idx, &mut buf, d)?;
+                    for r in 0..rows {
+                        let at = (hh * rows + r) * d;
+                        s[(hh * rows + r) * nk + j] = super::cpu::dot(&q[at..at + d], kr);
+                    }
                 }
             }
-            let mut lse_rows = vec![f32::NEG_INFINITY; rows];
-            for r in 0..rows {
-                let n = plen + pr.visible_seq_keys(b, r % tq);
-                let row = &mut s[r * nk..(r + 1) * nk];
-                row[n..].fill(0.0);
+            let mut lse_rows = vec![f32::NEG_INFINITY; nh * rows];
+            for (hr, sr) in s.chunks_exact_mut(nk.max(1)).enumerate().take(nh * rows) {
+                let n = plen + pr.visible_seq_keys(b, hr % rows % tq);
+                sr[n..].fill(0.0);
                 if n == 0 {
                     continue;
                 }
-                let m = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                row[..n].iter_mut().for_each(|x| *x = (*x - m).exp());
-                let l: f32 = row[..n].iter().sum();
-                row[..n].iter_mut().for_each(|x| *x /= l);
-                lse_rows[r] = m + l.ln();
+                let m = crate::simd::max(&sr[..n]);
+                crate::simd::exp_shift(&mut sr[..n], m);
+                let l = crate::simd::sum(&sr[..n]);
+                sr[..n].iter_mut().for_each(|x| *x /= l);
+                lse_rows[hr] = m + l.ln();
             }
-            let mut acc = vec![0f32; rows * d];
-            let mut vr = vec![0f32; d];
+            let mut acc = vec![0f32; nh * rows * d];
             for j in 0..nk {
-                let (pre, idx) = row_of(j);
-                let t = tensor(pre, false)?;
-                t.read_f32(t.layout().index(&idx), &mut vr)?;
-                for r in 0..rows {
-                    let p = s[r * nk + j];
-                    acc[r * d..(r + 1) * d]
-                        .iter_mut()
-                        .zip(&vr)
-                        .for_each(|(x, y)| *x += p * y);
+                for (hh, hkv) in (h0..h1).enumerate() {
+                    let (pre, idx) = row_of(j, hkv);
+                    let vr = row(tensor(pre, false)?, &idx, &mut buf, d)?;
+                    for r in 0..rows {
+                        let p = s[(hh * rows + r) * nk + j];
+                        if p == 0.0 {
+                            continue;
+                        }
+                        let at = (hh * rows + r) * d;
+                        acc[at..at + d]
+                            .iter_mut()
+                            .zip(vr)
+                            .for_each(|(x, y)| *x += p * y);
+                    }
                 }
             }
-            for r in 0..rows {
-                let (h, i) = (hkv * g + r / tq, r % tq);
-                // SAFETY: output row (b, i, h) belongs to this task alone.
-                unsafe { o.write_row(o.index(&[b, i, h, 0]), &acc[r * d..(r + 1) * d]) };
-                if let Some(lse) = &lse {
-                    // SAFETY: lse element (b, h, i) belongs to this task alone.
-                    unsafe { lse.write_row(lse.index(&[b, h, i]), &lse_rows[r..r + 1]) };
+            for (hh, hkv) in (h0..h1).enumerate() {
+                for r in 0..rows {
+                    let (h, i) = (hkv * g + r / tq, r % tq);
+                    let at = (hh * rows + r) * d;
+                    // SAFETY: output row (b, i, h) belongs to this task alone.
+                    unsafe { o.write_row(o.index(&[b, i, h, 0]), &acc[at..at + d]) };
+                    if let Some(lse) = &lse {
+                        let x = &lse_rows[hh * rows + r..hh * rows + r + 1];
+                        // SAFETY: lse element (b, h, i) belongs to this task alone.
+                        unsafe { lse.write_row(lse.index(&[b, h, i]), x) };
+                    }
                 }
             }
             Ok(())
