@@ -81,7 +81,7 @@ const char *pa_version(void);
 const char *pa_last_error(void);
 /* A context for a device: kind PA_DEVICE_CPU, PA_DEVICE_CUDA (ordinal) or PA_DEVICE_EMU. */
 pa_status pa_context_create(int32_t kind, int32_t ordinal, pa_context **out);
-/* Destroys a context (NULL does nothing). */
+/* Destroys a context (NULL does nothing); work it queued on a caller's stream must have run. */
 void pa_context_destroy(pa_context *ctx);
 /* Forward: o [B, Tq, Hq, D] (q's dtype), lse [B, Hq, Tq] f32 or NULL. stream: NULL, or on
  * cuda the caller's stream: the call runs after the work queued on it so far and before the
@@ -126,7 +126,7 @@ pa_status pa_attn_plan_run_bwd(const pa_attn_plan *plan, const pa_attn_args *arg
                                int32_t prefix_only, const int32_t *prefix_index,
                                const int32_t *seqlen_q, const int32_t *seqlen_k,
                                void *workspace, uint64_t workspace_bytes, void *stream);
-/* Destroys a plan (NULL does nothing). */
+/* Destroys a plan (NULL does nothing); the work its runs queued must have run. */
 void pa_attn_plan_destroy(pa_attn_plan *plan);
 /* Test hook: panics inside the library; returns PA_ERR_PANIC. */
 pa_status pa_test_panic(void);

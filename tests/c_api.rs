@@ -178,7 +178,10 @@ fn header_signatures(h: &str) -> std::collections::BTreeMap<String, Signature> {
                     .split(',')
                     .map(|p| {
                         let p = p.trim();
-                        let n_at = p.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap() + 1;
+                        let n_at = p
+                            .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                            .unwrap()
+                            + 1;
                         (p[n_at..].to_string(), squash(&p[..n_at]))
                     })
                     .collect()
@@ -281,9 +284,7 @@ fn emu_case(case: &mut String, rng: &mut Rng) {
         .prefix_index(&pidx)
         .seqlens(&sq, &sk)
         .causal(true);
-    let out = Dense::from_args(&args)
-        .unwrap()
-        .forward(Precision::Exact);
+    let out = Dense::from_args(&args).unwrap().forward(Precision::Exact);
     writeln!(case, "{b} {tq} {tk} {h} {d} {p} {np} 1").unwrap();
     for m in [&pidx, &sq, &sk] {
         push(case, m.iter().map(|x| x.to_string()));

@@ -16,8 +16,8 @@ use prefix_attn::attn::testing::{
 use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta};
 use prefix_attn::capi;
 use prefix_attn::device::cuda::{device_count, loaded_libraries, CudaBackend};
-use prefix_attn::device::kernel_device::{AttnPlan, Stream, Workspace};
 use prefix_attn::device::decode_bench::decode_shape;
+use prefix_attn::device::kernel_device::{AttnPlan, Stream, Workspace};
 use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Layout, Location, Tensor, TensorView, TensorViewMut};
@@ -296,7 +296,10 @@ fn c_ok(what: &str, status: capi::pa_status) -> Result<(), String> {
     }
     // SAFETY: pa_last_error returns a NUL-terminated string valid until the next call.
     let msg = unsafe { CStr::from_ptr(capi::pa_last_error()) };
-    Err(format!("{what}: status {status}: {}", msg.to_string_lossy()))
+    Err(format!(
+        "{what}: status {status}: {}",
+        msg.to_string_lossy()
+    ))
 }
 
 /// The C API on a stream this test creates (a non-blocking stream, so nothing orders it
@@ -626,10 +629,8 @@ fn main() {
     }
     println!("GPU paged decode vs f64 oracle: {passed} passed, {failed} failed so far");
     // The C API on a caller-created stream: the one-shot forward and plan/run.
-    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_stream_case(&be, &ctx)
-    }))
-    .unwrap_or_else(|_| Err("panicked (message above)".into()));
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_stream_case(&be, &ctx)))
+        .unwrap_or_else(|_| Err("panicked (message above)".into()));
     match res {
         Ok(()) => {
             passed += 1;

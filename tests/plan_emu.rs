@@ -33,7 +33,10 @@ fn bits(t: &Tensor) -> Vec<u32> {
 /// The spec's metadata as "device" tensors (host memory on the emulator), only those the spec
 /// gives: a missing one stays missing, and the run takes its default.
 fn device_meta(spec: &ProblemSpec) -> [Option<Tensor>; 3] {
-    let t = |v: &Option<Vec<i32>>| v.as_ref().map(|v| Tensor::from_slice(&[v.len()], v).unwrap());
+    let t = |v: &Option<Vec<i32>>| {
+        v.as_ref()
+            .map(|v| Tensor::from_slice(&[v.len()], v).unwrap())
+    };
     [t(&spec.prefix_index), t(&spec.seqlen_q), t(&spec.seqlen_k)]
 }
 
@@ -101,7 +104,10 @@ fn run_equals_one_shot_on_random_shapes() {
         let bwd = AttnPlan::bwd(&be, &host_args).unwrap_or_else(|e| panic!("{ctx}: {e}"));
         let one_shot = plan_fwd(&host_args, &f1.out()).unwrap();
         assert_eq!(
-            fwd.launches().iter().map(|l| (l.entry, l.grid)).collect::<Vec<_>>(),
+            fwd.launches()
+                .iter()
+                .map(|l| (l.entry, l.grid))
+                .collect::<Vec<_>>(),
             vec![(one_shot.entry, one_shot.grid)],
             "{ctx}: the plan's launch is the one-shot call's"
         );

@@ -410,8 +410,7 @@ fn fwd_args<'a>(
     }
     match using {
         ArgsUse::Call => {
-            args.prefix_index =
-                meta("prefix_index", a.prefix_index, a.batch, loc)?.map(Into::into);
+            args.prefix_index = meta("prefix_index", a.prefix_index, a.batch, loc)?.map(Into::into);
             args.seqlen_q = meta("seqlen_q", a.seqlen_q, a.batch, loc)?.map(Into::into);
             args.seqlen_k = meta("seqlen_k", a.seqlen_k, a.batch, loc)?.map(Into::into);
         }
@@ -585,7 +584,8 @@ pub extern "C" fn pa_context_create(
     })
 }
 
-/// Destroys a context made by [`pa_context_create`] (null is allowed and does nothing).
+/// Destroys a context made by [`pa_context_create`] (null is allowed and does nothing). The
+/// work it queued on a caller's stream must have run (synchronise the stream first).
 #[no_mangle]
 pub extern "C" fn pa_context_destroy(ctx: *mut pa_context) {
     let _ = guard(|| {
@@ -724,7 +724,11 @@ pub extern "C" fn pa_attn_plan_create(
             return Err(null("out"));
         }
         let a = fwd_args(args, ctx.location, ArgsUse::Plan)?;
-        fn make<R: KernelRunner>(be: &R, a: &AttnFwdArgs, backward: bool) -> Result<AttnPlan, Fail> {
+        fn make<R: KernelRunner>(
+            be: &R,
+            a: &AttnFwdArgs,
+            backward: bool,
+        ) -> Result<AttnPlan, Fail> {
             Ok(match backward {
                 true => AttnPlan::bwd(be, a)?,
                 false => AttnPlan::fwd(be, a)?,
@@ -866,7 +870,8 @@ pub extern "C" fn pa_attn_plan_run_bwd(
     })
 }
 
-/// Destroys a plan made by [`pa_attn_plan_create`] (null is allowed and does nothing).
+/// Destroys a plan made by [`pa_attn_plan_create`] (null is allowed and does nothing). The
+/// work its runs queued must have run (synchronise the stream first).
 #[no_mangle]
 pub extern "C" fn pa_attn_plan_destroy(plan: *mut pa_attn_plan) {
     let _ = guard(|| {

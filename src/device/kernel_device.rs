@@ -470,8 +470,7 @@ pub trait AttnOnStream {
     /// [`Backend::attn_bwd`] ordered against `stream`.
     fn attn_bwd_on(&self, args: &AttnBwdArgs, grads: AttnGrads, stream: Stream) -> Result<()>;
     /// [`Backend::attn_decode`] ordered against `stream`.
-    fn attn_decode_on(&self, args: &PagedAttnArgs, out: AttnFwdOut, stream: Stream)
-        -> Result<()>;
+    fn attn_decode_on(&self, args: &PagedAttnArgs, out: AttnFwdOut, stream: Stream) -> Result<()>;
 }
 
 impl<R: KernelRunner> AttnOnStream for R {
@@ -481,12 +480,7 @@ impl<R: KernelRunner> AttnOnStream for R {
     fn attn_bwd_on(&self, args: &AttnBwdArgs, grads: AttnGrads, stream: Stream) -> Result<()> {
         self.ordered_with(stream, || Backend::attn_bwd(self, args, grads))
     }
-    fn attn_decode_on(
-        &self,
-        args: &PagedAttnArgs,
-        out: AttnFwdOut,
-        stream: Stream,
-    ) -> Result<()> {
+    fn attn_decode_on(&self, args: &PagedAttnArgs, out: AttnFwdOut, stream: Stream) -> Result<()> {
         self.ordered_with(stream, || Backend::attn_decode(self, args, out))
     }
 }
@@ -939,7 +933,8 @@ unsafe fn launch_planned<R: KernelRunner, P: AttnParams>(
     stream: Stream,
 ) -> Result<()> {
     let batch = params.fwd().batch.max(0) as usize;
-    let (clamp_params, clamp) = plan_meta_clamp(params.fwd(), meta_dev.map(|m| m.unwrap_or(0)), ws.addr)?;
+    let (clamp_params, clamp) =
+        plan_meta_clamp(params.fwd(), meta_dev.map(|m| m.unwrap_or(0)), ws.addr)?;
     if batch > 0 {
         // SAFETY: the sources are the caller's checked i32 [B] device tensors (or 0: the
         // defaults) and the destination the first 12·B bytes of the workspace.
