@@ -2,17 +2,20 @@
 //! shapes (fresh random inputs, mixed per-sequence prefixes, padding, causal or not, GQA,
 //! strided layouts), allocates no device memory, and refuses tensors that do not match the
 //! plan, host metadata, a small or misaligned workspace and a caller's stream with errors that
-//! name the argument.
+//! name the argument. And the one-shot calls on a stream (`AttnOnStream`).
 
 mod common;
 
-use common::meta::{assert_bits_eq, with_mixed_meta};
+use common::meta::{assert_bits_eq, paged_buffers, with_mixed_meta};
 use prefix_attn::attn::testing::{
-    random_spec, FwdBuffers, GradBuffers, MetaTensors, ProblemSpec, RandomProblem,
+    random_paged_spec, random_spec, FwdBuffers, GradBuffers, MetaTensors, ProblemSpec, RandomPaged,
+    RandomProblem,
 };
 use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, Meta};
 use prefix_attn::device::emu::{self, EmuBackend};
-use prefix_attn::device::kernel_device::{AttnPlan, Stream, Workspace, WORKSPACE_ALIGN};
+use prefix_attn::device::kernel_device::{
+    AttnOnStream, AttnPlan, Stream, Workspace, WORKSPACE_ALIGN,
+};
 use prefix_attn::device::kernels::plan_fwd;
 use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
@@ -381,4 +384,87 @@ fn plans_reject_what_the_kernels_cannot_run() {
     let pb = RandomProblem::new(s, &mut Rng::new(2)).unwrap();
     let e = AttnPlan::bwd(&be, &pb.args().unwrap()).unwrap_err();
     assert!(e.to_string().contains("head dim 8"), "{e}");
+}
+
+/// The one-shot calls on a stream (`AttnOnStream`): with the device's own stream they are the
+/// `Backend` calls, bit for bit; the emulator refuses a caller's stream before doing anything,
+/// with an error naming `stream`, for the forward, the backward and the paged decode alike.
+#[test]
+fn one_shot_calls_take_a_stream() {
+    let be = EmuBackend;
+    // SAFETY: the emu device reads nothing through the handle: it refuses it first.
+    let not_a_stream = unsafe { Stream::from_raw(std::ptr::NonNull::dangling().as_ptr()) };
+    let refused = |e: Error| {
+        assert!(
+            e.to_string()
+                .contains("stream: the emu device has no CUDA streams"),
+            "{e}"
+        );
+    };
+    let mut spec = with_mixed_meta(
+        ProblemSpec::new(3, 6, 8, 4, 2, 64, 3, true),
+        &mut Rng::new(3),
+    );
+    spec.dtype = DType::BF16;
+    let pb = RandomProblem::new(spec, &mut Rng::new(31)).unwrap();
+    let args = pb.args().unwrap();
+    let (mut f1, mut f2, mut f3) = (
+        FwdBuffers::poisoned(&pb.spec).unwrap(),
+        FwdBuffers::poisoned(&pb.spec).unwrap(),
+        FwdBuffers::poisoned(&pb.spec).unwrap(),
+    );
+    be.attn_fwd(&args, f1.out()).unwrap();
+    be.attn_fwd_on(&args, f2.out(), Stream::OWN).unwrap();
+    assert_bits_eq(
+        &[bits(&f1.o), bits(&f1.lse)],
+        &[bits(&f2.o), bits(&f2.lse)],
+        "attn_fwd_on(OWN)",
+    );
+    refused(be.attn_fwd_on(&args, f3.out(), not_a_stream).unwrap_err());
+    assert!(f3.o.to_f32_vec().iter().all(|x| x.is_nan()));
+    let bargs = AttnBwdArgs {
+        fwd: args,
+        o: f1.o.view(),
+        lse: f1.lse.view(),
+        d_o: pb.d_o.view(),
+        prefix_only: false,
+    };
+    let (mut g1, mut g2) = (
+        GradBuffers::poisoned(&pb.spec).unwrap(),
+        GradBuffers::poisoned(&pb.spec).unwrap(),
+    );
+    be.attn_bwd(&bargs, g1.grads(true, false)).unwrap();
+    be.attn_bwd_on(&bargs, g2.grads(true, false), Stream::OWN)
+        .unwrap();
+    let grads = |g: &GradBuffers| {
+        let mut v = vec![vec![], vec![]];
+        v.extend([&g.dq, &g.dk, &g.dv, &g.dk_pre, &g.dv_pre].map(bits));
+        v
+    };
+    assert_bits_eq(&grads(&g1), &grads(&g2), "attn_bwd_on(OWN)");
+    refused(
+        be.attn_bwd_on(&bargs, g2.grads(true, false), not_a_stream)
+            .unwrap_err(),
+    );
+
+    let paged = random_paged_spec(&mut Rng::new(5), DType::F16, &[64]);
+    let pp = RandomPaged::new(&paged, &mut Rng::new(51)).unwrap();
+    let pargs = pp.args().unwrap();
+    let (mut d1, mut d2, mut d3) = (
+        paged_buffers(&paged),
+        paged_buffers(&paged),
+        paged_buffers(&paged),
+    );
+    be.attn_decode(&pargs, d1.out()).unwrap();
+    be.attn_decode_on(&pargs, d2.out(), Stream::OWN).unwrap();
+    assert_bits_eq(
+        &[bits(&d1.o), bits(&d1.lse)],
+        &[bits(&d2.o), bits(&d2.lse)],
+        "attn_decode_on(OWN)",
+    );
+    refused(
+        be.attn_decode_on(&pargs, d3.out(), not_a_stream)
+            .unwrap_err(),
+    );
+    assert!(d3.o.to_f32_vec().iter().all(|x| x.is_nan()));
 }
