@@ -362,10 +362,15 @@ fn run_stream_case(be: &CudaBackend, cuda: &Arc<CudaContext>) -> Result<(), Stri
         scale: 0.0,
     };
     let cu_stream = stream.cu_stream() as *mut c_void;
+    let cuda_kind = capi::DEVICE_NAMES
+        .iter()
+        .find(|(name, _)| *name == "PA_DEVICE_CUDA")
+        .map(|&(_, kind)| kind)
+        .ok_or("PA_DEVICE_CUDA missing")?;
     let mut ctx: *mut capi::pa_context = std::ptr::null_mut();
     c_ok(
         "pa_context_create",
-        capi::pa_context_create(capi::DEVICE_NAMES[1].1, 0, &mut ctx),
+        capi::pa_context_create(cuda_kind, 0, &mut ctx),
     )?;
     let (o1, l1, o2, l2) = (out_t(0), out_t(1), out_t(2), out_t(3));
     let fwd = c_ok(
