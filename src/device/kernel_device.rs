@@ -613,7 +613,8 @@ pub struct AttnPlan {
 
 impl AttnPlan {
     /// Plans the forward of calls shaped like `args` on `runner`'s device: its tensors give
-    /// the shapes and the dtype (their addresses and metadata are not used).
+    /// the shapes, dtype and strides (no element is read, and no metadata: each run passes
+    /// its own).
     pub fn fwd<R: KernelRunner>(runner: &R, args: &AttnFwdArgs) -> Result<AttnPlan> {
         let none = vec![-1; args.q.dims().first().copied().unwrap_or(0)];
         let args = shape_args(args, &none);
@@ -716,7 +717,8 @@ impl AttnPlan {
         &self.launches
     }
 
-    /// The validated problem (sizes; its metadata vectors hold the defaults).
+    /// The validated problem (its sizes; its metadata vectors are placeholders, since a plan
+    /// reads no metadata).
     pub fn problem(&self) -> &AttnProblem {
         &self.problem
     }
