@@ -107,10 +107,10 @@ pa_status pa_attn_plan_create(const pa_context *ctx, const pa_attn_args *args, i
                               pa_attn_plan **out);
 /* The workspace bytes a run needs (context memory, 16-byte aligned). */
 pa_status pa_attn_plan_workspace_size(const pa_attn_plan *plan, uint64_t *bytes);
-/* Runs a forward plan on tensors of the planned shapes and dtype (args' metadata pointers
- * must be NULL). prefix_index, seqlen_q, seqlen_k: int32 [B] in the context's memory (device
- * pointers on cuda), each NULL for its default; values are clamped (lengths to 0..Tq / 0..Tk,
- * a prefix index outside 0..NP means none). workspace: workspace_bytes bytes of the
+/* Runs a forward plan on tensors of the planned shapes and dtype, with the planned causal and
+ * scale (args' metadata pointers must be NULL). prefix_index, seqlen_q, seqlen_k: int32 [B] in
+ * the context's memory (device pointers on cuda), each NULL for its default; values are
+ * clamped (lengths to [0, Tq] / [0, Tk], a prefix index outside [0, NP) means none). workspace: workspace_bytes bytes of the
  * context's memory. stream: NULL, or the caller's stream, on which the kernels are launched
  * directly. */
 pa_status pa_attn_plan_run_fwd(const pa_attn_plan *plan, const pa_attn_args *args,
