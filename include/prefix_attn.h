@@ -8,6 +8,9 @@
  * Memory: host pointers on a cpu (or emu) context, device pointers on a cuda context.
  * Strides are in elements, non-negative; the last dimension must be contiguous; pointers
  * must be aligned to their element size; outputs must not overlap inputs.
+ * Streams (void *stream, a CUstream): NULL runs on the crate's stream; on a cuda context a
+ * stream of the device's primary context (the CUDA runtime's) orders the work against the
+ * caller's (docs/ARCHITECTURE.md section 1); cpu and emu contexts take NULL only.
  * Link the static library with -lpthread -ldl -lm (cudarc loads libcuda with dlopen).
  */
 #ifndef PREFIX_ATTN_H
@@ -60,15 +63,17 @@ typedef struct pa_attn_args {
     const pa_tensor *v;
     const pa_tensor *k_pre;
     const pa_tensor *v_pre;
-    const int32_t *prefix_index; /* [batch] host, -1 = none; NULL: 0 for all */
-    const int32_t *seqlen_q;     /* [batch] host; NULL: Tq */
-    const int32_t *seqlen_k;     /* [batch] host; NULL: Tk */
+    const int32_t *prefix_index; /* [batch] host, -1 = none; NULL: 0 for all (NULL in runs) */
+    const int32_t *seqlen_q;     /* [batch] host; NULL: Tq (NULL in runs) */
+    const int32_t *seqlen_k;     /* [batch] host; NULL: Tk (NULL in runs) */
     int64_t batch;               /* length of the metadata arrays (q's B) */
     int32_t causal;              /* non-zero: causal, bottom-right aligned */
     float scale;                 /* 0: 1/sqrt(D) */
 } pa_attn_args;
 
 typedef struct pa_context pa_context;
+/* A forward or backward planned once for a shape (pa_attn_plan_create). */
+typedef struct pa_attn_plan pa_attn_plan;
 
 /* The library version, a static string. */
 const char *pa_version(void);
@@ -76,9 +81,11 @@ const char *pa_version(void);
 const char *pa_last_error(void);
 /* A context for a device: kind PA_DEVICE_CPU, PA_DEVICE_CUDA (ordinal) or PA_DEVICE_EMU. */
 pa_status pa_context_create(int32_t kind, int32_t ordinal, pa_context **out);
-/* Destroys a context (NULL does nothing). */
+/* Destroys a context (NULL does nothing); work it queued on a caller's stream must have run. */
 void pa_context_destroy(pa_context *ctx);
-/* Forward: o [B, Tq, Hq, D] (q's dtype), lse [B, Hq, Tq] f32 or NULL. stream: NULL. */
+/* Forward: o [B, Tq, Hq, D] (q's dtype), lse [B, Hq, Tq] f32 or NULL. stream: NULL, or on
+ * cuda the caller's stream: the call runs after the work queued on it so far and before the
+ * work it queues later (event-ordered; the host does not wait). */
 pa_status pa_attn_fwd(const pa_context *ctx, const pa_attn_args *args, const pa_tensor *o,
                       const pa_tensor *lse, void *stream);
 /* Backward: dq, dk, dv (NULL allowed with prefix_only), f32 dk_pre, dv_pre or NULL. */
@@ -86,9 +93,41 @@ pa_status pa_attn_bwd(const pa_context *ctx, const pa_attn_args *args, const pa_
                       const pa_tensor *lse, const pa_tensor *d_o, const pa_tensor *dq,
                       const pa_tensor *dk, const pa_tensor *dv, const pa_tensor *dk_pre,
                       const pa_tensor *dv_pre, int32_t prefix_only, void *stream);
-/* Validates args and writes the caller workspace the call needs (0 today). */
+/* Validates args and writes the caller workspace the one-shot call needs (0). */
 pa_status pa_workspace_size(const pa_context *ctx, const pa_attn_args *args, int32_t backward,
                             uint64_t *bytes);
+
+/* Plan/run (emu and cuda contexts). A plan validates the shapes, fixes the kernel launches,
+ * sizes the workspace and loads the kernels once; a run allocates nothing, copies nothing
+ * from the host and never synchronises, so a CUDA graph can capture it.
+ * pa_attn_plan_create reads args for shapes only: data pointers may be NULL, metadata
+ * pointers and batch are not read. backward: non-zero plans the backward (sized for the
+ * sequence and, with a prefix table, the prefix gradients). A plan may outlive its context. */
+pa_status pa_attn_plan_create(const pa_context *ctx, const pa_attn_args *args, int32_t backward,
+                              pa_attn_plan **out);
+/* The workspace bytes a run needs (context memory, 16-byte aligned). */
+pa_status pa_attn_plan_workspace_size(const pa_attn_plan *plan, uint64_t *bytes);
+/* Runs a forward plan on tensors of the planned shapes and dtype, with the planned causal and
+ * scale (args' metadata pointers must be NULL). prefix_index, seqlen_q, seqlen_k: int32 [B] in
+ * the context's memory (device pointers on cuda), each NULL for its default; values are
+ * clamped (lengths to [0, Tq] / [0, Tk], a prefix index outside [0, NP) means none). workspace: workspace_bytes bytes of the
+ * context's memory. stream: NULL, or the caller's stream, on which the kernels are launched
+ * directly. */
+pa_status pa_attn_plan_run_fwd(const pa_attn_plan *plan, const pa_attn_args *args,
+                               const pa_tensor *o, const pa_tensor *lse,
+                               const int32_t *prefix_index, const int32_t *seqlen_q,
+                               const int32_t *seqlen_k, void *workspace,
+                               uint64_t workspace_bytes, void *stream);
+/* Runs a backward plan: tensors as for pa_attn_bwd, the rest as for pa_attn_plan_run_fwd. */
+pa_status pa_attn_plan_run_bwd(const pa_attn_plan *plan, const pa_attn_args *args,
+                               const pa_tensor *o, const pa_tensor *lse, const pa_tensor *d_o,
+                               const pa_tensor *dq, const pa_tensor *dk, const pa_tensor *dv,
+                               const pa_tensor *dk_pre, const pa_tensor *dv_pre,
+                               int32_t prefix_only, const int32_t *prefix_index,
+                               const int32_t *seqlen_q, const int32_t *seqlen_k,
+                               void *workspace, uint64_t workspace_bytes, void *stream);
+/* Destroys a plan (NULL does nothing); the work its runs queued must have run. */
+void pa_attn_plan_destroy(pa_attn_plan *plan);
 /* Test hook: panics inside the library; returns PA_ERR_PANIC. */
 pa_status pa_test_panic(void);
 

@@ -276,17 +276,19 @@ PA_FWD_ENTRY(prefix_attn_fwd_d64_bf16, 64, __nv_bfloat16)
 PA_FWD_ENTRY(prefix_attn_fwd_d128_bf16, 128, __nv_bfloat16)
 
 // Device metadata → the clamped copy the attention kernels read (kernels/common/meta.cuh):
-// one thread per sequence, grid-stride.
+// one thread per sequence, grid-stride. A plan's run passes null for an array the caller
+// leaves out (src/device/kernel_device.rs, AttnPlan).
 constexpr int kMetaClampThreads = 256;
 extern "C" PA_GLOBAL void PA_LAUNCH_BOUNDS(kMetaClampThreads, 1) prefix_attn_meta_clamp(AttnMetaClampParams p) {
     const int32_t* idx = reinterpret_cast<const int32_t*>(p.src_prefix_index);
     const int32_t* sq = reinterpret_cast<const int32_t*>(p.src_seqlen_q);
     const int32_t* sk = reinterpret_cast<const int32_t*>(p.src_seqlen_k);
     int32_t* dst = reinterpret_cast<int32_t*>(p.dst);
+    // A null source is the default: prefix 0 (none without a prefix table), Tq, Tk.
     for (int b = blockIdx.x * blockDim.x + threadIdx.x; b < p.batch; b += gridDim.x * blockDim.x) {
-        dst[b] = pa::clamp_prefix(idx[b], p.num_prefixes);
-        dst[p.batch + b] = pa::clamp_len(sq[b], p.tq);
-        dst[2 * p.batch + b] = pa::clamp_len(sk[b], p.tk);
+        dst[b] = pa::clamp_prefix(idx ? idx[b] : 0, p.num_prefixes);
+        dst[p.batch + b] = pa::clamp_len(sq ? sq[b] : p.tq, p.tq);
+        dst[2 * p.batch + b] = pa::clamp_len(sk ? sk[b] : p.tk, p.tk);
     }
 }
 PA_REGISTER_KERNEL(prefix_attn_meta_clamp, AttnMetaClampParams, kMetaClampThreads, 0, 0, 0)

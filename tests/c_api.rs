@@ -1,6 +1,8 @@
-//! The C ABI: `include/prefix_attn.h` against the Rust side (every constant and function),
-//! the header compiled as C99 and C++, and the C program `tests/c/c_api.c` linked against
-//! the static library, run on a fresh random problem whose f64 oracle values this test writes.
+//! The C ABI: `include/prefix_attn.h` against the Rust side (every constant, and every
+//! function with its return type and parameters), the header compiled as C99 and C++, and the
+//! C program `tests/c/c_api.c` linked against the static library, run on fresh random problems
+//! whose f64 oracle values this test writes: one for the cpu context's one-shot calls, one for
+//! plan/run on the emu context.
 
 use prefix_attn::attn::oracle::{Dense, Precision};
 use prefix_attn::attn::AttnFwdArgs;
@@ -75,11 +77,118 @@ fn header_matches_the_rust_side() {
                 .collect::<Vec<_>>()
         })
         .collect();
-    assert!(exported.len() >= 8, "too few exports found: {exported:?}");
+    assert!(exported.len() >= 13, "too few exports found: {exported:?}");
     assert_eq!(
         declared, exported,
         "header functions differ from src/capi exports"
     );
+
+    // Each function's return type and parameters (names and types, in order) agree.
+    let rust_sigs = rust_signatures(&src);
+    let header_sigs = header_signatures(&h);
+    for name in &exported {
+        let (h, r) = (&header_sigs.get(name), &rust_sigs.get(name));
+        assert!(h.is_some() && r.is_some(), "{name}: signature not parsed");
+        assert_eq!(
+            h, r,
+            "{name}: header signature (left) differs from src/capi (right)"
+        );
+    }
+}
+
+/// A signature as `(return type, [(parameter, type)])`, C types with spaces removed
+/// (`const pa_tensor *` → `constpa_tensor*`).
+type Signature = (String, Vec<(String, String)>);
+
+/// The C spelling of a Rust FFI type of src/capi.
+fn c_type(rust: &str) -> String {
+    let rust = rust.trim();
+    if let Some(inner) = rust.strip_prefix("*const ") {
+        return format!("const{}*", c_type(inner));
+    }
+    if let Some(inner) = rust.strip_prefix("*mut ") {
+        return format!("{}*", c_type(inner));
+    }
+    match rust {
+        "i32" => "int32_t",
+        "u64" => "uint64_t",
+        "f32" => "float",
+        "c_void" => "void",
+        "c_char" => "char",
+        other => other,
+    }
+    .to_string()
+}
+
+/// Every `pub extern "C" fn` of src/capi with its signature in C spelling.
+fn rust_signatures(src: &str) -> std::collections::BTreeMap<String, Signature> {
+    src.split("pub extern \"C\" fn ")
+        .skip(1)
+        .map(|s| {
+            let (name, rest) = s.split_once('(').unwrap();
+            let (params, rest) = rest.split_once(')').unwrap();
+            let ret = rest.split('{').next().unwrap().trim();
+            let ret = match ret.strip_prefix("->") {
+                Some(t) => c_type(t),
+                None => "void".into(),
+            };
+            let params = params
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (n, t) = p.split_once(':').unwrap();
+                    (n.trim().to_string(), c_type(t))
+                })
+                .collect();
+            (name.to_string(), (ret, params))
+        })
+        .collect()
+}
+
+/// Every function the header declares, with its signature (comments and spaces removed).
+fn header_signatures(h: &str) -> std::collections::BTreeMap<String, Signature> {
+    let mut code = String::new();
+    let mut rest = h;
+    while let Some(at) = rest.find("/*") {
+        code.push_str(&rest[..at]);
+        rest = &rest[at + 2..];
+        rest = &rest[rest.find("*/").map_or(rest.len(), |e| e + 2)..];
+    }
+    code.push_str(rest);
+    let code: String = code
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let squash = |s: &str| s.split_whitespace().collect::<String>();
+    code.split([';', '{', '}'])
+        .filter_map(|stmt| {
+            let (head, params) = stmt.split_once('(')?;
+            let params = params.trim_end().strip_suffix(')')?;
+            let name_at = head.rfind(|c: char| !(c.is_alphanumeric() || c == '_'))? + 1;
+            let name = &head[name_at..];
+            if !name.starts_with("pa_") {
+                return None;
+            }
+            let params = if params.trim() == "void" {
+                vec![]
+            } else {
+                params
+                    .split(',')
+                    .map(|p| {
+                        let p = p.trim();
+                        let n_at = p
+                            .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                            .unwrap()
+                            + 1;
+                        (p[n_at..].to_string(), squash(&p[..n_at]))
+                    })
+                    .collect()
+            };
+            Some((name.to_string(), (squash(&head[..name_at]), params)))
+        })
+        .collect()
 }
 
 #[test]
@@ -149,6 +258,45 @@ fn push(out: &mut String, xs: impl IntoIterator<Item = String>) {
     out.push('\n');
 }
 
+/// The case of the C program's plan/run section (an emu context): bf16 inputs (drawn as f32
+/// and rounded to bf16, so the C side converts them exactly), head dim 64, two prefixes with
+/// every sequence on another one (the second on none), right padding, causal; the f64 oracle
+/// forward of exactly those values.
+fn emu_case(case: &mut String, rng: &mut Rng) {
+    let (b, tq, tk, h, d, p, np) = (3usize, 6usize, 9usize, 2usize, 64usize, 4usize, 2usize);
+    let mut bf16s = |n: usize| -> Vec<f32> {
+        rng.normal_vec(n, 1.0)
+            .into_iter()
+            .map(|x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    let (nq, nk, npre) = (b * tq * h * d, b * tk * h * d, np * p * h * d);
+    let (qv, kv, vv) = (bf16s(nq), bf16s(nk), bf16s(nk));
+    let (kpv, vpv, dov) = (bf16s(npre), bf16s(npre), bf16s(nq));
+    let q = Tensor::from_slice(&[b, tq, h, d], &qv).unwrap();
+    let k = Tensor::from_slice(&[b, tk, h, d], &kv).unwrap();
+    let v = Tensor::from_slice(&[b, tk, h, d], &vv).unwrap();
+    let kp = Tensor::from_slice(&[np, p, h, d], &kpv).unwrap();
+    let vp = Tensor::from_slice(&[np, p, h, d], &vpv).unwrap();
+    let (pidx, sq, sk) = ([1, -1, 0], [6, 4, 2], [9, 7, 3]);
+    let args = AttnFwdArgs::new(q.view(), k.view(), v.view())
+        .prefix(kp.view(), vp.view())
+        .prefix_index(&pidx)
+        .seqlens(&sq, &sk)
+        .causal(true);
+    let out = Dense::from_args(&args).unwrap().forward(Precision::Exact);
+    writeln!(case, "{b} {tq} {tk} {h} {d} {p} {np} 1").unwrap();
+    for m in [&pidx, &sq, &sk] {
+        push(case, m.iter().map(|x| x.to_string()));
+    }
+    for x in [&qv, &kv, &vv, &kpv, &vpv, &dov] {
+        push(case, x.iter().map(|x| format!("{x:e}")));
+    }
+    for x in [&out.o, &out.lse] {
+        push(case, x.iter().map(|x| format!("{x:e}")));
+    }
+}
+
 #[test]
 fn c_program_matches_the_oracle_and_reports_bad_arguments() {
     let t0 = std::time::Instant::now();
@@ -191,6 +339,7 @@ fn c_program_matches_the_oracle_and_reports_bad_arguments() {
     for x in [&out.o, &out.lse, &g.dq, &g.dk, &g.dv, &g.dk_pre, &g.dv_pre] {
         push(&mut case, x.iter().map(|x| format!("{x:e}")));
     }
+    emu_case(&mut case, &mut rng);
     let dir = tempfile::tempdir().unwrap();
     let case_path = dir.path().join("case.txt");
     std::fs::write(&case_path, case).unwrap();

@@ -1,4 +1,5 @@
-//! GPU tests: the kernels on a real CUDA device against the f64 oracle. This binary has its own
+//! GPU tests: the kernels on a real CUDA device against the f64 oracle (and the C API on a
+//! caller-created stream: the one-shot forward and plan/run). This binary has its own
 //! harness so that a person running `cargo test` without a GPU *sees* that these tests were
 //! skipped; `PREFIX_ATTN_REQUIRE_GPU=1` turns a skip into a failure.
 
@@ -13,11 +14,14 @@ use prefix_attn::attn::testing::{
     RandomPaged, RandomProblem,
 };
 use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta};
+use prefix_attn::capi;
 use prefix_attn::device::cuda::{device_count, loaded_libraries, CudaBackend};
 use prefix_attn::device::decode_bench::decode_shape;
+use prefix_attn::device::kernel_device::{AttnPlan, Stream, Workspace};
 use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
-use prefix_attn::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
+use prefix_attn::tensor::{DType, Layout, Location, Tensor, TensorView, TensorViewMut};
+use std::ffi::{c_void, CStr};
 use std::sync::Arc;
 
 /// A host view's whole buffer copied to the device, and the same view there.
@@ -262,6 +266,258 @@ fn run_decode_case(be: &CudaBackend, spec: &PagedSpec, seed: u64) -> Result<(), 
     Ok(())
 }
 
+/// A C description of a host view's layout at device address `base` (a byte copy of the
+/// view's whole host buffer, so the view's offset applies).
+fn c_tensor(base: u64, like: &TensorView) -> capi::pa_tensor {
+    let (mut shape, mut strides) = ([0i64; 4], [0i64; 4]);
+    for (i, (&d, &st)) in like.dims().iter().zip(like.strides()).enumerate() {
+        shape[i] = d as i64;
+        strides[i] = st as i64;
+    }
+    capi::pa_tensor {
+        data: (base + (like.layout().offset() * like.dtype().size()) as u64) as usize
+            as *mut c_void,
+        dtype: match like.dtype() {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+            DType::I32 => 3,
+        },
+        rank: like.dims().len() as i32,
+        shape,
+        strides,
+    }
+}
+
+/// A C call's status as a result, with the library's message.
+fn c_ok(what: &str, status: capi::pa_status) -> Result<(), String> {
+    if status == capi::PA_OK {
+        return Ok(());
+    }
+    // SAFETY: pa_last_error returns a NUL-terminated string valid until the next call.
+    let msg = unsafe { CStr::from_ptr(capi::pa_last_error()) };
+    Err(format!(
+        "{what}: status {status}: {}",
+        msg.to_string_lossy()
+    ))
+}
+
+/// The C API on a stream this test creates (a non-blocking stream, so nothing orders it
+/// against the crate's stream but the library): `pa_attn_fwd` with that stream, then a plan's
+/// run (`pa_attn_plan_run_fwd`) with device metadata and workspace on it, against the f64
+/// oracle and each other (same bits); then the Rust `AttnPlan` run on the same stream, which
+/// must allocate no device memory.
+fn run_stream_case(be: &CudaBackend, cuda: &Arc<CudaContext>) -> Result<(), String> {
+    let e = |e: prefix_attn::Error| e.to_string();
+    let d = |e: cudarc::driver::DriverError| format!("{e:?}");
+    let mut spec = ProblemSpec::new(3, 40, 56, 4, 2, 64, 7, true);
+    spec.dtype = DType::F16;
+    spec.num_prefixes = 2;
+    spec.prefix_index = Some(vec![1, -1, 0]);
+    spec.seqlen_q = Some(vec![40, 17, 3]);
+    spec.seqlen_k = Some(vec![56, 30, 9]);
+    let pb = RandomProblem::new(spec, &mut Rng::new(4242)).map_err(e)?;
+    let args = pb.args().map_err(e)?;
+    let x = Dense::from_args(&args).map_err(e)?;
+    let exact = x.forward(Precision::Exact);
+    let pre = args.prefix.ok_or("the case has a prefix table")?;
+    let stream = cuda.new_stream().map_err(d)?;
+    let ptr = |c: &DeviceCopy| c.buf.device_ptr(&stream).0;
+    let inputs: Vec<DeviceCopy> = [args.q, args.k, args.v, pre.k, pre.v]
+        .iter()
+        .map(|v| to_device(&stream, v))
+        .collect();
+    let [tq, tk, tv, tkp, tvp] = [args.q, args.k, args.v, pre.k, pre.v]
+        .iter()
+        .zip(&inputs)
+        .map(|(v, c)| c_tensor(ptr(c), v))
+        .collect::<Vec<_>>()
+        .try_into()
+        .map_err(|_| "five inputs")?;
+    let host = FwdBuffers::poisoned(&pb.spec).map_err(e)?;
+    let outs: Vec<DeviceCopy> = [&host.o, &host.lse, &host.o, &host.lse, &host.o, &host.lse]
+        .iter()
+        .map(|t| to_device(&stream, &t.view()))
+        .collect();
+    let out_t = |i: usize| {
+        let like = if i % 2 == 0 { &host.o } else { &host.lse };
+        c_tensor(ptr(&outs[i]), &like.view())
+    };
+    let (pidx, sq, sk) = (
+        pb.spec.prefix_index.clone().unwrap(),
+        pb.spec.seqlen_q.clone().unwrap(),
+        pb.spec.seqlen_k.clone().unwrap(),
+    );
+    let cargs = capi::pa_attn_args {
+        q: &tq,
+        k: &tk,
+        v: &tv,
+        k_pre: &tkp,
+        v_pre: &tvp,
+        prefix_index: pidx.as_ptr(),
+        seqlen_q: sq.as_ptr(),
+        seqlen_k: sk.as_ptr(),
+        batch: 3,
+        causal: 1,
+        scale: 0.0,
+    };
+    let cu_stream = stream.cu_stream() as *mut c_void;
+    let cuda_kind = capi::DEVICE_NAMES
+        .iter()
+        .find(|(name, _)| *name == "PA_DEVICE_CUDA")
+        .map(|&(_, kind)| kind)
+        .ok_or("PA_DEVICE_CUDA missing")?;
+    let mut ctx: *mut capi::pa_context = std::ptr::null_mut();
+    c_ok(
+        "pa_context_create",
+        capi::pa_context_create(cuda_kind, 0, &mut ctx),
+    )?;
+    let (o1, l1, o2, l2) = (out_t(0), out_t(1), out_t(2), out_t(3));
+    let fwd = c_ok(
+        "pa_attn_fwd",
+        capi::pa_attn_fwd(ctx, &cargs, &o1, &l1, cu_stream),
+    );
+    // Plan and run with device metadata and a device workspace, on the same stream.
+    let dev_meta: Vec<CudaSlice<i32>> = [&pidx, &sq, &sk]
+        .iter()
+        .map(|v| stream.clone_htod(v.as_slice()))
+        .collect::<Result<_, _>>()
+        .map_err(d)?;
+    let meta_ptr = |i: usize| dev_meta[i].device_ptr(&stream).0 as usize as *const i32;
+    let mut plan: *mut capi::pa_attn_plan = std::ptr::null_mut();
+    let mut ws_bytes = 0u64;
+    let planned = fwd
+        .and_then(|()| {
+            c_ok(
+                "pa_attn_plan_create",
+                capi::pa_attn_plan_create(ctx, &cargs, 0, &mut plan),
+            )
+        })
+        .and_then(|()| {
+            c_ok(
+                "pa_attn_plan_workspace_size",
+                capi::pa_attn_plan_workspace_size(plan, &mut ws_bytes),
+            )
+        });
+    let ws = stream
+        .alloc_zeros::<u8>(ws_bytes.max(1) as usize)
+        .map_err(d)?;
+    let run_args = capi::pa_attn_args {
+        prefix_index: std::ptr::null(),
+        seqlen_q: std::ptr::null(),
+        seqlen_k: std::ptr::null(),
+        batch: 0,
+        ..cargs
+    };
+    let ran = planned.and_then(|()| {
+        c_ok(
+            "pa_attn_plan_run_fwd",
+            capi::pa_attn_plan_run_fwd(
+                plan,
+                &run_args,
+                &o2,
+                &l2,
+                meta_ptr(0),
+                meta_ptr(1),
+                meta_ptr(2),
+                ws.device_ptr(&stream).0 as usize as *mut c_void,
+                ws_bytes,
+                cu_stream,
+            ),
+        )
+    });
+    // The work queued on the stream runs before the plan and the context (and their kernels'
+    // modules) go.
+    stream.synchronize().map_err(d)?;
+    capi::pa_attn_plan_destroy(plan);
+    capi::pa_context_destroy(ctx);
+    ran?;
+
+    // The Rust plan's run on the same stream: no device allocation.
+    let meta_view = |i: usize| {
+        // SAFETY: a live device array of B = 3 int32 values.
+        unsafe {
+            TensorView::from_raw_parts(
+                dev_meta[i].device_ptr(&stream).0,
+                3,
+                Location::Cuda(0),
+                DType::I32,
+                Layout::contiguous(&[3]).unwrap(),
+            )
+            .unwrap()
+        }
+    };
+    let dargs = AttnFwdArgs {
+        q: dev_view(&stream, &inputs[0], &args.q),
+        k: dev_view(&stream, &inputs[1], &args.k),
+        v: dev_view(&stream, &inputs[2], &args.v),
+        prefix: Some(prefix_attn::attn::PrefixKv {
+            k: dev_view(&stream, &inputs[3], &pre.k),
+            v: dev_view(&stream, &inputs[4], &pre.v),
+        }),
+        prefix_index: Some(Meta::Device(meta_view(0))),
+        seqlen_q: Some(Meta::Device(meta_view(1))),
+        seqlen_k: Some(Meta::Device(meta_view(2))),
+        ..args
+    };
+    let rplan = AttnPlan::fwd(be, &dargs).map_err(e)?;
+    let mut ws2 = be
+        .zeros(&[rplan.workspace_bytes().div_ceil(4)], DType::I32)
+        .map_err(e)?;
+    // The zeroing runs on the crate's stream; the run below on the test's.
+    be.synchronize().map_err(e)?;
+    let out_mut = |i: usize, like: &Tensor| {
+        // SAFETY: a fresh device buffer of exactly this tensor's size, not aliased.
+        unsafe {
+            TensorViewMut::from_raw_parts(
+                ptr(&outs[i]),
+                like.numel(),
+                Location::Cuda(0),
+                like.dtype(),
+                like.view().layout(),
+            )
+            .unwrap()
+        }
+    };
+    let before = be.memory();
+    rplan
+        .run_fwd(
+            be,
+            &dargs,
+            AttnFwdOut {
+                o: out_mut(4, &host.o),
+                lse: Some(out_mut(5, &host.lse)),
+            },
+            Workspace::from_view(ws2.view_mut()).map_err(e)?,
+            // SAFETY: the test's live stream of the primary context, synchronised below.
+            unsafe { Stream::from_raw(stream.cu_stream()) },
+        )
+        .map_err(e)?;
+    if be.memory() != before {
+        return Err(format!(
+            "the Rust plan's run allocated: memory {before:?} -> {:?}",
+            be.memory()
+        ));
+    }
+    stream.synchronize().map_err(d)?;
+
+    let bytes: Vec<Vec<u8>> = outs
+        .iter()
+        .map(|c| stream.clone_dtoh(&c.buf))
+        .collect::<Result<_, _>>()
+        .map_err(d)?;
+    if bytes[0] != bytes[2] || bytes[1] != bytes[3] {
+        return Err("the C plan's run gave other bits than pa_attn_fwd".into());
+    }
+    if bytes[0] != bytes[4] || bytes[1] != bytes[5] {
+        return Err("the Rust plan's run gave other bits than pa_attn_fwd".into());
+    }
+    let mut got = FwdBuffers::poisoned(&pb.spec).map_err(e)?;
+    copy_bytes(&mut got.o, &bytes[0]);
+    copy_bytes(&mut got.lse, &bytes[1]);
+    check_fwd(&x, &got, &exact, pb.spec.dtype)
+}
+
 fn copy_bytes(t: &mut Tensor, bytes: &[u8]) {
     let n = t.numel();
     let dt = t.dtype();
@@ -377,6 +633,19 @@ fn main() {
         }
     }
     println!("GPU paged decode vs f64 oracle: {passed} passed, {failed} failed so far");
+    // The C API on a caller-created stream: the one-shot forward and plan/run.
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_stream_case(&be, &ctx)))
+        .unwrap_or_else(|_| Err("panicked (message above)".into()));
+    match res {
+        Ok(()) => {
+            passed += 1;
+            println!("C forward and plan/run on a caller's stream: ok");
+        }
+        Err(e) => {
+            failed += 1;
+            println!("FAILED C forward and plan/run on a caller's stream: {e}");
+        }
+    }
     // The half-precision training path (dense kernels, cuBLAS, attention, AdamW, generation)
     // against the Hugging Face + PEFT fixture and its fp16 PyTorch run.
     println!("{}", be.describe());

@@ -40,7 +40,7 @@ extern "C" {
 // device metadata safe before the attention kernels read it (kernels/common/meta.cuh).
 // Mirrored by `#[repr(C)] struct MetaClampParams` in src/device/kernels.rs.
 typedef struct AttnMetaClampParams {
-    uint64_t src_prefix_index, src_seqlen_q, src_seqlen_k;  // int32 [B] each, unchecked
+    uint64_t src_prefix_index, src_seqlen_q, src_seqlen_k;  // int32 [B] each, unchecked; 0: default
     uint64_t dst;  // int32 [3B]: clamped prefix_index; seqlen_q; seqlen_k
     int32_t batch, tq, tk, num_prefixes;
 } AttnMetaClampParams;

@@ -1,6 +1,8 @@
 //! The C ABI (`include/prefix_attn.h`): a context per device, the attention forward and
-//! backward on caller-owned memory described by pointer + shape + strides + dtype, and a
-//! workspace-size query.
+//! backward on caller-owned memory described by pointer + shape + strides + dtype, on the
+//! crate's stream or the caller's, a workspace-size query, and plan/run: a plan made once for
+//! a shape whose run allocates nothing, copies nothing from the host and never synchronises
+//! (CUDA-graph capturable), with the metadata and the workspace in the caller's device memory.
 //!
 //! Every entry point returns a [`pa_status`]; on failure the calling thread's last-error
 //! message ([`pa_last_error`]) names the argument, as the Rust errors do. Arguments are
@@ -10,6 +12,8 @@
 //! Memory: host pointers for the `cpu` context (`emu` too), device pointers for `cuda`.
 //! Strides are in elements and must be non-negative; the last dimension must be contiguous;
 //! every pointer must be aligned to its element size. Outputs must not overlap inputs.
+//! Streams: a `CUstream` of the device's primary context (the CUDA runtime's), or NULL for
+//! the crate's stream; the cpu and emu contexts take NULL only.
 
 #![allow(non_camel_case_types)]
 // The entry points are called from C, where `unsafe` means nothing: their pointer contract is
@@ -17,13 +21,18 @@
 // `extern "C"` functions rather than `unsafe fn`s that Rust callers would have to wrap.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
-use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, PrefixKv};
-use crate::device::{backend, Backend, Device};
+use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta, PrefixKv};
+use crate::device::cpu::CpuBackend;
+use crate::device::cuda::CudaBackend;
+use crate::device::emu::EmuBackend;
+use crate::device::kernel_device::{AttnOnStream, AttnPlan, KernelRunner, Stream, Workspace};
+use crate::device::{Backend, Device};
 use crate::error::Error;
 use crate::tensor::{DType, Layout, Location, TensorView, TensorViewMut, MAX_RANK};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
 /// Status code of every entry point (`PA_OK` = 0).
 pub type pa_status = i32;
@@ -123,8 +132,30 @@ pub struct pa_attn_args {
 
 /// An opaque context for one device.
 pub struct pa_context {
-    be: Box<dyn Backend>,
+    dev: Dev,
     location: Location,
+}
+
+/// A context's device.
+enum Dev {
+    Cpu(CpuBackend),
+    Emu(EmuBackend),
+    Cuda(Arc<CudaBackend>),
+}
+
+/// An opaque plan: an attention forward or backward planned once for a shape on a kernel
+/// device (emu or cuda), run many times by [`pa_attn_plan_run_fwd`] /
+/// [`pa_attn_plan_run_bwd`]. It holds its device: it may outlive its context.
+pub struct pa_attn_plan {
+    plan: AttnPlan,
+    runner: Runner,
+    location: Location,
+}
+
+/// The kernel device of a plan.
+enum Runner {
+    Emu(EmuBackend),
+    Cuda(Arc<CudaBackend>),
 }
 
 thread_local! {
@@ -207,10 +238,20 @@ fn describe(arg: &str, t: *const pa_tensor) -> Result<(u64, usize, DType, Layout
         return Err(null(arg));
     }
     // SAFETY: non-null; the caller promises it points to a pa_tensor.
-    let t = unsafe { *t };
-    if t.data.is_null() {
+    if unsafe { (*t).data.is_null() } {
         return Err(Fail(PA_ERR_NULL, format!("{arg}: data is a null pointer")));
     }
+    describe_shape(arg, t)
+}
+
+/// As [`describe`] for a shapes-only description (a plan's): `data` may be null, and then
+/// reads as address 0.
+fn describe_shape(arg: &str, t: *const pa_tensor) -> Result<(u64, usize, DType, Layout), Fail> {
+    if t.is_null() {
+        return Err(null(arg));
+    }
+    // SAFETY: non-null; the caller promises it points to a pa_tensor.
+    let t = unsafe { *t };
     let dtype = dtype_of(arg, t.dtype)?;
     if t.rank < 1 || t.rank as usize > 4.min(MAX_RANK) {
         return Err(Fail(
@@ -263,22 +304,22 @@ fn view<'a>(arg: &str, t: *const pa_tensor, loc: Location) -> Result<TensorView<
     Ok(unsafe { TensorView::from_raw_parts(addr, cap, loc, dtype, layout) }?)
 }
 
+/// Where a plan's shapes-only views point: aligned for every check the planners make.
+const SHAPE_ONLY_ADDR: u64 = 1 << 12;
+
+/// A view of a shapes-only description, for planning: its address is a placeholder.
+fn shape_view<'a>(arg: &str, t: *const pa_tensor, loc: Location) -> Result<TensorView<'a>, Fail> {
+    let (_, cap, dtype, layout) = describe_shape(arg, t)?;
+    // SAFETY: the view goes only to `AttnPlan::fwd`/`bwd`, which read no element of their
+    // arguments (only dims, strides, dtype, location and address alignment), and the plan
+    // keeps no view: the placeholder address is never dereferenced.
+    Ok(unsafe { TensorView::from_raw_parts(SHAPE_ONLY_ADDR, cap, loc, dtype, layout) }?)
+}
+
 fn view_mut<'a>(arg: &str, t: *const pa_tensor, loc: Location) -> Result<TensorViewMut<'a>, Fail> {
     let (addr, cap, dtype, layout) = describe(arg, t)?;
     // SAFETY: as `view`, and the caller gives the library exclusive use of the output.
     Ok(unsafe { TensorViewMut::from_raw_parts(addr, cap, loc, dtype, layout) }?)
-}
-
-fn opt_view<'a>(
-    arg: &str,
-    t: *const pa_tensor,
-    loc: Location,
-) -> Result<Option<TensorView<'a>>, Fail> {
-    if t.is_null() {
-        Ok(None)
-    } else {
-        view(arg, t, loc).map(Some)
-    }
 }
 
 fn opt_view_mut<'a>(
@@ -329,35 +370,142 @@ fn meta<'a>(
     }))
 }
 
+/// What a `pa_attn_args` is read for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ArgsUse {
+    /// A one-shot call: tensors with data, host metadata.
+    Call,
+    /// A plan: shapes only (data pointers, metadata and `batch` are not read).
+    Plan,
+    /// A plan's run: tensors with data; metadata comes as the run's device arrays, so the
+    /// struct's metadata pointers must be null.
+    Run,
+}
+
 /// The Rust arguments of a `pa_attn_args`.
-fn fwd_args<'a>(a: *const pa_attn_args, loc: Location) -> Result<AttnFwdArgs<'a>, Fail> {
+fn fwd_args<'a>(
+    a: *const pa_attn_args,
+    loc: Location,
+    using: ArgsUse,
+) -> Result<AttnFwdArgs<'a>, Fail> {
     if a.is_null() {
         return Err(null("args"));
     }
     // SAFETY: non-null; the caller promises it points to a pa_attn_args.
     let a = unsafe { *a };
-    let mut args = AttnFwdArgs::new(
-        view("q", a.q, loc)?,
-        view("k", a.k, loc)?,
-        view("v", a.v, loc)?,
-    );
-    match (
-        opt_view("k_pre", a.k_pre, loc)?,
-        opt_view("v_pre", a.v_pre, loc)?,
-    ) {
+    let tensor = |arg: &str, t: *const pa_tensor| match using {
+        ArgsUse::Plan => shape_view(arg, t, loc),
+        _ => view(arg, t, loc),
+    };
+    let opt_tensor = |arg: &str, t: *const pa_tensor| match t.is_null() {
+        true => Ok(None),
+        false => tensor(arg, t).map(Some),
+    };
+    let mut args = AttnFwdArgs::new(tensor("q", a.q)?, tensor("k", a.k)?, tensor("v", a.v)?);
+    match (opt_tensor("k_pre", a.k_pre)?, opt_tensor("v_pre", a.v_pre)?) {
         (Some(k), Some(v)) => args.prefix = Some(PrefixKv { k, v }),
         (None, None) => {}
         (Some(_), None) => return Err(null("v_pre (k_pre is given)")),
         (None, Some(_)) => return Err(null("k_pre (v_pre is given)")),
     }
-    args.prefix_index = meta("prefix_index", a.prefix_index, a.batch, loc)?.map(Into::into);
-    args.seqlen_q = meta("seqlen_q", a.seqlen_q, a.batch, loc)?.map(Into::into);
-    args.seqlen_k = meta("seqlen_k", a.seqlen_k, a.batch, loc)?.map(Into::into);
+    match using {
+        ArgsUse::Call => {
+            args.prefix_index = meta("prefix_index", a.prefix_index, a.batch, loc)?.map(Into::into);
+            args.seqlen_q = meta("seqlen_q", a.seqlen_q, a.batch, loc)?.map(Into::into);
+            args.seqlen_k = meta("seqlen_k", a.seqlen_k, a.batch, loc)?.map(Into::into);
+        }
+        ArgsUse::Plan => {}
+        ArgsUse::Run => {
+            for (name, p) in [
+                ("prefix_index", a.prefix_index),
+                ("seqlen_q", a.seqlen_q),
+                ("seqlen_k", a.seqlen_k),
+            ] {
+                if !p.is_null() {
+                    return Err(Fail(
+                        PA_ERR_UNSUPPORTED,
+                        format!(
+                            "args.{name}: must be NULL in a plan's run (host metadata); pass \
+                             the device array as the run's {name} argument"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
     args.causal = a.causal != 0;
     if a.scale != 0.0 {
         args.scale = Some(a.scale);
     }
     Ok(args)
+}
+
+/// A run's device metadata array `[B]` (`B` = q's batch), or none for its default.
+fn dev_meta<'a>(
+    arg: &str,
+    p: *const i32,
+    args: &AttnFwdArgs,
+    loc: Location,
+) -> Result<Option<Meta<'a>>, Fail> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    if (p as usize) % 4 != 0 {
+        return Err(Fail(
+            PA_ERR_LAYOUT,
+            format!(
+                "{arg}: address {:#x} is not aligned to 4 bytes for i32",
+                p as usize
+            ),
+        ));
+    }
+    let batch = args.q.dims().first().copied().unwrap_or(0);
+    // SAFETY: the caller promises `batch` int32 values at `p` in the context's memory (the
+    // header's contract for a run's metadata), valid for the call.
+    let t = unsafe {
+        TensorView::from_raw_parts(
+            p as usize as u64,
+            batch,
+            loc,
+            DType::I32,
+            Layout::contiguous(&[batch])?,
+        )
+    }?;
+    Ok(Some(Meta::Device(t)))
+}
+
+/// The stream a C caller passed.
+fn stream_of(stream: *mut c_void) -> Stream {
+    // SAFETY: the header's contract: NULL or a valid CUstream of the device's primary
+    // context, alive while the work queued on it runs.
+    unsafe { Stream::from_raw(stream as cudarc::driver::sys::CUstream) }
+}
+
+/// The cpu context has no streams.
+fn cpu_stream(stream: Stream) -> Result<(), Fail> {
+    match stream.raw() {
+        None => Ok(()),
+        Some(_) => Err(Fail(
+            PA_ERR_UNSUPPORTED,
+            "stream: the cpu device has no CUDA streams; pass NULL".into(),
+        )),
+    }
+}
+
+/// A run's workspace.
+fn workspace_of<'a>(ws: *mut c_void, bytes: u64, loc: Location) -> Result<Workspace<'a>, Fail> {
+    if ws.is_null() {
+        return Err(null("workspace"));
+    }
+    let bytes = usize::try_from(bytes).map_err(|_| {
+        Fail(
+            PA_ERR_LAYOUT,
+            format!("workspace_bytes: {bytes} does not fit in memory"),
+        )
+    })?;
+    // SAFETY: the header's contract: `workspace_bytes` writable bytes of the context's memory,
+    // used by nothing else until the run's work has run.
+    Ok(unsafe { Workspace::from_raw_parts(ws as usize as u64, bytes, loc) })
 }
 
 fn context<'a>(ctx: *const pa_context) -> Result<&'a pa_context, Fail> {
@@ -368,17 +516,12 @@ fn context<'a>(ctx: *const pa_context) -> Result<&'a pa_context, Fail> {
     Ok(unsafe { &*ctx })
 }
 
-fn check_stream(ctx: &pa_context, stream: *mut c_void) -> Result<(), Fail> {
-    if !stream.is_null() {
-        return Err(Fail(
-            PA_ERR_UNSUPPORTED,
-            format!(
-                "stream: a caller's stream is not supported yet on {}; pass NULL (the crate's stream)",
-                ctx.be.device()
-            ),
-        ));
+fn plan_ref<'a>(plan: *const pa_attn_plan) -> Result<&'a pa_attn_plan, Fail> {
+    if plan.is_null() {
+        return Err(null("plan"));
     }
-    Ok(())
+    // SAFETY: non-null; made by pa_attn_plan_create and not yet destroyed (the C contract).
+    Ok(unsafe { &*plan })
 }
 
 static VERSION: &[u8] = concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes();
@@ -426,9 +569,13 @@ pub extern "C" fn pa_context_create(
                 ))
             }
         };
-        let be = backend(device)?;
+        let dev = match device {
+            Device::Cpu => Dev::Cpu(CpuBackend),
+            Device::Emu => Dev::Emu(EmuBackend),
+            Device::Cuda(i) => Dev::Cuda(Arc::new(CudaBackend::new(i)?)),
+        };
         let ctx = Box::new(pa_context {
-            be,
+            dev,
             location: device.location(),
         });
         // SAFETY: `out` is non-null and writable (the C contract).
@@ -437,7 +584,8 @@ pub extern "C" fn pa_context_create(
     })
 }
 
-/// Destroys a context made by [`pa_context_create`] (null is allowed and does nothing).
+/// Destroys a context made by [`pa_context_create`] (null is allowed and does nothing). The
+/// work it queued on a caller's stream must have run (synchronise the stream first).
 #[no_mangle]
 pub extern "C" fn pa_context_destroy(ctx: *mut pa_context) {
     let _ = guard(|| {
@@ -450,7 +598,9 @@ pub extern "C" fn pa_context_destroy(ctx: *mut pa_context) {
 }
 
 /// The attention forward: writes `o [B, Tq, Hq, D]` (q's dtype) and, if `lse` is not null,
-/// the f32 natural-log LSE `[B, Hq, Tq]`. `stream` must be null (the crate's stream).
+/// the f32 natural-log LSE `[B, Hq, Tq]`. `stream`: NULL for the crate's stream, or (cuda) a
+/// caller's `CUstream`, which the call is ordered against with events (after the work queued
+/// on it so far, before the work it queues later; the host does not wait).
 #[no_mangle]
 pub extern "C" fn pa_attn_fwd(
     ctx: *const pa_context,
@@ -461,21 +611,29 @@ pub extern "C" fn pa_attn_fwd(
 ) -> pa_status {
     guard(|| {
         let ctx = context(ctx)?;
-        check_stream(ctx, stream)?;
+        let st = stream_of(stream);
         let loc = ctx.location;
-        let a = fwd_args(args, loc)?;
+        let a = fwd_args(args, loc, ArgsUse::Call)?;
         let out = AttnFwdOut {
             o: view_mut("o", o, loc)?,
             lse: opt_view_mut("lse", lse, loc)?,
         };
-        ctx.be.attn_fwd(&a, out)?;
+        match &ctx.dev {
+            Dev::Cpu(be) => {
+                cpu_stream(st)?;
+                be.attn_fwd(&a, out)?
+            }
+            Dev::Emu(be) => be.attn_fwd_on(&a, out, st)?,
+            Dev::Cuda(be) => be.attn_fwd_on(&a, out, st)?,
+        }
         Ok(())
     })
 }
 
 /// The attention backward: from the forward's `o`, `lse` and the output gradient `d_o`,
 /// writes `dq`, `dk`, `dv` (required unless `prefix_only` is non-zero) and, if given, the
-/// f32 `dk_pre`, `dv_pre` summed over the sequences using each prefix. `stream` must be null.
+/// f32 `dk_pre`, `dv_pre` summed over the sequences using each prefix. `stream` as for
+/// [`pa_attn_fwd`].
 #[no_mangle]
 pub extern "C" fn pa_attn_bwd(
     ctx: *const pa_context,
@@ -493,10 +651,10 @@ pub extern "C" fn pa_attn_bwd(
 ) -> pa_status {
     guard(|| {
         let ctx = context(ctx)?;
-        check_stream(ctx, stream)?;
+        let st = stream_of(stream);
         let loc = ctx.location;
         let b = AttnBwdArgs {
-            fwd: fwd_args(args, loc)?,
+            fwd: fwd_args(args, loc, ArgsUse::Call)?,
             o: view("o", o, loc)?,
             lse: view("lse", lse, loc)?,
             d_o: view("d_o", d_o, loc)?,
@@ -509,14 +667,23 @@ pub extern "C" fn pa_attn_bwd(
             dk_pre: opt_view_mut("dk_pre", dk_pre, loc)?,
             dv_pre: opt_view_mut("dv_pre", dv_pre, loc)?,
         };
-        ctx.be.attn_bwd(&b, g)?;
+        match &ctx.dev {
+            Dev::Cpu(be) => {
+                cpu_stream(st)?;
+                be.attn_bwd(&b, g)?
+            }
+            Dev::Emu(be) => be.attn_bwd_on(&b, g, st)?,
+            Dev::Cuda(be) => be.attn_bwd_on(&b, g, st)?,
+        }
         Ok(())
     })
 }
 
-/// Validates `args` and writes to `*bytes` the workspace the call needs from the caller: 0
-/// today on every device (the cpu backend needs none; the cuda backend keeps its own
-/// grow-only scratch). Validation errors are reported as by [`pa_attn_fwd`].
+/// Validates `args` and writes to `*bytes` the workspace the one-shot call
+/// ([`pa_attn_fwd`], [`pa_attn_bwd`]) needs from the caller: 0 on every device (the cpu
+/// backend needs none; the cuda backend keeps its own grow-only scratch). A plan's run takes
+/// its workspace from the caller: see [`pa_attn_plan_workspace_size`]. Validation errors are
+/// reported as by [`pa_attn_fwd`].
 #[no_mangle]
 pub extern "C" fn pa_workspace_size(
     ctx: *const pa_context,
@@ -530,11 +697,190 @@ pub extern "C" fn pa_workspace_size(
             return Err(null("bytes"));
         }
         let _ = backward;
-        fwd_args(args, ctx.location)?.check()?;
+        fwd_args(args, ctx.location, ArgsUse::Call)?.check()?;
         // SAFETY: non-null and writable (the C contract).
         unsafe { *bytes = 0 };
         Ok(())
     })
+}
+
+/// Plans the forward (`backward` zero) or the backward (non-zero) for calls shaped like
+/// `args`, on an emu or cuda context: validates the shapes, dtypes and strides with every
+/// check of the one-shot call, fixes the kernel launches, sizes the workspace and loads the
+/// kernels. `args` is read for shapes only: its data pointers may be NULL, and its metadata
+/// pointers and `batch` are not read. A backward plan covers the largest run (sequence and,
+/// with a prefix table, prefix gradients). On success `*out` holds a plan for
+/// [`pa_attn_plan_destroy`]; it keeps its device, so it may outlive `ctx`.
+#[no_mangle]
+pub extern "C" fn pa_attn_plan_create(
+    ctx: *const pa_context,
+    args: *const pa_attn_args,
+    backward: i32,
+    out: *mut *mut pa_attn_plan,
+) -> pa_status {
+    guard(|| {
+        let ctx = context(ctx)?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let a = fwd_args(args, ctx.location, ArgsUse::Plan)?;
+        fn make<R: KernelRunner>(
+            be: &R,
+            a: &AttnFwdArgs,
+            backward: bool,
+        ) -> Result<AttnPlan, Fail> {
+            Ok(match backward {
+                true => AttnPlan::bwd(be, a)?,
+                false => AttnPlan::fwd(be, a)?,
+            })
+        }
+        let (plan, runner) = match &ctx.dev {
+            Dev::Cpu(_) => {
+                return Err(Fail(
+                    PA_ERR_UNSUPPORTED,
+                    "ctx: plan/run needs a kernel device (PA_DEVICE_CUDA or PA_DEVICE_EMU); \
+                     the cpu context runs the one-shot calls only"
+                        .into(),
+                ))
+            }
+            Dev::Emu(be) => (make(be, &a, backward != 0)?, Runner::Emu(*be)),
+            Dev::Cuda(be) => (make(&**be, &a, backward != 0)?, Runner::Cuda(be.clone())),
+        };
+        let plan = Box::new(pa_attn_plan {
+            plan,
+            runner,
+            location: ctx.location,
+        });
+        // SAFETY: `out` is non-null and writable (the C contract).
+        unsafe { *out = Box::into_raw(plan) };
+        Ok(())
+    })
+}
+
+/// Writes to `*bytes` the workspace a run of `plan` needs (device memory of the plan's
+/// context, 16-byte aligned).
+#[no_mangle]
+pub extern "C" fn pa_attn_plan_workspace_size(
+    plan: *const pa_attn_plan,
+    bytes: *mut u64,
+) -> pa_status {
+    guard(|| {
+        let plan = plan_ref(plan)?;
+        if bytes.is_null() {
+            return Err(null("bytes"));
+        }
+        // SAFETY: non-null and writable (the C contract).
+        unsafe { *bytes = plan.plan.workspace_bytes() as u64 };
+        Ok(())
+    })
+}
+
+/// Runs a forward plan: the tensors of `args`, `o` and `lse` (as for [`pa_attn_fwd`]) must
+/// have the plan's shapes and dtype; `args`' metadata pointers must be NULL. `prefix_index`,
+/// `seqlen_q`, `seqlen_k`: int32 `[B]` arrays in the context's memory (device pointers on
+/// cuda), each NULL for its default, values clamped as for device metadata. `workspace`:
+/// `workspace_bytes` bytes (at least [`pa_attn_plan_workspace_size`]), 16-byte aligned, in
+/// the context's memory. `stream`: NULL (the crate's stream) or the caller's `CUstream`, on
+/// which the kernels are launched directly. No allocation, host copy or synchronisation:
+/// a CUDA graph may capture it.
+#[no_mangle]
+pub extern "C" fn pa_attn_plan_run_fwd(
+    plan: *const pa_attn_plan,
+    args: *const pa_attn_args,
+    o: *const pa_tensor,
+    lse: *const pa_tensor,
+    prefix_index: *const i32,
+    seqlen_q: *const i32,
+    seqlen_k: *const i32,
+    workspace: *mut c_void,
+    workspace_bytes: u64,
+    stream: *mut c_void,
+) -> pa_status {
+    guard(|| {
+        let p = plan_ref(plan)?;
+        let loc = p.location;
+        let mut a = fwd_args(args, loc, ArgsUse::Run)?;
+        a.prefix_index = dev_meta("prefix_index", prefix_index, &a, loc)?;
+        a.seqlen_q = dev_meta("seqlen_q", seqlen_q, &a, loc)?;
+        a.seqlen_k = dev_meta("seqlen_k", seqlen_k, &a, loc)?;
+        let out = AttnFwdOut {
+            o: view_mut("o", o, loc)?,
+            lse: opt_view_mut("lse", lse, loc)?,
+        };
+        let ws = workspace_of(workspace, workspace_bytes, loc)?;
+        let st = stream_of(stream);
+        match &p.runner {
+            Runner::Emu(be) => p.plan.run_fwd(be, &a, out, ws, st)?,
+            Runner::Cuda(be) => p.plan.run_fwd(&**be, &a, out, ws, st)?,
+        }
+        Ok(())
+    })
+}
+
+/// Runs a backward plan: tensors as for [`pa_attn_bwd`] with the plan's shapes and dtype;
+/// metadata, workspace and stream as for [`pa_attn_plan_run_fwd`].
+#[no_mangle]
+pub extern "C" fn pa_attn_plan_run_bwd(
+    plan: *const pa_attn_plan,
+    args: *const pa_attn_args,
+    o: *const pa_tensor,
+    lse: *const pa_tensor,
+    d_o: *const pa_tensor,
+    dq: *const pa_tensor,
+    dk: *const pa_tensor,
+    dv: *const pa_tensor,
+    dk_pre: *const pa_tensor,
+    dv_pre: *const pa_tensor,
+    prefix_only: i32,
+    prefix_index: *const i32,
+    seqlen_q: *const i32,
+    seqlen_k: *const i32,
+    workspace: *mut c_void,
+    workspace_bytes: u64,
+    stream: *mut c_void,
+) -> pa_status {
+    guard(|| {
+        let p = plan_ref(plan)?;
+        let loc = p.location;
+        let mut a = fwd_args(args, loc, ArgsUse::Run)?;
+        a.prefix_index = dev_meta("prefix_index", prefix_index, &a, loc)?;
+        a.seqlen_q = dev_meta("seqlen_q", seqlen_q, &a, loc)?;
+        a.seqlen_k = dev_meta("seqlen_k", seqlen_k, &a, loc)?;
+        let b = AttnBwdArgs {
+            fwd: a,
+            o: view("o", o, loc)?,
+            lse: view("lse", lse, loc)?,
+            d_o: view("d_o", d_o, loc)?,
+            prefix_only: prefix_only != 0,
+        };
+        let g = AttnGrads {
+            dq: opt_view_mut("dq", dq, loc)?,
+            dk: opt_view_mut("dk", dk, loc)?,
+            dv: opt_view_mut("dv", dv, loc)?,
+            dk_pre: opt_view_mut("dk_pre", dk_pre, loc)?,
+            dv_pre: opt_view_mut("dv_pre", dv_pre, loc)?,
+        };
+        let ws = workspace_of(workspace, workspace_bytes, loc)?;
+        let st = stream_of(stream);
+        match &p.runner {
+            Runner::Emu(be) => p.plan.run_bwd(be, &b, g, ws, st)?,
+            Runner::Cuda(be) => p.plan.run_bwd(&**be, &b, g, ws, st)?,
+        }
+        Ok(())
+    })
+}
+
+/// Destroys a plan made by [`pa_attn_plan_create`] (null is allowed and does nothing). The
+/// work its runs queued must have run (synchronise the stream first).
+#[no_mangle]
+pub extern "C" fn pa_attn_plan_destroy(plan: *mut pa_attn_plan) {
+    let _ = guard(|| {
+        if !plan.is_null() {
+            // SAFETY: made by Box::into_raw in pa_attn_plan_create, destroyed once.
+            drop(unsafe { Box::from_raw(plan) });
+        }
+        Ok(())
+    });
 }
 
 /// A test hook: panics inside the library, which the boundary turns into `PA_ERR_PANIC`.

@@ -5,10 +5,12 @@
 //! stream order when dropped). Attention and the dense GPT-2 kernels run on one stream; dense
 //! matmuls go to cuBLAS (`cublasGemmEx`, f32 compute: fp16/bf16 inputs with fp32
 //! accumulation). Attention also runs on views of foreign device memory (an inference
-//! engine's own buffers, wrapped with [`crate::tensor::TensorView::from_raw_parts`]).
+//! engine's own buffers, wrapped with [`crate::tensor::TensorView::from_raw_parts`]) and on a
+//! caller's stream: event-ordered one-shot calls, or a plan's run launched on that stream
+//! directly ([`super::kernel_device::Stream`], docs/ARCHITECTURE.md §1).
 
 use super::dense::{self, DenseLaunch, DenseParams, GridCap};
-use super::kernel_device::{meta_addrs, AttnParams, KernelRunner};
+use super::kernel_device::{meta_addrs, AttnParams, KernelRunner, Stream};
 use super::kernels::{
     fatbin, plan_meta_clamp, BwdParams, DecodeLaunch, DecodeParams, FwdParams, KernelLaunch,
     MetaClampParams,
@@ -241,8 +243,11 @@ impl CudaBackend {
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| Error::device("cuda", "creating the CUDA context panicked"))?
             .map_err(cuda_err("context"))?;
-        // One stream orders every launch, copy and free: per-buffer events are not needed.
-        // SAFETY: this backend never uses a second stream.
+        // One stream orders every launch, copy and free of this backend's own buffers:
+        // per-buffer events are not needed.
+        // SAFETY: this backend's buffers are used on its stream only. A caller's stream
+        // (`Stream`) runs only kernels on the caller's memory (a plan's run), or is ordered
+        // against this stream by explicit events (`ordered_with`).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         Ok(CudaBackend {
@@ -327,6 +332,41 @@ impl CudaBackend {
     }
 
     fn launch<P: DeviceRepr>(&self, l: &KernelLaunch, params: &P) -> Result<()> {
+        self.launch_with(&self.stream, l, params)
+    }
+
+    /// The caller's stream as a cudarc stream of this backend's context (never destroyed by
+    /// it). A stream of another context is an error naming `stream`.
+    fn caller_stream(&self, raw: cudarc::driver::sys::CUstream) -> Result<Arc<CudaStream>> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("bind context"))?;
+        let mut owner: cudarc::driver::sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: a query of the handle, which `Stream::from_raw`'s contract makes a valid
+        // stream; `owner` is a writable out-parameter.
+        unsafe { cudarc::driver::sys::cuStreamGetCtx(raw, &mut owner) }
+            .result()
+            .map_err(|e| Error::device("stream", format!("not a usable CUDA stream: {e:?}")))?;
+        if owner != self.ctx.cu_ctx() {
+            return Err(Error::device(
+                "stream",
+                format!(
+                    "belongs to another CUDA context than cuda:{}'s primary context (the one the                      CUDA runtime API and this crate use)",
+                    self.ordinal
+                ),
+            ));
+        }
+        // SAFETY: a valid stream of this context (checked above), kept alive by the caller
+        // while the work queued on it runs (`Stream::from_raw`); the wrapper does not own it.
+        Ok(unsafe { self.ctx.wrap_borrowed_stream(raw) })
+    }
+
+    fn launch_with<P: DeviceRepr>(
+        &self,
+        stream: &CudaStream,
+        l: &KernelLaunch,
+        params: &P,
+    ) -> Result<()> {
         let func = self.function(l.entry)?;
         if l.smem_bytes > 48 * 1024 {
             func.set_attribute(
@@ -344,7 +384,7 @@ impl CudaBackend {
         // outlive the launch (or, for scratch, are freed in stream order after it); the kernel
         // reads and writes only within them.
         unsafe {
-            self.stream
+            stream
                 .launch_builder(&func)
                 .arg(params)
                 .launch(cfg)
@@ -559,6 +599,61 @@ impl KernelRunner for CudaBackend {
     }
     fn grid_cap(&self) -> GridCap {
         GridCap(8192)
+    }
+
+    /// Loads each entry's module and function (and so, once, the module's image).
+    fn prepare(&self, entries: &[&'static str]) -> Result<()> {
+        for e in entries {
+            self.function(e)?;
+        }
+        Ok(())
+    }
+
+    /// On the caller's stream directly (checked to belong to this context); nothing is
+    /// allocated, copied or waited for.
+    unsafe fn launch_on<P: Copy + DeviceRepr>(
+        &self,
+        l: &KernelLaunch,
+        params: &P,
+        stream: Stream,
+    ) -> Result<()> {
+        match stream.raw() {
+            None => self.launch(l, params),
+            Some(raw) => self.launch_with(&*self.caller_stream(raw)?, l, params),
+        }
+    }
+
+    /// Event ordering: an event recorded on the caller's stream that this backend's stream
+    /// waits for before `f`'s work, and one recorded on this backend's stream after it that
+    /// the caller's stream waits for. The host never waits. The second pair is queued even
+    /// when `f` fails, so that whatever `f` queued stays ordered before the caller's later
+    /// work.
+    fn ordered_with<T>(&self, stream: Stream, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let Some(raw) = stream.raw() else {
+            return f();
+        };
+        let caller = self.caller_stream(raw)?;
+        let before = caller.record_event(None).map_err(|e| {
+            Error::device(
+                "stream",
+                format!("recording an event on the caller's stream: {e:?}"),
+            )
+        })?;
+        self.stream
+            .wait(&before)
+            .map_err(cuda_err("waiting for the caller's stream"))?;
+        let result = f();
+        let after = self
+            .stream
+            .record_event(None)
+            .map_err(cuda_err("recording the end of the call"))?;
+        caller.wait(&after).map_err(|e| {
+            Error::device(
+                "stream",
+                format!("making the caller's stream wait for this call: {e:?}"),
+            )
+        })?;
+        result
     }
 
     /// The metadata is uploaded only when it differs from the last call's and the scratch

@@ -6,14 +6,46 @@
 
 use super::cpu::CpuBackend;
 use super::dense::{DenseLaunch, GridCap};
-use super::kernel_device::{meta_addrs, AttnParams, KernelRunner};
+use super::kernel_device::{meta_addrs, AttnParams, KernelRunner, Stream};
 use super::kernels::{plan_meta_clamp, DecodeLaunch, KernelLaunch};
 use super::{Backend, Device, MatmulOpts};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::Mutex;
+
+thread_local! {
+    /// Buffers the emulator has allocated as device memory on this thread, and their bytes.
+    static DEVICE_ALLOCS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Counts one buffer of `bytes` that stands for device memory.
+fn count_alloc(bytes: usize) {
+    DEVICE_ALLOCS.with(|c| {
+        let (n, b) = c.get();
+        c.set((n + 1, b + bytes as u64));
+    });
+}
+
+/// The buffers the `emu` device has allocated as device memory on the calling thread so far
+/// (tensors from `zeros` and `upload`, attention and decode scratch, metadata copies): their
+/// number and their bytes. The emulator runs on the calling thread, so the difference across
+/// a call counts exactly that call's allocations; a plan's run makes none.
+pub fn device_allocations() -> (u64, u64) {
+    DEVICE_ALLOCS.with(Cell::get)
+}
+
+/// The `emu` device has no streams: a caller's stream is an error naming it.
+fn no_stream(stream: Stream) -> Result<()> {
+    match stream.raw() {
+        None => Ok(()),
+        Some(_) => Err(Error::Unsupported(
+            "stream: the emu device has no CUDA streams; pass none (a null stream)".into(),
+        )),
+    }
+}
 
 extern "C" {
     fn pa_emu_launch(
@@ -244,9 +276,12 @@ impl KernelRunner for EmuBackend {
         Device::Emu
     }
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        Tensor::zeros(shape, dtype)
+        let t = Tensor::zeros(shape, dtype)?;
+        count_alloc(t.numel() * dtype.size());
+        Ok(t)
     }
     fn upload(&self, host: &Tensor) -> Result<Tensor> {
+        count_alloc(host.numel() * host.dtype().size());
         Ok(host.clone())
     }
     fn download(&self, t: &Tensor) -> Result<Tensor> {
@@ -272,11 +307,36 @@ impl KernelRunner for EmuBackend {
         run_dense(l)
     }
 
+    /// Checks that the registry has every entry (the emulator loads nothing).
+    fn prepare(&self, entries: &[&'static str]) -> Result<()> {
+        for e in entries {
+            super::registry::kernel(e)?;
+        }
+        Ok(())
+    }
+
+    unsafe fn launch_on<P: Copy + cudarc::driver::DeviceRepr>(
+        &self,
+        l: &KernelLaunch,
+        params: &P,
+        stream: Stream,
+    ) -> Result<()> {
+        no_stream(stream)?;
+        // SAFETY: the caller's promise (host memory on this device).
+        unsafe { launch(l.entry, params, l.grid, l.threads, l.smem_bytes) }
+    }
+
+    fn ordered_with<T>(&self, stream: Stream, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        no_stream(stream)?;
+        f()
+    }
+
     /// The split partials are fresh and NaN-poisoned at every call.
     fn run_decode(&self, mut plan: DecodeLaunch) -> Result<()> {
         let meta = std::mem::take(&mut plan.meta);
         let part_o = vec![f32::NAN; plan.part_o_len.max(2)];
         let part_lse = vec![f32::NAN; plan.part_lse_len.max(1)];
+        count_alloc(4 * (part_o.len() + part_lse.len()));
         plan.place(
             meta.as_ptr() as u64,
             part_o.as_ptr() as u64,
@@ -310,6 +370,7 @@ impl KernelRunner for EmuBackend {
         let mut addrs = meta_addrs(meta.as_ptr() as u64, batch, meta_dev);
         // Device metadata: the kernels read the clamp's copy, never the caller's values.
         let clamped = vec![0i32; 3 * batch.max(1)];
+        count_alloc(8 * scratch.len() + 4 * clamped.len());
         if meta_dev.iter().any(Option::is_some) {
             let (cp, l) = plan_meta_clamp(params.fwd(), addrs, clamped.as_ptr() as u64)?;
             if batch > 0 {

@@ -8,16 +8,49 @@
 //! operation (all argument checks happen in the planners, before any launch) and hands the
 //! launch to the runner. An operation added to [`Backend`] is added here once, for both
 //! devices; there are no default bodies to forget.
+//!
+//! Two more ways in, for engines (docs/ARCHITECTURE.md §1, "The caller's stream" and
+//! "Plan and run"): [`AttnOnStream`], the one-shot calls ordered against a caller's CUDA
+//! stream, and [`AttnPlan`], a plan made once per shape whose run allocates nothing, copies
+//! nothing from the host and never synchronises, so that a CUDA graph can capture it.
 
 use super::dense::{self, CeGrad, DenseLaunch, GridCap};
 use super::kernels::{
-    plan_bwd, plan_decode, plan_fwd, BwdParams, DecodeLaunch, FwdParams, KernelLaunch,
+    plan_bwd, plan_decode, plan_fwd, plan_meta_clamp, BwdParams, DecodeLaunch, FwdParams,
+    KernelLaunch,
 };
 use super::{AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::paged::PagedAttnArgs;
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
+use crate::attn::{AttnProblem, Meta};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Location, Tensor, TensorView, TensorViewMut};
+use crate::tensor::{DType, Layout, Location, Tensor, TensorView, TensorViewMut};
+use std::marker::PhantomData;
+
+/// The CUDA stream a call is queued on: the device's own stream ([`Stream::OWN`], the
+/// default) or a caller's `CUstream`. Devices without streams (`emu`) refuse a caller's
+/// stream with an error naming `stream`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stream(usize);
+
+impl Stream {
+    /// The device's own stream.
+    pub const OWN: Stream = Stream(0);
+
+    /// A caller's stream; a null handle is [`Stream::OWN`].
+    ///
+    /// # Safety
+    /// `stream` must be null or a valid `CUstream` of the device's primary context (the one
+    /// the CUDA runtime API uses), alive until the work this crate queues on it has run.
+    pub unsafe fn from_raw(stream: cudarc::driver::sys::CUstream) -> Stream {
+        Stream(stream as usize)
+    }
+
+    /// The caller's handle, or `None` for the device's own stream.
+    pub fn raw(self) -> Option<cudarc::driver::sys::CUstream> {
+        (self.0 != 0).then_some(self.0 as cudarc::driver::sys::CUstream)
+    }
+}
 
 /// A parameter struct of the attention kernels, passed by value to a launch.
 pub trait AttnParams: Copy + cudarc::driver::DeviceRepr {
@@ -78,6 +111,28 @@ pub trait KernelRunner: Send + Sync {
         out: &mut TensorViewMut,
         opts: MatmulOpts,
     ) -> Result<()>;
+    /// Loads what launching the kernels `entries` needs (the `cuda` device: their modules and
+    /// functions), so that a plan's run loads nothing.
+    fn prepare(&self, entries: &[&'static str]) -> Result<()>;
+    /// Queues one kernel with `params` on `stream`: no allocation, no copy from the host, no
+    /// synchronisation. A device without streams refuses a caller's stream (an error naming
+    /// `stream`).
+    ///
+    /// # Safety
+    /// Every address in `params` must point to memory of this device that the kernel may read
+    /// and write within the shapes and strides its planner validated, alive until the kernel
+    /// has run.
+    unsafe fn launch_on<P: Copy + cudarc::driver::DeviceRepr>(
+        &self,
+        l: &KernelLaunch,
+        params: &P,
+        stream: Stream,
+    ) -> Result<()>;
+    /// Runs `f`, which queues work on this device's own stream, ordered against `stream`:
+    /// after everything queued on `stream` so far, and before everything `stream` queues
+    /// later (docs/ARCHITECTURE.md §1); [`Stream::OWN`] runs just `f`. A device without
+    /// streams refuses a caller's stream (an error naming `stream`).
+    fn ordered_with<T>(&self, stream: Stream, f: impl FnOnce() -> Result<T>) -> Result<T>;
     /// Places a planned paged decode's host metadata (`plan.meta`, the thirds not given as
     /// device tensors) and its split partials in device memory, points the plan at them
     /// ([`DecodeLaunch::place`]) and launches the decode kernel and, with several splits, the
@@ -162,12 +217,7 @@ impl<R: KernelRunner> Backend for R {
         if plan.is_empty() {
             return Ok(());
         }
-        let launch = KernelLaunch {
-            entry: plan.entry,
-            grid: plan.grid,
-            threads: plan.threads,
-            smem_bytes: plan.smem_bytes,
-        };
+        let launch = plan.kernel_launch();
         // `out` stays borrowed until the launch is queued: the kernel writes through the
         // addresses in `params`.
         let _keep = out;
@@ -177,15 +227,13 @@ impl<R: KernelRunner> Backend for R {
     fn attn_bwd(&self, args: &AttnBwdArgs, grads: AttnGrads) -> Result<()> {
         let plan = plan_bwd(args, &grads)?;
         check_location(self, plan.problem.location)?;
-        // delta, then the partials at the next 256-byte boundary (the prefix kernel writes
-        // 8-byte pairs).
-        let delta_bytes = (4 * plan.delta_len).next_multiple_of(256);
+        let (scratch_bytes, scratch_split) = plan.scratch_bytes();
         let _keep = grads;
         self.run_attn(
             &plan.meta,
             plan.meta_dev,
-            delta_bytes + 4 * plan.partial_len.max(1),
-            delta_bytes,
+            scratch_bytes,
+            scratch_split,
             plan.params,
             &plan.launches,
         )
@@ -410,4 +458,498 @@ impl<R: KernelRunner> Backend for R {
             cap,
         )?)
     }
+}
+
+/// The attention calls of a kernel device on a caller's CUDA stream: the one-shot calls of
+/// [`Backend`] (planned, metadata uploaded and scratch grown as there), queued on the device's
+/// own stream and event-ordered against `stream` ([`KernelRunner::ordered_with`]).
+/// [`Stream::OWN`] makes each exactly its [`Backend`] call.
+pub trait AttnOnStream {
+    /// [`Backend::attn_fwd`] ordered against `stream`.
+    fn attn_fwd_on(&self, args: &AttnFwdArgs, out: AttnFwdOut, stream: Stream) -> Result<()>;
+    /// [`Backend::attn_bwd`] ordered against `stream`.
+    fn attn_bwd_on(&self, args: &AttnBwdArgs, grads: AttnGrads, stream: Stream) -> Result<()>;
+    /// [`Backend::attn_decode`] ordered against `stream`.
+    fn attn_decode_on(&self, args: &PagedAttnArgs, out: AttnFwdOut, stream: Stream) -> Result<()>;
+}
+
+impl<R: KernelRunner> AttnOnStream for R {
+    fn attn_fwd_on(&self, args: &AttnFwdArgs, out: AttnFwdOut, stream: Stream) -> Result<()> {
+        self.ordered_with(stream, || Backend::attn_fwd(self, args, out))
+    }
+    fn attn_bwd_on(&self, args: &AttnBwdArgs, grads: AttnGrads, stream: Stream) -> Result<()> {
+        self.ordered_with(stream, || Backend::attn_bwd(self, args, grads))
+    }
+    fn attn_decode_on(&self, args: &PagedAttnArgs, out: AttnFwdOut, stream: Stream) -> Result<()> {
+        self.ordered_with(stream, || Backend::attn_decode(self, args, out))
+    }
+}
+
+/// Alignment (bytes) a plan's workspace must have.
+pub const WORKSPACE_ALIGN: usize = 16;
+
+/// Caller-provided device memory for a plan's run: at least [`AttnPlan::workspace_bytes`]
+/// bytes, [`WORKSPACE_ALIGN`]-aligned, on the plan's device. It receives the clamped metadata
+/// and, for the backward, the kernels' scratch; it needs no initialisation, and its contents
+/// mean nothing after the run.
+#[derive(Debug)]
+pub struct Workspace<'a> {
+    addr: u64,
+    bytes: usize,
+    location: Location,
+    _borrow: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> Workspace<'a> {
+    /// The memory of a contiguous view of any dtype (a tensor from [`Backend::zeros`], say).
+    pub fn from_view(t: TensorViewMut<'a>) -> Result<Workspace<'a>> {
+        if !t.layout().is_contiguous() {
+            return Err(Error::layout(
+                "workspace",
+                format!("must be a contiguous view, got {:?}", t.layout()),
+            ));
+        }
+        let size = t.dtype().size();
+        Ok(Workspace {
+            addr: t.base_addr() + (t.layout().offset() * size) as u64,
+            bytes: t.numel() * size,
+            location: t.location(),
+            _borrow: PhantomData,
+        })
+    }
+
+    /// `bytes` bytes of foreign memory at `addr` on `location`.
+    ///
+    /// # Safety
+    /// The bytes must be writable memory at `location`, used by nothing else for `'a` and
+    /// until the kernels of the run they are given to have run.
+    pub unsafe fn from_raw_parts(addr: u64, bytes: usize, location: Location) -> Workspace<'a> {
+        Workspace {
+            addr,
+            bytes,
+            location,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Its size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Bytes of the clamped metadata (`3B` int32) at the start of a workspace, rounded up to 256
+/// so that the scratch after it keeps the allocator's alignment.
+fn meta_bytes(batch: usize) -> usize {
+    (12 * batch).max(1).next_multiple_of(256)
+}
+
+/// The address of the tensors a plan is made with that the caller does not give (outputs):
+/// the planners read addresses only to check their alignment, never an element.
+const PLAN_ADDR: u64 = 1 << 12;
+
+/// A contiguous output view at [`PLAN_ADDR`], for planning only.
+fn plan_view<'a>(dims: &[usize], dtype: DType, loc: Location) -> Result<TensorViewMut<'a>> {
+    let layout = Layout::contiguous(dims)?;
+    let cap = if layout.numel() == 0 {
+        0
+    } else {
+        layout.span()
+    };
+    // SAFETY: the view goes only to the planners, which read no element of a view (they read
+    // its dims, strides, dtype, location and address), and the plan keeps no view.
+    unsafe { TensorViewMut::from_raw_parts(PLAN_ADDR, cap, loc, dtype, layout) }
+}
+
+/// `args` with its metadata replaced by values valid for every call of these shapes: a plan
+/// never reads metadata (every run passes its own). `none` holds `-1` per sequence.
+fn shape_args<'a>(args: &AttnFwdArgs<'a>, none: &'a [i32]) -> AttnFwdArgs<'a> {
+    AttnFwdArgs {
+        prefix_index: args.prefix.is_some().then_some(Meta::Host(none)),
+        seqlen_q: None,
+        seqlen_k: None,
+        ..*args
+    }
+}
+
+/// A run takes device metadata only (it uploads nothing).
+fn device_meta_only(args: &AttnFwdArgs) -> Result<()> {
+    for (name, m) in [
+        ("prefix_index", &args.prefix_index),
+        ("seqlen_q", &args.seqlen_q),
+        ("seqlen_k", &args.seqlen_k),
+    ] {
+        if let Some(Meta::Host(_)) = m {
+            return Err(Error::device(
+                name,
+                "host metadata given to a plan's run, which copies nothing from the host: pass \
+                 an i32 tensor [B] on the plan's device, or none for the default",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An attention call planned once for a shape and run many times: the plan validates the
+/// shapes with every check of [`Backend::attn_fwd`] / [`Backend::attn_bwd`] (the planners
+/// [`plan_fwd`] and [`plan_bwd`]), fixes the launches and sizes the workspace; a run
+/// ([`AttnPlan::run_fwd`], [`AttnPlan::run_bwd`]) allocates nothing, copies nothing from the
+/// host and never synchronises, so a CUDA graph can capture it (docs/ARCHITECTURE.md §1,
+/// "Plan and run").
+///
+/// A run passes its own tensors, which must have the plan's shapes and dtype (any strides
+/// the planners accept, checked again on the host at every run), its metadata as i32 device
+/// tensors `[B]` (each optional: a missing one takes its default; every value clamped as for
+/// any device metadata), a [`Workspace`] and a [`Stream`].
+#[derive(Clone, Debug)]
+pub struct AttnPlan {
+    device: Device,
+    backward: bool,
+    problem: AttnProblem,
+    has_prefix: bool,
+    launches: Vec<KernelLaunch>,
+    scratch_bytes: usize,
+}
+
+impl AttnPlan {
+    /// Plans the forward of calls shaped like `args` on `runner`'s device: its tensors give
+    /// the shapes, dtype and strides (no element is read, and no metadata: each run passes
+    /// its own).
+    pub fn fwd<R: KernelRunner>(runner: &R, args: &AttnFwdArgs) -> Result<AttnPlan> {
+        let none = vec![-1; args.q.dims().first().copied().unwrap_or(0)];
+        let args = shape_args(args, &none);
+        let pr = args.check()?;
+        check_location(runner, pr.location)?;
+        let out = AttnFwdOut {
+            o: plan_view(&pr.q_dims(), pr.dtype, pr.location)?,
+            lse: Some(plan_view(&pr.lse_dims(), DType::F32, pr.location)?),
+        };
+        let l = plan_fwd(&args, &out)?;
+        let launches = if l.is_empty() {
+            vec![]
+        } else {
+            vec![l.kernel_launch()]
+        };
+        AttnPlan::new(runner, false, l.problem, args.prefix.is_some(), launches, 0)
+    }
+
+    /// Plans the backward of calls shaped like `args` (the forward's inputs; `o`, `lse` and
+    /// `dO` follow from them) on `runner`'s device, sized for the most a run may ask: the
+    /// sequence gradients and, with a prefix table, both prefix gradients. A run may leave
+    /// any of those out (`prefix_only`, no `dk_pre`/`dv_pre`).
+    pub fn bwd<R: KernelRunner>(runner: &R, args: &AttnFwdArgs) -> Result<AttnPlan> {
+        let none = vec![-1; args.q.dims().first().copied().unwrap_or(0)];
+        let args = shape_args(args, &none);
+        let pr = args.check()?;
+        check_location(runner, pr.location)?;
+        let loc = pr.location;
+        let (o, d_o, lse) = (
+            plan_view(&pr.q_dims(), pr.dtype, loc)?,
+            plan_view(&pr.q_dims(), pr.dtype, loc)?,
+            plan_view(&pr.lse_dims(), DType::F32, loc)?,
+        );
+        let b = AttnBwdArgs {
+            fwd: args,
+            o: o.as_view(),
+            lse: lse.as_view(),
+            d_o: d_o.as_view(),
+            prefix_only: false,
+        };
+        let has_prefix = args.prefix.is_some();
+        let pre = || -> Result<Option<TensorViewMut>> {
+            match has_prefix {
+                true => plan_view(&pr.prefix_dims(), DType::F32, loc).map(Some),
+                false => Ok(None),
+            }
+        };
+        let grads = AttnGrads {
+            dq: Some(plan_view(&pr.q_dims(), pr.dtype, loc)?),
+            dk: Some(plan_view(&pr.k_dims(), pr.dtype, loc)?),
+            dv: Some(plan_view(&pr.k_dims(), pr.dtype, loc)?),
+            dk_pre: pre()?,
+            dv_pre: pre()?,
+        };
+        let l = plan_bwd(&b, &grads)?;
+        let (scratch, _) = l.scratch_bytes();
+        AttnPlan::new(runner, true, l.problem, has_prefix, l.launches, scratch)
+    }
+
+    fn new<R: KernelRunner>(
+        runner: &R,
+        backward: bool,
+        problem: AttnProblem,
+        has_prefix: bool,
+        launches: Vec<KernelLaunch>,
+        scratch_bytes: usize,
+    ) -> Result<AttnPlan> {
+        let mut entries: Vec<&'static str> = launches.iter().map(|l| l.entry).collect();
+        entries.push(super::kernels::META_CLAMP_KERNEL);
+        runner.prepare(&entries)?;
+        Ok(AttnPlan {
+            device: runner.device(),
+            backward,
+            problem,
+            has_prefix,
+            launches,
+            scratch_bytes,
+        })
+    }
+
+    /// Bytes of [`Workspace`] a run needs: the clamped metadata (`12·B` rounded up to 256)
+    /// and, for the backward, the scratch (`delta` and the prefix partials).
+    pub fn workspace_bytes(&self) -> usize {
+        meta_bytes(self.problem.batch) + self.scratch_bytes
+    }
+
+    /// Whether this plans the backward.
+    pub fn is_backward(&self) -> bool {
+        self.backward
+    }
+
+    /// The device it was planned for.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The kernel launches of a run, in order (after the metadata clamp); a backward run
+    /// without prefix gradients, or `prefix_only`, skips some of them.
+    pub fn launches(&self) -> &[KernelLaunch] {
+        &self.launches
+    }
+
+    /// The validated problem (its sizes; its metadata vectors are placeholders, since a plan
+    /// reads no metadata).
+    pub fn problem(&self) -> &AttnProblem {
+        &self.problem
+    }
+
+    /// The forward on `runner` (the plan's device) with the tensors of `args` and `out`,
+    /// which must have the plan's shapes and dtype. Metadata must be device tensors or none.
+    pub fn run_fwd<R: KernelRunner>(
+        &self,
+        runner: &R,
+        args: &AttnFwdArgs,
+        out: AttnFwdOut,
+        workspace: Workspace,
+        stream: Stream,
+    ) -> Result<()> {
+        self.check_kind(runner, false)?;
+        device_meta_only(args)?;
+        let l = plan_fwd(args, &out)?;
+        self.check_problem(runner, &l.problem, args.prefix.is_some())?;
+        self.check_workspace(&workspace, 0)?;
+        if l.is_empty() {
+            return Ok(());
+        }
+        // `out` stays borrowed until the launches are queued.
+        let _keep = out;
+        // SAFETY: the planner checked every address, shape and stride in `l.params` against
+        // the views, which the caller borrows for the call (device metadata among them); the
+        // workspace is the caller's, large enough (checked above).
+        unsafe {
+            launch_planned(
+                runner,
+                l.params,
+                &[l.kernel_launch()],
+                l.meta_dev,
+                &workspace,
+                0,
+                stream,
+            )
+        }
+    }
+
+    /// The backward on `runner` (the plan's device) with the tensors of `args` and `grads`,
+    /// which must have the plan's shapes and dtype. Metadata must be device tensors or none.
+    pub fn run_bwd<R: KernelRunner>(
+        &self,
+        runner: &R,
+        args: &AttnBwdArgs,
+        grads: AttnGrads,
+        workspace: Workspace,
+        stream: Stream,
+    ) -> Result<()> {
+        self.check_kind(runner, true)?;
+        device_meta_only(&args.fwd)?;
+        let l = plan_bwd(args, &grads)?;
+        self.check_problem(runner, &l.problem, args.fwd.prefix.is_some())?;
+        let (scratch, split) = l.scratch_bytes();
+        self.check_workspace(&workspace, scratch)?;
+        let _keep = grads;
+        // SAFETY: as in `run_fwd`; the scratch (`scratch` bytes after the metadata) fits.
+        unsafe {
+            launch_planned(
+                runner,
+                l.params,
+                &l.launches,
+                l.meta_dev,
+                &workspace,
+                split,
+                stream,
+            )
+        }
+    }
+
+    fn check_kind<R: KernelRunner>(&self, runner: &R, backward: bool) -> Result<()> {
+        if runner.device() != self.device {
+            return Err(Error::device(
+                "plan",
+                format!(
+                    "planned for {}, run on {}",
+                    self.device,
+                    KernelRunner::device(runner)
+                ),
+            ));
+        }
+        if backward != self.backward {
+            let (planned, called) = if self.backward {
+                ("backward", "forward")
+            } else {
+                ("forward", "backward")
+            };
+            return Err(Error::Unsupported(format!(
+                "plan: planned for the {planned}, run as the {called}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The run's problem (validated by the planner) against the plan's: same dtype, shapes,
+    /// prefix table, masking and scale.
+    fn check_problem<R: KernelRunner>(
+        &self,
+        runner: &R,
+        pr: &AttnProblem,
+        has_prefix: bool,
+    ) -> Result<()> {
+        check_location(runner, pr.location)?;
+        let p = &self.problem;
+        if pr.dtype != p.dtype {
+            return Err(Error::DType {
+                arg: "q".into(),
+                expected: format!("{} (the plan's)", p.dtype),
+                got: pr.dtype.name().into(),
+            });
+        }
+        if pr.q_dims() != p.q_dims() {
+            return Err(Error::shape(
+                "q",
+                format!("{:?}, the plan's [B, Tq, Hq, D]", p.q_dims()),
+                &pr.q_dims(),
+            ));
+        }
+        if pr.k_dims() != p.k_dims() {
+            return Err(Error::shape(
+                "k",
+                format!("{:?}, the plan's [B, Tk, Hkv, D]", p.k_dims()),
+                &pr.k_dims(),
+            ));
+        }
+        match (has_prefix, self.has_prefix) {
+            (true, false) => {
+                return Err(Error::index(
+                    "k_pre",
+                    "given, but the plan has no prefix table",
+                ))
+            }
+            (false, true) => {
+                return Err(Error::index(
+                    "k_pre",
+                    "missing: the plan has a prefix table",
+                ))
+            }
+            _ if pr.prefix_dims() != p.prefix_dims() => {
+                return Err(Error::shape(
+                    "k_pre",
+                    format!("{:?}, the plan's [NP, P, Hkv, D]", p.prefix_dims()),
+                    &pr.prefix_dims(),
+                ))
+            }
+            _ => {}
+        }
+        if pr.causal != p.causal {
+            return Err(Error::index(
+                "causal",
+                format!("{}, the plan's is {}", pr.causal, p.causal),
+            ));
+        }
+        if pr.scale.to_bits() != p.scale.to_bits() {
+            return Err(Error::index(
+                "scale",
+                format!("{}, the plan's is {}", pr.scale, p.scale),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The workspace is on the plan's device, aligned, and holds the metadata and `scratch`
+    /// bytes.
+    fn check_workspace(&self, ws: &Workspace, scratch: usize) -> Result<()> {
+        if ws.location != self.problem.location {
+            return Err(Error::device(
+                "workspace",
+                format!(
+                    "lives on {}, the plan's tensors on {}",
+                    ws.location, self.problem.location
+                ),
+            ));
+        }
+        if ws.addr % WORKSPACE_ALIGN as u64 != 0 {
+            return Err(Error::layout(
+                "workspace",
+                format!(
+                    "address {:#x} is not {WORKSPACE_ALIGN}-byte aligned",
+                    ws.addr
+                ),
+            ));
+        }
+        let need = meta_bytes(self.problem.batch) + scratch;
+        if ws.bytes < need {
+            return Err(Error::layout(
+                "workspace",
+                format!(
+                    "{} bytes, this run needs {need} (the plan's workspace_bytes: {})",
+                    ws.bytes,
+                    self.workspace_bytes()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A planned run's launches: the metadata clamp from the caller's device arrays (a missing
+/// one: its default) into the workspace, then `launches` reading that copy, with the scratch
+/// after it (the backward's partials from byte `scratch_split` of the scratch on).
+///
+/// # Safety
+/// Every address in `params` must come from views the planner checked, alive until the
+/// kernels have run, and `ws` must hold the metadata and the scratch the launches use.
+unsafe fn launch_planned<R: KernelRunner, P: AttnParams>(
+    runner: &R,
+    mut params: P,
+    launches: &[KernelLaunch],
+    meta_dev: [Option<u64>; 3],
+    ws: &Workspace,
+    scratch_split: usize,
+    stream: Stream,
+) -> Result<()> {
+    let batch = params.fwd().batch.max(0) as usize;
+    let (clamp_params, clamp) =
+        plan_meta_clamp(params.fwd(), meta_dev.map(|m| m.unwrap_or(0)), ws.addr)?;
+    if batch > 0 {
+        // SAFETY: the sources are the caller's checked i32 [B] device tensors (or 0: the
+        // defaults) and the destination the first 12·B bytes of the workspace.
+        unsafe { runner.launch_on(&clamp, &clamp_params, stream)? };
+    }
+    params.place(
+        meta_addrs(ws.addr, batch, [None; 3]),
+        ws.addr + meta_bytes(batch) as u64,
+        scratch_split,
+    );
+    for l in launches {
+        // SAFETY: the caller's promise, with the metadata and scratch placed in `ws`.
+        unsafe { runner.launch_on(l, &params, stream)? };
+    }
+    Ok(())
 }

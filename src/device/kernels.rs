@@ -179,6 +179,16 @@ impl FwdLaunch {
     pub fn is_empty(&self) -> bool {
         self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0
     }
+
+    /// The forward kernel's launch (entry and geometry).
+    pub fn kernel_launch(&self) -> KernelLaunch {
+        KernelLaunch {
+            entry: self.entry,
+            grid: self.grid,
+            threads: self.threads,
+            smem_bytes: self.smem_bytes,
+        }
+    }
 }
 
 fn addr_of(t: &TensorView) -> u64 {
@@ -419,14 +429,18 @@ pub fn meta_clamp_params_rust_layout() -> Vec<usize> {
     ]
 }
 
+/// Entry name of the metadata clamp.
+pub const META_CLAMP_KERNEL: &str = "prefix_attn_meta_clamp";
+
 /// The launch of the metadata clamp for a problem of `f`'s sizes, reading `src` (the three
-/// metadata arrays) and writing the clamped `[3B]` copy to `dst`.
+/// metadata arrays; a zero address stands for the default values: prefix 0, `Tq`, `Tk`) and
+/// writing the clamped `[3B]` copy to `dst`.
 pub fn plan_meta_clamp(
     f: &FwdParams,
     src: [u64; 3],
     dst: u64,
 ) -> Result<(MetaClampParams, KernelLaunch)> {
-    let k = kernel("prefix_attn_meta_clamp")?;
+    let k = kernel(META_CLAMP_KERNEL)?;
     let params = MetaClampParams {
         src_prefix_index: src[0],
         src_seqlen_q: src[1],
@@ -568,6 +582,16 @@ pub struct BwdLaunch {
     pub meta_dev: [Option<u64>; 3],
     /// The validated problem.
     pub problem: AttnProblem,
+}
+
+impl BwdLaunch {
+    /// Bytes of device scratch the launches need and where the prefix partials start in it:
+    /// `delta` first, then the partials at the next 256-byte boundary (the prefix kernel
+    /// writes 8-byte pairs).
+    pub fn scratch_bytes(&self) -> (usize, usize) {
+        let delta_bytes = (4 * self.delta_len).next_multiple_of(256);
+        (delta_bytes + 4 * self.partial_len.max(1), delta_bytes)
+    }
 }
 
 fn dims_of(arg: &str, t: &TensorView, want: &[usize]) -> Result<()> {
