@@ -351,7 +351,7 @@ impl CudaBackend {
             return Err(Error::device(
                 "stream",
                 format!(
-                    "belongs to another CUDA context than cuda:{}'s primary context (the one the                      CUDA runtime API and this crate use)",
+                    "belongs to another CUDA context than cuda:{}'s primary context (the one the CUDA runtime API and this crate use)",
                     self.ordinal
                 ),
             ));
