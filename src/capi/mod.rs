@@ -516,6 +516,20 @@ fn context<'a>(ctx: *const pa_context) -> Result<&'a pa_context, Fail> {
     Ok(unsafe { &*ctx })
 }
 
+/// The tensors of a plan run (`args`, whose own metadata pointers must be NULL) with the
+/// device metadata `[prefix_index, seqlen_q, seqlen_k]` (each NULL for its default).
+fn run_args<'a>(
+    args: *const pa_attn_args,
+    loc: Location,
+    meta: [*const i32; 3],
+) -> Result<AttnFwdArgs<'a>, Fail> {
+    let mut a = fwd_args(args, loc, ArgsUse::Run)?;
+    a.prefix_index = dev_meta("prefix_index", meta[0], &a, loc)?;
+    a.seqlen_q = dev_meta("seqlen_q", meta[1], &a, loc)?;
+    a.seqlen_k = dev_meta("seqlen_k", meta[2], &a, loc)?;
+    Ok(a)
+}
+
 fn plan_ref<'a>(plan: *const pa_attn_plan) -> Result<&'a pa_attn_plan, Fail> {
     if plan.is_null() {
         return Err(null("plan"));
@@ -799,10 +813,7 @@ pub extern "C" fn pa_attn_plan_run_fwd(
     guard(|| {
         let p = plan_ref(plan)?;
         let loc = p.location;
-        let mut a = fwd_args(args, loc, ArgsUse::Run)?;
-        a.prefix_index = dev_meta("prefix_index", prefix_index, &a, loc)?;
-        a.seqlen_q = dev_meta("seqlen_q", seqlen_q, &a, loc)?;
-        a.seqlen_k = dev_meta("seqlen_k", seqlen_k, &a, loc)?;
+        let a = run_args(args, loc, [prefix_index, seqlen_q, seqlen_k])?;
         let out = AttnFwdOut {
             o: view_mut("o", o, loc)?,
             lse: opt_view_mut("lse", lse, loc)?,
@@ -842,10 +853,7 @@ pub extern "C" fn pa_attn_plan_run_bwd(
     guard(|| {
         let p = plan_ref(plan)?;
         let loc = p.location;
-        let mut a = fwd_args(args, loc, ArgsUse::Run)?;
-        a.prefix_index = dev_meta("prefix_index", prefix_index, &a, loc)?;
-        a.seqlen_q = dev_meta("seqlen_q", seqlen_q, &a, loc)?;
-        a.seqlen_k = dev_meta("seqlen_k", seqlen_k, &a, loc)?;
+        let a = run_args(args, loc, [prefix_index, seqlen_q, seqlen_k])?;
         let b = AttnBwdArgs {
             fwd: a,
             o: view("o", o, loc)?,

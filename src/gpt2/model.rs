@@ -7,7 +7,7 @@ use super::weights::Weights;
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::{Backend, MatmulOpts};
 use crate::error::{Error, Result};
-use crate::lm::head::Head;
+use crate::lm::head::{Head, Logits};
 use crate::lm::{Batch, Geometry, KvCache, LossSum, PrefixLm, Workspace, IGNORE};
 use crate::tensor::{DType, Tensor, TensorView, TensorViewMut};
 use std::path::{Path, PathBuf};
@@ -89,17 +89,13 @@ impl Activations {
         with_grad: bool,
         chunk_rows: Option<usize>,
     ) -> Result<Activations> {
-        let c = &model.config;
-        let head = Head::streamed(
+        Activations::build(
+            model,
             backend,
             rows,
-            c.n_embd,
-            c.vocab_size,
-            model.dtype,
             with_grad,
-            chunk_rows,
-        )?;
-        Activations::build(model, backend, rows, head)
+            Logits::Streamed(chunk_rows),
+        )
     }
 
     /// Buffers for batches of `batch_size × seq_len` tokens (or any batch of at most that
@@ -121,21 +117,20 @@ impl Activations {
         rows: usize,
         with_grad: bool,
     ) -> Result<Activations> {
-        let c = &model.config;
-        let head = Head::whole(
-            backend,
-            rows,
-            c.n_embd,
-            c.vocab_size,
-            model.dtype,
-            with_grad,
-        )?;
-        Activations::build(model, backend, rows, head)
+        Activations::build(model, backend, rows, with_grad, Logits::Whole)
     }
 
-    /// The per-layer buffers for `rows` rows, around `head`.
-    fn build(model: &Gpt2, backend: &dyn Backend, rows: usize, head: Head) -> Result<Activations> {
+    /// The buffers for `rows` rows, the head's kept as `logits` says.
+    fn build(
+        model: &Gpt2,
+        backend: &dyn Backend,
+        rows: usize,
+        with_grad: bool,
+        logits: Logits,
+    ) -> Result<Activations> {
         let c = &model.config;
+        let (width, vocab) = (c.n_embd, c.vocab_size);
+        let head = Head::new(backend, rows, width, vocab, model.dtype, with_grad, logits)?;
         let (m, e, dt) = (rows, c.n_embd, model.dtype);
         let l = c.n_layer;
         let z = |shape: &[usize], dt: DType| backend.zeros(shape, dt);

@@ -12,7 +12,7 @@ use super::weights::{Linear, Weights};
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::{Backend, MatmulOpts};
 use crate::error::{Error, Result};
-use crate::lm::head::Head;
+use crate::lm::head::{Head, Logits};
 use crate::lm::{Batch, Geometry, KvCache, LossSum, PrefixLm, Workspace, IGNORE};
 use crate::tensor::{DType, Tensor, TensorView, TensorViewMut};
 use std::path::{Path, PathBuf};
@@ -71,21 +71,20 @@ impl Activations {
         rows: usize,
         with_grad: bool,
     ) -> Result<Activations> {
-        let c = &model.config;
-        let head = Head::whole(
-            be,
-            rows,
-            c.hidden_size,
-            c.vocab_size,
-            model.dtype,
-            with_grad,
-        )?;
-        Activations::build(model, be, rows, head)
+        Activations::build(model, be, rows, with_grad, Logits::Whole)
     }
 
-    /// The per-layer buffers for `rows` rows, around `head`.
-    fn build(model: &Llama, be: &dyn Backend, rows: usize, head: Head) -> Result<Activations> {
+    /// The buffers for `rows` rows, the head's kept as `logits` says.
+    fn build(
+        model: &Llama,
+        be: &dyn Backend,
+        rows: usize,
+        with_grad: bool,
+        logits: Logits,
+    ) -> Result<Activations> {
         let c = &model.config;
+        let (width, vocab) = (c.hidden_size, c.vocab_size);
+        let head = Head::new(be, rows, width, vocab, model.dtype, with_grad, logits)?;
         let (m, e, f, dt) = (rows, c.hidden_size, c.intermediate_size, model.dtype);
         let l = c.num_hidden_layers;
         let (qw, kw) = (c.q_width(), c.kv_width());
@@ -137,17 +136,7 @@ impl Activations {
         with_grad: bool,
         chunk_rows: Option<usize>,
     ) -> Result<Activations> {
-        let c = &model.config;
-        let head = Head::streamed(
-            be,
-            rows,
-            c.hidden_size,
-            c.vocab_size,
-            model.dtype,
-            with_grad,
-            chunk_rows,
-        )?;
-        Activations::build(model, be, rows, head)
+        Activations::build(model, be, rows, with_grad, Logits::Streamed(chunk_rows))
     }
 
     /// Computes the vocabulary projection (and its gradient) only at rows whose target

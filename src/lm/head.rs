@@ -1,8 +1,8 @@
 //! The output side of a forward pass, for every model family: the vocabulary projection of
 //! the final hidden rows, the token losses, and the gradient the backward starts from.
 //!
-//! [`Head::whole`] keeps every projected row's logits (callers read them: parity tests,
-//! decoding). [`Head::streamed`] is for training and evaluation, which need the logits only
+//! [`Logits::Whole`] keeps every projected row's logits (callers read them: parity tests,
+//! decoding). [`Logits::Streamed`] is for training and evaluation, which need the logits only
 //! long enough to turn them into a loss and a gradient, and the gradient only long enough to
 //! project it back through the head (`d_in = dlogits · W`). Kept whole, logits and their
 //! gradient are the largest activations of a model with a big vocabulary (Qwen2's 151,936
@@ -48,52 +48,39 @@ pub struct Head {
     counted_only: bool,
 }
 
+/// How a [`Head`] keeps its logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Every projected row's logits, for callers that read them.
+    Whole,
+    /// Chunks of this many counted rows (`None`: as many as fit [`HEAD_CHUNK_BYTES`], at
+    /// least one), no logits kept; with a gradient, the gradient at the head's input instead.
+    /// Counts only the rows whose target counts.
+    Streamed(Option<usize>),
+}
+
 impl Head {
-    /// Whole logits for up to `rows` rows of width `width` and a `vocab`-wide head in `dtype`;
-    /// `with_grad` adds the logit gradient the backward needs.
-    pub fn whole(
+    /// Buffers for up to `rows` rows of width `width` and a `vocab`-wide head in `dtype`;
+    /// `with_grad` adds what the backward starts from.
+    pub fn new(
         be: &dyn Backend,
         rows: usize,
         width: usize,
         vocab: usize,
         dtype: DType,
         with_grad: bool,
+        logits: Logits,
     ) -> Result<Head> {
-        Head::build(be, rows, width, vocab, dtype, with_grad, None)
-    }
-
-    /// Logits a chunk of `chunk_rows` counted rows at a time (`None`: as many rows as fit
-    /// [`HEAD_CHUNK_BYTES`], at least one, at most `rows`); `with_grad` keeps the gradient
-    /// at the head's input `[rows, width]`. Counts only the rows whose target counts.
-    pub fn streamed(
-        be: &dyn Backend,
-        rows: usize,
-        width: usize,
-        vocab: usize,
-        dtype: DType,
-        with_grad: bool,
-        chunk_rows: Option<usize>,
-    ) -> Result<Head> {
-        let chunk = match chunk_rows {
-            Some(0) => return Err(Error::index("head chunk", "a chunk needs at least one row")),
-            Some(r) => r,
-            None => HEAD_CHUNK_BYTES / (vocab.max(1) * dtype.size()),
-        }
-        .clamp(1, rows.max(1));
-        let mut h = Head::build(be, rows, width, vocab, dtype, with_grad, Some(chunk))?;
-        h.counted_only = true;
-        Ok(h)
-    }
-
-    fn build(
-        be: &dyn Backend,
-        rows: usize,
-        width: usize,
-        vocab: usize,
-        dtype: DType,
-        with_grad: bool,
-        chunk: Option<usize>,
-    ) -> Result<Head> {
+        let chunk = match logits {
+            Logits::Whole => None,
+            Logits::Streamed(Some(0)) => {
+                return Err(Error::index("head chunk", "a chunk needs at least one row"))
+            }
+            Logits::Streamed(r) => Some(
+                r.unwrap_or(HEAD_CHUNK_BYTES / (vocab.max(1) * dtype.size()))
+                    .clamp(1, rows.max(1)),
+            ),
+        };
         let logit_rows = chunk.unwrap_or(rows);
         Ok(Head {
             logits: be.zeros(&[logit_rows, vocab], dtype)?,
@@ -111,7 +98,7 @@ impl Head {
             head_in: be.zeros(&[rows, width], dtype)?,
             losses: be.zeros(&[rows], DType::F32)?,
             counted_rows: vec![],
-            counted_only: false,
+            counted_only: chunk.is_some(),
         })
     }
 
