@@ -113,6 +113,19 @@ pub fn rss_mb() -> (f64, f64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
+/// Qwen2-0.5B's configuration (24 layers, 896 wide, 14 query heads over 2 KV heads of 64,
+/// MLP 4864, vocab 151,936, tied head, q/k/v biases, RoPE base 10⁶), for random-weight
+/// benchmark models.
+pub fn qwen2_05b_config() -> crate::llama::LlamaConfig {
+    crate::llama::LlamaConfig {
+        intermediate_size: 4864,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        eos_token_id: Some(151_643),
+        ..crate::llama::random::small_config("qwen2", 24, 14, 2, 64, 151_936, 32_768)
+    }
+}
+
 /// Runs the benchmark.
 pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
     // The kernel devices need head dim 64 or 128: `tiny` is for the cpu.
@@ -129,17 +142,12 @@ pub fn bench_step(s: &StepBench, be: &dyn Backend) -> Result<StepReport> {
             c.eos_token_id = Some(50256);
             Box::new(random_model(&c, 0, 0.02, be)?)
         }
-        "qwen2-0.5b" => {
-            use crate::llama::random;
-            let c = crate::llama::LlamaConfig {
-                intermediate_size: 4864,
-                rms_norm_eps: 1e-6,
-                rope_theta: 1_000_000.0,
-                eos_token_id: Some(151_643),
-                ..random::small_config("qwen2", 24, 14, 2, 64, 151_936, 32_768)
-            };
-            Box::new(random::random_model(&c, 0, 0.02, be)?)
-        }
+        "qwen2-0.5b" => Box::new(crate::llama::random::random_model(
+            &qwen2_05b_config(),
+            0,
+            0.02,
+            be,
+        )?),
         other => return Err(Error::Unsupported(format!("--shape {other}"))),
     };
     let g = model.geometry();

@@ -70,7 +70,8 @@ pub(super) struct ServeArgs {
 // The arguments of `bench decode`.
 #[derive(clap::Args)]
 pub(super) struct DecodeArgs {
-    /// tiny or gpt2-small (12 layers, 12 heads of 64, vocab 50,257).
+    /// tiny, gpt2-small (12 layers, 12 heads of 64, vocab 50,257) or qwen2-0.5b (24 layers,
+    /// 14 query heads over 2 KV heads of 64, vocab 151,936).
     #[arg(long, default_value = "tiny")]
     shape: String,
     /// Concurrent requests.

@@ -8,8 +8,8 @@ use super::scheduler::{Decoding, Request, Scheduler, SchedulerConfig};
 use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::gpt2::random::{random_model, small_config};
-use crate::gpt2::Gpt2;
 use crate::lm::paged::PrefixMode;
+use crate::lm::PrefixLm;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 use std::time::Instant;
@@ -17,8 +17,9 @@ use std::time::Instant;
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct DecodeBench {
-    /// `tiny` (3 layers, 4 heads of 16) or `gpt2-small` (12 layers, 12 heads of 64, vocab
-    /// 50,257).
+    /// `tiny` (3 layers, 4 heads of 16), `gpt2-small` (12 layers, 12 heads of 64, vocab
+    /// 50,257) or `qwen2-0.5b` (Qwen2-0.5B's shape: 24 layers, 14 query heads over 2 KV heads
+    /// of 64, vocab 151,936).
     pub shape: String,
     /// Concurrent requests.
     pub requests: usize,
@@ -41,7 +42,7 @@ impl DecodeBench {
     /// 32 new tokens, P = 10, pages of 16.
     pub fn named(shape: &str) -> Result<DecodeBench> {
         match shape {
-            "tiny" | "gpt2-small" => Ok(DecodeBench {
+            "tiny" | "gpt2-small" | "qwen2-0.5b" => Ok(DecodeBench {
                 shape: shape.to_string(),
                 requests: 16,
                 adapters: 8,
@@ -53,7 +54,7 @@ impl DecodeBench {
             }),
             other => Err(Error::index(
                 "--shape",
-                format!("{other}: expected tiny or gpt2-small"),
+                format!("{other}: expected tiny, gpt2-small or qwen2-0.5b"),
             )),
         }
     }
@@ -86,9 +87,10 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
         ));
     }
     let model = bench_model(&b.shape, be)?;
-    let cfg = &model.config;
+    let model = model.as_ref();
+    let geom = model.geometry();
     let mut rng = Rng::new(17);
-    let width = crate::lm::PrefixLm::geometry(&model).prefix_width();
+    let width = geom.prefix_width();
     let adapters: Vec<Tensor> = (0..b.adapters)
         .map(|_| {
             let v: Vec<f32> = (0..b.prefix_len * width)
@@ -97,7 +99,7 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
             Tensor::from_f32(&[b.prefix_len, width], &v, DType::F32)
         })
         .collect::<Result<_>>()?;
-    let v = cfg.vocab_size as u64;
+    let v = geom.vocab_size as u64;
     let prompts: Vec<Vec<u32>> = (0..b.requests)
         .map(|_| (0..b.prompt_len).map(|_| rng.below(v) as u32).collect())
         .collect();
@@ -114,7 +116,7 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
                     mode: PrefixMode,
                     k: usize|
      -> Result<DecodeRow> {
-        let mut step = ModelStep::new(&model, be, pages, b.page_size, b.adapters, b.prefix_len)?
+        let mut step = ModelStep::new(model, be, pages, b.page_size, b.adapters, b.prefix_len)?
             .with_prefix_mode(mode);
         for (i, a) in adapters.iter().enumerate() {
             step.add_adapter(&format!("a{i}"), a)?;
@@ -219,11 +221,17 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
 }
 
 /// The model the benchmark builds, for callers that want to reuse it.
-pub fn bench_model(shape: &str, be: &dyn Backend) -> Result<Gpt2> {
+pub fn bench_model(shape: &str, be: &dyn Backend) -> Result<Box<dyn PrefixLm>> {
     let cfg = match shape {
         "tiny" => small_config(3, 4, 16, 503, 256),
         "gpt2-small" => small_config(12, 12, 64, 50257, 1024),
+        "qwen2-0.5b" => {
+            let c = crate::bench::qwen2_05b_config();
+            return Ok(Box::new(crate::llama::random::random_model(
+                &c, 0x5eed, 0.02, be,
+            )?));
+        }
         other => return Err(Error::Unsupported(format!("--shape {other}"))),
     };
-    random_model(&cfg, 0x5eed, 0.02, be)
+    Ok(Box::new(random_model(&cfg, 0x5eed, 0.02, be)?))
 }
