@@ -5,7 +5,8 @@
  *
  * Every function returns a pa_status (PA_OK = 0); on failure pa_last_error() gives the
  * calling thread's message, which names the argument. No panic crosses the boundary.
- * Memory: host pointers on a cpu (or emu) context, device pointers on a cuda context.
+ * Memory: tensors in host memory on a cpu (or emu) context, in device memory on a cuda
+ * context; the one-shot calls' int32 metadata arrays are host memory on every context.
  * Strides are in elements, non-negative; the last dimension must be contiguous; pointers
  * must be aligned to their element size; outputs must not overlap inputs.
  * Streams (void *stream, a CUstream): NULL runs on the crate's stream; on a cuda context a
@@ -71,6 +72,24 @@ typedef struct pa_attn_args {
     float scale;                 /* 0: 1/sqrt(D) */
 } pa_attn_args;
 
+/* Inputs of the paged decode: Tq <= 16 new queries per sequence over [its prefix ; the
+ * seqlen_k tokens in its pages]. q [B, Tq, Hq, D]; k_cache, v_cache [num_pages, page_size,
+ * Hkv, D] (page_size a power of two); k_pre, v_pre [NP, P, Hkv, D] (both NULL: none). */
+typedef struct pa_decode_args {
+    const pa_tensor *q;
+    const pa_tensor *k_cache;
+    const pa_tensor *v_cache;
+    const pa_tensor *k_pre;
+    const pa_tensor *v_pre;
+    const int32_t *block_table;  /* [batch, max_pages] host, row-major page numbers */
+    int64_t max_pages;           /* row length of block_table */
+    const int32_t *seqlen_k;     /* [batch] host: tokens in the pages, the new ones included */
+    const int32_t *prefix_index; /* [batch] host, -1 = none; NULL: 0 for all */
+    const int32_t *prefix_len;   /* [NP] host: valid rows of each prefix; NULL: P for all */
+    int64_t batch;               /* length of the [batch] arrays (q's B) */
+    float scale;                 /* 0: 1/sqrt(D) */
+} pa_decode_args;
+
 typedef struct pa_context pa_context;
 /* A forward or backward planned once for a shape (pa_attn_plan_create). */
 typedef struct pa_attn_plan pa_attn_plan;
@@ -93,6 +112,11 @@ pa_status pa_attn_bwd(const pa_context *ctx, const pa_attn_args *args, const pa_
                       const pa_tensor *lse, const pa_tensor *d_o, const pa_tensor *dq,
                       const pa_tensor *dk, const pa_tensor *dv, const pa_tensor *dk_pre,
                       const pa_tensor *dv_pre, int32_t prefix_only, void *stream);
+/* Paged decode: o [B, Tq, Hq, D] (q's dtype), lse [B, Hq, Tq] f32 or NULL; the new queries are
+ * causal among themselves (bottom-right), prefix rows past prefix_len are masked. stream as
+ * for pa_attn_fwd. */
+pa_status pa_attn_decode(const pa_context *ctx, const pa_decode_args *args, const pa_tensor *o,
+                         const pa_tensor *lse, void *stream);
 /* Validates args and writes the caller workspace the one-shot call needs (0). */
 pa_status pa_workspace_size(const pa_context *ctx, const pa_attn_args *args, int32_t backward,
                             uint64_t *bytes);

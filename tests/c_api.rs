@@ -297,6 +297,53 @@ fn emu_case(case: &mut String, rng: &mut Rng) {
     }
 }
 
+/// The case of the C program's paged-decode section: bf16-representable values (the C side
+/// runs them in f32 on a cpu context and in bf16 on an emu context), 4 query heads over 2 KV
+/// heads of 64, 2 new queries a sequence, pages of 4 in scattered order, two prefixes of 3
+/// rows (the second valid for 2) and one sequence without a prefix; the f64 oracle's output.
+fn decode_case(case: &mut String, rng: &mut Rng) {
+    use prefix_attn::attn::paged::{oracle, PagedAttnArgs};
+    use prefix_attn::attn::Meta;
+    let (b, tq, hq, hkv, d, ps, pages, mp, np, p) = (3, 2, 4, 2, 64, 4, 10, 4, 2, 3);
+    let mut bf16s = |n: usize| -> Vec<f32> {
+        rng.normal_vec(n, 1.0)
+            .into_iter()
+            .map(|x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    let (nq, nc, npre) = (b * tq * hq * d, pages * ps * hkv * d, np * p * hkv * d);
+    let (qv, kv, vv, kpv, vpv) = (bf16s(nq), bf16s(nc), bf16s(nc), bf16s(npre), bf16s(npre));
+    let table: [i32; 12] = [7, 2, 1, 1, 0, 9, 4, 5, 3, 1, 1, 1];
+    let (sk, pidx, plen) = ([6, 13, 2], [1, 0, -1], [3, 2]);
+    let q = Tensor::from_slice(&[b, tq, hq, d], &qv).unwrap();
+    let kc = Tensor::from_slice(&[pages, ps, hkv, d], &kv).unwrap();
+    let vc = Tensor::from_slice(&[pages, ps, hkv, d], &vv).unwrap();
+    let kp = Tensor::from_slice(&[np, p, hkv, d], &kpv).unwrap();
+    let vp = Tensor::from_slice(&[np, p, hkv, d], &vpv).unwrap();
+    let args = PagedAttnArgs::new(
+        q.view(),
+        kc.view(),
+        vc.view(),
+        Meta::Host(&table),
+        Meta::Host(&sk),
+    )
+    .prefix(kp.view(), vp.view())
+    .prefix_index(Meta::Host(&pidx))
+    .prefix_len(Meta::Host(&plen));
+    let out = oracle(&args, Precision::Exact).unwrap();
+    writeln!(case, "{b} {tq} {hq} {hkv} {d} {ps} {pages} {mp} {np} {p}").unwrap();
+    push(case, table.iter().map(|x| x.to_string()));
+    for m in [&sk[..], &pidx[..], &plen[..]] {
+        push(case, m.iter().map(|x| x.to_string()));
+    }
+    for x in [&qv, &kv, &vv, &kpv, &vpv] {
+        push(case, x.iter().map(|x| format!("{x:e}")));
+    }
+    for x in [&out.o, &out.lse] {
+        push(case, x.iter().map(|x| format!("{x:e}")));
+    }
+}
+
 #[test]
 fn c_program_matches_the_oracle_and_reports_bad_arguments() {
     let t0 = std::time::Instant::now();
@@ -340,6 +387,7 @@ fn c_program_matches_the_oracle_and_reports_bad_arguments() {
         push(&mut case, x.iter().map(|x| format!("{x:e}")));
     }
     emu_case(&mut case, &mut rng);
+    decode_case(&mut case, &mut rng);
     let dir = tempfile::tempdir().unwrap();
     let case_path = dir.path().join("case.txt");
     std::fs::write(&case_path, case).unwrap();

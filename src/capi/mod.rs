@@ -21,6 +21,7 @@
 // `extern "C"` functions rather than `unsafe fn`s that Rust callers would have to wrap.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+use crate::attn::paged::PagedAttnArgs;
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta, PrefixKv};
 use crate::device::cpu::CpuBackend;
 use crate::device::cuda::CudaBackend;
@@ -126,6 +127,37 @@ pub struct pa_attn_args {
     pub batch: i64,
     /// Non-zero: causal masking, bottom-right aligned.
     pub causal: i32,
+    /// Score scale; 0 means `1/sqrt(D)`.
+    pub scale: f32,
+}
+
+/// The inputs of the paged decode ([`pa_attn_decode`]): new queries over `[prefix table ;
+/// each sequence's paged cache]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pa_decode_args {
+    /// New queries `[B, Tq, Hq, D]`, `Tq ≤ 16`, all valid.
+    pub q: *const pa_tensor,
+    /// Paged keys `[num_pages, page_size, Hkv, D]` (page size a power of two).
+    pub k_cache: *const pa_tensor,
+    /// Paged values `[num_pages, page_size, Hkv, D]`.
+    pub v_cache: *const pa_tensor,
+    /// Prefix keys `[NP, P, Hkv, D]`, or null for no prefix table.
+    pub k_pre: *const pa_tensor,
+    /// Prefix values `[NP, P, Hkv, D]`, or null.
+    pub v_pre: *const pa_tensor,
+    /// `[B, max_pages]` page numbers, row-major (host memory).
+    pub block_table: *const i32,
+    /// Row length of `block_table`.
+    pub max_pages: i64,
+    /// `[B]` tokens in each sequence's pages, the new ones included (host memory).
+    pub seqlen_k: *const i32,
+    /// `[B]` prefix per sequence (`-1`: none), or null (0 for all); needs the table.
+    pub prefix_index: *const i32,
+    /// `[NP]` valid rows of each prefix, or null (`P` for all); needs the table.
+    pub prefix_len: *const i32,
+    /// Length of the `[B]` arrays (q's B).
+    pub batch: i64,
     /// Score scale; 0 means `1/sqrt(D)`.
     pub scale: f32,
 }
@@ -334,20 +366,11 @@ fn opt_view_mut<'a>(
     }
 }
 
-fn meta<'a>(
-    arg: &str,
-    p: *const i32,
-    batch: i64,
-    loc: Location,
-) -> Result<Option<&'a [i32]>, Fail> {
+/// A one-shot call's metadata: `batch` int32 values in host memory on every context (the
+/// call uploads them where the device needs them), or none.
+fn meta<'a>(arg: &str, p: *const i32, batch: i64) -> Result<Option<&'a [i32]>, Fail> {
     if p.is_null() {
         return Ok(None);
-    }
-    if loc != Location::Host {
-        return Err(Fail(
-            PA_ERR_UNSUPPORTED,
-            format!("{arg}: device metadata pointers are not supported by the C forward yet; pass host arrays"),
-        ));
     }
     if batch < 0 {
         return Err(Fail(
@@ -410,9 +433,9 @@ fn fwd_args<'a>(
     }
     match using {
         ArgsUse::Call => {
-            args.prefix_index = meta("prefix_index", a.prefix_index, a.batch, loc)?.map(Into::into);
-            args.seqlen_q = meta("seqlen_q", a.seqlen_q, a.batch, loc)?.map(Into::into);
-            args.seqlen_k = meta("seqlen_k", a.seqlen_k, a.batch, loc)?.map(Into::into);
+            args.prefix_index = meta("prefix_index", a.prefix_index, a.batch)?.map(Into::into);
+            args.seqlen_q = meta("seqlen_q", a.seqlen_q, a.batch)?.map(Into::into);
+            args.seqlen_k = meta("seqlen_k", a.seqlen_k, a.batch)?.map(Into::into);
         }
         ArgsUse::Plan => {}
         ArgsUse::Run => {
@@ -688,6 +711,86 @@ pub extern "C" fn pa_attn_bwd(
             }
             Dev::Emu(be) => be.attn_bwd_on(&b, g, st)?,
             Dev::Cuda(be) => be.attn_bwd_on(&b, g, st)?,
+        }
+        Ok(())
+    })
+}
+
+/// The paged decode: each sequence's `Tq` new queries attend over its prefix (rows past the
+/// prefix's `prefix_len` masked) and the `seqlen_k` tokens in its pages (causal among the new
+/// ones, bottom-right). Writes `o [B, Tq, Hq, D]` (q's dtype) and, if `lse` is not null, the
+/// f32 LSE `[B, Hq, Tq]`. Metadata in host memory (on cuda it is uploaded by the call).
+/// `stream` as for [`pa_attn_fwd`].
+#[no_mangle]
+pub extern "C" fn pa_attn_decode(
+    ctx: *const pa_context,
+    args: *const pa_decode_args,
+    o: *const pa_tensor,
+    lse: *const pa_tensor,
+    stream: *mut c_void,
+) -> pa_status {
+    guard(|| {
+        let ctx = context(ctx)?;
+        let st = stream_of(stream);
+        let loc = ctx.location;
+        if args.is_null() {
+            return Err(null("args"));
+        }
+        // SAFETY: non-null; the caller promises it points to a pa_decode_args.
+        let a = unsafe { *args };
+        if a.max_pages < 0 {
+            return Err(Fail(
+                PA_ERR_SHAPE,
+                format!("max_pages = {}: expected >= 0", a.max_pages),
+            ));
+        }
+        let cells = a.batch.checked_mul(a.max_pages).ok_or_else(|| {
+            Fail(
+                PA_ERR_SHAPE,
+                format!("batch {} × max_pages {} overflows", a.batch, a.max_pages),
+            )
+        })?;
+        let table =
+            meta("block_table", a.block_table, cells)?.ok_or_else(|| null("block_table"))?;
+        let lens = meta("seqlen_k", a.seqlen_k, a.batch)?.ok_or_else(|| null("seqlen_k"))?;
+        let mut args = PagedAttnArgs::new(
+            view("q", a.q, loc)?,
+            view("k_cache", a.k_cache, loc)?,
+            view("v_cache", a.v_cache, loc)?,
+            Meta::Host(table),
+            Meta::Host(lens),
+        );
+        let opt = |arg: &str, t: *const pa_tensor| match t.is_null() {
+            true => Ok(None),
+            false => view(arg, t, loc).map(Some),
+        };
+        match (opt("k_pre", a.k_pre)?, opt("v_pre", a.v_pre)?) {
+            (Some(k), Some(v)) => args = args.prefix(k, v),
+            (None, None) => {}
+            (Some(_), None) => return Err(null("v_pre (k_pre is given)")),
+            (None, Some(_)) => return Err(null("k_pre (v_pre is given)")),
+        }
+        let tables = args.prefix.map_or(0, |p| p.k.dims()[0] as i64);
+        if let Some(idx) = meta("prefix_index", a.prefix_index, a.batch)? {
+            args = args.prefix_index(Meta::Host(idx));
+        }
+        if let Some(len) = meta("prefix_len", a.prefix_len, tables)? {
+            args = args.prefix_len(Meta::Host(len));
+        }
+        if a.scale != 0.0 {
+            args = args.scale(a.scale);
+        }
+        let out = AttnFwdOut {
+            o: view_mut("o", o, loc)?,
+            lse: opt_view_mut("lse", lse, loc)?,
+        };
+        match &ctx.dev {
+            Dev::Cpu(be) => {
+                cpu_stream(st)?;
+                be.attn_decode(&args, out)?
+            }
+            Dev::Emu(be) => be.attn_decode_on(&args, out, st)?,
+            Dev::Cuda(be) => be.attn_decode_on(&args, out, st)?,
         }
         Ok(())
     })

@@ -308,6 +308,100 @@ static void emu_plan_run(FILE *f) {
     free(dvp2); free(of);
 }
 
+/* The paged decode (the case file's third section): f32 on a cpu context and bf16 on an emu
+ * context against the f64 oracle; GQA, pages in scattered order, two prefixes of different
+ * valid lengths and one sequence without a prefix. Then its bad arguments. */
+static void decode_case(FILE *f) {
+    long B, Tq, Hq, Hkv, D, PS, NPG, MP, NP, P, nq, nc, np, nl, i;
+    int32_t *table, *sk, *pidx, *plen;
+    float *q, *kc, *vc, *kp, *vp, *o, *lse, *of;
+    uint16_t *hq, *hkc, *hvc, *hkp, *hvp, *ho;
+    double *eo, *el;
+    pa_tensor tq, tkc, tvc, tkp, tvp, to, tl, bad;
+    pa_decode_args a;
+    pa_context *cpu = NULL, *emu = NULL;
+
+    if (fscanf(f, "%ld %ld %ld %ld %ld %ld %ld %ld %ld %ld", &B, &Tq, &Hq, &Hkv, &D, &PS, &NPG,
+               &MP, &NP, &P) != 10) {
+        fprintf(stderr, "case file: decode header unreadable\n");
+        failures++;
+        return;
+    }
+    nq = B * Tq * Hq * D; nc = NPG * PS * Hkv * D; np = NP * P * Hkv * D; nl = B * Hq * Tq;
+    table = (int32_t *)malloc(sizeof(int32_t) * (size_t)(B * MP));
+    sk = (int32_t *)malloc(sizeof(int32_t) * (size_t)B);
+    pidx = (int32_t *)malloc(sizeof(int32_t) * (size_t)B);
+    plen = (int32_t *)malloc(sizeof(int32_t) * (size_t)NP);
+    read_ints(f, table, B * MP); read_ints(f, sk, B); read_ints(f, pidx, B); read_ints(f, plen, NP);
+    q = read_floats(f, nq); kc = read_floats(f, nc); vc = read_floats(f, nc);
+    kp = read_floats(f, np); vp = read_floats(f, np);
+    eo = read_doubles(f, nq); el = read_doubles(f, nl);
+    o = (float *)poisoned(sizeof(float) * (size_t)nq);
+    lse = (float *)poisoned(sizeof(float) * (size_t)nl);
+
+    memset(&a, 0, sizeof a);
+    tq = tensor(q, B, Tq, Hq, D); tkc = tensor(kc, NPG, PS, Hkv, D); tvc = tensor(vc, NPG, PS, Hkv, D);
+    tkp = tensor(kp, NP, P, Hkv, D); tvp = tensor(vp, NP, P, Hkv, D);
+    to = tensor(o, B, Tq, Hq, D); tl = tensor(lse, B, Hq, Tq, -1);
+    a.q = &tq; a.k_cache = &tkc; a.v_cache = &tvc; a.k_pre = &tkp; a.v_pre = &tvp;
+    a.block_table = table; a.max_pages = MP; a.seqlen_k = sk; a.prefix_index = pidx;
+    a.prefix_len = plen; a.batch = B;
+    expect("decode cpu context", pa_context_create(PA_DEVICE_CPU, 0, &cpu), PA_OK, "");
+    expect("decode on cpu", pa_attn_decode(cpu, &a, &to, &tl, NULL), PA_OK, "");
+    compare("decode o (cpu)", o, eo, nq);
+    compare("decode lse (cpu)", lse, el, nl);
+
+    /* The same problem in bf16 on the emulated kernels. */
+    hq = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)nq);
+    hkc = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)nc);
+    hvc = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)nc);
+    hkp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)np);
+    hvp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)np);
+    ho = (uint16_t *)poisoned(sizeof(uint16_t) * (size_t)nq);
+    of = (float *)malloc(sizeof(float) * (size_t)nq);
+    for (i = 0; i < nq; i++) hq[i] = to_bf16(q[i]);
+    for (i = 0; i < nc; i++) { hkc[i] = to_bf16(kc[i]); hvc[i] = to_bf16(vc[i]); }
+    for (i = 0; i < np; i++) { hkp[i] = to_bf16(kp[i]); hvp[i] = to_bf16(vp[i]); }
+    tq = tensor_of(hq, PA_BF16, B, Tq, Hq, D);
+    tkc = tensor_of(hkc, PA_BF16, NPG, PS, Hkv, D); tvc = tensor_of(hvc, PA_BF16, NPG, PS, Hkv, D);
+    tkp = tensor_of(hkp, PA_BF16, NP, P, Hkv, D); tvp = tensor_of(hvp, PA_BF16, NP, P, Hkv, D);
+    to = tensor_of(ho, PA_BF16, B, Tq, Hq, D);
+    memset(lse, 0xFF, sizeof(float) * (size_t)nl);
+    expect("decode emu context", pa_context_create(PA_DEVICE_EMU, 0, &emu), PA_OK, "");
+    expect("decode on emu", pa_attn_decode(emu, &a, &to, &tl, NULL), PA_OK, "");
+    for (i = 0; i < nq; i++) of[i] = from_bf16(ho[i]);
+    /* bf16 output: 8 bits of mantissa. */
+    compare_tol("decode o (emu, bf16)", of, eo, nq, 1e-2);
+    compare_tol("decode lse (emu)", lse, el, nl, 1e-3);
+
+    /* Bad arguments name themselves. */
+    a.block_table = NULL;
+    expect("decode null block_table", pa_attn_decode(cpu, &a, &to, &tl, NULL), PA_ERR_NULL,
+           "block_table: null pointer");
+    a.block_table = table;
+    a.max_pages = -1;
+    expect("decode negative max_pages", pa_attn_decode(cpu, &a, &to, &tl, NULL), PA_ERR_SHAPE,
+           "max_pages = -1");
+    a.max_pages = MP;
+    a.k_pre = NULL;
+    expect("decode v_pre alone", pa_attn_decode(cpu, &a, &to, &tl, NULL), PA_ERR_NULL,
+           "k_pre (v_pre is given)");
+    a.v_pre = NULL;
+    expect("decode prefix_len without a table", pa_attn_decode(cpu, &a, &to, &tl, NULL),
+           PA_ERR_INDEX, "without a prefix table");
+    a.k_pre = &tkp; a.v_pre = &tvp;
+    bad = tq; bad.dtype = PA_F16; a.q = &bad;
+    expect("decode q dtype", pa_attn_decode(emu, &a, &to, &tl, NULL), PA_ERR_DTYPE, "f16");
+    a.q = &tq;
+    expect("decode stream on emu", pa_attn_decode(emu, &a, &to, &tl, &a), PA_ERR_UNSUPPORTED,
+           "stream");
+    pa_context_destroy(cpu);
+    pa_context_destroy(emu);
+    free(table); free(sk); free(pidx); free(plen); free(q); free(kc); free(vc); free(kp);
+    free(vp); free(eo); free(el); free(o); free(lse); free(hq); free(hkc); free(hvc); free(hkp);
+    free(hvp); free(ho); free(of);
+}
+
 int main(int argc, char **argv) {
     FILE *f;
     long B, Tq, Tk, H, D, P, causal, nq, nk, np, nl;
@@ -409,6 +503,7 @@ int main(int argc, char **argv) {
     pa_context_destroy(NULL);
 
     emu_plan_run(f);
+    decode_case(f);
     fclose(f);
     printf("%s\n", failures ? "FAILED" : "all C checks passed");
     return failures ? 1 : 0;
