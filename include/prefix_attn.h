@@ -81,11 +81,11 @@ typedef struct pa_decode_args {
     const pa_tensor *v_cache;
     const pa_tensor *k_pre;
     const pa_tensor *v_pre;
-    const int32_t *block_table;  /* [batch, max_pages] host, row-major page numbers */
+    const int32_t *block_table;  /* [batch, max_pages] host, row-major page numbers (NULL in runs) */
     int64_t max_pages;           /* row length of block_table */
-    const int32_t *seqlen_k;     /* [batch] host: tokens in the pages, the new ones included */
-    const int32_t *prefix_index; /* [batch] host, -1 = none; NULL: 0 for all */
-    const int32_t *prefix_len;   /* [NP] host: valid rows of each prefix; NULL: P for all */
+    const int32_t *seqlen_k;     /* [batch] host: tokens in the pages, the new ones included (NULL in runs) */
+    const int32_t *prefix_index; /* [batch] host, -1 = none; NULL: 0 for all (NULL in runs) */
+    const int32_t *prefix_len;   /* [NP] host: valid rows of each prefix; NULL: P for all (NULL in runs) */
     int64_t batch;               /* length of the [batch] arrays (q's B) */
     float scale;                 /* 0: 1/sqrt(D) */
 } pa_decode_args;
@@ -93,6 +93,8 @@ typedef struct pa_decode_args {
 typedef struct pa_context pa_context;
 /* A forward or backward planned once for a shape (pa_attn_plan_create). */
 typedef struct pa_attn_plan pa_attn_plan;
+/* A paged decode planned once for a shape (pa_decode_plan_create). */
+typedef struct pa_decode_plan pa_decode_plan;
 
 /* The library version, a static string. */
 const char *pa_version(void);
@@ -152,6 +154,29 @@ pa_status pa_attn_plan_run_bwd(const pa_attn_plan *plan, const pa_attn_args *arg
                                void *workspace, uint64_t workspace_bytes, void *stream);
 /* Destroys a plan (NULL does nothing); the work its runs queued must have run. */
 void pa_attn_plan_destroy(pa_attn_plan *plan);
+/* The paged decode planned once (emu and cuda contexts), for the call an engine makes at every
+ * token. pa_decode_plan_create reads args for its tensors' shapes and max_pages only (data
+ * pointers may be NULL; metadata pointers and batch are not read). The key splits depend on
+ * the shapes and max_pages, never on the lengths: one plan serves every step while the
+ * sequences fit max_pages pages. A plan may outlive its context. */
+pa_status pa_decode_plan_create(const pa_context *ctx, const pa_decode_args *args,
+                                pa_decode_plan **out);
+/* The workspace bytes a run needs (the splits' partials; 0 when the plan does not split). */
+pa_status pa_decode_plan_workspace_size(const pa_decode_plan *plan, uint64_t *bytes);
+/* Runs a decode plan on tensors of the planned shapes and dtype (args' metadata pointers must
+ * be NULL; max_pages the plan's). block_table [B, max_pages], seqlen_k [B], prefix_index [B]
+ * (NULL: 0 for all), prefix_len [NP] (NULL: P for all): int32 in the context's memory (device
+ * pointers on cuda), clamped where read (lengths to [0, max_pages * page_size] and [0, P],
+ * pages to [0, num_pages), a prefix index outside [0, NP) means none). workspace:
+ * workspace_bytes bytes of the context's memory, 16-byte aligned (NULL when the size is 0).
+ * stream as for pa_attn_plan_run_fwd: no allocation, host copy or synchronisation. */
+pa_status pa_decode_plan_run(const pa_decode_plan *plan, const pa_decode_args *args,
+                             const pa_tensor *o, const pa_tensor *lse, const int32_t *block_table,
+                             const int32_t *seqlen_k, const int32_t *prefix_index,
+                             const int32_t *prefix_len, void *workspace, uint64_t workspace_bytes,
+                             void *stream);
+/* Destroys a decode plan (NULL does nothing); the work its runs queued must have run. */
+void pa_decode_plan_destroy(pa_decode_plan *plan);
 /* Test hook: panics inside the library; returns PA_ERR_PANIC. */
 pa_status pa_test_panic(void);
 

@@ -55,8 +55,12 @@ PA_DEVICE void decode_kernel(const PrefixAttnDecodeParams& p) {
 
     // Metadata, clamped: keys in the sequence's pages, its prefix and that prefix's rows.
     const int sk = clamp_len(reinterpret_cast<const int32_t*>(p.seqlen_k)[b], p.max_pages * p.page_size);
-    const int pidx = clamp_prefix(reinterpret_cast<const int32_t*>(p.prefix_index)[b], p.num_prefixes);
-    const int plen = pidx >= 0 ? clamp_len(reinterpret_cast<const int32_t*>(p.prefix_len)[pidx], p.prefix_rows) : 0;
+    // A null prefix_index / prefix_len (a planned run given none) means the defaults:
+    // prefix 0 for every sequence, P valid rows in every prefix.
+    const int32_t* prefix_index = reinterpret_cast<const int32_t*>(p.prefix_index);
+    const int32_t* prefix_len = reinterpret_cast<const int32_t*>(p.prefix_len);
+    const int pidx = clamp_prefix(prefix_index ? prefix_index[b] : 0, p.num_prefixes);
+    const int plen = pidx >= 0 ? clamp_len(prefix_len ? prefix_len[pidx] : p.prefix_rows, p.prefix_rows) : 0;
     const int32_t* table = reinterpret_cast<const int32_t*>(p.block_table) + (int64_t)b * p.max_pages;
     const int keys = plen + sk;
     const int chunk = decode_chunk(keys, p.splits, Tr::kBlockN);

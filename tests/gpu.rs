@@ -17,6 +17,7 @@ use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta};
 use prefix_attn::capi;
 use prefix_attn::device::cuda::{device_count, loaded_libraries, CudaBackend};
 use prefix_attn::device::decode_bench::decode_shape;
+use prefix_attn::device::decode_plan::DecodePlan;
 use prefix_attn::device::kernel_device::{AttnPlan, Stream, Workspace};
 use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
@@ -259,9 +260,187 @@ fn run_decode_case(be: &CudaBackend, spec: &PagedSpec, seed: u64) -> Result<(), 
         common::meta::check_outputs(&o, &lse, &exact, &lowp, spec.dtype)?;
         outs.push((o.to_f32_vec(), lse.to_f32_vec()));
     }
+    // The same decode planned once and run (device metadata, a device workspace, the
+    // crate's stream).
+    {
+        let mut args = PagedAttnArgs::new(
+            q.view(),
+            kc.view(),
+            vc.view(),
+            Meta::Device(table.view()),
+            Meta::Device(lk.view()),
+        );
+        if let Some(p) = &pre {
+            let pv = p.view();
+            args = args
+                .prefix(pv.select(0, 0).map_err(e)?, pv.select(0, 1).map_err(e)?)
+                .prefix_index(Meta::Device(idx.view()))
+                .prefix_len(Meta::Device(plen.view()));
+        }
+        let plan = DecodePlan::new(be, &args).map_err(e)?;
+        let mut ws = be
+            .zeros(&[plan.workspace_bytes().div_ceil(4).max(1)], DType::I32)
+            .map_err(e)?;
+        let mut o = be
+            .zeros(&[b, spec.tq, spec.heads_q, spec.head_dim], spec.dtype)
+            .map_err(e)?;
+        let mut lse = be
+            .zeros(&[b, spec.heads_q, spec.tq], DType::F32)
+            .map_err(e)?;
+        let before = be.memory();
+        plan.run(
+            be,
+            &args,
+            AttnFwdOut {
+                o: o.view_mut(),
+                lse: Some(lse.view_mut()),
+            },
+            Workspace::from_view(ws.view_mut()).map_err(e)?,
+            Stream::OWN,
+        )
+        .map_err(e)?;
+        if be.memory() != before {
+            return Err("the decode plan's run allocated".into());
+        }
+        let (o, lse) = (be.download(&o).map_err(e)?, be.download(&lse).map_err(e)?);
+        outs.push((o.to_f32_vec(), lse.to_f32_vec()));
+    }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     if bits(&outs[0].0) != bits(&outs[1].0) || bits(&outs[0].1) != bits(&outs[1].1) {
         return Err("device metadata gave other bits than host metadata".into());
+    }
+    if bits(&outs[0].0) != bits(&outs[2].0) || bits(&outs[0].1) != bits(&outs[2].1) {
+        return Err("the decode plan's run gave other bits than the one-shot call".into());
+    }
+    Ok(())
+}
+
+/// A decode plan's run captured in a CUDA graph on a caller's stream (thread-local capture
+/// mode: any synchronising or allocating call inside would end the capture with an error),
+/// then the graph replayed for three steps whose lengths are changed in device memory in
+/// between: each replay gives the one-shot call's bits for that step's lengths.
+fn run_graph_case(be: &CudaBackend, cuda: &Arc<CudaContext>) -> Result<(), String> {
+    use cudarc::driver::sys;
+    let e = |e: prefix_attn::Error| e.to_string();
+    let d = |e: cudarc::driver::DriverError| format!("{e:?}");
+    let spec = PagedSpec {
+        num_prefixes: 2,
+        prefix_index: vec![1, -1, 0, 1],
+        prefix_len: vec![64, 17],
+        ..decode_shape(4)
+    };
+    let pb = RandomPaged::new(&spec, &mut Rng::new(515)).map_err(e)?;
+    let b = spec.batch;
+    let width = pb.block_table.len() / b;
+    let up = |t: &Tensor| be.upload(t).map_err(e);
+    let (q, kc, vc) = (up(&pb.q)?, up(&pb.k_cache)?, up(&pb.v_cache)?);
+    let pre = up(pb.prefix.as_ref().ok_or("the case has a prefix table")?)?;
+    let i32s = |v: &[i32], dims: &[usize]| up(&Tensor::from_slice(dims, v).map_err(e)?);
+    let (table, idx, plen) = (
+        i32s(&pb.block_table, &[b, width])?,
+        i32s(&pb.prefix_index, &[b])?,
+        i32s(&pb.prefix_len, &[2])?,
+    );
+    let stream = cuda.new_stream().map_err(d)?;
+    // The lengths live in the test's own device buffer, rewritten between replays.
+    let mut lens: CudaSlice<i32> = stream.clone_htod(&pb.seqlen_k).map_err(d)?;
+    let lens_view = {
+        let (ptr, _) = lens.device_ptr(&stream);
+        // SAFETY: a live device array of B int32 values, alive until the end of the case.
+        unsafe {
+            TensorView::from_raw_parts(
+                ptr,
+                b,
+                Location::Cuda(0),
+                DType::I32,
+                Layout::contiguous(&[b]).unwrap(),
+            )
+            .map_err(e)?
+        }
+    };
+    let pv = pre.view();
+    let args = PagedAttnArgs::new(
+        q.view(),
+        kc.view(),
+        vc.view(),
+        Meta::Device(table.view()),
+        Meta::Device(lens_view),
+    )
+    .prefix(pv.select(0, 0).map_err(e)?, pv.select(0, 1).map_err(e)?)
+    .prefix_index(Meta::Device(idx.view()))
+    .prefix_len(Meta::Device(plen.view()));
+    let plan = DecodePlan::new(be, &args).map_err(e)?;
+    let mut ws = be
+        .zeros(&[plan.workspace_bytes().div_ceil(4).max(1)], DType::I32)
+        .map_err(e)?;
+    let mut o = be
+        .zeros(&[b, spec.tq, spec.heads_q, spec.head_dim], spec.dtype)
+        .map_err(e)?;
+    let mut lse = be
+        .zeros(&[b, spec.heads_q, spec.tq], DType::F32)
+        .map_err(e)?;
+    // Uploads and zeroing ran on the crate's stream; the capture is on the test's.
+    be.synchronize().map_err(e)?;
+    stream.synchronize().map_err(d)?;
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(d)?;
+    let ran = plan.run(
+        be,
+        &args,
+        AttnFwdOut {
+            o: o.view_mut(),
+            lse: Some(lse.view_mut()),
+        },
+        Workspace::from_view(ws.view_mut()).map_err(e)?,
+        // SAFETY: the test's live stream of the primary context, synchronised below.
+        unsafe { Stream::from_raw(stream.cu_stream()) },
+    );
+    let graph = stream
+        .end_capture(sys::CUgraphInstantiate_flags(0))
+        .map_err(|err| format!("end_capture: {err:?} (the run: {ran:?})"))?;
+    ran.map_err(e)?;
+    let graph = graph.ok_or("the capture recorded nothing")?;
+    let full = pb.seqlen_k.clone();
+    for (step, cut) in [7, 1, 0].into_iter().enumerate() {
+        let step_lens: Vec<i32> = full.iter().map(|&n| (n - cut).max(0)).collect();
+        stream.memcpy_htod(&step_lens, &mut lens).map_err(d)?;
+        graph.launch().map_err(d)?;
+        stream.synchronize().map_err(d)?;
+        let want = {
+            let mut a = args;
+            a.kv.seqlen_k = Meta::Host(&step_lens);
+            a.kv.block_table = Meta::Host(&pb.block_table);
+            a.prefix_index = Some(Meta::Host(&pb.prefix_index));
+            a.prefix_len = Some(Meta::Host(&pb.prefix_len));
+            let mut o1 = be
+                .zeros(&[b, spec.tq, spec.heads_q, spec.head_dim], spec.dtype)
+                .map_err(e)?;
+            let mut l1 = be
+                .zeros(&[b, spec.heads_q, spec.tq], DType::F32)
+                .map_err(e)?;
+            be.attn_decode(
+                &a,
+                AttnFwdOut {
+                    o: o1.view_mut(),
+                    lse: Some(l1.view_mut()),
+                },
+            )
+            .map_err(e)?;
+            (be.download(&o1).map_err(e)?, be.download(&l1).map_err(e)?)
+        };
+        let got = (be.download(&o).map_err(e)?, be.download(&lse).map_err(e)?);
+        let bits = |t: &Tensor| {
+            t.to_f32_vec()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
+        if bits(&got.0) != bits(&want.0) || bits(&got.1) != bits(&want.1) {
+            return Err(format!(
+                "replay {step} (lengths {step_lens:?}) gave other bits than the one-shot call"
+            ));
+        }
     }
     Ok(())
 }
@@ -644,6 +823,18 @@ fn main() {
         Err(e) => {
             failed += 1;
             println!("FAILED C forward and plan/run on a caller's stream: {e}");
+        }
+    }
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_graph_case(&be, &ctx)))
+        .unwrap_or_else(|_| Err("panicked (message above)".into()));
+    match res {
+        Ok(()) => {
+            passed += 1;
+            println!("decode plan captured in a CUDA graph, replayed over 3 steps: ok");
+        }
+        Err(e) => {
+            failed += 1;
+            println!("FAILED decode plan in a CUDA graph: {e}");
         }
     }
     // The half-precision training path (dense kernels, cuBLAS, attention, AdamW, generation)

@@ -50,7 +50,8 @@ typedef struct AttnMetaClampParams {
 typedef struct PrefixAttnDecodeParams {
     uint64_t q, k_cache, v_cache, k_pre, v_pre, o, lse;
     // int32: block_table [B, max_pages] (row-major), seqlen_k [B], prefix_index [B],
-    // prefix_len [NP]; clamped where read.
+    // prefix_len [NP]; clamped where read. prefix_index and prefix_len may be 0 (null): the
+    // defaults, prefix 0 for every sequence and P rows in every prefix.
     uint64_t block_table, seqlen_k, prefix_index, prefix_len;
     // f32 scratch with splits > 1: partial o [splits, B, Hq, Tq, D], partial lse [splits, B, Hq, Tq].
     uint64_t part_o, part_lse;

@@ -25,6 +25,7 @@ use crate::attn::paged::PagedAttnArgs;
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta, PrefixKv};
 use crate::device::cpu::CpuBackend;
 use crate::device::cuda::CudaBackend;
+use crate::device::decode_plan::DecodePlan;
 use crate::device::emu::EmuBackend;
 use crate::device::kernel_device::{AttnOnStream, AttnPlan, KernelRunner, Stream, Workspace};
 use crate::device::{Backend, Device};
@@ -180,6 +181,14 @@ enum Dev {
 /// [`pa_attn_plan_run_bwd`]. It holds its device: it may outlive its context.
 pub struct pa_attn_plan {
     plan: AttnPlan,
+    runner: Runner,
+    location: Location,
+}
+
+/// An opaque plan: a paged decode planned once for a shape on a kernel device (emu or cuda),
+/// run many times by [`pa_decode_plan_run`]. It holds its device: it may outlive its context.
+pub struct pa_decode_plan {
+    plan: DecodePlan,
     runner: Runner,
     location: Location,
 }
@@ -463,6 +472,163 @@ fn fwd_args<'a>(
     Ok(args)
 }
 
+/// What a `pa_decode_args` is read for, with a run's metadata.
+#[derive(Clone, Copy, Debug)]
+enum DecodeUse {
+    /// A one-shot call: tensors with data, host metadata (`batch` values each).
+    Call,
+    /// A plan: shapes and `max_pages` only (data pointers, metadata and `batch` are not read).
+    Plan,
+    /// A plan's run: tensors with data; the struct's metadata pointers must be NULL, and the
+    /// run's `[block_table, seqlen_k, prefix_index, prefix_len]` in the context's memory are
+    /// used instead (the last two may be NULL: their defaults).
+    Run([*const i32; 4]),
+}
+
+/// An i32 array of `dims` at `p` in the context's memory, as device metadata; `None` for
+/// NULL.
+fn dev_array<'a>(
+    arg: &str,
+    p: *const i32,
+    dims: &[usize],
+    loc: Location,
+) -> Result<Option<Meta<'a>>, Fail> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    if (p as usize) % 4 != 0 {
+        return Err(Fail(
+            PA_ERR_LAYOUT,
+            format!(
+                "{arg}: address {:#x} is not aligned to 4 bytes for i32",
+                p as usize
+            ),
+        ));
+    }
+    let n = dims.iter().product();
+    // SAFETY: the caller promises `n` int32 values at `p` in the context's memory (the
+    // header's contract for a run's metadata), valid for the call.
+    let t = unsafe {
+        TensorView::from_raw_parts(
+            p as usize as u64,
+            n,
+            loc,
+            DType::I32,
+            Layout::contiguous(dims)?,
+        )
+    }?;
+    Ok(Some(Meta::Device(t)))
+}
+
+/// The Rust arguments of a `pa_decode_args`.
+fn decode_args<'a>(
+    args: *const pa_decode_args,
+    loc: Location,
+    using: DecodeUse,
+) -> Result<PagedAttnArgs<'a>, Fail> {
+    if args.is_null() {
+        return Err(null("args"));
+    }
+    // SAFETY: non-null; the caller promises it points to a pa_decode_args.
+    let a = unsafe { *args };
+    if a.max_pages < 0 {
+        return Err(Fail(
+            PA_ERR_SHAPE,
+            format!("max_pages = {}: expected >= 0", a.max_pages),
+        ));
+    }
+    let tensor = |arg: &str, t: *const pa_tensor| match using {
+        DecodeUse::Plan => shape_view(arg, t, loc),
+        _ => view(arg, t, loc),
+    };
+    let q = tensor("q", a.q)?;
+    let (k_cache, v_cache) = (tensor("k_cache", a.k_cache)?, tensor("v_cache", a.v_cache)?);
+    let opt = |arg: &str, t: *const pa_tensor| match t.is_null() {
+        true => Ok(None),
+        false => tensor(arg, t).map(Some),
+    };
+    let prefix = match (opt("k_pre", a.k_pre)?, opt("v_pre", a.v_pre)?) {
+        (Some(k), Some(v)) => Some((k, v)),
+        (None, None) => None,
+        (Some(_), None) => return Err(null("v_pre (k_pre is given)")),
+        (None, Some(_)) => return Err(null("k_pre (v_pre is given)")),
+    };
+    let tables = prefix.map_or(0, |(k, _): (TensorView, TensorView)| k.dims()[0]);
+    let max_pages = a.max_pages as usize;
+    let (table, lens, idx, len) = match using {
+        DecodeUse::Call => {
+            let cells = a.batch.checked_mul(a.max_pages).ok_or_else(|| {
+                Fail(
+                    PA_ERR_SHAPE,
+                    format!("batch {} × max_pages {} overflows", a.batch, a.max_pages),
+                )
+            })?;
+            let table =
+                meta("block_table", a.block_table, cells)?.ok_or_else(|| null("block_table"))?;
+            let lens = meta("seqlen_k", a.seqlen_k, a.batch)?.ok_or_else(|| null("seqlen_k"))?;
+            (
+                Meta::Host(table),
+                Meta::Host(lens),
+                meta("prefix_index", a.prefix_index, a.batch)?.map(Meta::Host),
+                meta("prefix_len", a.prefix_len, tables as i64)?.map(Meta::Host),
+            )
+        }
+        DecodeUse::Plan => {
+            // Only the block table's width is read; the planner never reads an element.
+            let batch = q.dims().first().copied().unwrap_or(0);
+            let dims = [batch, max_pages];
+            // SAFETY: a placeholder view for the planner, which reads its dims only.
+            let t = unsafe {
+                TensorView::from_raw_parts(
+                    SHAPE_ONLY_ADDR,
+                    batch * max_pages,
+                    loc,
+                    DType::I32,
+                    Layout::contiguous(&dims)?,
+                )
+            }?;
+            let lens: &'a [i32] = &[];
+            (Meta::Device(t), Meta::Host(lens), None, None)
+        }
+        DecodeUse::Run(m) => {
+            for (name, p) in [
+                ("block_table", a.block_table),
+                ("seqlen_k", a.seqlen_k),
+                ("prefix_index", a.prefix_index),
+                ("prefix_len", a.prefix_len),
+            ] {
+                if !p.is_null() {
+                    return Err(Fail(
+                        PA_ERR_UNSUPPORTED,
+                        format!(
+                            "args.{name}: must be NULL in a plan's run (host metadata); pass \
+                             the device array as the run's {name} argument"
+                        ),
+                    ));
+                }
+            }
+            let batch = q.dims().first().copied().unwrap_or(0);
+            (
+                dev_array("block_table", m[0], &[batch, max_pages], loc)?
+                    .ok_or_else(|| null("block_table"))?,
+                dev_array("seqlen_k", m[1], &[batch], loc)?.ok_or_else(|| null("seqlen_k"))?,
+                dev_array("prefix_index", m[2], &[batch], loc)?,
+                dev_array("prefix_len", m[3], &[tables], loc)?,
+            )
+        }
+    };
+    let mut args = PagedAttnArgs::new(q, k_cache, v_cache, table, lens);
+    if let Some((k, v)) = prefix {
+        args = args.prefix(k, v);
+    }
+    args.prefix_index = idx;
+    args.prefix_len = len;
+    if a.scale != 0.0 {
+        args = args.scale(a.scale);
+    }
+    Ok(args)
+}
+
 /// A run's device metadata array `[B]` (`B` = q's batch), or none for its default.
 fn dev_meta<'a>(
     arg: &str,
@@ -733,53 +899,7 @@ pub extern "C" fn pa_attn_decode(
         let ctx = context(ctx)?;
         let st = stream_of(stream);
         let loc = ctx.location;
-        if args.is_null() {
-            return Err(null("args"));
-        }
-        // SAFETY: non-null; the caller promises it points to a pa_decode_args.
-        let a = unsafe { *args };
-        if a.max_pages < 0 {
-            return Err(Fail(
-                PA_ERR_SHAPE,
-                format!("max_pages = {}: expected >= 0", a.max_pages),
-            ));
-        }
-        let cells = a.batch.checked_mul(a.max_pages).ok_or_else(|| {
-            Fail(
-                PA_ERR_SHAPE,
-                format!("batch {} × max_pages {} overflows", a.batch, a.max_pages),
-            )
-        })?;
-        let table =
-            meta("block_table", a.block_table, cells)?.ok_or_else(|| null("block_table"))?;
-        let lens = meta("seqlen_k", a.seqlen_k, a.batch)?.ok_or_else(|| null("seqlen_k"))?;
-        let mut args = PagedAttnArgs::new(
-            view("q", a.q, loc)?,
-            view("k_cache", a.k_cache, loc)?,
-            view("v_cache", a.v_cache, loc)?,
-            Meta::Host(table),
-            Meta::Host(lens),
-        );
-        let opt = |arg: &str, t: *const pa_tensor| match t.is_null() {
-            true => Ok(None),
-            false => view(arg, t, loc).map(Some),
-        };
-        match (opt("k_pre", a.k_pre)?, opt("v_pre", a.v_pre)?) {
-            (Some(k), Some(v)) => args = args.prefix(k, v),
-            (None, None) => {}
-            (Some(_), None) => return Err(null("v_pre (k_pre is given)")),
-            (None, Some(_)) => return Err(null("k_pre (v_pre is given)")),
-        }
-        let tables = args.prefix.map_or(0, |p| p.k.dims()[0] as i64);
-        if let Some(idx) = meta("prefix_index", a.prefix_index, a.batch)? {
-            args = args.prefix_index(Meta::Host(idx));
-        }
-        if let Some(len) = meta("prefix_len", a.prefix_len, tables)? {
-            args = args.prefix_len(Meta::Host(len));
-        }
-        if a.scale != 0.0 {
-            args = args.scale(a.scale);
-        }
+        let args = decode_args(args, loc, DecodeUse::Call)?;
         let out = AttnFwdOut {
             o: view_mut("o", o, loc)?,
             lse: opt_view_mut("lse", lse, loc)?,
@@ -851,17 +971,10 @@ pub extern "C" fn pa_attn_plan_create(
                 false => AttnPlan::fwd(be, a)?,
             })
         }
-        let (plan, runner) = match &ctx.dev {
-            Dev::Cpu(_) => {
-                return Err(Fail(
-                    PA_ERR_UNSUPPORTED,
-                    "ctx: plan/run needs a kernel device (PA_DEVICE_CUDA or PA_DEVICE_EMU); \
-                     the cpu context runs the one-shot calls only"
-                        .into(),
-                ))
-            }
-            Dev::Emu(be) => (make(be, &a, backward != 0)?, Runner::Emu(*be)),
-            Dev::Cuda(be) => (make(&**be, &a, backward != 0)?, Runner::Cuda(be.clone())),
+        let runner = plan_runner(ctx)?;
+        let plan = match &runner {
+            Runner::Emu(be) => make(be, &a, backward != 0)?,
+            Runner::Cuda(be) => make(&**be, &a, backward != 0)?,
         };
         let plan = Box::new(pa_attn_plan {
             plan,
@@ -988,6 +1101,140 @@ pub extern "C" fn pa_attn_plan_destroy(plan: *mut pa_attn_plan) {
     let _ = guard(|| {
         if !plan.is_null() {
             // SAFETY: made by Box::into_raw in pa_attn_plan_create, destroyed once.
+            drop(unsafe { Box::from_raw(plan) });
+        }
+        Ok(())
+    });
+}
+
+/// The kernel device of a context that plans, or the refusal of the cpu context.
+fn plan_runner(ctx: &pa_context) -> Result<Runner, Fail> {
+    match &ctx.dev {
+        Dev::Cpu(_) => Err(Fail(
+            PA_ERR_UNSUPPORTED,
+            "ctx: plan/run needs a kernel device (PA_DEVICE_CUDA or PA_DEVICE_EMU); the cpu \
+             context runs the one-shot calls only"
+                .into(),
+        )),
+        Dev::Emu(be) => Ok(Runner::Emu(*be)),
+        Dev::Cuda(be) => Ok(Runner::Cuda(be.clone())),
+    }
+}
+
+/// Plans paged decodes shaped like `args` on an emu or cuda context: validates the shapes,
+/// dtypes and strides with every check of [`pa_attn_decode`], fixes the kernel launches (the
+/// key splits depend on the shapes and `max_pages`, never on the lengths), sizes the
+/// workspace and loads the kernels. `args` is read for its tensors' shapes and `max_pages`
+/// only: data pointers may be NULL, metadata pointers and `batch` are not read. On success
+/// `*out` holds a plan for [`pa_decode_plan_destroy`]; it may outlive `ctx`.
+#[no_mangle]
+pub extern "C" fn pa_decode_plan_create(
+    ctx: *const pa_context,
+    args: *const pa_decode_args,
+    out: *mut *mut pa_decode_plan,
+) -> pa_status {
+    guard(|| {
+        let ctx = context(ctx)?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let runner = plan_runner(ctx)?;
+        let a = decode_args(args, ctx.location, DecodeUse::Plan)?;
+        let plan = match &runner {
+            Runner::Emu(be) => DecodePlan::new(be, &a)?,
+            Runner::Cuda(be) => DecodePlan::new(&**be, &a)?,
+        };
+        let plan = Box::new(pa_decode_plan {
+            plan,
+            runner,
+            location: ctx.location,
+        });
+        // SAFETY: `out` is non-null and writable (the C contract).
+        unsafe { *out = Box::into_raw(plan) };
+        Ok(())
+    })
+}
+
+fn decode_plan_ref<'a>(plan: *const pa_decode_plan) -> Result<&'a pa_decode_plan, Fail> {
+    if plan.is_null() {
+        return Err(null("plan"));
+    }
+    // SAFETY: non-null; made by pa_decode_plan_create and not yet destroyed (the C contract).
+    Ok(unsafe { &*plan })
+}
+
+/// Writes to `*bytes` the workspace a run of `plan` needs: the key splits' partials (context
+/// memory, 16-byte aligned), 0 when the plan does not split.
+#[no_mangle]
+pub extern "C" fn pa_decode_plan_workspace_size(
+    plan: *const pa_decode_plan,
+    bytes: *mut u64,
+) -> pa_status {
+    guard(|| {
+        let plan = decode_plan_ref(plan)?;
+        if bytes.is_null() {
+            return Err(null("bytes"));
+        }
+        // SAFETY: non-null and writable (the C contract).
+        unsafe { *bytes = plan.plan.workspace_bytes() as u64 };
+        Ok(())
+    })
+}
+
+/// Runs a decode plan: the tensors of `args`, `o` and `lse` (as for [`pa_attn_decode`]) must
+/// have the plan's shapes and dtype, and `args.max_pages` the plan's; `args`' metadata
+/// pointers must be NULL. `block_table` (`[B, max_pages]`), `seqlen_k` (`[B]`),
+/// `prefix_index` (`[B]`, NULL: 0 for all) and `prefix_len` (`[NP]`, NULL: `P` for all):
+/// int32 arrays in the context's memory (device pointers on cuda), values clamped where the
+/// kernel reads them. `workspace`: `workspace_bytes` bytes (at least
+/// [`pa_decode_plan_workspace_size`]; NULL when that is 0), 16-byte aligned, in the context's
+/// memory. `stream` as for [`pa_attn_plan_run_fwd`]: no allocation, host copy or
+/// synchronisation, so a CUDA graph may capture it.
+#[no_mangle]
+pub extern "C" fn pa_decode_plan_run(
+    plan: *const pa_decode_plan,
+    args: *const pa_decode_args,
+    o: *const pa_tensor,
+    lse: *const pa_tensor,
+    block_table: *const i32,
+    seqlen_k: *const i32,
+    prefix_index: *const i32,
+    prefix_len: *const i32,
+    workspace: *mut c_void,
+    workspace_bytes: u64,
+    stream: *mut c_void,
+) -> pa_status {
+    guard(|| {
+        let p = decode_plan_ref(plan)?;
+        let loc = p.location;
+        let meta = [block_table, seqlen_k, prefix_index, prefix_len];
+        let a = decode_args(args, loc, DecodeUse::Run(meta))?;
+        let out = AttnFwdOut {
+            o: view_mut("o", o, loc)?,
+            lse: opt_view_mut("lse", lse, loc)?,
+        };
+        let ws = if workspace.is_null() && p.plan.workspace_bytes() == 0 {
+            // SAFETY: an empty workspace, which a run that does not split never touches.
+            unsafe { Workspace::from_raw_parts(0, 0, loc) }
+        } else {
+            workspace_of(workspace, workspace_bytes, loc)?
+        };
+        let st = stream_of(stream);
+        match &p.runner {
+            Runner::Emu(be) => p.plan.run(be, &a, out, ws, st)?,
+            Runner::Cuda(be) => p.plan.run(&**be, &a, out, ws, st)?,
+        }
+        Ok(())
+    })
+}
+
+/// Destroys a plan made by [`pa_decode_plan_create`] (null is allowed and does nothing). The
+/// work its runs queued must have run (synchronise the stream first).
+#[no_mangle]
+pub extern "C" fn pa_decode_plan_destroy(plan: *mut pa_decode_plan) {
+    let _ = guard(|| {
+        if !plan.is_null() {
+            // SAFETY: made by Box::into_raw in pa_decode_plan_create, destroyed once.
             drop(unsafe { Box::from_raw(plan) });
         }
         Ok(())

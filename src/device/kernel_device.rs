@@ -171,7 +171,7 @@ fn location<R: KernelRunner>(r: &R) -> Location {
 }
 
 /// The tensors of an attention call must live on the runner's device.
-fn check_location<R: KernelRunner>(r: &R, loc: Location) -> Result<()> {
+pub(crate) fn check_location<R: KernelRunner>(r: &R, loc: Location) -> Result<()> {
     if loc != location(r) {
         return Err(Error::device(
             "q",
@@ -535,6 +535,16 @@ impl<'a> Workspace<'a> {
     /// Its size in bytes.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Where it lives.
+    pub fn location(&self) -> Location {
+        self.location
     }
 }
 

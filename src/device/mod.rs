@@ -8,6 +8,7 @@ mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod decode_bench;
+pub mod decode_plan;
 pub mod dense;
 pub mod emu;
 pub mod kernel_device;

@@ -374,6 +374,65 @@ static void decode_case(FILE *f) {
     compare_tol("decode o (emu, bf16)", of, eo, nq, 1e-2);
     compare_tol("decode lse (emu)", lse, el, nl, 1e-3);
 
+    /* Planned once, run with the metadata as arrays in the context's memory (host memory on
+     * emu): the one-shot call's bits; then the defaults (NULL prefix_index / prefix_len) on a
+     * problem whose values are the defaults, and bad runs. */
+    {
+        pa_decode_plan *dp = NULL;
+        uint64_t wbytes = 7;
+        void *ws;
+        uint16_t *ho2 = (uint16_t *)poisoned(sizeof(uint16_t) * (size_t)nq);
+        uint16_t *ho3 = (uint16_t *)poisoned(sizeof(uint16_t) * (size_t)nq);
+        int32_t zeros[3] = {0, 0, 0}, full[2];
+        pa_tensor to2 = tensor_of(ho2, PA_BF16, B, Tq, Hq, D);
+        pa_tensor to3 = tensor_of(ho3, PA_BF16, B, Tq, Hq, D);
+        pa_decode_args run = a;
+        full[0] = (int32_t)P; full[1] = (int32_t)P;
+        expect("decode plan on cpu", pa_decode_plan_create(cpu, &a, &dp), PA_ERR_UNSUPPORTED,
+               "ctx: plan/run needs a kernel device");
+        expect("decode plan", pa_decode_plan_create(emu, &a, &dp), PA_OK, "");
+        expect("decode plan workspace", pa_decode_plan_workspace_size(dp, &wbytes), PA_OK, "");
+        ws = poisoned(wbytes > 0 ? (size_t)wbytes : 16);
+        run.block_table = NULL; run.seqlen_k = NULL; run.prefix_index = NULL; run.prefix_len = NULL;
+        expect("decode plan run", pa_decode_plan_run(dp, &run, &to2, NULL, table, sk, pidx, plen,
+                                                     ws, wbytes, NULL), PA_OK, "");
+        same_bits("decode plan run o", ho2, ho, 2 * (size_t)nq);
+        /* Prefix 0 for every sequence, P rows: the one-shot call with those values against
+         * the run with NULLs. */
+        a.prefix_index = zeros; a.prefix_len = full;
+        memset(ho, 0xFF, sizeof(uint16_t) * (size_t)nq);
+        expect("decode default values", pa_attn_decode(emu, &a, &to, NULL, NULL), PA_OK, "");
+        expect("decode plan run, defaults",
+               pa_decode_plan_run(dp, &run, &to3, NULL, table, sk, NULL, NULL, ws, wbytes, NULL),
+               PA_OK, "");
+        same_bits("decode plan run o, defaults", ho3, ho, 2 * (size_t)nq);
+        a.prefix_index = pidx; a.prefix_len = plen;
+        expect("decode run null block_table",
+               pa_decode_plan_run(dp, &run, &to2, NULL, NULL, sk, pidx, plen, ws, wbytes, NULL),
+               PA_ERR_NULL, "block_table: null pointer");
+        expect("decode run host metadata in args",
+               pa_decode_plan_run(dp, &a, &to2, NULL, table, sk, pidx, plen, ws, wbytes, NULL),
+               PA_ERR_UNSUPPORTED, "args.block_table: must be NULL in a plan's run");
+        run.max_pages = MP - 1;
+        expect("decode run narrower block table",
+               pa_decode_plan_run(dp, &run, &to2, NULL, table, sk, pidx, plen, ws, wbytes, NULL),
+               PA_ERR_SHAPE, "the plan's [B, max_pages]");
+        run.max_pages = MP;
+        expect("decode run misaligned seqlen_k",
+               pa_decode_plan_run(dp, &run, &to2, NULL, table,
+                                  (const int32_t *)((const char *)sk + 1), pidx, plen, ws,
+                                  wbytes, NULL),
+               PA_ERR_LAYOUT, "seqlen_k: address");
+        expect("decode run on a stream (emu)",
+               pa_decode_plan_run(dp, &run, &to2, NULL, table, sk, pidx, plen, ws, wbytes, &run),
+               PA_ERR_UNSUPPORTED, "stream");
+        expect("decode workspace size of NULL", pa_decode_plan_workspace_size(NULL, &wbytes),
+               PA_ERR_NULL, "plan: null pointer");
+        pa_decode_plan_destroy(dp);
+        pa_decode_plan_destroy(NULL);
+        free(ws); free(ho2); free(ho3);
+    }
+
     /* Bad arguments name themselves. */
     a.block_table = NULL;
     expect("decode null block_table", pa_attn_decode(cpu, &a, &to, &tl, NULL), PA_ERR_NULL,
