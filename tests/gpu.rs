@@ -315,6 +315,195 @@ fn run_decode_case(be: &CudaBackend, spec: &PagedSpec, seed: u64) -> Result<(), 
     Ok(())
 }
 
+/// A device i32 array owned by the test's stream and a crate view of it (for metadata the
+/// test rewrites between graph replays).
+fn dev_i32(
+    stream: &Arc<cudarc::driver::CudaStream>,
+    v: &[i32],
+    dims: &[usize],
+) -> Result<(CudaSlice<i32>, TensorView<'static>), String> {
+    let buf = stream.clone_htod(v).map_err(|e| format!("{e:?}"))?;
+    let (ptr, _) = buf.device_ptr(stream);
+    // SAFETY: a live device array of `v.len()` int32 values; the caller keeps `buf` alive
+    // while the view is used.
+    let view = unsafe {
+        TensorView::from_raw_parts(
+            ptr,
+            v.len(),
+            Location::Cuda(0),
+            DType::I32,
+            Layout::contiguous(dims).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?
+    };
+    Ok((buf, view))
+}
+
+/// An attention forward and backward plan run back to back, captured in one CUDA graph on a
+/// caller's stream (thread-local capture mode), replayed for two sets of lengths written to
+/// device memory in between: each replay gives the one-shot calls' bits.
+fn run_attn_graph_case(be: &CudaBackend, cuda: &Arc<CudaContext>) -> Result<(), String> {
+    use cudarc::driver::sys;
+    let e = |e: prefix_attn::Error| e.to_string();
+    let d = |e: cudarc::driver::DriverError| format!("{e:?}");
+    let (b, tq, tk, hq, hkv, dh, np, p) = (
+        3usize, 37usize, 53usize, 8usize, 2usize, 128usize, 2usize, 9usize,
+    );
+    let dt = DType::BF16;
+    let mut rng = Rng::new(616);
+    let mut rand = |dims: &[usize]| {
+        let n = dims.iter().product();
+        Tensor::from_f32(dims, &rng.normal_vec(n, 1.0), dt).map_err(e)
+    };
+    let host = [
+        rand(&[b, tq, hq, dh])?,
+        rand(&[b, tk, hkv, dh])?,
+        rand(&[b, tk, hkv, dh])?,
+        rand(&[np, p, hkv, dh])?,
+        rand(&[np, p, hkv, dh])?,
+        rand(&[b, tq, hq, dh])?,
+    ];
+    let dev: Vec<Tensor> = host
+        .iter()
+        .map(|t| be.upload(t))
+        .collect::<Result<_, _>>()
+        .map_err(e)?;
+    let pidx = vec![1, -1, 0];
+    let stream = cuda.new_stream().map_err(d)?;
+    let (idx_buf, idx_view) = dev_i32(&stream, &pidx, &[b])?;
+    let (mut sq_buf, sq_view) = dev_i32(&stream, &[tq as i32; 3], &[b])?;
+    let (mut sk_buf, sk_view) = dev_i32(&stream, &[tk as i32; 3], &[b])?;
+    let base = AttnFwdArgs::new(dev[0].view(), dev[1].view(), dev[2].view())
+        .prefix(dev[3].view(), dev[4].view())
+        .causal(true);
+    let dargs = AttnFwdArgs {
+        prefix_index: Some(Meta::Device(idx_view)),
+        seqlen_q: Some(Meta::Device(sq_view)),
+        seqlen_k: Some(Meta::Device(sk_view)),
+        ..base
+    };
+    let fwd = AttnPlan::fwd(be, &dargs).map_err(e)?;
+    let bwd = AttnPlan::bwd(be, &dargs).map_err(e)?;
+    let zeros = |dims: &[usize], dt: DType| be.zeros(dims, dt).map_err(e);
+    let mut wf = zeros(&[fwd.workspace_bytes().div_ceil(4)], DType::I32)?;
+    let mut wb = zeros(&[bwd.workspace_bytes().div_ceil(4)], DType::I32)?;
+    let mut o = zeros(&[b, tq, hq, dh], dt)?;
+    let mut lse = zeros(&[b, hq, tq], DType::F32)?;
+    let mut g: Vec<Tensor> = vec![
+        zeros(&[b, tq, hq, dh], dt)?,
+        zeros(&[b, tk, hkv, dh], dt)?,
+        zeros(&[b, tk, hkv, dh], dt)?,
+        zeros(&[np, p, hkv, dh], DType::F32)?,
+        zeros(&[np, p, hkv, dh], DType::F32)?,
+    ];
+    be.synchronize().map_err(e)?;
+    stream.synchronize().map_err(d)?;
+    // SAFETY: the test's live stream of the primary context, synchronised before any read.
+    let st = unsafe { Stream::from_raw(stream.cu_stream()) };
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(d)?;
+    let ran = (|| -> prefix_attn::Result<()> {
+        let out = AttnFwdOut {
+            o: o.view_mut(),
+            lse: Some(lse.view_mut()),
+        };
+        fwd.run_fwd(be, &dargs, out, Workspace::from_view(wf.view_mut())?, st)?;
+        let bargs = AttnBwdArgs {
+            fwd: dargs,
+            o: o.view(),
+            lse: lse.view(),
+            d_o: dev[5].view(),
+            prefix_only: false,
+        };
+        let [dq, dk, dv, dkp, dvp] = &mut g[..] else {
+            unreachable!()
+        };
+        let grads = AttnGrads {
+            dq: Some(dq.view_mut()),
+            dk: Some(dk.view_mut()),
+            dv: Some(dv.view_mut()),
+            dk_pre: Some(dkp.view_mut()),
+            dv_pre: Some(dvp.view_mut()),
+        };
+        bwd.run_bwd(be, &bargs, grads, Workspace::from_view(wb.view_mut())?, st)
+    })();
+    let graph = stream
+        .end_capture(sys::CUgraphInstantiate_flags(0))
+        .map_err(|err| format!("end_capture: {err:?} (the runs: {ran:?})"))?;
+    ran.map_err(e)?;
+    let graph = graph.ok_or("the capture recorded nothing")?;
+    for (step, (sq, sk)) in [([37, 20, 5], [53, 31, 2]), ([12, 37, 1], [40, 53, 7])]
+        .into_iter()
+        .enumerate()
+    {
+        stream.memcpy_htod(&sq, &mut sq_buf).map_err(d)?;
+        stream.memcpy_htod(&sk, &mut sk_buf).map_err(d)?;
+        graph.launch().map_err(d)?;
+        stream.synchronize().map_err(d)?;
+        // The one-shot calls with host metadata, on the crate's stream.
+        let hargs = base.prefix_index(&pidx).seqlens(&sq, &sk);
+        let (mut o1, mut l1) = (
+            zeros(&[b, tq, hq, dh], dt)?,
+            zeros(&[b, hq, tq], DType::F32)?,
+        );
+        be.attn_fwd(
+            &hargs,
+            AttnFwdOut {
+                o: o1.view_mut(),
+                lse: Some(l1.view_mut()),
+            },
+        )
+        .map_err(e)?;
+        let mut g1: Vec<Tensor> = g
+            .iter()
+            .map(|t| zeros(t.dims(), t.dtype()))
+            .collect::<Result<_, _>>()?;
+        let bargs = AttnBwdArgs {
+            fwd: hargs,
+            o: o1.view(),
+            lse: l1.view(),
+            d_o: dev[5].view(),
+            prefix_only: false,
+        };
+        let [dq, dk, dv, dkp, dvp] = &mut g1[..] else {
+            unreachable!()
+        };
+        be.attn_bwd(
+            &bargs,
+            AttnGrads {
+                dq: Some(dq.view_mut()),
+                dk: Some(dk.view_mut()),
+                dv: Some(dv.view_mut()),
+                dk_pre: Some(dkp.view_mut()),
+                dv_pre: Some(dvp.view_mut()),
+            },
+        )
+        .map_err(e)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>, String> {
+            Ok(be
+                .download(t)
+                .map_err(e)?
+                .to_f32_vec()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect())
+        };
+        let names = ["o", "lse", "dq", "dk", "dv", "dk_pre", "dv_pre"];
+        let got: Vec<&Tensor> = [&o, &lse].into_iter().chain(g.iter()).collect();
+        let want: Vec<&Tensor> = [&o1, &l1].into_iter().chain(g1.iter()).collect();
+        for ((name, a), w) in names.iter().zip(got).zip(want) {
+            if bits(a)? != bits(w)? {
+                return Err(format!(
+                    "replay {step} (seqlen_q {sq:?}, seqlen_k {sk:?}): {name} differs from the one-shot call"
+                ));
+            }
+        }
+    }
+    drop(idx_buf);
+    Ok(())
+}
+
 /// A decode plan's run captured in a CUDA graph on a caller's stream (thread-local capture
 /// mode: any synchronising or allocating call inside would end the capture with an error),
 /// then the graph replayed for three steps whose lengths are changed in device memory in
@@ -823,6 +1012,20 @@ fn main() {
         Err(e) => {
             failed += 1;
             println!("FAILED C forward and plan/run on a caller's stream: {e}");
+        }
+    }
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_attn_graph_case(&be, &ctx)
+    }))
+    .unwrap_or_else(|_| Err("panicked (message above)".into()));
+    match res {
+        Ok(()) => {
+            passed += 1;
+            println!("attention forward + backward plans captured in one CUDA graph, replayed: ok");
+        }
+        Err(e) => {
+            failed += 1;
+            println!("FAILED attention plans in a CUDA graph: {e}");
         }
     }
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_graph_case(&be, &ctx)))
