@@ -11,7 +11,9 @@
 #     into the same virtual environment), the ones torch's CUDA 13 wheels put on a GPU machine;
 #   - libcuda.so: a stub of the driver (soname libcuda.so.1), whose every function (the driver
 #     API of cudarc's bindings) returns CUDA_ERROR_STUB_LIBRARY: at run time the driver's own
-#     libcuda.so.1 is loaded instead, and with the stub alone a program finds no device.
+#     libcuda.so.1 is loaded instead. stub/libcuda.so.1 is the same stub under the name the
+#     loader asks for: with it on LD_LIBRARY_PATH a linked program starts on a machine without
+#     a driver and finds no device (never put it there on a GPU machine).
 # The folder is target/cuda-link (first argument to override).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,4 +51,6 @@ stub_c="$root/libcuda_stub.c"
         sed 's/.*/int &(void) { return CUDA_ERROR_STUB_LIBRARY; }/'
 } >"$stub_c"
 cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$root/lib/libcuda.so" "$stub_c"
+mkdir -p "$root/stub"
+ln -sf ../lib/libcuda.so "$root/stub/libcuda.so.1"
 echo "$root"
