@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, in two halves.
 #
-#   scripts/gpu-check.sh build    # here, with a Rust toolchain: the GPU test binary and the
-#                                 # prefix-attn CLI, release, stripped, into gpu-bin/ (carry it)
-#   scripts/gpu-check.sh run      # on the CUDA machine (no Rust needed): the GPU tests, then the
-#                                 # attention benchmarks (ours, PyTorch SDPA), then the training
-#                                 # step against PyTorch + PEFT, then a short training cuda vs cpu
+#   scripts/gpu-check.sh build    # here, with a Rust toolchain: the GPU test binaries (gpu, and
+#                                 # candle_cuda: the candle op's CUDA path, feature candle-cuda,
+#                                 # xz-compressed) and the prefix-attn CLI, release, stripped,
+#                                 # into gpu-bin/ (carry it)
+#   scripts/gpu-check.sh run      # on the CUDA machine (no Rust needed): the GPU tests, the candle
+#                                 # op's GPU tests, then the attention benchmarks (ours, PyTorch
+#                                 # SDPA), then the training step against PyTorch + PEFT, then a
+#                                 # short training cuda vs cpu
 #   scripts/gpu-check.sh libdirs  # the library folders `run` adds to LD_LIBRARY_PATH
 #
 # `run` is built for scarce GPU time and for being cut off:
@@ -15,8 +18,9 @@
 #     folder) as they happen, so a run killed at its limit still returns what it measured;
 #     the compact summary comes last (and is $OUT/summary.txt);
 #   - on a machine without a CUDA GPU it says so in one line within seconds and exits 77;
-#   - the exit status is that of the GPU tests (0 passed; 1 a failure or a time-out); the
-#     benchmarks and trainings report their failures but never change it.
+#   - the exit status is that of the GPU tests, the candle op's included (0 passed; 1 a failure,
+#     a time-out or a binary that cannot start); the benchmarks and trainings report their
+#     failures but never change it.
 # run() needs tests/fixtures and tools/ (tracked) beside gpu-bin/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,20 +34,28 @@ build() {
     export PREFIX_ATTN_REQUIRE_NVCC=1
     rm -rf gpu-bin
     mkdir -p gpu-bin
-    cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
-        python3 -c '
-import json, shutil, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        shutil.copy(m["executable"], "gpu-bin/" + m["target"]["name"])
-        print("gpu-bin/" + m["target"]["name"])
-'
+    cargo test --release --no-run --test gpu --message-format=json 2>/dev/null | copy_tests
     [ -x gpu-bin/gpu ] || { echo "gpu-check build: the gpu test binary was not built" >&2; exit 1; }
+    # The candle op's CUDA path: candle compiles its kernels for one architecture (the GPU
+    # machine's H100/H200: 90, unless CUDA_COMPUTE_CAP says otherwise) and links the CUDA
+    # libraries, here PyPI's and a driver stub (scripts/cuda-link-libs.sh); on the GPU machine
+    # the loader finds torch's and the driver's. Its own build of the dependency tree.
+    CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDA_ROOT=$(scripts/cuda-link-libs.sh) \
+        cargo test --release --no-run --features candle-cuda --test candle_cuda \
+        --message-format=json 2>/dev/null | copy_tests
+    [ -x gpu-bin/candle_cuda ] || {
+        echo "gpu-check build: the candle_cuda test binary was not built" >&2
+        exit 1
+    }
     cargo build --release --bin prefix-attn
     cp target/release/prefix-attn gpu-bin/prefix-attn
     echo gpu-bin/prefix-attn
     strip gpu-bin/*
+    # candle's kernels make candle_cuda large (~60 MiB stripped, mostly SASS and PTX, which
+    # compress well); `run` unpacks it.
+    python3 -c "$XZ_PY" pack gpu-bin/candle_cuda gpu-bin/candle_cuda.xz
+    rm gpu-bin/candle_cuda
+    echo gpu-bin/candle_cuda.xz
     local kib
     kib=$(du -sk gpu-bin | cut -f1)
     echo "gpu-bin: $((kib / 1024)).$(((kib % 1024) * 10 / 1024)) MiB (limit ${BUNDLE_LIMIT_MIB} MiB)"
@@ -51,6 +63,28 @@ for line in sys.stdin:
         echo "gpu-check build: gpu-bin is over ${BUNDLE_LIMIT_MIB} MiB and cannot be carried" >&2
         exit 1
     fi
+}
+
+# XZ_PY pack|unpack SRC DST: xz compression with Python's lzma (the GPU machine may lack xz).
+readonly XZ_PY='
+import lzma, shutil, sys
+mode, src, dst = sys.argv[1:4]
+opener = (lambda: (open(src, "rb"), lzma.open(dst, "wb", preset=6))) if mode == "pack" else (lambda: (lzma.open(src, "rb"), open(dst, "wb")))
+fin, fout = opener()
+with fin, fout:
+    shutil.copyfileobj(fin, fout, 1 << 20)
+'
+
+# copy_tests: the test executables of cargo's JSON messages (stdin) into gpu-bin/.
+copy_tests() {
+    python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        shutil.copy(m["executable"], "gpu-bin/" + m["target"]["name"])
+        print("gpu-bin/" + m["target"]["name"])
+'
 }
 
 # libdirs: the folders that may hold cuBLAS/NVRTC (and a pip libcuda stub never counts: the
@@ -179,14 +213,18 @@ PY
     return 1
 }
 
-# libs_report: the libcuda, libcublas and libnvrtc the loader resolves with this
+# libs_report: the CUDA libraries the loader resolves with this
 # LD_LIBRARY_PATH (the GPU test binary prints the ones it actually mapped).
 libs_report() {
     timeout 8 python3 - <<'PY' || say "library probe: FAILED"
 import ctypes
+# libcublasLt, libcurand and libcudart: what gpu-bin/candle_cuda links besides.
 names = {"libcuda": ["libcuda.so.1", "libcuda.so"],
          "libcublas": ["libcublas.so.13", "libcublas.so"],
-         "libnvrtc": ["libnvrtc.so.13", "libnvrtc.so"]}
+         "libnvrtc": ["libnvrtc.so.13", "libnvrtc.so"],
+         "libcublasLt": ["libcublasLt.so.13"],
+         "libcurand": ["libcurand.so.10"],
+         "libcudart": ["libcudart.so.13"]}
 for lib, cands in names.items():
     for c in cands:
         try:
@@ -237,6 +275,28 @@ run() {
     local status=0
     [ "$STEP_RC" = 0 ] || status=1
     summary "gpu: $(verdict); $(grep -E '^[0-9]+ passed, [0-9]+ failed' "$W/gpu-tests.log" 2>/dev/null | tail -n 1)"
+
+    say "== the candle op's CUDA path (feature candle-cuda) against its CPU path and the oracle"
+    local cc_dir cc_bin missing
+    cc_dir=$(mktemp -d /tmp/gpu-check-candle.XXXXXX)
+    cc_bin=$cc_dir/candle_cuda
+    if [ ! -f gpu-bin/candle_cuda.xz ]; then
+        summary "candle cuda: FAILED (gpu-bin/candle_cuda.xz is missing: rebuild gpu-bin)"
+        status=1
+    elif ! python3 -c "$XZ_PY" unpack gpu-bin/candle_cuda.xz "$cc_bin" || ! chmod +x "$cc_bin"; then
+        summary "candle cuda: FAILED (cannot unpack gpu-bin/candle_cuda.xz)"
+        status=1
+    elif missing=$(ldd "$cc_bin" 2>&1 | grep 'not found'); then
+        # It links the CUDA libraries: without one of them it cannot start at all.
+        say "$missing"
+        summary "candle cuda: FAILED (cannot start: $(echo "$missing" | awk '{print $1}' | tr '\n' ' ')not found on LD_LIBRARY_PATH)"
+        status=1
+    else
+        step candle-cuda 90 "$cc_bin"
+        [ "$STEP_RC" = 0 ] || status=1
+        summary "candle cuda: $(verdict); $(grep -E '^[0-9]+ passed, [0-9]+ failed' "$W/candle-cuda.log" 2>/dev/null | tail -n 1)"
+    fi
+    rm -rf "$cc_dir"
 
     say "== attention benchmarks: ours (fused vs naive concat), PyTorch SDPA, ratios"
     local torch_cuda=0 b=""

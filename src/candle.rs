@@ -1,14 +1,25 @@
 //! Prefix attention as a [candle](https://github.com/huggingface/candle) op (feature
-//! `candle`), forward and backward, on candle's CPU tensors.
+//! `candle`), forward and backward, on candle's CPU tensors and, with the feature
+//! `candle-cuda`, on candle's CUDA tensors.
 //!
 //! [`prefix_attn`] follows candle-flash-attn's conventions: tensors `[B, T, H, D]`, the
 //! arguments in the order `q, k, v` and then the prefix table, `causal` with bottom-right
-//! alignment, the natural-log LSE. It computes the contract of docs/ARCHITECTURE.md §1 with
-//! the crate's CPU backend reading candle's storage in place (any strides whose last dimension
-//! is contiguous; other inputs are made contiguous first):
+//! alignment, the natural-log LSE. It computes the contract of docs/ARCHITECTURE.md §1 on the
+//! device of its inputs, reading candle's storage in place:
+//!
+//! - CPU tensors: the crate's CPU backend; any strides whose last dimension is contiguous
+//!   (other inputs are made contiguous first); f32, f16 or bf16.
+//! - CUDA tensors (feature `candle-cuda`): the crate's CUDA kernels on candle's device
+//!   memory, queued on the stream of candle's `CudaDevice` (a plan and its run: nothing waits
+//!   on the host, no other stream is involved), the outputs allocated through candle's device;
+//!   f16 or bf16, head dim 64 or 128 (the kernels' own: f32 and other head dims are errors
+//!   naming `q`); any strides with a contiguous last dimension and rows on 16-byte boundaries
+//!   (a fused `qkv` or a PEFT prefix table is read in place; other inputs are made contiguous
+//!   first). A call with `prefix_index`/`seqlen_q`/`seqlen_k` copies them to the device
+//!   (`3·B` int32 at most), one without copies nothing.
 //!
 //! - `q [B, Tq, Hq, D]`, `k, v [B, Tk, Hkv, D]`, `k_pre, v_pre [NP, P, Hkv, D]`,
-//!   `Hq` a multiple of `Hkv` (GQA, MQA); f32, f16 or bf16, all the same dtype.
+//!   `Hq` a multiple of `Hkv` (GQA, MQA); one dtype and one device for all five.
 //! - [`PrefixAttnOpts`]: `softmax_scale` (default `1/sqrt(D)`), `causal`, `prefix_index`
 //!   (`[B]`, default 0 for every sequence, `-1` for none), `seqlen_q`/`seqlen_k` (`[B]`,
 //!   right padding).
@@ -46,16 +57,19 @@
 //! ```
 //!
 //! How it is wired: candle's custom ops take at most three inputs, so the op is two graph
-//! nodes. `SeqInputs` over `(q, k, v)` yields an empty anchor tensor; `PrefixAttnOp` over
-//! `(anchor, k_pre, v_pre)` holds `q, k, v` and computes the attention. Its backward runs
-//! the whole `attn_bwd` once (prefix-only when no sequence input needs a gradient), returns
-//! the prefix gradients and leaves `dq, dk, dv` for `SeqInputs`'s backward, which candle
-//! always runs after it (the anchor is an input of the attention node and nothing else).
+//! nodes. `SeqInputs` over `(q, k, v)` yields a one-element anchor tensor; `PrefixAttnOp`
+//! over `(anchor, k_pre, v_pre)` holds `q, k, v` and computes the attention. Its backward
+//! runs the whole `attn_bwd` once (prefix-only when no sequence input needs a gradient),
+//! returns the prefix gradients and leaves `dq, dk, dv` for `SeqInputs`'s backward, which
+//! candle always runs after it (the anchor is an input of the attention node and nothing
+//! else).
 //!
-//! Only the CPU path exists; a tensor on another device is an error. Candle's CUDA backend
-//! (`candle-core/cuda`) turns on cudarc's `dynamic-linking` (cuBLAS, cuBLASLt, cuRAND and the
-//! driver linked at build time), which cudarc's build script refuses together with the
-//! `dynamic-loading` this crate uses (docs/ARCHITECTURE.md §1, "The candle op").
+//! Building the CUDA path: `candle-cuda` turns on candle-core's `cuda` feature, under which
+//! candle compiles its own kernels with nvcc (`candle-kernels`) and has cudarc link the CUDA
+//! libraries at build time (`dynamic-linking`); this crate asks cudarc only for
+//! `fallback-dynamic-loading`, run-time loading unless something links, so the one cudarc
+//! then links them for both (README "Use from candle" gives the commands). Without
+//! `candle-cuda`, a CUDA tensor is an error naming the argument.
 
 use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::cpu::CpuBackend;
@@ -64,6 +78,9 @@ use crate::tensor::{DType, Layout, Location, TensorView, TensorViewMut};
 use candle_core::{CpuStorage, CustomOp3, Storage, Tensor};
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+#[cfg(feature = "candle-cuda")]
+mod cuda;
 
 /// Options of [`prefix_attn`]; the default is non-causal, scale `1/sqrt(D)`, prefix 0 for
 /// every sequence, no padding.
@@ -108,12 +125,9 @@ pub fn prefix_attn_with_lse(
     opts: &PrefixAttnOpts,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (o, saved) = apply(q, k, v, k_pre, v_pre, opts)?;
-    let lse = lock(&saved.lse)?;
-    let lse = lse
-        .as_ref()
+    let lse = lock(&saved.lse)?
+        .clone()
         .ok_or_else(|| candle_core::Error::msg("prefix_attn: the forward stored no LSE"))?;
-    let (b, tq, hq) = (q.dims()[0], q.dims()[1], q.dims()[2]);
-    let lse = Tensor::from_slice(lse, (b, hq, tq), &candle_core::Device::Cpu)?;
     Ok((o, lse))
 }
 
@@ -133,18 +147,9 @@ fn apply(
         ("v_pre", v_pre),
     ];
     for (arg, t) in named {
-        if !t.device().is_cpu() {
-            return Err(error(crate::Error::device(
-                arg,
-                format!(
-                    "on candle device {:?}; the candle op runs on CPU tensors only (its CUDA path \
-                     is not built, see prefix_attn::candle)",
-                    t.device().location()
-                ),
-            )));
-        }
+        check_device(arg, t.device(), q.device())?;
     }
-    let [q, k, v, k_pre, v_pre] = named.map(|(_, t)| rows_contiguous(t));
+    let [q, k, v, k_pre, v_pre] = named.map(|(_, t)| in_place_or_copy(t));
     let (q, k, v, k_pre, v_pre) = (q?, k?, v?, k_pre?, v_pre?);
     let saved = Arc::new(Saved::default());
     let anchor = q.apply_op3(
@@ -168,13 +173,19 @@ fn apply(
     Ok((o, saved))
 }
 
-/// What the forward leaves for the backward: the LSE `[B, Hq, Tq]`, and the sequence
-/// gradients `(dq, dk, dv)` that the attention node's backward leaves for `SeqInputs`'s.
+/// What the forward leaves for the backward: the LSE `[B, Hq, Tq]` (f32, on the inputs'
+/// device), and the sequence gradients `(dq, dk, dv)` that the attention node's backward leaves
+/// for `SeqInputs`'s.
 #[derive(Default)]
 struct Saved {
-    lse: Mutex<Option<Vec<f32>>>,
-    seq_grads: Mutex<Option<(Tensor, Tensor, Tensor)>>,
+    lse: Mutex<Option<Tensor>>,
+    seq_grads: Mutex<Option<SeqGrads>>,
 }
+
+/// `(dq, dk, dv)` in the inputs' dtype.
+type SeqGrads = (Tensor, Tensor, Tensor);
+/// `(dk_pre, dv_pre)` in f32, summed over the sequences that use each prefix.
+type PreGrads = (Tensor, Tensor);
 
 fn lock<T>(m: &Mutex<T>) -> candle_core::Result<MutexGuard<'_, T>> {
     m.lock()
@@ -186,19 +197,68 @@ fn error(e: crate::Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
 
-/// `t` itself when its last dimension is contiguous (what the CPU backend reads), else a
-/// contiguous copy (candle's own op, so gradients still flow).
-fn rows_contiguous(t: &Tensor) -> candle_core::Result<Tensor> {
+/// What the candle op says of a device it does not compute on.
+#[cfg(feature = "candle-cuda")]
+const DEVICES: &str = "the candle op runs on CPU and CUDA tensors";
+#[cfg(not(feature = "candle-cuda"))]
+const DEVICES: &str = "this build of the candle op runs on CPU tensors only (its CUDA path needs \
+                       prefix-attn's `candle-cuda` feature, see prefix_attn::candle)";
+
+/// `dev` is one the op computes on, and `q`'s.
+fn check_device(
+    arg: &str,
+    dev: &candle_core::Device,
+    q_dev: &candle_core::Device,
+) -> candle_core::Result<()> {
+    let usable = match dev {
+        candle_core::Device::Cpu => true,
+        candle_core::Device::Cuda(_) => cfg!(feature = "candle-cuda"),
+        candle_core::Device::Metal(_) => false,
+    };
+    if !usable {
+        return Err(error(crate::Error::device(
+            arg,
+            format!("on candle device {:?}; {DEVICES}", dev.location()),
+        )));
+    }
+    if !dev.same_device(q_dev) {
+        return Err(error(crate::Error::device(
+            arg,
+            format!(
+                "on candle device {:?}, q on {:?}: the five tensors must be on one device",
+                dev.location(),
+                q_dev.location()
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// `t` itself when the op's backend reads it in place, else a contiguous copy (candle's own
+/// op, so gradients still flow). The CPU backend reads any strides whose last dimension is
+/// contiguous; the CUDA kernels also need 16-byte aligned rows (`cuda::reads_in_place`).
+fn in_place_or_copy(t: &Tensor) -> candle_core::Result<Tensor> {
     let (dims, strides) = (t.dims(), t.stride());
-    match dims.len() {
-        0 => Ok(t.clone()),
-        r if dims[r - 1] <= 1 || strides[r - 1] == 1 => Ok(t.clone()),
-        _ => t.contiguous(),
+    let r = dims.len();
+    if r == 0 {
+        return Ok(t.clone());
+    }
+    let rows = dims[r - 1] <= 1 || strides[r - 1] == 1;
+    #[cfg(feature = "candle-cuda")]
+    if t.device().is_cuda() && !(rows && cuda::reads_in_place(t.layout())) {
+        // `force_contiguous`: a contiguous tensor at a misaligned offset needs a copy too.
+        return t.force_contiguous();
+    }
+    if rows {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
     }
 }
 
-/// The anchor node over `(q, k, v)`: an empty tensor whose only use is to make the attention
-/// node depend on them, and whose backward hands out `(dq, dk, dv)`.
+/// The anchor node over `(q, k, v)`: a one-element tensor (CUDA refuses zero-byte
+/// allocations) whose only use is to make the attention node depend on them, and whose
+/// backward hands out `(dq, dk, dv)`.
 struct SeqInputs {
     saved: Arc<Saved>,
 }
@@ -217,7 +277,20 @@ impl CustomOp3 for SeqInputs {
         _: &CpuStorage,
         _: &candle_core::Layout,
     ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        Ok((CpuStorage::F32(Vec::new()), candle_core::Shape::from(0)))
+        Ok((CpuStorage::F32(vec![0.0]), candle_core::Shape::from(1)))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        cuda::anchor(q)
     }
 
     fn bwd(
@@ -299,11 +372,30 @@ impl CustomOp3 for PrefixAttnOp {
                 },
             )
             .map_err(error)?;
-        *lock(&self.saved.lse)? = Some(lse);
+        *lock(&self.saved.lse)? = Some(Tensor::from_vec(
+            lse,
+            pr.lse_dims().to_vec(),
+            &candle_core::Device::Cpu,
+        )?);
         Ok((
             o.into_storage(),
             candle_core::Shape::from(pr.q_dims().to_vec()),
         ))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        _anchor: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        k_pre: &candle_core::CudaStorage,
+        k_pre_l: &candle_core::Layout,
+        v_pre: &candle_core::CudaStorage,
+        v_pre_l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (o, shape, lse) = cuda::forward(self, (k_pre, k_pre_l), (v_pre, v_pre_l))?;
+        *lock(&self.saved.lse)? = Some(lse);
+        Ok((o, shape))
     }
 
     fn bwd(
@@ -316,16 +408,62 @@ impl CustomOp3 for PrefixAttnOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let seq = self.q.track_op() || self.k.track_op() || self.v.track_op();
         let pre = k_pre.track_op() || v_pre.track_op();
-        let d_o = rows_contiguous(d_o)?;
-        let held = Held::new([&self.q, &self.k, &self.v, k_pre, v_pre, o, &d_o])?;
-        let [q, k, v, kp, vp, o_view, d_o_view] =
-            held.views(["q", "k", "v", "k_pre", "v_pre", "o", "d_o"])?;
-        let fwd = self.fwd_args([q, k, v, kp, vp]);
-        let pr = fwd.check().map_err(error)?;
-        let lse = lock(&self.saved.lse)?;
-        let lse = lse.as_deref().ok_or_else(|| {
+        let d_o = in_place_or_copy(d_o)?;
+        let lse = lock(&self.saved.lse)?.clone().ok_or_else(|| {
             candle_core::Error::msg("prefix_attn: backward before the forward stored its LSE")
         })?;
+        let ins = BwdInputs {
+            k_pre,
+            v_pre,
+            o,
+            d_o: &d_o,
+            lse: &lse,
+        };
+        let (seq_grads, pre_grads) = match self.q.device() {
+            #[cfg(feature = "candle-cuda")]
+            candle_core::Device::Cuda(_) => cuda::backward(self, &ins, seq, pre)?,
+            _ => self.cpu_bwd(&ins, seq, pre)?,
+        };
+        if let Some(g) = seq_grads {
+            *lock(&self.saved.seq_grads)? = Some(g);
+        }
+        let (dk_pre, dv_pre) = match pre_grads {
+            Some((dk, dv)) => (
+                Some(dk.to_dtype(k_pre.dtype())?),
+                Some(dv.to_dtype(v_pre.dtype())?),
+            ),
+            None => (None, None),
+        };
+        // The anchor's gradient must exist whenever q, k or v track one.
+        Ok((Some(anchor.zeros_like()?), dk_pre, dv_pre))
+    }
+}
+
+/// The tensors of the backward besides `q, k, v` (which the op holds).
+struct BwdInputs<'a> {
+    k_pre: &'a Tensor,
+    v_pre: &'a Tensor,
+    o: &'a Tensor,
+    d_o: &'a Tensor,
+    lse: &'a Tensor,
+}
+
+impl PrefixAttnOp {
+    /// The whole `attn_bwd` on the CPU backend: the sequence gradients when `seq` (else the
+    /// prefix-only backward), the prefix gradients when `pre`.
+    fn cpu_bwd(
+        &self,
+        ins: &BwdInputs,
+        seq: bool,
+        pre: bool,
+    ) -> candle_core::Result<(Option<SeqGrads>, Option<PreGrads>)> {
+        let held = Held::new([
+            &self.q, &self.k, &self.v, ins.k_pre, ins.v_pre, ins.o, ins.d_o, ins.lse,
+        ])?;
+        let [q, k, v, kp, vp, o, d_o, lse] =
+            held.views(["q", "k", "v", "k_pre", "v_pre", "o", "d_o", "lse"])?;
+        let fwd = self.fwd_args([q, k, v, kp, vp]);
+        let pr = fwd.check().map_err(error)?;
         let (q_n, k_n, pre_n) = (
             pr.q_dims().iter().product(),
             pr.k_dims().iter().product(),
@@ -347,9 +485,9 @@ impl CustomOp3 for PrefixAttnOp {
         };
         let args = AttnBwdArgs {
             fwd,
-            o: o_view,
-            lse: host_view(lse, &pr.lse_dims())?,
-            d_o: d_o_view,
+            o,
+            lse,
+            d_o,
             prefix_only: !seq,
         };
         let mut grads = AttnGrads::default();
@@ -364,29 +502,28 @@ impl CustomOp3 for PrefixAttnOp {
         }
         CpuBackend.attn_bwd(&args, grads).map_err(error)?;
 
-        if let Some([dq, dk, dv]) = seq_bufs {
-            *lock(&self.saved.seq_grads)? = Some((
+        let seq_grads = match seq_bufs {
+            Some([dq, dk, dv]) => Some((
                 dq.into_tensor(&pr.q_dims())?,
                 dk.into_tensor(&pr.k_dims())?,
                 dv.into_tensor(&pr.k_dims())?,
-            ));
-        }
-        let (dk_pre, dv_pre) = match pre_bufs {
-            Some([dk, dv]) => {
-                let t = |g: Vec<f32>| -> candle_core::Result<Tensor> {
-                    Tensor::from_vec(g, pr.prefix_dims().to_vec(), &candle_core::Device::Cpu)?
-                        .to_dtype(k_pre.dtype())
-                };
-                (Some(t(dk)?), Some(t(dv)?))
-            }
-            None => (None, None),
+            )),
+            None => None,
         };
-        // The anchor is empty; its gradient must exist whenever q, k or v track one.
-        Ok((Some(anchor.zeros_like()?), dk_pre, dv_pre))
+        let pre_grads = match pre_bufs {
+            Some([dk, dv]) => {
+                let t = |g: Vec<f32>| {
+                    Tensor::from_vec(g, pr.prefix_dims().to_vec(), &candle_core::Device::Cpu)
+                };
+                Some((t(dk)?, t(dv)?))
+            }
+            None => None,
+        };
+        Ok((seq_grads, pre_grads))
     }
 }
 
-/// Read locks on the storage of candle tensors, from which views are made.
+/// Read locks on the storage of candle CPU tensors, from which views are made.
 struct Held<'t, const N: usize> {
     guards: [(candle_core::StorageRef<'t>, &'t candle_core::Layout); N],
 }
@@ -406,7 +543,8 @@ impl<'t, const N: usize> Held<'t, N> {
                 _ => {
                     return Err(error(crate::Error::device(
                         name,
-                        "not on candle's CPU device; the candle op runs on CPU tensors only",
+                        "not on candle's CPU device, where q is: the tensors of one call must \
+                         be on one device",
                     )))
                 }
             }
@@ -444,21 +582,6 @@ fn cpu_view<'a>(
     // stays inside it.
     unsafe { TensorView::from_raw_parts(addr, cap, Location::Host, dtype, layout) }
         .map_err(|e| error(crate::Error::layout(arg, e.to_string())))
-}
-
-fn host_view<'a>(v: &'a [f32], dims: &[usize]) -> candle_core::Result<TensorView<'a>> {
-    let layout = Layout::contiguous(dims).map_err(error)?;
-    // SAFETY: `v` is borrowed for `'a`, unwritten while borrowed.
-    unsafe {
-        TensorView::from_raw_parts(
-            v.as_ptr() as usize as u64,
-            v.len(),
-            Location::Host,
-            DType::F32,
-            layout,
-        )
-    }
-    .map_err(error)
 }
 
 fn host_mut<'a>(v: &'a mut [f32], dims: &[usize]) -> candle_core::Result<TensorViewMut<'a>> {

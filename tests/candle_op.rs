@@ -7,8 +7,8 @@
 mod common;
 
 use candle_core::{Tensor as CTensor, Var};
+use common::candle::{bits, f32s, random, to_candle};
 use common::*;
-use half::{bf16, f16};
 use prefix_attn::attn::oracle::{Dense, Precision};
 use prefix_attn::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads, Meta};
 use prefix_attn::candle::{prefix_attn, prefix_attn_with_lse, PrefixAttnOpts};
@@ -71,40 +71,6 @@ struct Inputs {
     ours: [Tensor; 5],
     candle: [CTensor; 5],
     d_o: Tensor,
-}
-
-/// A candle tensor with the bits of a host tensor.
-fn to_candle(t: &Tensor) -> CTensor {
-    let dims = t.dims().to_vec();
-    match t.dtype() {
-        DType::F32 => CTensor::from_slice(t.as_slice::<f32>().unwrap(), dims, &CPU),
-        DType::F16 => CTensor::from_slice(t.as_slice::<f16>().unwrap(), dims, &CPU),
-        DType::BF16 => CTensor::from_slice(t.as_slice::<bf16>().unwrap(), dims, &CPU),
-        DType::I32 => unreachable!("float inputs only"),
-    }
-    .unwrap()
-}
-
-/// A candle tensor's elements as f32, row-major over its shape.
-fn f32s(t: &CTensor) -> Vec<f32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
-
-/// A candle tensor's element bits (after widening to f32, which is exact).
-fn bits(t: &CTensor) -> Vec<u32> {
-    f32s(t).iter().map(|x| x.to_bits()).collect()
-}
-
-fn random(rng: &mut Rng, dims: &[usize], dtype: DType) -> Tensor {
-    let n = dims.iter().product();
-    // Normal values, never all zeros; the mean keeps scores away from ties.
-    let vals: Vec<f32> = rng.normal_vec(n, 1.0).iter().map(|x| x + 0.1).collect();
-    Tensor::from_f32(dims, &vals, dtype).unwrap()
 }
 
 fn inputs(c: &Case, seed: u64) -> Inputs {

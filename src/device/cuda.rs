@@ -51,10 +51,33 @@ unsafe impl DeviceRepr for MetaClampParams {}
 unsafe impl DeviceRepr for DecodeParams {}
 unsafe impl DeviceRepr for DenseParams {}
 
+/// File names of the CUDA driver library and of cuBLAS, each among those that cudarc's
+/// run-time loader tries (CUDA 13).
+#[cfg(not(windows))]
+const DRIVER_LIBRARIES: &[&str] = &["libcuda.so", "libcuda.so.1"];
+#[cfg(not(windows))]
+const CUBLAS_LIBRARIES: &[&str] = &["libcublas.so", "libcublas.so.13"];
+#[cfg(windows)]
+const DRIVER_LIBRARIES: &[&str] = &["nvcuda.dll"];
+#[cfg(windows)]
+const CUBLAS_LIBRARIES: &[&str] = &["cublas64_13.dll"];
+
+/// Whether one of `names` can be loaded. Asked with libloading rather than cudarc's
+/// `is_culib_present`, which exists only where cudarc loads the libraries at run time: where it
+/// links them (feature `candle-cuda`) the process could not have started without them, and
+/// the probe finds the copy already mapped.
+fn library_present(names: &[&str]) -> bool {
+    names.iter().any(|name| {
+        // SAFETY: loading a CUDA library runs only its initialisers, as cudarc's own loader
+        // does; the handle is dropped at once (the library stays mapped while cudarc or the
+        // dynamic loader holds it).
+        unsafe { libloading::Library::new(*name) }.is_ok()
+    })
+}
+
 /// Whether the CUDA driver library can be loaded (never panics).
 pub fn driver_present() -> bool {
-    // SAFETY: only probes for the shared library.
-    std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+    library_present(DRIVER_LIBRARIES)
 }
 
 /// Number of CUDA devices, 0 when there is no driver or no device.
@@ -428,10 +451,7 @@ impl CudaBackend {
     fn blas(&self) -> Result<std::sync::MutexGuard<'_, Option<BlasHandle>>> {
         let mut g = self.blas.lock().unwrap_or_else(|p| p.into_inner());
         if g.is_none() {
-            // SAFETY: only probes for the shared library.
-            let present =
-                std::panic::catch_unwind(|| unsafe { blas::is_culib_present() }).unwrap_or(false);
-            if !present {
+            if !library_present(CUBLAS_LIBRARIES) {
                 return Err(Error::device(
                     "cublas",
                     "libcublas was not found (install the CUDA toolkit's cuBLAS or put it on \

@@ -1,9 +1,11 @@
 //! Shared test helpers: error measures and the tolerance rule of docs/ARCHITECTURE.md §5;
 //! `files` holds the fixtures, temporary folders and the CLI runner, `fp16` the half-precision
-//! training check. Each helper is defined here once; every test crate that needs one says
-//! `mod common;`.
+//! training check, `candle` (feature `candle`) candle tensors beside the crate's. Each helper is
+//! defined here once; every test crate that needs one says `mod common;`.
 #![allow(dead_code)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod files;
 pub mod fp16;
 pub mod llama_fp16;
