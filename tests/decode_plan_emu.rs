@@ -8,9 +8,9 @@
 
 mod common;
 
-use common::meta::{assert_bits_eq, paged_buffers};
+use common::meta::{arg_of, assert_bits_eq, bits, expect_err, paged_buffers, poisoned_workspace};
 use prefix_attn::attn::paged::PagedAttnArgs;
-use prefix_attn::attn::testing::{random_paged_spec, FwdBuffers, PagedSpec, RandomPaged};
+use prefix_attn::attn::testing::{random_paged_spec, PagedSpec, RandomPaged};
 use prefix_attn::attn::Meta;
 use prefix_attn::device::decode_plan::DecodePlan;
 use prefix_attn::device::emu::{self, EmuBackend};
@@ -18,17 +18,6 @@ use prefix_attn::device::kernel_device::{Stream, Workspace};
 use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Tensor};
-use prefix_attn::Error;
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_f32_vec().iter().map(|x| x.to_bits()).collect()
-}
-
-/// A workspace of at least `bytes` bytes (one i32 at least) with every bit set: NaN as f32.
-fn poisoned_workspace(bytes: usize) -> Tensor {
-    let n = bytes.div_ceil(4).max(1);
-    Tensor::from_slice(&[n], &vec![-1i32; n]).unwrap()
-}
 
 /// The metadata of a paged problem as i32 "device" tensors (host memory on the emulator):
 /// block table `[B, max_pages]`, seqlen_k `[B]` and, when `with_prefix_meta`, prefix_index
@@ -242,34 +231,6 @@ fn run_clamps_device_metadata_like_the_one_shot_call() {
         "clamped device metadata",
     );
     assert!(d2.o.to_f32_vec().iter().all(|x| x.is_finite()));
-}
-
-fn arg_of(e: &Error) -> String {
-    match e {
-        Error::Shape { arg, .. }
-        | Error::DType { arg, .. }
-        | Error::Layout { arg, .. }
-        | Error::Index { arg, .. }
-        | Error::Device { arg, .. } => arg.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// `run` fails with an error naming `arg` and containing `needle`, and writes nothing to `o`.
-fn expect_err(
-    what: &str,
-    out: &mut FwdBuffers,
-    run: impl FnOnce(&mut FwdBuffers) -> Result<(), Error>,
-    arg: &str,
-    needle: &str,
-) {
-    let e = run(out).expect_err(what);
-    assert_eq!(arg_of(&e), arg, "{what}: {e}");
-    assert!(e.to_string().contains(needle), "{what}: {e}");
-    assert!(
-        out.o.to_f32_vec().iter().all(|x| x.is_nan()),
-        "{what}: a failed run wrote o"
-    );
 }
 
 /// Runs that do not fit the plan fail before launching, naming the argument.

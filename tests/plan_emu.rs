@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::meta::{assert_bits_eq, paged_buffers, with_mixed_meta};
+use common::meta::{
+    arg_of, assert_bits_eq, bits, expect_err, paged_buffers, poisoned_workspace, with_mixed_meta,
+};
 use prefix_attn::attn::testing::{
     random_paged_spec, random_spec, FwdBuffers, GradBuffers, MetaTensors, ProblemSpec, RandomPaged,
     RandomProblem,
@@ -21,17 +23,6 @@ use prefix_attn::device::Backend;
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Tensor};
 use prefix_attn::Error;
-
-/// A workspace buffer of at least `bytes` bytes with every bit set (NaN as f32): a run must
-/// not depend on what the workspace holds.
-fn poisoned_workspace(bytes: usize) -> Tensor {
-    let n = bytes.div_ceil(4);
-    Tensor::from_slice(&[n], &vec![-1i32; n]).unwrap()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_f32_vec().iter().map(|x| x.to_bits()).collect()
-}
 
 /// The spec's metadata as "device" tensors (host memory on the emulator), only those the spec
 /// gives: a missing one stays missing, and the run takes its default.
@@ -201,35 +192,6 @@ fn run_clamps_device_metadata_like_the_one_shot_call() {
         &[bits(&f1.o), bits(&f1.lse)],
         &[bits(&f2.o), bits(&f2.lse)],
         "clamped device metadata",
-    );
-}
-
-fn arg_of(e: &Error) -> String {
-    match e {
-        Error::Shape { arg, .. }
-        | Error::DType { arg, .. }
-        | Error::Layout { arg, .. }
-        | Error::Index { arg, .. }
-        | Error::Device { arg, .. } => arg.clone(),
-        Error::Unsupported(msg) => msg.split(':').next().unwrap_or("").to_string(),
-        other => other.to_string(),
-    }
-}
-
-/// `run` fails with an error naming `arg` and containing `needle`, and writes nothing to `out`.
-fn expect_err(
-    what: &str,
-    out: &mut FwdBuffers,
-    run: impl FnOnce(&mut FwdBuffers) -> Result<(), Error>,
-    arg: &str,
-    needle: &str,
-) {
-    let e = run(out).expect_err(what);
-    assert_eq!(arg_of(&e), arg, "{what}: {e}");
-    assert!(e.to_string().contains(needle), "{what}: {e}");
-    assert!(
-        out.o.to_f32_vec().iter().all(|x| x.is_nan()),
-        "{what}: a failed run wrote o"
     );
 }
 

@@ -719,12 +719,35 @@ fn run_args<'a>(
     Ok(a)
 }
 
-fn plan_ref<'a>(plan: *const pa_attn_plan) -> Result<&'a pa_attn_plan, Fail> {
+/// A plan handle made by a `pa_*_plan_create` and not yet destroyed.
+fn plan_ref<'a, T>(plan: *const T) -> Result<&'a T, Fail> {
     if plan.is_null() {
         return Err(null("plan"));
     }
-    // SAFETY: non-null; made by pa_attn_plan_create and not yet destroyed (the C contract).
+    // SAFETY: non-null; made by its `pa_*_plan_create` and not yet destroyed (the C contract).
     Ok(unsafe { &*plan })
+}
+
+/// Writes a plan's workspace size to `*bytes`.
+fn write_workspace_size(bytes: *mut u64, size: usize) -> Result<(), Fail> {
+    if bytes.is_null() {
+        return Err(null("bytes"));
+    }
+    // SAFETY: non-null and writable (the C contract).
+    unsafe { *bytes = size as u64 };
+    Ok(())
+}
+
+/// Destroys a plan handle made by `Box::into_raw` in its `pa_*_plan_create` (null: nothing).
+fn destroy_plan<T>(plan: *mut T) {
+    let _ = guard(|| {
+        if !plan.is_null() {
+            // SAFETY: made by Box::into_raw in its pa_*_plan_create, destroyed once (the C
+            // contract).
+            drop(unsafe { Box::from_raw(plan) });
+        }
+        Ok(())
+    });
 }
 
 static VERSION: &[u8] = concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes();
@@ -996,12 +1019,7 @@ pub extern "C" fn pa_attn_plan_workspace_size(
 ) -> pa_status {
     guard(|| {
         let plan = plan_ref(plan)?;
-        if bytes.is_null() {
-            return Err(null("bytes"));
-        }
-        // SAFETY: non-null and writable (the C contract).
-        unsafe { *bytes = plan.plan.workspace_bytes() as u64 };
-        Ok(())
+        write_workspace_size(bytes, plan.plan.workspace_bytes())
     })
 }
 
@@ -1098,13 +1116,7 @@ pub extern "C" fn pa_attn_plan_run_bwd(
 /// work its runs queued must have run (synchronise the stream first).
 #[no_mangle]
 pub extern "C" fn pa_attn_plan_destroy(plan: *mut pa_attn_plan) {
-    let _ = guard(|| {
-        if !plan.is_null() {
-            // SAFETY: made by Box::into_raw in pa_attn_plan_create, destroyed once.
-            drop(unsafe { Box::from_raw(plan) });
-        }
-        Ok(())
-    });
+    destroy_plan(plan);
 }
 
 /// The kernel device of a context that plans, or the refusal of the cpu context.
@@ -1155,14 +1167,6 @@ pub extern "C" fn pa_decode_plan_create(
     })
 }
 
-fn decode_plan_ref<'a>(plan: *const pa_decode_plan) -> Result<&'a pa_decode_plan, Fail> {
-    if plan.is_null() {
-        return Err(null("plan"));
-    }
-    // SAFETY: non-null; made by pa_decode_plan_create and not yet destroyed (the C contract).
-    Ok(unsafe { &*plan })
-}
-
 /// Writes to `*bytes` the workspace a run of `plan` needs: the key splits' partials (context
 /// memory, 16-byte aligned), 0 when the plan does not split.
 #[no_mangle]
@@ -1171,13 +1175,8 @@ pub extern "C" fn pa_decode_plan_workspace_size(
     bytes: *mut u64,
 ) -> pa_status {
     guard(|| {
-        let plan = decode_plan_ref(plan)?;
-        if bytes.is_null() {
-            return Err(null("bytes"));
-        }
-        // SAFETY: non-null and writable (the C contract).
-        unsafe { *bytes = plan.plan.workspace_bytes() as u64 };
-        Ok(())
+        let plan = plan_ref(plan)?;
+        write_workspace_size(bytes, plan.plan.workspace_bytes())
     })
 }
 
@@ -1205,7 +1204,7 @@ pub extern "C" fn pa_decode_plan_run(
     stream: *mut c_void,
 ) -> pa_status {
     guard(|| {
-        let p = decode_plan_ref(plan)?;
+        let p = plan_ref(plan)?;
         let loc = p.location;
         let meta = [block_table, seqlen_k, prefix_index, prefix_len];
         let a = decode_args(args, loc, DecodeUse::Run(meta))?;
@@ -1232,13 +1231,7 @@ pub extern "C" fn pa_decode_plan_run(
 /// work its runs queued must have run (synchronise the stream first).
 #[no_mangle]
 pub extern "C" fn pa_decode_plan_destroy(plan: *mut pa_decode_plan) {
-    let _ = guard(|| {
-        if !plan.is_null() {
-            // SAFETY: made by Box::into_raw in pa_decode_plan_create, destroyed once.
-            drop(unsafe { Box::from_raw(plan) });
-        }
-        Ok(())
-    });
+    destroy_plan(plan);
 }
 
 /// A test hook: panics inside the library, which the boundary turns into `PA_ERR_PANIC`.

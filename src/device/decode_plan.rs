@@ -12,7 +12,7 @@
 //! never synchronises. The kernel clamps every metadata value where it reads it, as for any
 //! device metadata (docs/ARCHITECTURE.md §1, "Plan and run").
 
-use super::kernel_device::{check_location, KernelRunner, Stream, Workspace, WORKSPACE_ALIGN};
+use super::kernel_device::{check_location, run_checks, KernelRunner, Stream, Workspace};
 use super::kernels::{plan_decode, KernelLaunch};
 use super::Device;
 use crate::attn::paged::{PagedAttnArgs, PagedProblem};
@@ -152,16 +152,7 @@ impl DecodePlan {
         workspace: Workspace,
         stream: Stream,
     ) -> Result<()> {
-        if runner.device() != self.device {
-            return Err(Error::device(
-                "plan",
-                format!(
-                    "planned for {}, run on {}",
-                    self.device,
-                    KernelRunner::device(runner)
-                ),
-            ));
-        }
+        run_checks::device(self.device, runner)?;
         let required = [
             ("block_table", Some(&args.kv.block_table)),
             ("seqlen_k", Some(&args.kv.seqlen_k)),
@@ -209,101 +200,36 @@ impl DecodePlan {
     ) -> Result<()> {
         check_location(runner, pr.location)?;
         let p = &self.problem;
-        if pr.dtype != p.dtype {
-            return Err(Error::DType {
-                arg: "q".into(),
-                expected: format!("{} (the plan's)", p.dtype),
-                got: pr.dtype.name().into(),
-            });
-        }
-        if pr.q_dims() != p.q_dims() {
-            return Err(Error::shape(
-                "q",
-                format!("{:?}, the plan's [B, Tq, Hq, D]", p.q_dims()),
-                &pr.q_dims(),
-            ));
-        }
+        run_checks::dtype(p.dtype, pr.dtype)?;
+        run_checks::dims("q", "[B, Tq, Hq, D]", &p.q_dims(), &pr.q_dims())?;
         let cache = |p: &PagedProblem| [p.num_pages, p.page_size, p.heads_kv, p.head_dim];
-        if cache(pr) != cache(p) {
-            return Err(Error::shape(
-                "k_cache",
-                format!("{:?}, the plan's [num_pages, page_size, Hkv, D]", cache(p)),
-                &cache(pr),
-            ));
-        }
-        if pr.max_pages != p.max_pages {
-            return Err(Error::shape(
-                "block_table",
-                format!("[{}, {}], the plan's [B, max_pages]", p.batch, p.max_pages),
-                &[pr.batch, pr.max_pages],
-            ));
-        }
+        run_checks::dims(
+            "k_cache",
+            "[num_pages, page_size, Hkv, D]",
+            &cache(p),
+            &cache(pr),
+        )?;
+        run_checks::dims(
+            "block_table",
+            "[B, max_pages]",
+            &[p.batch, p.max_pages],
+            &[pr.batch, pr.max_pages],
+        )?;
         let table = |p: &PagedProblem| [p.num_prefixes, p.prefix_rows, p.heads_kv, p.head_dim];
-        match (has_prefix, self.has_prefix) {
-            (true, false) => {
-                return Err(Error::index(
-                    "k_pre",
-                    "given, but the plan has no prefix table",
-                ))
-            }
-            (false, true) => {
-                return Err(Error::index(
-                    "k_pre",
-                    "missing: the plan has a prefix table",
-                ))
-            }
-            _ if table(pr) != table(p) => {
-                return Err(Error::shape(
-                    "k_pre",
-                    format!("{:?}, the plan's [NP, P, Hkv, D]", table(p)),
-                    &table(pr),
-                ))
-            }
-            _ => {}
-        }
-        if pr.scale.to_bits() != p.scale.to_bits() {
-            return Err(Error::index(
-                "scale",
-                format!("{}, the plan's is {}", pr.scale, p.scale),
-            ));
-        }
-        Ok(())
+        run_checks::prefix(
+            self.has_prefix.then(|| table(p)),
+            has_prefix.then(|| table(pr)),
+        )?;
+        run_checks::scale(p.scale, pr.scale)
     }
 
-    /// The workspace is on the plan's device, aligned, and holds the partials.
+    /// The workspace is on the plan's device, aligned, and holds the partials (any workspace
+    /// when the plan does not split).
     fn check_workspace(&self, ws: &Workspace) -> Result<()> {
         let need = self.workspace_bytes();
         if need == 0 {
             return Ok(());
         }
-        if ws.location() != self.problem.location {
-            return Err(Error::device(
-                "workspace",
-                format!(
-                    "lives on {}, the plan's tensors on {}",
-                    ws.location(),
-                    self.problem.location
-                ),
-            ));
-        }
-        if ws.addr() % WORKSPACE_ALIGN as u64 != 0 {
-            return Err(Error::layout(
-                "workspace",
-                format!(
-                    "address {:#x} is not {WORKSPACE_ALIGN}-byte aligned",
-                    ws.addr()
-                ),
-            ));
-        }
-        if ws.bytes() < need {
-            return Err(Error::layout(
-                "workspace",
-                format!(
-                    "{} bytes, the plan's run needs {need} (workspace_bytes)",
-                    ws.bytes()
-                ),
-            ));
-        }
-        Ok(())
+        run_checks::workspace(ws, self.problem.location, need, need)
     }
 }

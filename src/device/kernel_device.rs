@@ -582,6 +582,107 @@ fn shape_args<'a>(args: &AttnFwdArgs<'a>, none: &'a [i32]) -> AttnFwdArgs<'a> {
     }
 }
 
+/// The checks a planned run (of [`AttnPlan`] or [`super::decode_plan::DecodePlan`]) makes
+/// against its plan, each an error naming the argument.
+pub(crate) mod run_checks {
+    use super::{KernelRunner, Workspace, WORKSPACE_ALIGN};
+    use crate::device::Device;
+    use crate::error::{Error, Result};
+    use crate::tensor::{DType, Location};
+
+    /// The run's device is the plan's.
+    pub fn device<R: KernelRunner>(planned: Device, runner: &R) -> Result<()> {
+        if runner.device() != planned {
+            return Err(Error::device(
+                "plan",
+                format!("planned for {planned}, run on {}", runner.device()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The run's element type is the plan's (named after `q`).
+    pub fn dtype(planned: DType, run: DType) -> Result<()> {
+        if run != planned {
+            return Err(Error::DType {
+                arg: "q".into(),
+                expected: format!("{planned} (the plan's)"),
+                got: run.name().into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `arg`'s dims in the run are the plan's, which `what` names (`[B, Tq, Hq, D]`).
+    pub fn dims(arg: &str, what: &str, planned: &[usize], run: &[usize]) -> Result<()> {
+        if run != planned {
+            return Err(Error::shape(
+                arg,
+                format!("{planned:?}, the plan's {what}"),
+                run,
+            ));
+        }
+        Ok(())
+    }
+
+    /// A prefix table in the run exactly when the plan has one, of the plan's dims.
+    pub fn prefix(planned: Option<[usize; 4]>, run: Option<[usize; 4]>) -> Result<()> {
+        match (planned, run) {
+            (None, Some(_)) => Err(Error::index(
+                "k_pre",
+                "given, but the plan has no prefix table",
+            )),
+            (Some(_), None) => Err(Error::index(
+                "k_pre",
+                "missing: the plan has a prefix table",
+            )),
+            (Some(p), Some(r)) => dims("k_pre", "[NP, P, Hkv, D]", &p, &r),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// The run's score scale is the plan's, bit for bit.
+    pub fn scale(planned: f32, run: f32) -> Result<()> {
+        if run.to_bits() != planned.to_bits() {
+            return Err(Error::index(
+                "scale",
+                format!("{run}, the plan's is {planned}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The workspace is on `loc`, [`WORKSPACE_ALIGN`]-aligned and at least `need` bytes (of
+    /// the plan's `planned` bytes).
+    pub fn workspace(ws: &Workspace, loc: Location, need: usize, planned: usize) -> Result<()> {
+        if ws.location() != loc {
+            return Err(Error::device(
+                "workspace",
+                format!("lives on {}, the plan's tensors on {loc}", ws.location()),
+            ));
+        }
+        if ws.addr() % WORKSPACE_ALIGN as u64 != 0 {
+            return Err(Error::layout(
+                "workspace",
+                format!(
+                    "address {:#x} is not {WORKSPACE_ALIGN}-byte aligned",
+                    ws.addr()
+                ),
+            ));
+        }
+        if ws.bytes() < need {
+            return Err(Error::layout(
+                "workspace",
+                format!(
+                    "{} bytes, this run needs {need} (the plan's workspace_bytes: {planned})",
+                    ws.bytes()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A run takes device metadata only (it uploads nothing).
 fn device_meta_only(args: &AttnFwdArgs) -> Result<()> {
     for (name, m) in [
@@ -801,16 +902,7 @@ impl AttnPlan {
     }
 
     fn check_kind<R: KernelRunner>(&self, runner: &R, backward: bool) -> Result<()> {
-        if runner.device() != self.device {
-            return Err(Error::device(
-                "plan",
-                format!(
-                    "planned for {}, run on {}",
-                    self.device,
-                    KernelRunner::device(runner)
-                ),
-            ));
-        }
+        run_checks::device(self.device, runner)?;
         if backward != self.backward {
             let (planned, called) = if self.backward {
                 ("backward", "forward")
@@ -834,97 +926,27 @@ impl AttnPlan {
     ) -> Result<()> {
         check_location(runner, pr.location)?;
         let p = &self.problem;
-        if pr.dtype != p.dtype {
-            return Err(Error::DType {
-                arg: "q".into(),
-                expected: format!("{} (the plan's)", p.dtype),
-                got: pr.dtype.name().into(),
-            });
-        }
-        if pr.q_dims() != p.q_dims() {
-            return Err(Error::shape(
-                "q",
-                format!("{:?}, the plan's [B, Tq, Hq, D]", p.q_dims()),
-                &pr.q_dims(),
-            ));
-        }
-        if pr.k_dims() != p.k_dims() {
-            return Err(Error::shape(
-                "k",
-                format!("{:?}, the plan's [B, Tk, Hkv, D]", p.k_dims()),
-                &pr.k_dims(),
-            ));
-        }
-        match (has_prefix, self.has_prefix) {
-            (true, false) => {
-                return Err(Error::index(
-                    "k_pre",
-                    "given, but the plan has no prefix table",
-                ))
-            }
-            (false, true) => {
-                return Err(Error::index(
-                    "k_pre",
-                    "missing: the plan has a prefix table",
-                ))
-            }
-            _ if pr.prefix_dims() != p.prefix_dims() => {
-                return Err(Error::shape(
-                    "k_pre",
-                    format!("{:?}, the plan's [NP, P, Hkv, D]", p.prefix_dims()),
-                    &pr.prefix_dims(),
-                ))
-            }
-            _ => {}
-        }
+        run_checks::dtype(p.dtype, pr.dtype)?;
+        run_checks::dims("q", "[B, Tq, Hq, D]", &p.q_dims(), &pr.q_dims())?;
+        run_checks::dims("k", "[B, Tk, Hkv, D]", &p.k_dims(), &pr.k_dims())?;
+        run_checks::prefix(
+            self.has_prefix.then(|| p.prefix_dims()),
+            has_prefix.then(|| pr.prefix_dims()),
+        )?;
         if pr.causal != p.causal {
             return Err(Error::index(
                 "causal",
                 format!("{}, the plan's is {}", pr.causal, p.causal),
             ));
         }
-        if pr.scale.to_bits() != p.scale.to_bits() {
-            return Err(Error::index(
-                "scale",
-                format!("{}, the plan's is {}", pr.scale, p.scale),
-            ));
-        }
-        Ok(())
+        run_checks::scale(p.scale, pr.scale)
     }
 
     /// The workspace is on the plan's device, aligned, and holds the metadata and `scratch`
     /// bytes.
     fn check_workspace(&self, ws: &Workspace, scratch: usize) -> Result<()> {
-        if ws.location != self.problem.location {
-            return Err(Error::device(
-                "workspace",
-                format!(
-                    "lives on {}, the plan's tensors on {}",
-                    ws.location, self.problem.location
-                ),
-            ));
-        }
-        if ws.addr % WORKSPACE_ALIGN as u64 != 0 {
-            return Err(Error::layout(
-                "workspace",
-                format!(
-                    "address {:#x} is not {WORKSPACE_ALIGN}-byte aligned",
-                    ws.addr
-                ),
-            ));
-        }
         let need = meta_bytes(self.problem.batch) + scratch;
-        if ws.bytes < need {
-            return Err(Error::layout(
-                "workspace",
-                format!(
-                    "{} bytes, this run needs {need} (the plan's workspace_bytes: {})",
-                    ws.bytes,
-                    self.workspace_bytes()
-                ),
-            ));
-        }
-        Ok(())
+        run_checks::workspace(ws, self.problem.location, need, self.workspace_bytes())
     }
 }
 

@@ -160,3 +160,47 @@ pub fn check_outputs(
         DType::F32,
     )
 }
+
+/// The bits of a tensor's values (as f32).
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_f32_vec().iter().map(|x| x.to_bits()).collect()
+}
+
+/// A plan's workspace of at least `bytes` bytes (one i32 at least) with every bit set (NaN
+/// as f32): a run must not depend on what the workspace holds.
+pub fn poisoned_workspace(bytes: usize) -> Tensor {
+    let n = bytes.div_ceil(4).max(1);
+    Tensor::from_slice(&[n], &vec![-1i32; n]).unwrap()
+}
+
+/// The argument an error names (for `Unsupported`, its message up to the first colon).
+pub fn arg_of(e: &prefix_attn::Error) -> String {
+    use prefix_attn::Error;
+    match e {
+        Error::Shape { arg, .. }
+        | Error::DType { arg, .. }
+        | Error::Layout { arg, .. }
+        | Error::Index { arg, .. }
+        | Error::Device { arg, .. } => arg.clone(),
+        Error::Unsupported(msg) => msg.split(':').next().unwrap_or("").to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `run` fails with an error naming `arg` and containing `needle`, and writes nothing to
+/// `out`'s `o` (NaN-poisoned before).
+pub fn expect_err(
+    what: &str,
+    out: &mut FwdBuffers,
+    run: impl FnOnce(&mut FwdBuffers) -> Result<(), prefix_attn::Error>,
+    arg: &str,
+    needle: &str,
+) {
+    let e = run(out).expect_err(what);
+    assert_eq!(arg_of(&e), arg, "{what}: {e}");
+    assert!(e.to_string().contains(needle), "{what}: {e}");
+    assert!(
+        out.o.to_f32_vec().iter().all(|x| x.is_nan()),
+        "{what}: a failed run wrote o"
+    );
+}
