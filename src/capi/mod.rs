@@ -27,7 +27,7 @@ use crate::device::cpu::CpuBackend;
 use crate::device::cuda::CudaBackend;
 use crate::device::decode_plan::DecodePlan;
 use crate::device::emu::EmuBackend;
-use crate::device::kernel_device::{AttnOnStream, AttnPlan, KernelRunner, Stream, Workspace};
+use crate::device::kernel_device::{AttnOnStream, AttnPlan, Stream, Workspace};
 use crate::device::{Backend, Device};
 use crate::error::Error;
 use crate::tensor::{DType, Layout, Location, TensorView, TensorViewMut, MAX_RANK};
@@ -176,22 +176,22 @@ enum Dev {
     Cuda(Arc<CudaBackend>),
 }
 
-/// An opaque plan: an attention forward or backward planned once for a shape on a kernel
-/// device (emu or cuda), run many times by [`pa_attn_plan_run_fwd`] /
-/// [`pa_attn_plan_run_bwd`]. It holds its device: it may outlive its context.
-pub struct pa_attn_plan {
-    plan: AttnPlan,
+/// A plan of the C API with the kernel device it runs on: it holds that device, so it may
+/// outlive its context.
+pub struct PlanHandle<P> {
+    plan: P,
     runner: Runner,
     location: Location,
 }
 
+/// An opaque plan: an attention forward or backward planned once for a shape on a kernel
+/// device (emu or cuda), run many times by [`pa_attn_plan_run_fwd`] /
+/// [`pa_attn_plan_run_bwd`].
+pub type pa_attn_plan = PlanHandle<AttnPlan>;
+
 /// An opaque plan: a paged decode planned once for a shape on a kernel device (emu or cuda),
-/// run many times by [`pa_decode_plan_run`]. It holds its device: it may outlive its context.
-pub struct pa_decode_plan {
-    plan: DecodePlan,
-    runner: Runner,
-    location: Location,
-}
+/// run many times by [`pa_decode_plan_run`].
+pub type pa_decode_plan = PlanHandle<DecodePlan>;
 
 /// The kernel device of a plan.
 enum Runner {
@@ -719,6 +719,28 @@ fn run_args<'a>(
     Ok(a)
 }
 
+/// Makes a plan on `ctx`'s kernel device with `make` and hands it to the caller in `*out`.
+fn create_plan<P>(
+    ctx: *const pa_context,
+    out: *mut *mut PlanHandle<P>,
+    make: impl FnOnce(&pa_context, &Runner) -> Result<P, Fail>,
+) -> Result<(), Fail> {
+    let ctx = context(ctx)?;
+    if out.is_null() {
+        return Err(null("out"));
+    }
+    let runner = plan_runner(ctx)?;
+    let plan = make(ctx, &runner)?;
+    let handle = Box::new(PlanHandle {
+        plan,
+        runner,
+        location: ctx.location,
+    });
+    // SAFETY: `out` is non-null and writable (the C contract).
+    unsafe { *out = Box::into_raw(handle) };
+    Ok(())
+}
+
 /// A plan handle made by a `pa_*_plan_create` and not yet destroyed.
 fn plan_ref<'a, T>(plan: *const T) -> Result<&'a T, Fail> {
     if plan.is_null() {
@@ -979,34 +1001,17 @@ pub extern "C" fn pa_attn_plan_create(
     out: *mut *mut pa_attn_plan,
 ) -> pa_status {
     guard(|| {
-        let ctx = context(ctx)?;
-        if out.is_null() {
-            return Err(null("out"));
-        }
-        let a = fwd_args(args, ctx.location, ArgsUse::Plan)?;
-        fn make<R: KernelRunner>(
-            be: &R,
-            a: &AttnFwdArgs,
-            backward: bool,
-        ) -> Result<AttnPlan, Fail> {
-            Ok(match backward {
-                true => AttnPlan::bwd(be, a)?,
-                false => AttnPlan::fwd(be, a)?,
-            })
-        }
-        let runner = plan_runner(ctx)?;
-        let plan = match &runner {
-            Runner::Emu(be) => make(be, &a, backward != 0)?,
-            Runner::Cuda(be) => make(&**be, &a, backward != 0)?,
-        };
-        let plan = Box::new(pa_attn_plan {
-            plan,
-            runner,
-            location: ctx.location,
-        });
-        // SAFETY: `out` is non-null and writable (the C contract).
-        unsafe { *out = Box::into_raw(plan) };
-        Ok(())
+        create_plan(ctx, out, |ctx, runner| {
+            let a = fwd_args(args, ctx.location, ArgsUse::Plan)?;
+            let backward = backward != 0;
+            let plan = match runner {
+                Runner::Emu(be) if backward => AttnPlan::bwd(be, &a)?,
+                Runner::Emu(be) => AttnPlan::fwd(be, &a)?,
+                Runner::Cuda(be) if backward => AttnPlan::bwd(&**be, &a)?,
+                Runner::Cuda(be) => AttnPlan::fwd(&**be, &a)?,
+            };
+            Ok(plan)
+        })
     })
 }
 
@@ -1146,24 +1151,13 @@ pub extern "C" fn pa_decode_plan_create(
     out: *mut *mut pa_decode_plan,
 ) -> pa_status {
     guard(|| {
-        let ctx = context(ctx)?;
-        if out.is_null() {
-            return Err(null("out"));
-        }
-        let runner = plan_runner(ctx)?;
-        let a = decode_args(args, ctx.location, DecodeUse::Plan)?;
-        let plan = match &runner {
-            Runner::Emu(be) => DecodePlan::new(be, &a)?,
-            Runner::Cuda(be) => DecodePlan::new(&**be, &a)?,
-        };
-        let plan = Box::new(pa_decode_plan {
-            plan,
-            runner,
-            location: ctx.location,
-        });
-        // SAFETY: `out` is non-null and writable (the C contract).
-        unsafe { *out = Box::into_raw(plan) };
-        Ok(())
+        create_plan(ctx, out, |ctx, runner| {
+            let a = decode_args(args, ctx.location, DecodeUse::Plan)?;
+            Ok(match runner {
+                Runner::Emu(be) => DecodePlan::new(be, &a)?,
+                Runner::Cuda(be) => DecodePlan::new(&**be, &a)?,
+            })
+        })
     })
 }
 
