@@ -194,6 +194,23 @@ fn run_case(
     )
 }
 
+/// A decode plan's workspace and zeroed outputs `o [B, Tq, Hq, D]`, `lse [B, Hq, Tq]` on the
+/// device.
+fn decode_plan_buffers(
+    be: &CudaBackend,
+    plan: &DecodePlan,
+    spec: &PagedSpec,
+) -> Result<[Tensor; 3], String> {
+    let e = |e: prefix_attn::Error| e.to_string();
+    let (b, tq, hq, d) = (spec.batch, spec.tq, spec.heads_q, spec.head_dim);
+    Ok([
+        be.zeros(&[plan.workspace_bytes().div_ceil(4).max(1)], DType::I32)
+            .map_err(e)?,
+        be.zeros(&[b, tq, hq, d], spec.dtype).map_err(e)?,
+        be.zeros(&[b, hq, tq], DType::F32).map_err(e)?,
+    ])
+}
+
 /// Paged decode on the device (the kernel and, with several chunks, the merge) against the f64
 /// oracle, with host metadata and with the metadata as device tensors (same bits).
 fn run_decode_case(be: &CudaBackend, spec: &PagedSpec, seed: u64) -> Result<(), String> {
@@ -278,15 +295,7 @@ fn run_decode_case(be: &CudaBackend, spec: &PagedSpec, seed: u64) -> Result<(), 
                 .prefix_len(Meta::Device(plen.view()));
         }
         let plan = DecodePlan::new(be, &args).map_err(e)?;
-        let mut ws = be
-            .zeros(&[plan.workspace_bytes().div_ceil(4).max(1)], DType::I32)
-            .map_err(e)?;
-        let mut o = be
-            .zeros(&[b, spec.tq, spec.heads_q, spec.head_dim], spec.dtype)
-            .map_err(e)?;
-        let mut lse = be
-            .zeros(&[b, spec.heads_q, spec.tq], DType::F32)
-            .map_err(e)?;
+        let [mut ws, mut o, mut lse] = decode_plan_buffers(be, &plan, spec)?;
         let before = be.memory();
         plan.run(
             be,
@@ -559,15 +568,7 @@ fn run_graph_case(be: &CudaBackend, cuda: &Arc<CudaContext>) -> Result<(), Strin
     .prefix_index(Meta::Device(idx.view()))
     .prefix_len(Meta::Device(plen.view()));
     let plan = DecodePlan::new(be, &args).map_err(e)?;
-    let mut ws = be
-        .zeros(&[plan.workspace_bytes().div_ceil(4).max(1)], DType::I32)
-        .map_err(e)?;
-    let mut o = be
-        .zeros(&[b, spec.tq, spec.heads_q, spec.head_dim], spec.dtype)
-        .map_err(e)?;
-    let mut lse = be
-        .zeros(&[b, spec.heads_q, spec.tq], DType::F32)
-        .map_err(e)?;
+    let [mut ws, mut o, mut lse] = decode_plan_buffers(be, &plan, &spec)?;
     // Uploads and zeroing ran on the crate's stream; the capture is on the test's.
     be.synchronize().map_err(e)?;
     stream.synchronize().map_err(d)?;
