@@ -7,6 +7,7 @@
 use super::check::{
     cross_entropy_args, dims2, embed_args, rows_in_range as check_rows, same_shape,
 };
+use super::packed::PackedWeight;
 use super::{small_gemm, AdamWStep, Backend, Device, MatmulOpts};
 use crate::attn::paged::PagedAttnArgs;
 use crate::attn::{cpu, AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
@@ -20,29 +21,66 @@ use std::sync::atomic::{AtomicU8, Ordering};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
-/// Whether [`CpuBackend::matmul`] may use the small-M fast path: 0 = unset (read the
-/// environment), 1 = on, 2 = off.
-static SMALL_M_FAST_PATH: AtomicU8 = AtomicU8::new(0);
+/// A process-wide on/off switch read from an environment variable on first use (on unless
+/// the variable is `0`) and settable from code.
+struct Switch {
+    /// 0 = unset (read the environment), 1 = on, 2 = off.
+    state: AtomicU8,
+    var: &'static str,
+}
+
+impl Switch {
+    const fn new(var: &'static str) -> Switch {
+        Switch {
+            state: AtomicU8::new(0),
+            var,
+        }
+    }
+    fn set(&self, on: bool) {
+        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+    fn get(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let on = std::env::var(self.var).map_or(true, |v| v != "0");
+                self.set(on);
+                on
+            }
+        }
+    }
+}
+
+/// Whether [`CpuBackend::matmul`] may use the small-M fast path.
+static SMALL_M_FAST_PATH: Switch = Switch::new("PREFIX_ATTN_CPU_SMALL_M");
+/// Whether [`CpuBackend::pack_weight`] packs.
+static PACKED_WEIGHTS: Switch = Switch::new("PREFIX_ATTN_CPU_PACKED");
 
 /// Turns the small-M matmul fast path (AVX-512 kernels for `a` with at most 128 rows) on or
 /// off for the whole process; it is on by default unless `PREFIX_ATTN_CPU_SMALL_M=0` is set.
 /// For benchmarks and comparisons against the `gemm` path: both compute the same product, to
 /// f32 rounding.
 pub fn set_small_m_fast_path(enabled: bool) {
-    SMALL_M_FAST_PATH.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+    SMALL_M_FAST_PATH.set(enabled);
 }
 
 /// Whether the small-M matmul fast path is on ([`set_small_m_fast_path`]).
 pub fn small_m_fast_path() -> bool {
-    match SMALL_M_FAST_PATH.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("PREFIX_ATTN_CPU_SMALL_M").map_or(true, |v| v != "0");
-            set_small_m_fast_path(on);
-            on
-        }
-    }
+    SMALL_M_FAST_PATH.get()
+}
+
+/// Turns weight packing ([`Backend::pack_weight`]) on or off for the whole process; it is on
+/// by default (on CPUs with AVX-512) unless `PREFIX_ATTN_CPU_PACKED=0` is set. Off, models
+/// keep no packed copies and multiply their weights in place: half the weight memory, slower
+/// decoding. Weights packed before the switch stay packed.
+pub fn set_packed_weights(enabled: bool) {
+    PACKED_WEIGHTS.set(enabled);
+}
+
+/// Whether weight packing is on ([`set_packed_weights`]).
+pub fn packed_weights() -> bool {
+    PACKED_WEIGHTS.get()
 }
 
 /// Up to this many rows of `a`, `a · bᵀ` is computed as `(b · aᵀ)ᵀ` ([`matmul`]'s note).
@@ -81,6 +119,22 @@ fn f32_out<'b>(arg: &str, t: &'b mut TensorViewMut) -> Result<&'b mut [f32]> {
             format!("cpu dense ops need a contiguous host view: {e}"),
         )
     })
+}
+
+/// The start of a product `out [·, n]`: the bias in every row (or zeros), or, accumulating,
+/// the old values plus the bias.
+fn init_out(out: &mut [f32], bias: Option<&[f32]>, n: usize, accumulate: bool) {
+    if !accumulate {
+        match bias {
+            Some(bv) => out
+                .chunks_exact_mut(n.max(1))
+                .for_each(|r| r.copy_from_slice(bv)),
+            None => out.fill(0.0),
+        }
+    } else if let Some(bv) = bias {
+        out.chunks_exact_mut(n.max(1))
+            .for_each(|r| r.iter_mut().zip(bv).for_each(|(o, b)| *o += b));
+    }
 }
 
 /// Elements per parallel task for elementwise operations.
@@ -157,17 +211,7 @@ impl Backend for CpuBackend {
             None => None,
         };
         let ov = f32_out("matmul out", out)?;
-        if !opts.accumulate {
-            match bias {
-                Some(bv) => ov
-                    .chunks_exact_mut(n.max(1))
-                    .for_each(|r| r.copy_from_slice(bv)),
-                None => ov.fill(0.0),
-            }
-        } else if let Some(bv) = bias {
-            ov.chunks_exact_mut(n.max(1))
-                .for_each(|r| r.iter_mut().zip(bv).for_each(|(o, b)| *o += b));
-        }
+        init_out(ov, bias, n, opts.accumulate);
         if m == 0 || n == 0 || k == 0 {
             return Ok(());
         }
@@ -259,6 +303,55 @@ impl Backend for CpuBackend {
             );
         }
         Ok(())
+    }
+
+    fn pack_weight(&self, w: &TensorView, trans: bool, what: &str) -> Result<Option<PackedWeight>> {
+        if !packed_weights() || !small_gemm::available() {
+            return Ok(None);
+        }
+        let (r, c) = dims2(what, w.dims())?;
+        let (k, n) = if trans { (c, r) } else { (r, c) };
+        if k == 0 || n == 0 {
+            return Ok(None);
+        }
+        PackedWeight::new(what, f32_in(what, w)?, k, n, trans).map(Some)
+    }
+
+    fn matmul_packed(
+        &self,
+        a: &TensorView,
+        w: &PackedWeight,
+        bias: Option<&TensorView>,
+        out: &mut TensorViewMut,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (m, k) = dims2("matmul a", a.dims())?;
+        let n = w.n();
+        if k != w.k() {
+            return Err(Error::shape(
+                "matmul a",
+                format!("[M, {}] (the packed weight is {w:?})", w.k()),
+                a.dims(),
+            ));
+        }
+        same_shape("matmul out", out.dims(), &[m, n])?;
+        let av = f32_in("matmul a", a)?;
+        let bias = match bias {
+            Some(t) => {
+                same_shape("matmul bias", t.dims(), &[n])?;
+                Some(f32_in("matmul bias", t)?)
+            }
+            None => None,
+        };
+        let ov = f32_out("matmul out", out)?;
+        init_out(ov, bias, n, accumulate);
+        if small_gemm::matmul_packed(m, av, w, ov) {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(
+                "matmul_packed: this CPU lacks AVX-512F, which packed weights need".into(),
+            ))
+        }
     }
 
     fn layernorm(

@@ -14,6 +14,7 @@ pub mod emu;
 pub mod kernel_device;
 pub mod kernels;
 pub mod launch_table;
+pub mod packed;
 pub mod registry;
 mod small_gemm;
 
@@ -208,6 +209,36 @@ pub trait Backend: Send + Sync {
         out: &mut TensorViewMut,
         opts: MatmulOpts,
     ) -> Result<()>;
+
+    /// A copy of the frozen weight `w` (`[K, N]`, or `[N, K]` when `trans`: a torch `Linear`)
+    /// in the layout this backend multiplies fastest, for [`Backend::matmul_packed`]; `None`
+    /// where the backend has no such layout (the default: the emulator and CUDA multiply the
+    /// tensor itself) or packing is off. `what` names the weight in errors. The copy costs
+    /// the weight's size in memory again and does not follow later changes of `w`.
+    fn pack_weight(
+        &self,
+        w: &TensorView,
+        trans: bool,
+        what: &str,
+    ) -> Result<Option<packed::PackedWeight>> {
+        let _ = (w, trans, what);
+        Ok(None)
+    }
+
+    /// `out [M, N] = a [M, K] · W (+ bias [N]) (+ out when accumulating)` for a weight packed
+    /// by [`Backend::pack_weight`]; the same product as [`Backend::matmul`] on the tensor it
+    /// was packed from, to rounding.
+    fn matmul_packed(
+        &self,
+        a: &TensorView,
+        w: &packed::PackedWeight,
+        bias: Option<&TensorView>,
+        out: &mut TensorViewMut,
+        accumulate: bool,
+    ) -> Result<()> {
+        let _ = (a, w, bias, out, accumulate);
+        Err(missing_op(self.device(), "matmul_packed"))
+    }
 
     /// Layer norm over the last dimension of `x [M, C]`: `out = (x - mean) * rstd * w + b`,
     /// also storing `mean [M]` and `rstd [M]` (f32) for the backward.

@@ -28,6 +28,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::packed::{PackedWeight, PACKED_KC, PANEL};
 use rayon::prelude::*;
 
 /// The most rows of `a` the fast path takes for `b [K, N]`; above it `gemm`'s packing pays
@@ -358,6 +359,112 @@ unsafe fn nn_tile<const R: usize, const FULL: bool>(
     }
 }
 
+/// `out [m, n] += a [m, k] · W` with `W` packed ([`PackedWeight`]): parallel over panels
+/// of 64 columns, each task going over its panels with every row block of `a`, K in blocks
+/// of [`PACKED_KC`] (a choice that depends on K only, so that each output element is the
+/// same sum in the same order whatever `m`).
+///
+/// Returns `false`, leaving `out` untouched, when the CPU lacks AVX-512 or the slice lengths
+/// do not match `m` and the weight's sizes.
+pub(crate) fn matmul_packed(m: usize, a: &[f32], w: &PackedWeight, out: &mut [f32]) -> bool {
+    let (k, n) = (w.k(), w.n());
+    if !available() || m.checked_mul(k) != Some(a.len()) || m.checked_mul(n) != Some(out.len())
+    {
+        return false;
+    }
+    if m == 0 {
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let panels = n.div_ceil(PANEL);
+        // One row block: a pure stream of the weight, a few panels per task; more rows: one
+        // panel per task (it stays in L2 while the row blocks go over it).
+        let per_task = if m <= NN_MR {
+            panels.div_ceil(2 * rayon::current_num_threads()).max(1)
+        } else {
+            1
+        };
+        let tasks = panels.div_ceil(per_task);
+        let o = OutPtr(out.as_mut_ptr());
+        let run = |t: usize| {
+            let p0 = t * per_task;
+            let p1 = (p0 + per_task).min(panels);
+            // SAFETY: `available()` checked AVX-512F; `a` and `out` hold [m, k] and [m, n]
+            // (checked above), `w` holds `panels` panels of [k, 64]; task `t` writes only the
+            // columns of panels `p0 .. p1` of `out`, which no other task writes.
+            unsafe { packed_panels(m, k, n, a.as_ptr(), w.as_ptr(), o.get(), p0, p1) }
+        };
+        if parallel(m, n, k, tasks) {
+            (0..tasks).into_par_iter().for_each(run);
+        } else {
+            (0..tasks).for_each(run);
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Panels `p0 .. p1` of `out += a · W`, `W` packed.
+///
+/// # Safety
+/// AVX-512F; `a`, `out` point to the contiguous [m, k], [m, n] matrices, `w` to the packed
+/// panels of a `[k, n]` weight, panels `p0 .. p1` exist, and no other thread accesses their
+/// columns of `out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_panels(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    w: *const f32,
+    out: *mut f32,
+    p0: usize,
+    p1: usize,
+) {
+    for p in p0..p1 {
+        let j0 = p * PANEL;
+        let width = (n - j0).min(PANEL);
+        let masks = panel_masks(width);
+        let full = width == PANEL;
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = (k - k0).min(PACKED_KC);
+            let bp = w.add((p * k + k0) * PANEL);
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(NN_MR);
+                let ap = a.add(i * k + k0);
+                let op = out.add(i * n + j0);
+                // SAFETY (all arms): rows i .. i + r of `a` and `out`, columns k0 .. k0 + kc
+                // of `a`, rows k0 .. k0 + kc of the panel (64 floats each, padded) are in
+                // bounds; output lanes past `width` are masked off.
+                match (r, full) {
+                    (6, true) => nn_tile::<6, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (6, false) => nn_tile::<6, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (5, true) => nn_tile::<5, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (5, false) => nn_tile::<5, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (4, true) => nn_tile::<4, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (4, false) => nn_tile::<4, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (3, true) => nn_tile::<3, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (3, false) => nn_tile::<3, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (2, true) => nn_tile::<2, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (2, false) => nn_tile::<2, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (_, true) => nn_tile::<1, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                    (_, false) => nn_tile::<1, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
+                }
+                i += r;
+            }
+            k0 += kc;
+        }
+    }
+}
+
 /// `b [N, K]` (`a · bᵀ`): parallel over groups of rows of `b`.
 #[cfg(target_arch = "x86_64")]
 fn nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], alpha: f32, out: &mut [f32]) {
@@ -651,6 +758,73 @@ mod tests {
                         ),
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_kernel_matches_f64_reference_in_both_layouts() {
+        if !available() {
+            eprintln!("no AVX-512F: packed weights are off on this CPU, nothing to test");
+            return;
+        }
+        let mut rng = Rng::new(23);
+        // A K past PACKED_KC (two K blocks), widths around a panel, a wide head-like N.
+        for &(m, k, n) in &[
+            (1usize, 13usize, 13usize),
+            (6, 64, 64),
+            (7, 100, 771),
+            (16, 768, 2304),
+            (3, PACKED_KC + 37, 70),
+            (130, 96, 129),
+            (2, 31, 5000),
+        ] {
+            for trans in [false, true] {
+                let a = random(&mut rng, m * k);
+                let w = random(&mut rng, k * n);
+                let packed = PackedWeight::new("w", &w, k, n, trans).unwrap();
+                let init = random(&mut rng, m * n);
+                let mut out = init.clone();
+                assert!(matmul_packed(m, &a, &packed, &mut out));
+                let (want, scale) = reference(m, n, k, &a, &w, trans, 1.0, &init);
+                for idx in 0..m * n {
+                    let err = (out[idx] as f64 - want[idx]).abs();
+                    let tol = 1e-6 * (k as f64).sqrt().max(4.0) * scale[idx];
+                    assert!(
+                        err <= tol,
+                        "m {m} k {k} n {n} trans {trans} at {idx}: got {} want {} \
+                         (err {err:e}, tol {tol:e})",
+                        out[idx],
+                        want[idx]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_rows_do_not_depend_on_the_batch() {
+        // A token's output must be the same bits alone, in a batch, and at any row of it
+        // (batched serving then gives each request what it gets alone).
+        if !available() {
+            return;
+        }
+        let mut rng = Rng::new(29);
+        for &(k, n) in &[(768usize, 300usize), (PACKED_KC + 5, 64)] {
+            let w = random(&mut rng, k * n);
+            let packed = PackedWeight::new("w", &w, k, n, false).unwrap();
+            let m = 37;
+            let a = random(&mut rng, m * k);
+            let mut all = vec![0.5f32; m * n];
+            assert!(matmul_packed(m, &a, &packed, &mut all));
+            for (i0, rows) in [(0usize, 1usize), (5, 1), (36, 1), (3, 6), (10, 13)] {
+                let mut part = vec![0.5f32; rows * n];
+                assert!(matmul_packed(rows, &a[i0 * k..(i0 + rows) * k], &packed, &mut part));
+                let same = part
+                    .iter()
+                    .zip(&all[i0 * n..(i0 + rows) * n])
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "k {k} n {n}: rows {i0}..{} differ", i0 + rows);
             }
         }
     }

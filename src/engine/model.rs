@@ -22,6 +22,10 @@ pub struct ModelStep<'a> {
 impl<'a> ModelStep<'a> {
     /// A cache of `num_pages` pages of `page_size` tokens and a prefix table of `capacity`
     /// adapters of `prefix_len` virtual tokens each.
+    ///
+    /// It first has the model pack its weights for `be` ([`PrefixLm::prepare_inference`]):
+    /// on the cpu backend that is a copy of the matmul weights, their size again in memory
+    /// (`PREFIX_ATTN_CPU_PACKED=0` turns it off).
     pub fn new(
         model: &'a dyn PrefixLm,
         be: &'a dyn Backend,
@@ -32,6 +36,9 @@ impl<'a> ModelStep<'a> {
     ) -> Result<ModelStep<'a>> {
         let shape = KvShape::of(&model.geometry());
         let p = prefix_len.max(1);
+        // Every product of a step then streams packed weights (the cpu backend; a no-op on
+        // the kernel devices).
+        model.prepare_inference(be)?;
         Ok(ModelStep {
             model,
             be,

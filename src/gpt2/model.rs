@@ -8,7 +8,7 @@ use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::{Backend, MatmulOpts};
 use crate::error::{Error, Result};
 use crate::lm::head::{Head, Logits};
-use crate::lm::{Batch, Geometry, KvCache, LossSum, PrefixLm, Workspace, IGNORE};
+use crate::lm::{Batch, Geometry, KvCache, LossSum, PackedWeights, PrefixLm, Workspace, IGNORE};
 use crate::tensor::{DType, Tensor, TensorView, TensorViewMut};
 use std::path::{Path, PathBuf};
 
@@ -23,6 +23,10 @@ pub struct Gpt2 {
     pub dtype: DType,
     /// The model folder it was loaded from.
     pub dir: PathBuf,
+    /// Packed copies of the matmul weights, made by
+    /// [`PrefixLm::prepare_inference`](crate::lm::PrefixLm::prepare_inference); clear them
+    /// before changing `weights` in place.
+    pub packed: PackedWeights,
 }
 
 /// Activations of one forward pass, kept for the backward.
@@ -279,9 +283,10 @@ impl Gpt2 {
         let lw = &self.weights.layers[l];
         let eps = self.config.layer_norm_epsilon;
         be.layernorm(x, &lw.ln1_w.view(), &lw.ln1_b.view(), eps, ln, mean, rstd)?;
-        be.matmul(
+        self.packed.matmul(
+            be,
             &ln.as_view(),
-            &lw.attn_w.view(),
+            &lw.attn_w,
             Some(&lw.attn_b.view()),
             qkv,
             MatmulOpts::default(),
@@ -302,7 +307,8 @@ impl Gpt2 {
         let lw = &self.weights.layers[l];
         let eps = self.config.layer_norm_epsilon;
         let mm = MatmulOpts::default();
-        be.matmul(atty, &lw.proj_w.view(), None, &mut b.mid, mm)?;
+        let pk = &self.packed;
+        pk.matmul(be, atty, &lw.proj_w, None, &mut b.mid, mm)?;
         be.bias_residual(&mut b.mid, &lw.proj_b.view(), x)?;
         let mid = b.mid.as_view();
         be.layernorm(
@@ -314,9 +320,9 @@ impl Gpt2 {
             &mut b.mean,
             &mut b.rstd,
         )?;
-        be.matmul(&b.ln.as_view(), &lw.fc_w.view(), None, &mut b.fch, mm)?;
+        pk.matmul(be, &b.ln.as_view(), &lw.fc_w, None, &mut b.fch, mm)?;
         be.bias_gelu(&mut b.fch, &lw.fc_b.view(), &mut b.fcg)?;
-        be.matmul(&b.fcg.as_view(), &lw.fc_proj_w.view(), None, &mut b.out, mm)?;
+        pk.matmul(be, &b.fcg.as_view(), &lw.fc_proj_w, None, &mut b.out, mm)?;
         be.bias_residual(&mut b.out, &lw.fc_proj_b.view(), &mid)
     }
 }
@@ -339,6 +345,7 @@ impl Gpt2 {
             weights,
             dtype,
             dir: dir.to_path_buf(),
+            packed: PackedWeights::new(),
         })
     }
 
@@ -713,6 +720,20 @@ impl PrefixLm for Gpt2 {
 
     fn geometry(&self) -> Geometry {
         self.config.geometry()
+    }
+
+    fn prepare_inference(&self, be: &dyn Backend) -> Result<usize> {
+        let w = &self.weights;
+        let mut list = Vec::with_capacity(4 * w.layers.len() + 1);
+        for (l, lw) in w.layers.iter().enumerate() {
+            list.push((&lw.attn_w, false, format!("h.{l}.attn.c_attn.weight")));
+            list.push((&lw.proj_w, false, format!("h.{l}.attn.c_proj.weight")));
+            list.push((&lw.fc_w, false, format!("h.{l}.mlp.c_fc.weight")));
+            list.push((&lw.fc_proj_w, false, format!("h.{l}.mlp.c_proj.weight")));
+        }
+        // The tied output head: logits = x · wteᵀ.
+        list.push((&w.wte, true, "wte.weight".to_string()));
+        self.packed.prepare(be, &list)
     }
 
     fn dtype(&self) -> DType {

@@ -135,9 +135,10 @@ impl Gpt2 {
         )?;
         let v = c.vocab_size;
         let mut logits: Tensor = z(&[b, v])?;
-        be.matmul(
+        self.packed.matmul(
+            be,
             &lnf.view(),
-            &w.wte.view(),
+            &w.wte,
             None,
             &mut logits.view_mut(),
             MatmulOpts::nt(),

@@ -69,6 +69,7 @@ pub fn random_model(cfg: &Gpt2Config, seed: u64, std: f32, backend: &dyn Backend
         weights,
         dtype,
         dir: std::path::PathBuf::new(),
+        packed: crate::lm::PackedWeights::new(),
     })
 }
 

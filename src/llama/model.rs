@@ -13,7 +13,7 @@ use crate::attn::{AttnBwdArgs, AttnFwdArgs, AttnFwdOut, AttnGrads};
 use crate::device::{Backend, MatmulOpts};
 use crate::error::{Error, Result};
 use crate::lm::head::{Head, Logits};
-use crate::lm::{Batch, Geometry, KvCache, LossSum, PrefixLm, Workspace, IGNORE};
+use crate::lm::{Batch, Geometry, KvCache, LossSum, PackedWeights, PrefixLm, Workspace, IGNORE};
 use crate::tensor::{DType, Tensor, TensorView, TensorViewMut};
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,10 @@ pub struct Llama {
     pub dtype: DType,
     /// The model folder it was loaded from.
     pub dir: PathBuf,
+    /// Packed copies of the matmul weights, made by
+    /// [`PrefixLm::prepare_inference`](crate::lm::PrefixLm::prepare_inference); clear them
+    /// before changing `weights` in place.
+    pub packed: PackedWeights,
 }
 
 /// Activations of one forward pass, kept for the backward; sized for up to `rows` tokens
@@ -220,9 +224,16 @@ fn rows_mut(t: &mut Tensor, rows: usize) -> Result<TensorViewMut<'_>> {
 }
 
 /// `out = x · Wᵀ (+ b)` of a torch `Linear`.
-fn linear(be: &dyn Backend, x: &TensorView, w: &Linear, out: &mut TensorViewMut) -> Result<()> {
+/// Through the model's packed copy of the weight when it has one.
+fn linear(
+    be: &dyn Backend,
+    pk: &PackedWeights,
+    x: &TensorView,
+    w: &Linear,
+    out: &mut TensorViewMut,
+) -> Result<()> {
     let bias = w.bias.as_ref().map(|b| b.view());
-    be.matmul(x, &w.weight.view(), bias.as_ref(), out, MatmulOpts::nt())
+    pk.matmul(be, x, &w.weight, bias.as_ref(), out, MatmulOpts::nt())
 }
 
 /// `dx (+)= dy · W`: the input gradient of a torch `Linear`.
@@ -253,6 +264,7 @@ impl Llama {
             weights,
             dtype,
             dir: dir.to_path_buf(),
+            packed: PackedWeights::new(),
         })
     }
 
@@ -372,9 +384,9 @@ impl Llama {
                 &mut rows_mut(&mut acts.rstd_in[l], m)?,
             )?;
             let n = rows(&acts.norm, m)?;
-            linear(be, &n, &lw.q, &mut rows_mut(&mut acts.q[l], m)?)?;
-            linear(be, &n, &lw.k, &mut rows_mut(&mut acts.k[l], m)?)?;
-            linear(be, &n, &lw.v, &mut rows_mut(&mut acts.v[l], m)?)?;
+            linear(be, &self.packed, &n, &lw.q, &mut rows_mut(&mut acts.q[l], m)?)?;
+            linear(be, &self.packed, &n, &lw.k, &mut rows_mut(&mut acts.k[l], m)?)?;
+            linear(be, &self.packed, &n, &lw.v, &mut rows_mut(&mut acts.v[l], m)?)?;
             let (cv, sv) = (cos.view(), sin.view());
             be.rope(
                 &mut rows_mut(&mut acts.q[l], m)?.reshape(&[b, t, hq, d])?,
@@ -417,7 +429,7 @@ impl Llama {
             )?;
             // h = x + o(atty)
             let mut mid = rows_mut(&mut acts.mid[l], m)?;
-            linear(be, &rows(&acts.atty[l], m)?, &lw.o, &mut mid)?;
+            linear(be, &self.packed, &rows(&acts.atty[l], m)?, &lw.o, &mut mid)?;
             be.add_assign(&mut mid, &x)?;
             let mid = rows(&acts.mid[l], m)?;
             be.rmsnorm(
@@ -428,8 +440,8 @@ impl Llama {
                 &mut rows_mut(&mut acts.rstd_post[l], m)?,
             )?;
             let n = rows(&acts.norm, m)?;
-            linear(be, &n, &lw.gate, &mut rows_mut(&mut acts.gate, m)?)?;
-            linear(be, &n, &lw.up, &mut rows_mut(&mut acts.up, m)?)?;
+            linear(be, &self.packed, &n, &lw.gate, &mut rows_mut(&mut acts.gate, m)?)?;
+            linear(be, &self.packed, &n, &lw.up, &mut rows_mut(&mut acts.up, m)?)?;
             be.swiglu(
                 &rows(&acts.gate, m)?,
                 &rows(&acts.up, m)?,
@@ -437,7 +449,7 @@ impl Llama {
             )?;
             // y = h + down(act)
             let mut out = rows_mut(&mut res_out[0], m)?;
-            linear(be, &rows(&acts.act, m)?, &lw.down, &mut out)?;
+            linear(be, &self.packed, &rows(&acts.act, m)?, &lw.down, &mut out)?;
             be.add_assign(&mut out, &mid)?;
         }
         if let Some(kc) = cache {
@@ -536,8 +548,8 @@ impl Llama {
                 &mut rows_mut(&mut grads.rstd, m)?,
             )?;
             let n = rows(&grads.norm, m)?;
-            linear(be, &n, &lw.gate, &mut rows_mut(&mut grads.gate, m)?)?;
-            linear(be, &n, &lw.up, &mut rows_mut(&mut grads.up, m)?)?;
+            linear(be, &self.packed, &n, &lw.gate, &mut rows_mut(&mut grads.gate, m)?)?;
+            linear(be, &self.packed, &n, &lw.up, &mut rows_mut(&mut grads.up, m)?)?;
             linear_bwd(
                 be,
                 &rows(&grads.d_res, m)?,
@@ -671,6 +683,27 @@ impl PrefixLm for Llama {
 
     fn geometry(&self) -> Geometry {
         self.config.geometry()
+    }
+
+    fn prepare_inference(&self, be: &dyn Backend) -> Result<usize> {
+        let w = &self.weights;
+        let mut list = Vec::with_capacity(7 * w.layers.len() + 1);
+        for (l, lw) in w.layers.iter().enumerate() {
+            let at = |part: &str| format!("model.layers.{l}.{part}.weight");
+            list.push((&lw.q.weight, true, at("self_attn.q_proj")));
+            list.push((&lw.k.weight, true, at("self_attn.k_proj")));
+            list.push((&lw.v.weight, true, at("self_attn.v_proj")));
+            list.push((&lw.o.weight, true, at("self_attn.o_proj")));
+            list.push((&lw.gate.weight, true, at("mlp.gate_proj")));
+            list.push((&lw.up.weight, true, at("mlp.up_proj")));
+            list.push((&lw.down.weight, true, at("mlp.down_proj")));
+        }
+        let head = match w.lm_head {
+            Some(_) => "lm_head.weight",
+            None => "model.embed_tokens.weight (tied head)",
+        };
+        list.push((w.head(), true, head.to_string()));
+        self.packed.prepare(be, &list)
     }
 
     fn dtype(&self) -> DType {

@@ -74,9 +74,10 @@ impl Llama {
         let (mut gate, mut up, mut act) = (z(&[m, f])?, z(&[m, f])?, z(&[m, f])?);
         let linear = |x: &Tensor, l: &super::weights::Linear, out: &mut Tensor| -> Result<()> {
             let bias = l.bias.as_ref().map(|b| b.view());
-            be.matmul(
+            self.packed.matmul(
+                be,
                 &x.view(),
-                &l.weight.view(),
+                &l.weight,
                 bias.as_ref(),
                 &mut out.view_mut(),
                 MatmulOpts::nt(),
@@ -146,9 +147,10 @@ impl Llama {
         )?;
         let vsz = c.vocab_size;
         let mut logits = z(&[b, vsz])?;
-        be.matmul(
+        self.packed.matmul(
+            be,
             &nl.view(),
-            &w.head().view(),
+            w.head(),
             None,
             &mut logits.view_mut(),
             MatmulOpts::nt(),

@@ -104,5 +104,6 @@ pub fn random_model(
         weights,
         dtype,
         dir: std::path::PathBuf::new(),
+        packed: crate::lm::PackedWeights::new(),
     })
 }

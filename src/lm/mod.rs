@@ -18,10 +18,12 @@ mod batch;
 mod cache;
 pub mod generate;
 pub mod head;
+pub mod packed;
 pub mod paged;
 
 pub use batch::{Batch, LossSum, IGNORE};
 pub use cache::KvCache;
+pub use packed::PackedWeights;
 
 use crate::device::{Backend, Device};
 use crate::error::{Error, Result};
@@ -222,6 +224,13 @@ pub trait PrefixLm: std::fmt::Debug + Send + Sync {
         prefixes: &paged::PrefixTable,
         mode: paged::PrefixMode,
     ) -> Result<Vec<Vec<f32>>>;
+
+    /// Makes the backend's packed copies of the frozen matmul weights ([`PackedWeights`]),
+    /// once; every later product against them (decoding, and training if it follows) goes
+    /// through them. Returns the bytes the copies take: 0 where the backend packs nothing
+    /// (emu, cuda, a CPU without AVX-512, or packing turned off). The serving engine calls
+    /// it; training does not.
+    fn prepare_inference(&self, be: &dyn Backend) -> Result<usize>;
 
     /// Checks that a prefix tensor is `[P, L·2·Hkv·D]` (any dtype); returns `P`.
     fn check_prefix_shape(&self, prefix: &Tensor) -> Result<usize> {
