@@ -1,10 +1,12 @@
-//! Times `CpuBackend::matmul` at decode shapes (few rows against GPT-2-small weights), with the
-//! small-M fast path off (the `gemm` crate) and on, back to back in one process:
+//! Times the cpu backend's products at decode shapes (few rows against GPT-2-small weights)
+//! three ways, back to back in one process: `CpuBackend::matmul` with the small-M fast path
+//! off (the `gemm` crate) and on (weights read in place), and `CpuBackend::matmul_packed`
+//! (weights packed by `pack_weight`, as the engine multiplies them):
 //!   cargo bench --bench matmul
-//! Prints the best time of each path and the speed-up. Not a test: it asserts nothing
-//! except that both paths agree to f32 rounding.
+//! Prints the best time of each path and the speed-ups. Not a test: it asserts nothing
+//! except that the paths agree to f32 rounding.
 
-use prefix_attn::device::cpu::{set_small_m_fast_path, CpuBackend};
+use prefix_attn::device::cpu::{set_packed_weights, set_small_m_fast_path, CpuBackend};
 use prefix_attn::device::{Backend, MatmulOpts};
 use prefix_attn::rng::Rng;
 use prefix_attn::tensor::{DType, Tensor};
@@ -35,9 +37,10 @@ fn main() {
         "threads {}, weights rotated over >= 64 MiB of copies",
         rayon::current_num_threads()
     );
+    set_packed_weights(true);
     println!(
-        "{:>18} {:>4} {:>10} {:>10} {:>7} {:>9} {:>9}",
-        "shape", "M", "gemm ms", "fast ms", "speedup", "fast GF/s", "fast GB/s"
+        "{:>18} {:>4} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8}",
+        "shape", "M", "gemm ms", "fast ms", "pack ms", "fast/g", "pack/f", "pack GF/s", "pack GB/s"
     );
     for &(name, k, n, nt) in &shapes {
         let bdims = if nt { [n, k] } else { [k, n] };
@@ -46,6 +49,14 @@ fn main() {
         let copies = (64 << 20) / (4 * n * k) + 1;
         let bs: Vec<Tensor> = (0..copies)
             .map(|_| Tensor::from_f32(&bdims, &random(&mut rng, n * k), DType::F32).unwrap())
+            .collect();
+        let packed: Vec<_> = bs
+            .iter()
+            .map(|b| {
+                cpu.pack_weight(&b.view(), nt, name)
+                    .unwrap()
+                    .expect("packing needs AVX-512F")
+            })
             .collect();
         let bias = Tensor::from_f32(&[n], &random(&mut rng, n), DType::F32).unwrap();
         for m in [1usize, 2, 4, 8, 16, 32, 64, 128] {
@@ -58,25 +69,36 @@ fn main() {
             let mut outs = [
                 Tensor::zeros(&[m, n], DType::F32).unwrap(),
                 Tensor::zeros(&[m, n], DType::F32).unwrap(),
+                Tensor::zeros(&[m, n], DType::F32).unwrap(),
             ];
-            let mut times = [Vec::new(), Vec::new()];
-            // The timed reps, then one more with the same copy for both paths (compared below).
+            let mut times = [Vec::new(), Vec::new(), Vec::new()];
+            // The timed reps, then one more with the same copy for every path (compared below).
             for rep in 0..=reps {
                 for (p, out) in outs.iter_mut().enumerate() {
-                    let b = &bs[if rep == reps {
+                    let c = if rep == reps {
                         0
                     } else {
-                        (rep * 2 + p + 1) % copies
-                    }];
+                        (rep * 3 + p + 1) % copies
+                    };
                     set_small_m_fast_path(p == 1);
                     let t = Instant::now();
-                    cpu.matmul(
-                        &a.view(),
-                        &b.view(),
-                        Some(&bias.view()),
-                        &mut out.view_mut(),
-                        opts,
-                    )
+                    if p == 2 {
+                        cpu.matmul_packed(
+                            &a.view(),
+                            &packed[c],
+                            Some(&bias.view()),
+                            &mut out.view_mut(),
+                            false,
+                        )
+                    } else {
+                        cpu.matmul(
+                            &a.view(),
+                            &bs[c].view(),
+                            Some(&bias.view()),
+                            &mut out.view_mut(),
+                            opts,
+                        )
+                    }
                     .unwrap();
                     if rep < reps {
                         times[p].push(t.elapsed().as_secs_f64() * 1e3);
@@ -85,26 +107,29 @@ fn main() {
             }
             // The fastest run: the least disturbed by other processes on a shared machine.
             let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-            let (tg, tf) = (best(&times[0]), best(&times[1]));
+            let (tg, tf, tp) = (best(&times[0]), best(&times[1]), best(&times[2]));
             let g = outs[0].to_f32_vec();
-            let f = outs[1].to_f32_vec();
-            let err = g
-                .iter()
-                .zip(&f)
-                .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
-                .fold(0.0f32, f32::max);
-            assert!(err < 1e-4, "paths disagree: {err}");
+            for other in &outs[1..] {
+                let err = g
+                    .iter()
+                    .zip(&other.to_f32_vec())
+                    .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+                    .fold(0.0f32, f32::max);
+                assert!(err < 1e-4, "paths disagree: {err}");
+            }
             let flops = 2.0 * (m * n * k) as f64;
             let bytes = 4.0 * (n * k + m * k + m * n) as f64;
             println!(
-                "{:>18} {:>4} {:>10.3} {:>10.3} {:>6.2}x {:>9.1} {:>9.1}",
+                "{:>18} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>6.2}x {:>6.2}x {:>8.1} {:>8.1}",
                 name,
                 m,
                 tg,
                 tf,
+                tp,
                 tg / tf,
-                flops / tf / 1e6,
-                bytes / tf / 1e6
+                tf / tp,
+                flops / tp / 1e6,
+                bytes / tp / 1e6
             );
         }
     }

@@ -336,3 +336,106 @@ fn adapters_of_different_lengths_share_the_prefix_table() {
     let (shape, vals) = adapter_prefix("tiny-a");
     common::paged::adapters_of_different_lengths(&model, &be, &vals[..5 * shape[1]]);
 }
+
+/// With packed weights (the cpu engine packs them; AVX-512) every product sums each output
+/// element in one order whatever the batch, and attention runs per sequence: a request's
+/// logits are the same bits alone as batched with requests of other adapters, lengths and
+/// phases (prefill next to decode). They also agree, to f32 rounding, with the contiguous-
+/// cache decoder of a model that was never packed (an independent path).
+#[test]
+fn packed_weights_make_a_requests_logits_independent_of_its_batch() {
+    use prefix_attn::engine::scheduler::{PagedSeq, StepModel};
+    use prefix_attn::lm::PrefixLm;
+    let be = CpuBackend;
+    let name = "tiny-a";
+    let model = Gpt2::load(&fixture(name).join("model"), &be).unwrap();
+    let unpacked = Gpt2::load(&fixture(name).join("model"), &be).unwrap();
+    let (shape, vals) = adapter_prefix(name);
+    let mut rng = Rng::new(77);
+    let adapters: Vec<Tensor> = (0..2)
+        .map(|i| {
+            let v: Vec<f32> = vals
+                .iter()
+                .map(|&x| x + i as f32 * 0.3 * rng.normal() as f32)
+                .collect();
+            Tensor::from_f32(&shape, &v, DType::F32).unwrap()
+        })
+        .collect();
+    let vocab = model.config.vocab_size as u64;
+    // (prompt length, adapter): short prompts take the decode kernel, long ones prefill.
+    let shapes = [
+        (7usize, Some(0u32)),
+        (20, Some(1)),
+        (3, None),
+        (18, Some(0)),
+    ];
+    let mut tokens: Vec<Vec<u32>> = shapes
+        .iter()
+        .map(|&(n, _)| (0..n).map(|_| rng.below(vocab) as u32).collect())
+        .collect();
+    let pages: Vec<Vec<u32>> = (0..shapes.len() as u32)
+        .map(|i| (i * 8..i * 8 + 8).collect())
+        .collect();
+    let engine = |which: &[usize]| {
+        let mut step = ModelStep::new(&model, &be, 64, 4, 2, shape[0]).unwrap();
+        for (i, a) in adapters.iter().enumerate() {
+            step.add_adapter(&format!("a{i}"), a).unwrap();
+        }
+        let packed = model.packed.len();
+        (step, which.to_vec(), packed)
+    };
+    let feed = |step: &mut ModelStep, which: &[usize], tokens: &[Vec<u32>], cached: &[usize]| {
+        let seqs: Vec<PagedSeq> = which
+            .iter()
+            .map(|&i| PagedSeq {
+                tokens: &tokens[i],
+                cached: cached[i],
+                pages: &pages[i],
+                adapter: shapes[i].1,
+            })
+            .collect();
+        step.step(&seqs).unwrap()
+    };
+    let (mut all, all_idx, packed) = engine(&[0, 1, 2, 3]);
+    if packed == 0 {
+        eprintln!("no packed weights on this CPU (no AVX-512): batch invariance not promised");
+        return;
+    }
+    let mut alone: Vec<_> = (0..shapes.len()).map(|i| engine(&[i])).collect();
+    // Prefill, then two decode steps.
+    let mut cached = vec![0usize; shapes.len()];
+    for round in 0..3 {
+        let batched = feed(&mut all, &all_idx, &tokens, &cached);
+        for (i, (step, idx, _)) in alone.iter_mut().enumerate() {
+            let one = feed(step, idx, &tokens, &cached);
+            let same = one[0]
+                .iter()
+                .zip(&batched[i])
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "round {round}: request {i}'s logits differ alone and batched"
+            );
+        }
+        if round == 0 {
+            // The independent check, on the prompts.
+            for (i, row) in batched.iter().enumerate() {
+                let pre = shapes[i].1.map(|a| adapters[a as usize].clone());
+                let mut cache = unpacked.new_cache(&be, 64).unwrap();
+                let want = unpacked
+                    .decode(&be, &tokens[i], pre.as_ref(), &mut cache)
+                    .unwrap();
+                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (g, w) in row.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-5 * scale, "request {i}: {g} vs {w}");
+                }
+            }
+        }
+        for (i, t) in tokens.iter_mut().enumerate() {
+            cached[i] = t.len();
+            let next = generate::argmax(&batched[i]);
+            t.push(next);
+        }
+    }
+    assert_eq!(unpacked.packed.len(), 0);
+}

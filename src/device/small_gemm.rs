@@ -368,8 +368,7 @@ unsafe fn nn_tile<const R: usize, const FULL: bool>(
 /// do not match `m` and the weight's sizes.
 pub(crate) fn matmul_packed(m: usize, a: &[f32], w: &PackedWeight, out: &mut [f32]) -> bool {
     let (k, n) = (w.k(), w.n());
-    if !available() || m.checked_mul(k) != Some(a.len()) || m.checked_mul(n) != Some(out.len())
-    {
+    if !available() || m.checked_mul(k) != Some(a.len()) || m.checked_mul(n) != Some(out.len()) {
         return false;
     }
     if m == 0 {
@@ -819,7 +818,12 @@ mod tests {
             assert!(matmul_packed(m, &a, &packed, &mut all));
             for (i0, rows) in [(0usize, 1usize), (5, 1), (36, 1), (3, 6), (10, 13)] {
                 let mut part = vec![0.5f32; rows * n];
-                assert!(matmul_packed(rows, &a[i0 * k..(i0 + rows) * k], &packed, &mut part));
+                assert!(matmul_packed(
+                    rows,
+                    &a[i0 * k..(i0 + rows) * k],
+                    &packed,
+                    &mut part
+                ));
                 let same = part
                     .iter()
                     .zip(&all[i0 * n..(i0 + rows) * n])

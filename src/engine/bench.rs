@@ -75,6 +75,9 @@ pub struct DecodeRow {
     pub seconds: f64,
     /// `tokens / seconds`.
     pub tokens_per_s: f64,
+    /// Bytes of the model's packed weight copies ([`PrefixLm::prepare_inference`]; 0: the
+    /// weights were multiplied in place).
+    pub packed_weight_bytes: usize,
 }
 
 /// Runs every configuration `reps` times (after one warm-up) and returns the median rows:
@@ -118,6 +121,8 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
      -> Result<DecodeRow> {
         let mut step = ModelStep::new(model, be, pages, b.page_size, b.adapters, b.prefix_len)?
             .with_prefix_mode(mode);
+        // Packed by the first `ModelStep` (the warm-up): this only reads the size.
+        let packed_weight_bytes = model.prepare_inference(be)?;
         for (i, a) in adapters.iter().enumerate() {
             step.add_adapter(&format!("a{i}"), a)?;
         }
@@ -149,6 +154,7 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
             tokens,
             seconds,
             tokens_per_s: tokens as f64 / seconds,
+            packed_weight_bytes,
         })
     };
     let reqs = |k: Option<usize>, placeholders: bool| -> Vec<Request> {

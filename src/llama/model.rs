@@ -384,9 +384,27 @@ impl Llama {
                 &mut rows_mut(&mut acts.rstd_in[l], m)?,
             )?;
             let n = rows(&acts.norm, m)?;
-            linear(be, &self.packed, &n, &lw.q, &mut rows_mut(&mut acts.q[l], m)?)?;
-            linear(be, &self.packed, &n, &lw.k, &mut rows_mut(&mut acts.k[l], m)?)?;
-            linear(be, &self.packed, &n, &lw.v, &mut rows_mut(&mut acts.v[l], m)?)?;
+            linear(
+                be,
+                &self.packed,
+                &n,
+                &lw.q,
+                &mut rows_mut(&mut acts.q[l], m)?,
+            )?;
+            linear(
+                be,
+                &self.packed,
+                &n,
+                &lw.k,
+                &mut rows_mut(&mut acts.k[l], m)?,
+            )?;
+            linear(
+                be,
+                &self.packed,
+                &n,
+                &lw.v,
+                &mut rows_mut(&mut acts.v[l], m)?,
+            )?;
             let (cv, sv) = (cos.view(), sin.view());
             be.rope(
                 &mut rows_mut(&mut acts.q[l], m)?.reshape(&[b, t, hq, d])?,
@@ -440,8 +458,20 @@ impl Llama {
                 &mut rows_mut(&mut acts.rstd_post[l], m)?,
             )?;
             let n = rows(&acts.norm, m)?;
-            linear(be, &self.packed, &n, &lw.gate, &mut rows_mut(&mut acts.gate, m)?)?;
-            linear(be, &self.packed, &n, &lw.up, &mut rows_mut(&mut acts.up, m)?)?;
+            linear(
+                be,
+                &self.packed,
+                &n,
+                &lw.gate,
+                &mut rows_mut(&mut acts.gate, m)?,
+            )?;
+            linear(
+                be,
+                &self.packed,
+                &n,
+                &lw.up,
+                &mut rows_mut(&mut acts.up, m)?,
+            )?;
             be.swiglu(
                 &rows(&acts.gate, m)?,
                 &rows(&acts.up, m)?,
@@ -548,8 +578,20 @@ impl Llama {
                 &mut rows_mut(&mut grads.rstd, m)?,
             )?;
             let n = rows(&grads.norm, m)?;
-            linear(be, &self.packed, &n, &lw.gate, &mut rows_mut(&mut grads.gate, m)?)?;
-            linear(be, &self.packed, &n, &lw.up, &mut rows_mut(&mut grads.up, m)?)?;
+            linear(
+                be,
+                &self.packed,
+                &n,
+                &lw.gate,
+                &mut rows_mut(&mut grads.gate, m)?,
+            )?;
+            linear(
+                be,
+                &self.packed,
+                &n,
+                &lw.up,
+                &mut rows_mut(&mut grads.up, m)?,
+            )?;
             linear_bwd(
                 be,
                 &rows(&grads.d_res, m)?,
