@@ -121,6 +121,15 @@ fn f32_out<'b>(arg: &str, t: &'b mut TensorViewMut) -> Result<&'b mut [f32]> {
     })
 }
 
+/// A product's optional bias, checked to be `[n]` f32.
+fn bias_in<'a>(bias: Option<&TensorView<'a>>, n: usize) -> Result<Option<&'a [f32]>> {
+    bias.map(|t| {
+        same_shape("matmul bias", t.dims(), &[n])?;
+        f32_in("matmul bias", t)
+    })
+    .transpose()
+}
+
 /// The start of a product `out [·, n]`: the bias in every row (or zeros), or, accumulating,
 /// the old values plus the bias.
 fn init_out(out: &mut [f32], bias: Option<&[f32]>, n: usize, accumulate: bool) {
@@ -203,13 +212,7 @@ impl Backend for CpuBackend {
         same_shape("matmul out", out.dims(), &[m, n])?;
         let av = f32_in("matmul a", a)?;
         let bv = f32_in("matmul b", b)?;
-        let bias = match bias {
-            Some(t) => {
-                same_shape("matmul bias", t.dims(), &[n])?;
-                Some(f32_in("matmul bias", t)?)
-            }
-            None => None,
-        };
+        let bias = bias_in(bias, n)?;
         let ov = f32_out("matmul out", out)?;
         init_out(ov, bias, n, opts.accumulate);
         if m == 0 || n == 0 || k == 0 {
@@ -336,13 +339,7 @@ impl Backend for CpuBackend {
         }
         same_shape("matmul out", out.dims(), &[m, n])?;
         let av = f32_in("matmul a", a)?;
-        let bias = match bias {
-            Some(t) => {
-                same_shape("matmul bias", t.dims(), &[n])?;
-                Some(f32_in("matmul bias", t)?)
-            }
-            None => None,
-        };
+        let bias = bias_in(bias, n)?;
         let ov = f32_out("matmul out", out)?;
         init_out(ov, bias, n, accumulate);
         if small_gemm::matmul_packed(m, av, w, ov) {

@@ -262,33 +262,71 @@ unsafe fn nn_panels(
             let (j0, w) = geom.panel(p);
             let masks = panel_masks(w);
             let full = w == NN_NR;
-            let bp = b.add(k0 * n + j0);
-            let mut i = 0;
-            while i < m {
-                let r = (m - i).min(NN_MR);
-                let ap = a.add(i * k + k0);
-                let op = out.add(i * n + j0);
-                // SAFETY (all arms): rows i .. i + r of `a` and `out`, columns k0 .. k0 + kc
-                // of `a`, rows k0 .. k0 + kc and columns j0 .. j0 + w of `b` are in bounds;
-                // lanes past `w` are masked off.
-                match (r, full) {
-                    (6, true) => nn_tile::<6, true>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (6, false) => nn_tile::<6, false>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (5, true) => nn_tile::<5, true>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (5, false) => nn_tile::<5, false>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (4, true) => nn_tile::<4, true>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (4, false) => nn_tile::<4, false>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (3, true) => nn_tile::<3, true>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (3, false) => nn_tile::<3, false>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (2, true) => nn_tile::<2, true>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (2, false) => nn_tile::<2, false>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (_, true) => nn_tile::<1, true>(ap, k, bp, n, kc, op, n, masks, alpha),
-                    (_, false) => nn_tile::<1, false>(ap, k, bp, n, kc, op, n, masks, alpha),
-                }
-                i += r;
-            }
+            // SAFETY: rows k0 .. k0 + kc and columns j0 .. j0 + w of `b` (stride n), of
+            // which `masks` selects the lanes, and columns j0 .. j0 + w of `out` are in
+            // bounds and belong to this task.
+            row_blocks(
+                m,
+                k,
+                a.add(k0),
+                b.add(k0 * n + j0),
+                n,
+                kc,
+                out.add(j0),
+                n,
+                masks,
+                full,
+                alpha,
+            );
         }
         k0 += kc;
+    }
+}
+
+/// Every row block of `a` over one panel piece: `out[i, 0..w] += alpha · Σ_{kk < kc}
+/// a[i, kk] · b[kk, 0..w]` for all `m` rows, [`NN_MR`] rows per register tile.
+///
+/// # Safety
+/// AVX-512F; `a` points to `m` rows (stride `lda`) of `kc` readable floats, `b` to `kc` rows
+/// (stride `ldb`) whose lanes selected by `masks` (all 64 when `full`) are readable, `out`
+/// to `m` rows (stride `ldo`) whose masked lanes are writable and not accessed by other
+/// threads.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_blocks(
+    m: usize,
+    lda: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    kc: usize,
+    out: *mut f32,
+    ldo: usize,
+    masks: [u16; 4],
+    full: bool,
+    alpha: f32,
+) {
+    let mut i = 0;
+    while i < m {
+        let r = (m - i).min(NN_MR);
+        let (ap, op) = (a.add(i * lda), out.add(i * ldo));
+        // SAFETY (all arms): rows i .. i + r of `a` and `out` are within the m rows.
+        match (r, full) {
+            (6, true) => nn_tile::<6, true>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (6, false) => nn_tile::<6, false>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (5, true) => nn_tile::<5, true>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (5, false) => nn_tile::<5, false>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (4, true) => nn_tile::<4, true>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (4, false) => nn_tile::<4, false>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (3, true) => nn_tile::<3, true>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (3, false) => nn_tile::<3, false>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (2, true) => nn_tile::<2, true>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (2, false) => nn_tile::<2, false>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (_, true) => nn_tile::<1, true>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+            (_, false) => nn_tile::<1, false>(ap, lda, b, ldb, kc, op, ldo, masks, alpha),
+        }
+        i += r;
     }
 }
 
@@ -434,31 +472,21 @@ unsafe fn packed_panels(
         let mut k0 = 0;
         while k0 < k {
             let kc = (k - k0).min(PACKED_KC);
-            let bp = w.add((p * k + k0) * PANEL);
-            let mut i = 0;
-            while i < m {
-                let r = (m - i).min(NN_MR);
-                let ap = a.add(i * k + k0);
-                let op = out.add(i * n + j0);
-                // SAFETY (all arms): rows i .. i + r of `a` and `out`, columns k0 .. k0 + kc
-                // of `a`, rows k0 .. k0 + kc of the panel (64 floats each, padded) are in
-                // bounds; output lanes past `width` are masked off.
-                match (r, full) {
-                    (6, true) => nn_tile::<6, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (6, false) => nn_tile::<6, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (5, true) => nn_tile::<5, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (5, false) => nn_tile::<5, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (4, true) => nn_tile::<4, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (4, false) => nn_tile::<4, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (3, true) => nn_tile::<3, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (3, false) => nn_tile::<3, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (2, true) => nn_tile::<2, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (2, false) => nn_tile::<2, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (_, true) => nn_tile::<1, true>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                    (_, false) => nn_tile::<1, false>(ap, k, bp, PANEL, kc, op, n, masks, 1.0),
-                }
-                i += r;
-            }
+            // SAFETY: rows k0 .. k0 + kc of panel p (64 floats each, padded) and columns
+            // j0 .. j0 + width of `out` are in bounds and belong to this task.
+            row_blocks(
+                m,
+                k,
+                a.add(k0),
+                w.add((p * k + k0) * PANEL),
+                PANEL,
+                kc,
+                out.add(j0),
+                n,
+                masks,
+                full,
+                1.0,
+            );
             k0 += kc;
         }
     }
