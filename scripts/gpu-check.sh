@@ -6,9 +6,9 @@
 #                                 # xz-compressed) and the prefix-attn CLI, release, stripped,
 #                                 # into gpu-bin/ (carry it)
 #   scripts/gpu-check.sh run      # on the CUDA machine (no Rust needed): the GPU tests, the candle
-#                                 # op's GPU tests, then the attention benchmarks (ours, PyTorch
-#                                 # SDPA), then the training step against PyTorch + PEFT, then a
-#                                 # short training cuda vs cpu
+#                                 # op's GPU tests, the paged decode kernel's bandwidth, then the
+#                                 # attention benchmarks (ours, PyTorch SDPA), then the training
+#                                 # step against PyTorch + PEFT, then a short training cuda vs cpu
 #   scripts/gpu-check.sh libdirs  # the library folders `run` adds to LD_LIBRARY_PATH
 #
 # `run` is built for scarce GPU time and for being cut off:
@@ -298,6 +298,10 @@ run() {
     fi
     rm -rf "$cc_dir"
 
+    say "== paged decode kernel at the decode shape: GB/s against the measured copy (H200 goals: B=64 80 %, B<=4 50 %)"
+    step bench-decode 60 to_file "$W/decode.json" ./gpu-bin/prefix-attn bench decode-kernel --device cuda --json
+    summary "decode kernel: $(verdict); $(decode_headline "$W/decode.json")"
+
     say "== attention benchmarks: ours (fused vs naive concat), PyTorch SDPA, ratios"
     local torch_cuda=0 b=""
     step bench-ours 90 to_file "$W/ours.json" ./gpu-bin/prefix-attn bench attn --device cuda --json
@@ -369,6 +373,20 @@ headline() {
 import json, sys
 d = json.load(open(sys.argv[1]))
 print("fused/naive " + ", ".join(f"{r['shape']} fwd {r['speedup_fwd']:.2f}x bwd {r['speedup_bwd']:.2f}x" for r in d["rows"]))
+PY
+}
+
+# decode_headline FILE: the decode kernel's GB/s and fraction of the copy per batch size.
+decode_headline() {
+    python3 - "$1" <<'PY' 2>/dev/null || echo "unreadable $1"
+import json, sys
+d = json.load(open(sys.argv[1]))
+def goal(r):
+    if r["h200_goal"] is None:
+        return ""
+    return f", goal {r['h200_goal']:.0%} {'met' if r['goal_met'] else 'NOT met'}"
+print(f"copy {d['copy_gbs']:.0f} GB/s; " + "; ".join(
+    f"B={r['batch']} {r['gb_per_s']:.0f} GB/s ({r['fraction_of_copy']:.0%}{goal(r)})" for r in d["rows"]))
 PY
 }
 

@@ -57,6 +57,51 @@ fn bench_attn_reports_every_figure() {
 }
 
 #[test]
+fn bench_decode_kernel_reports_bandwidth_against_the_copy() {
+    let v = json_of(&[
+        "bench",
+        "decode-kernel",
+        "--batches",
+        "1,5",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(v["device"], "cpu");
+    let copy = v["copy_gbs"].as_f64().unwrap();
+    assert!(copy > 0.0, "{v}");
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (r, b) in rows.iter().zip([1u64, 5]) {
+        assert_eq!(r["batch"].as_u64(), Some(b));
+        // Per sequence: 2 · (64 prefix + 2048 cached) K/V rows of 8 · 128 fp16, q and o.
+        assert_eq!(
+            r["bytes"].as_u64(),
+            Some(b * (2 * 2112 * 2048 + 2 * 32 * 128 * 2))
+        );
+        let (gbs, ms) = (r["gb_per_s"].as_f64().unwrap(), r["ms"].as_f64().unwrap());
+        let bytes = r["bytes"].as_f64().unwrap();
+        assert!((gbs - bytes / (ms * 1e-3) / 1e9).abs() <= 1e-9 * gbs, "{r}");
+        let frac = r["fraction_of_copy"].as_f64().unwrap();
+        assert!((frac - gbs / copy).abs() <= 1e-12 * frac.max(1.0), "{r}");
+    }
+    // The goals: 50 % at B = 1, none at B = 5.
+    assert_eq!(rows[0]["h200_goal"].as_f64(), Some(0.5));
+    assert_eq!(
+        rows[0]["goal_met"].as_bool(),
+        Some(rows[0]["fraction_of_copy"].as_f64().unwrap() >= 0.5)
+    );
+    assert!(rows[1]["h200_goal"].is_null() && rows[1]["goal_met"].is_null());
+    let (status, _, stderr) = cli(&["bench", "decode-kernel", "--device", "emu"]);
+    assert!(!status.success() && stderr.contains("emulator"), "{stderr}");
+    let (status, _, stderr) = cli(&["bench", "decode-kernel", "--batches", "0"]);
+    assert!(
+        !status.success() && stderr.contains("--batches"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bench_serve_drives_real_servers_and_reports_each_configuration() {
     let work = common::files::tmp_out("bench-serve");
     let (status, stdout, stderr) = cli(&[

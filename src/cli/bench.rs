@@ -1,9 +1,10 @@
-//! `prefix-attn bench attn`, `bench step` and `bench decode`.
+//! `prefix-attn bench attn`, `bench step`, `bench decode`, `bench decode-kernel` and `bench serve`.
 
 use super::common::{backend_for, parse_device, DEVICE_HELP};
 use clap::Subcommand;
 use prefix_attn::attn::shapes::{self, NamedShape};
 use prefix_attn::bench::{bench_attn_cpu, bench_attn_device, bench_step, cpu_ceilings, StepBench};
+use prefix_attn::device::cuda::CudaBackend;
 use prefix_attn::device::{Backend, Device};
 use prefix_attn::{Error, Result};
 
@@ -18,6 +19,11 @@ pub(super) enum BenchCmd {
     /// Tokens per second of batched generation over many adapters (the engine) against one
     /// request at a time, one adapter, no prefix and the naive copied-prefix cache.
     Decode(DecodeArgs),
+    /// Time the paged-decode kernel alone at the `decode` shape (32/8 heads of 128, 2,048
+    /// cached keys in pages of 16, P = 64, fp16, one new token) for several batch sizes: GB/s
+    /// against a copy measured on the spot, and the H200 goals (B ≥ 64: 80 % of the
+    /// copy; B ≤ 4, split over keys: 50 %).
+    DecodeKernel(DecodeKernelArgs),
     /// Load-test `prefix-attn serve`: throughput and p50/p99 latency at several concurrency
     /// levels, with 1, 8 and 1,000 adapters in the served directory (one server process
     /// each, driven over HTTP on loopback).
@@ -96,6 +102,23 @@ pub(super) struct DecodeArgs {
     device: String,
 }
 
+// The arguments of `bench decode-kernel`.
+#[derive(clap::Args)]
+pub(super) struct DecodeKernelArgs {
+    /// Batch sizes, comma-separated [default: 1,2,4,64 on a GPU, 1,4 on the cpu].
+    #[arg(long, value_delimiter = ',')]
+    batches: Vec<usize>,
+    /// Timed calls per batch size (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Device: cpu, cuda[:N] or auto; never the emulator.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
 // The arguments of `bench attn`.
 #[derive(clap::Args)]
 pub(super) struct AttnArgs {
@@ -150,6 +173,7 @@ pub(super) fn run(what: BenchCmd) -> Result<()> {
         BenchCmd::Attn(args) => attn(args),
         BenchCmd::Step(args) => step(args),
         BenchCmd::Decode(args) => decode(args),
+        BenchCmd::DecodeKernel(args) => decode_kernel(args),
         BenchCmd::Serve(args) => serve(args),
     }
 }
@@ -330,22 +354,7 @@ fn attn(args: AttnArgs) -> Result<()> {
     };
     // cpu: CPU-scaled shapes, wall time; cuda: full shapes, CUDA events, inputs
     // rotated through 256 MiB (> 2× an H200's L2). Never the emulator.
-    let cuda = match device.as_str() {
-        "cpu" => None,
-        "emu" => {
-            return Err(Error::Unsupported(
-                "bench attn --device emu: the emulator is a test instrument, never benchmarked (use cpu or cuda)".into(),
-            ))
-        }
-        "auto" => match prefix_attn::device::cuda::device_count() {
-            0 => None,
-            _ => Some(prefix_attn::device::cuda::CudaBackend::new(0)?),
-        },
-        other => match parse_device(other)? {
-            Device::Cuda(n) => Some(prefix_attn::device::cuda::CudaBackend::new(n)?),
-            _ => None,
-        },
-    };
+    let cuda = bench_cuda("bench attn", &device)?;
     let (label, ceil, rows, checks) = match &cuda {
         None => {
             let ceil = cpu_ceilings()?;
@@ -493,6 +502,110 @@ fn step(args: StepArgs) -> Result<()> {
         println!(
             "{} on {} (batch {} × {} tokens, P={}, MLP {}), {} threads: median {:.2} ms (min {:.2}, max {:.2}), {:.0} tokens/s, peak RSS {:.0} MB{dev}",
             s.shape, be.device(), s.batch, s.seq, s.prefix_len, s.mid_dim, r.threads, r.median_ms, r.min_ms, r.max_ms, r.tokens_per_s, r.peak_rss_mb
+        );
+    }
+    Ok(())
+}
+
+/// The GPU a benchmark's `--device` names (`None`: the cpu); the emulator is refused.
+fn bench_cuda(cmd: &str, device: &str) -> Result<Option<CudaBackend>> {
+    Ok(match device {
+        "cpu" => None,
+        "emu" => {
+            return Err(Error::Unsupported(format!(
+                "{cmd} --device emu: the emulator is a test instrument, never benchmarked (use cpu or cuda)"
+            )))
+        }
+        "auto" => match prefix_attn::device::cuda::device_count() {
+            0 => None,
+            _ => Some(CudaBackend::new(0)?),
+        },
+        other => match parse_device(other)? {
+            Device::Cuda(n) => Some(CudaBackend::new(n)?),
+            _ => None,
+        },
+    })
+}
+
+/// The H200 goal for the decode kernel at batch `b`, as a fraction of the copy
+/// bandwidth: 80 % from 64 sequences on, 50 % at 1–4 (split over keys), none between.
+fn decode_goal(b: usize) -> Option<f64> {
+    match b {
+        1..=4 => Some(0.5),
+        64.. => Some(0.8),
+        _ => None,
+    }
+}
+
+fn decode_kernel(args: DecodeKernelArgs) -> Result<()> {
+    use prefix_attn::device::decode_bench::time_decode;
+    let cuda = bench_cuda("bench decode-kernel", &args.device)?;
+    let batches = match (args.batches.is_empty(), cuda.is_some()) {
+        (false, _) => args.batches.clone(),
+        (true, true) => vec![1, 2, 4, 64],
+        (true, false) => vec![1, 4],
+    };
+    if let Some(&bad) = batches.iter().find(|&&b| b == 0) {
+        return Err(Error::index(
+            "--batches",
+            format!("batch sizes must be at least 1, got {bad}"),
+        ));
+    }
+    let (label, ceil, rows) = match &cuda {
+        Some(be) => (
+            be.describe(),
+            prefix_attn::bench::ceilings::cuda_ceilings(be)?,
+            time_decode(be, &batches, args.reps)?,
+        ),
+        None => (
+            "cpu".to_string(),
+            cpu_ceilings()?,
+            time_decode(&prefix_attn::device::cpu::CpuBackend, &batches, args.reps)?,
+        ),
+    };
+    let copy_gbs = ceil.bytes / 1e9;
+    if args.json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let frac = r.gb_per_s / copy_gbs;
+                let goal = decode_goal(r.batch);
+                serde_json::json!({
+                    "batch": r.batch, "ms": r.ms, "bytes": r.bytes, "gb_per_s": r.gb_per_s,
+                    "fraction_of_copy": frac, "h200_goal": goal,
+                    "goal_met": goal.map(|g| frac >= g),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"device": label, "shape": "decode", "copy_gbs": copy_gbs, "rows": v})
+        );
+        return Ok(());
+    }
+    println!(
+        "paged decode kernel, `decode` shape (Hq/Hkv 32/8, D 128, 2048 keys in pages of 16, P 64, fp16, Tq 1) on {label}; copy measured now: {copy_gbs:.1} GB/s"
+    );
+    println!(
+        "{:>6} {:>10} {:>10} {:>9} {:>10}",
+        "batch", "ms", "GB/s", "of copy", "H200 goal"
+    );
+    for r in &rows {
+        let frac = r.gb_per_s / copy_gbs;
+        let goal = decode_goal(r.batch).map_or("-".to_string(), |g| {
+            format!(
+                "{:.0} % {}",
+                g * 100.0,
+                if frac >= g { "met" } else { "not met" }
+            )
+        });
+        println!(
+            "{:>6} {:>10.4} {:>10.1} {:>8.1}% {:>10}",
+            r.batch,
+            r.ms,
+            r.gb_per_s,
+            frac * 100.0,
+            goal
         );
     }
     Ok(())
