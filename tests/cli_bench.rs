@@ -82,6 +82,9 @@ fn bench_decode_kernel_reports_bandwidth_against_the_copy() {
         let (gbs, ms) = (r["gb_per_s"].as_f64().unwrap(), r["ms"].as_f64().unwrap());
         let bytes = r["bytes"].as_f64().unwrap();
         assert!((gbs - bytes / (ms * 1e-3) / 1e9).abs() <= 1e-9 * gbs, "{r}");
+        // The calls rotate through at least 128 MiB of inputs.
+        let copies = r["input_copies"].as_u64().unwrap();
+        assert!(copies * bytes as u64 >= 128 << 20 && (copies - 1) * (bytes as u64) < 128 << 20);
         let frac = r["fraction_of_copy"].as_f64().unwrap();
         assert!((frac - gbs / copy).abs() <= 1e-12 * frac.max(1.0), "{r}");
     }
