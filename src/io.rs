@@ -1,4 +1,5 @@
-//! File helpers: reads with errors that name the file, atomic writes.
+//! File helpers: reads with errors that name the file, atomic writes; and the memory
+//! available to this process (read from Linux's `/proc` and cgroup files).
 
 use crate::error::{Error, Result};
 use std::io::Write;
@@ -422,6 +423,60 @@ pub fn safetensors_metadata(path: &Path) -> Result<std::collections::HashMap<Str
         .unwrap_or_default())
 }
 
+/// Bytes of memory this process can still take, as far as Linux says: `MemAvailable` of
+/// `/proc/meminfo`, lowered to what the memory cgroup's limit leaves (its usage less the
+/// reclaimable inactive file cache) when there is one. `None` where neither is readable.
+pub fn memory_available() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let system = read("/proc/meminfo").and_then(|t| meminfo_available(&t));
+    // cgroup v2, then v1.
+    let cgroup = cgroup_available(
+        read("/sys/fs/cgroup/memory.max").as_deref(),
+        read("/sys/fs/cgroup/memory.current").as_deref(),
+        read("/sys/fs/cgroup/memory.stat").as_deref(),
+    )
+    .or_else(|| {
+        cgroup_available(
+            read("/sys/fs/cgroup/memory/memory.limit_in_bytes").as_deref(),
+            read("/sys/fs/cgroup/memory/memory.usage_in_bytes").as_deref(),
+            read("/sys/fs/cgroup/memory/memory.stat").as_deref(),
+        )
+    });
+    match (system, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn meminfo_available(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// What a memory cgroup's limit leaves: `limit - (usage - inactive file cache)`; `None`
+/// without a numeric limit (`max`, or v1's huge "unlimited") or usage.
+fn cgroup_available(limit: Option<&str>, usage: Option<&str>, stat: Option<&str>) -> Option<u64> {
+    let limit: u64 = limit?.trim().parse().ok()?;
+    if limit >= 1 << 60 {
+        return None;
+    }
+    let usage: u64 = usage?.trim().parse().ok()?;
+    let inactive = stat
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                let mut f = l.split_whitespace();
+                match (f.next(), f.next()) {
+                    (Some("inactive_file" | "total_inactive_file"), Some(v)) => v.parse().ok(),
+                    _ => None,
+                }
+            })
+        })
+        .unwrap_or(0u64);
+    Some(limit.saturating_sub(usage.saturating_sub(inactive)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,5 +597,31 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn memory_available_reads_meminfo_and_cgroup_limits() {
+        let meminfo =
+            "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(meminfo_available(meminfo), Some(20_000_000 * 1024));
+        assert_eq!(meminfo_available("MemTotal: 5 kB\n"), None);
+        // v2: 8 GiB limit, 6 GiB used of which 1 GiB reclaimable file cache.
+        let stat = "anon 100\nfile 200\ninactive_file 1073741824\nactive_file 5\n";
+        assert_eq!(
+            cgroup_available(Some("8589934592\n"), Some("6442450944\n"), Some(stat)),
+            Some(3 << 30)
+        );
+        assert_eq!(cgroup_available(Some("max\n"), Some("1\n"), None), None);
+        // v1 "unlimited" is a huge number.
+        assert_eq!(
+            cgroup_available(Some("9223372036854771712"), Some("5"), None),
+            None
+        );
+        // Over the limit: nothing left, not an underflow.
+        assert_eq!(cgroup_available(Some("100"), Some("150"), None), Some(0));
+        // This machine answers something (Linux).
+        if cfg!(target_os = "linux") {
+            assert!(memory_available().is_some_and(|b| b > 0));
+        }
     }
 }

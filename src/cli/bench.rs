@@ -312,12 +312,8 @@ fn decode(args: DecodeArgs) -> Result<()> {
         b.prefix_len,
         b.reps
     );
-    let packed = rows.first().map_or(0, |r| r.packed_weight_bytes);
-    if packed > 0 {
-        println!(
-            "  weights packed for decoding: {:.1} MB (PREFIX_ATTN_CPU_PACKED=0 turns it off)",
-            packed as f64 / 1e6
-        );
+    if let Some(r) = rows.first() {
+        println!("  {}", r.packing);
     }
     let ours = rows[0].tokens_per_s;
     for r in &rows {

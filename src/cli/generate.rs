@@ -265,6 +265,9 @@ pub(super) fn run(args: GenerateArgs) -> Result<ExitCode> {
         prefixes.len().max(1),
         p,
     )?;
+    if let Some(why) = &step.packing().skipped {
+        eprintln!("prefix-attn generate: weights not packed ({why}); decoding runs slower");
+    }
     for (name, t) in &prefixes {
         step.add_adapter(name, t)?;
     }

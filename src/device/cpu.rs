@@ -308,8 +308,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn packs_weights(&self) -> bool {
+        packed_weights() && small_gemm::available()
+    }
+
     fn pack_weight(&self, w: &TensorView, trans: bool, what: &str) -> Result<Option<PackedWeight>> {
-        if !packed_weights() || !small_gemm::available() {
+        if !self.packs_weights() {
             return Ok(None);
         }
         let (r, c) = dims2(what, w.dims())?;

@@ -210,6 +210,11 @@ pub trait Backend: Send + Sync {
         opts: MatmulOpts,
     ) -> Result<()>;
 
+    /// Whether [`Backend::pack_weight`] makes copies (the default: no).
+    fn packs_weights(&self) -> bool {
+        false
+    }
+
     /// A copy of the frozen weight `w` (`[K, N]`, or `[N, K]` when `trans`: a torch `Linear`)
     /// in the layout this backend multiplies fastest, for [`Backend::matmul_packed`]; `None`
     /// where the backend has no such layout (the default: the emulator and CUDA multiply the

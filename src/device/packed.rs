@@ -107,6 +107,13 @@ impl PackedWeight {
         self.lines.len() * std::mem::size_of::<Line>()
     }
 
+    /// Bytes a packed copy of a `[K, N]` weight takes (N rounded up to whole panels).
+    pub fn bytes_for(k: usize, n: usize) -> usize {
+        n.div_ceil(PANEL)
+            .saturating_mul(k)
+            .saturating_mul(PANEL * 4)
+    }
+
     /// The first float of panel 0 (panels follow each other, `K · 64` floats each).
     pub(crate) fn as_ptr(&self) -> *const f32 {
         self.lines.as_ptr().cast::<f32>()
@@ -139,6 +146,7 @@ mod tests {
         }
         // Three panels; the padding of the last is zero.
         assert_eq!(kn.bytes(), 3 * k * PANEL * 4);
+        assert_eq!(PackedWeight::bytes_for(k, n), kn.bytes());
         assert_eq!(kn.at(0, 131), 0.0);
         assert_eq!(kn.as_ptr() as usize % 64, 0);
         let err = PackedWeight::new("layer 3 fc", &w, k, n + 1, false).unwrap_err();

@@ -78,6 +78,8 @@ pub struct DecodeRow {
     /// Bytes of the model's packed weight copies ([`PrefixLm::prepare_inference`]; 0: the
     /// weights were multiplied in place).
     pub packed_weight_bytes: usize,
+    /// What packing the weights did, in words ([`crate::lm::PackReport`]).
+    pub packing: String,
 }
 
 /// Runs every configuration `reps` times (after one warm-up) and returns the median rows:
@@ -121,8 +123,7 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
      -> Result<DecodeRow> {
         let mut step = ModelStep::new(model, be, pages, b.page_size, b.adapters, b.prefix_len)?
             .with_prefix_mode(mode);
-        // Packed by the first `ModelStep` (the warm-up): this only reads the size.
-        let packed_weight_bytes = model.prepare_inference(be)?;
+        let (packed_weight_bytes, packing) = (step.packing().bytes, step.packing().to_string());
         for (i, a) in adapters.iter().enumerate() {
             step.add_adapter(&format!("a{i}"), a)?;
         }
@@ -155,6 +156,7 @@ pub fn bench_decode(b: &DecodeBench, be: &dyn Backend) -> Result<Vec<DecodeRow>>
             seconds,
             tokens_per_s: tokens as f64 / seconds,
             packed_weight_bytes,
+            packing,
         })
     };
     let reqs = |k: Option<usize>, placeholders: bool| -> Vec<Request> {

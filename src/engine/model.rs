@@ -6,7 +6,7 @@ use super::scheduler::{PagedSeq, StepModel};
 use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::lm::paged::{KvShape, PagedKv, PrefixMode, PrefixTable};
-use crate::lm::PrefixLm;
+use crate::lm::{PackReport, PrefixLm};
 use crate::tensor::Tensor;
 
 /// A model behind the seam with a paged K/V cache and a prefix table of adapters.
@@ -17,6 +17,7 @@ pub struct ModelStep<'a> {
     prefixes: PrefixTable,
     slots: AdapterSlots,
     mode: PrefixMode,
+    packing: PackReport,
 }
 
 impl<'a> ModelStep<'a> {
@@ -24,8 +25,9 @@ impl<'a> ModelStep<'a> {
     /// adapters of `prefix_len` virtual tokens each.
     ///
     /// It first has the model pack its weights for `be` ([`PrefixLm::prepare_inference`]):
-    /// on the cpu backend that is a copy of the matmul weights, their size again in memory
-    /// (`PREFIX_ATTN_CPU_PACKED=0` turns it off).
+    /// on the cpu backend that is a copy of the matmul weights, their size again in memory,
+    /// made only if it leaves enough of the memory available free (`PREFIX_ATTN_CPU_PACKED=0`
+    /// turns it off; [`ModelStep::packing`] says what happened).
     pub fn new(
         model: &'a dyn PrefixLm,
         be: &'a dyn Backend,
@@ -38,7 +40,7 @@ impl<'a> ModelStep<'a> {
         let p = prefix_len.max(1);
         // Every product of a step then streams packed weights (the cpu backend; a no-op on
         // the kernel devices).
-        model.prepare_inference(be)?;
+        let packing = model.prepare_inference(be)?;
         Ok(ModelStep {
             model,
             be,
@@ -46,7 +48,13 @@ impl<'a> ModelStep<'a> {
             prefixes: PrefixTable::new(be, shape, model.dtype(), capacity, p)?,
             slots: AdapterSlots::new(capacity, p)?,
             mode: PrefixMode::Table,
+            packing,
         })
+    }
+
+    /// What packing the model's weights did (a server prints it at start).
+    pub fn packing(&self) -> &PackReport {
+        &self.packing
     }
 
     /// Switches to the naive method (each sequence's cache holds a copy of its prefix; its

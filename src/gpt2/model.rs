@@ -722,7 +722,7 @@ impl PrefixLm for Gpt2 {
         self.config.geometry()
     }
 
-    fn prepare_inference(&self, be: &dyn Backend) -> Result<usize> {
+    fn prepare_inference(&self, be: &dyn Backend) -> Result<crate::lm::PackReport> {
         let w = &self.weights;
         let mut list = Vec::with_capacity(4 * w.layers.len() + 1);
         for (l, lw) in w.layers.iter().enumerate() {

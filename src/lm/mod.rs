@@ -23,7 +23,7 @@ pub mod paged;
 
 pub use batch::{Batch, LossSum, IGNORE};
 pub use cache::KvCache;
-pub use packed::PackedWeights;
+pub use packed::{PackReport, PackedWeights};
 
 use crate::device::{Backend, Device};
 use crate::error::{Error, Result};
@@ -227,10 +227,10 @@ pub trait PrefixLm: std::fmt::Debug + Send + Sync {
 
     /// Makes the backend's packed copies of the frozen matmul weights ([`PackedWeights`]),
     /// once; every later product against them (decoding, and training if it follows) goes
-    /// through them. Returns the bytes the copies take: 0 where the backend packs nothing
-    /// (emu, cuda, a CPU without AVX-512, or packing turned off). The serving engine calls
-    /// it; training does not.
-    fn prepare_inference(&self, be: &dyn Backend) -> Result<usize>;
+    /// through them. Says what it did ([`PackReport`]): nothing where the backend packs
+    /// nothing (emu, cuda, a CPU without AVX-512, or packing turned off) or where the copies
+    /// would not fit in the memory available. The serving engine calls it; training does not.
+    fn prepare_inference(&self, be: &dyn Backend) -> Result<PackReport>;
 
     /// Checks that a prefix tensor is `[P, L·2·Hkv·D]` (any dtype); returns `P`.
     fn check_prefix_shape(&self, prefix: &Tensor) -> Result<usize> {

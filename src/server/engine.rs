@@ -79,6 +79,8 @@ pub struct ModelInfo {
     pub max_batch: usize,
     /// The backend, in words.
     pub device: String,
+    /// What packing the weights did, in words ([`crate::lm::PackReport`]).
+    pub packing: String,
 }
 
 impl ModelInfo {
@@ -379,6 +381,7 @@ impl<'a> Engine<'a> {
             page_size,
             max_batch: cfg.max_batch,
             device: format!("{:?}", be.device()),
+            packing: step.packing().to_string(),
         };
         let mut engine = Engine {
             model,

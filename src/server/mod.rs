@@ -247,7 +247,7 @@ async fn serve_async(mut cfg: ServeConfig) -> Result<()> {
         source: e,
     })?;
     eprintln!(
-        "prefix-attn serve: listening on http://{addr} (model {:?} on {}, context {}, prefix {}, {} sequences a step, {} pages of {})",
+        "prefix-attn serve: listening on http://{addr} (model {:?} on {}, context {}, prefix {}, {} sequences a step, {} pages of {}; {})",
         app.base,
         app.info.device,
         app.info.max_positions,
@@ -255,6 +255,7 @@ async fn serve_async(mut cfg: ServeConfig) -> Result<()> {
         app.info.max_batch,
         app.info.num_pages,
         app.info.page_size,
+        app.info.packing,
     );
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
