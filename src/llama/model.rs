@@ -252,6 +252,20 @@ fn linear_bwd(
 }
 
 impl Llama {
+    /// The MLP's two input projections `gate = n · W_gateᵀ`, `up = n · W_upᵀ` of layer
+    /// weights `lw` (the forward, and the backward's recomputation: the same products).
+    fn gate_up(
+        &self,
+        be: &dyn Backend,
+        lw: &super::weights::LayerWeights,
+        n: &TensorView,
+        gate: &mut TensorViewMut,
+        up: &mut TensorViewMut,
+    ) -> Result<()> {
+        linear(be, &self.packed, n, &lw.gate, gate)?;
+        linear(be, &self.packed, n, &lw.up, up)
+    }
+
     /// Loads a Hugging Face model folder: `config.json` and `model.safetensors` (or the
     /// shards of `model.safetensors.index.json`), in the compute dtype of `backend`
     /// ([`crate::lm::dtype_for`]).
@@ -457,19 +471,11 @@ impl Llama {
                 &mut rows_mut(&mut acts.norm, m)?,
                 &mut rows_mut(&mut acts.rstd_post[l], m)?,
             )?;
-            let n = rows(&acts.norm, m)?;
-            linear(
+            self.gate_up(
                 be,
-                &self.packed,
-                &n,
-                &lw.gate,
+                lw,
+                &rows(&acts.norm, m)?,
                 &mut rows_mut(&mut acts.gate, m)?,
-            )?;
-            linear(
-                be,
-                &self.packed,
-                &n,
-                &lw.up,
                 &mut rows_mut(&mut acts.up, m)?,
             )?;
             be.swiglu(
@@ -577,19 +583,11 @@ impl Llama {
                 &mut rows_mut(&mut grads.norm, m)?,
                 &mut rows_mut(&mut grads.rstd, m)?,
             )?;
-            let n = rows(&grads.norm, m)?;
-            linear(
+            self.gate_up(
                 be,
-                &self.packed,
-                &n,
-                &lw.gate,
+                lw,
+                &rows(&grads.norm, m)?,
                 &mut rows_mut(&mut grads.gate, m)?,
-            )?;
-            linear(
-                be,
-                &self.packed,
-                &n,
-                &lw.up,
                 &mut rows_mut(&mut grads.up, m)?,
             )?;
             linear_bwd(
